@@ -30,3 +30,22 @@ def variant_arch(name: str) -> dict:
         hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(variant_names())}"
         raise KeyError(f"unknown model '{name}'{hint}")
     return dict(VARIANTS[name])
+
+
+def create_model(name: str | None = None, *, checkpoint: str | None = None, **overrides):
+    """Build a Swin Transformer from a variant name and/or explicit architecture fields.
+
+    `create_model("swin_tiny_patch4_window7_224", num_classes=10, drop_path_rate=0.2)`;
+    `create_model(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`.
+    `checkpoint` loads weights from any supported layout (see `swin_train.models.load_pretrained`).
+    """
+    from swin_train.models.swin import SwinTransformer
+
+    arch = variant_arch(name) if name else {}
+    arch.update(overrides)
+    model = SwinTransformer(**arch)
+    if checkpoint is not None:
+        from swin_train.models.pretrained import load_pretrained
+
+        load_pretrained(model, checkpoint)
+    return model

@@ -1,0 +1,6 @@
+"""swin-train: a correct, fast and safe trainer for Swin Transformers."""
+
+from swin_train.models import SwinTransformer, convert_state_dict, create_model
+
+__version__ = "0.1.0"
+__all__ = ["SwinTransformer", "convert_state_dict", "create_model", "__version__"]

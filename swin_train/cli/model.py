@@ -1,0 +1,94 @@
+"""swin-model: print the Layer/Block hierarchy of a Swin variant with parameters and FLOPs."""
+
+from __future__ import annotations
+
+import json
+
+from swin_train.cli.common import ArgumentParser, add_debug_flag, run_cli
+from swin_train.errors import ConfigError
+from swin_train.models.registry import create_model, variant_names
+from swin_train.models.summary import describe_model
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def _g(flops: int) -> str:
+    return f"{flops / 1e9:.3f}G" if flops >= 1e8 else f"{flops / 1e6:.2f}M"
+
+
+def format_table(title: str, d: dict) -> str:
+    rows = [("module", "input", "dim", "heads", "window", "depth", "params", "FLOPs")]
+    pe = d["patch_embed"]
+    rows.append(("PatchEmbed", f"{d['img_size']}x{d['img_size']}", str(d["embed_dim"]), "", "", "",
+                 _n(pe["params"]), _g(pe["flops"])))  # fmt: skip
+    for layer in d["layers"]:
+        res = "x".join(map(str, layer["resolution"]))
+        rows.append((f"Layer {layer['index']}", res, str(layer["dim"]), str(layer["heads"]), str(layer["window"]),
+                     str(layer["depth"]), _n(layer["params"]), _g(layer["flops"])))  # fmt: skip
+        for block in layer["blocks"]:
+            kind = block["type"] + (f" (shift {block['shift']})" if block["shift"] else "")
+            rows.append((f"  Block {block['index']} {kind}", "", "", "", "", "", _n(block["params"]),
+                         _g(block["flops"])))  # fmt: skip
+        if layer["downsample"]:
+            ds = layer["downsample"]
+            rows.append(
+                (f"  PatchMerging -> {ds['out_dim']}", "", "", "", "", "", _n(ds["params"]), _g(ds["flops"]))
+            )
+    rows.append(("Norm + pool + head", "", "", "", "", "", _n(d["head"]["params"]), _g(d["head"]["flops"])))
+    rows.append(("total", "", "", "", "", "", _n(d["params"]), _g(d["flops"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [title]
+    for k, row in enumerate(rows):
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0 or k == len(rows) - 2:
+            lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    lines.append("FLOPs are multiply-adds per image, as the Swin paper counts them.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="swin-model", description=__doc__)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help=f"variant name ({', '.join(variant_names())})")
+    source.add_argument("--config", help="a swin-train YAML config (its model section and data.img_size)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.window_size=12")
+    parser.add_argument("--num-classes", type=int, help="override the number of classes")
+    parser.add_argument("--json", action="store_true", help="print JSON (top-level 'params' and 'flops')")
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+
+    if args.config or args.overrides:
+        from swin_train.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        kwargs = cfg.model_kwargs()
+        title = cfg.model.name or "custom Swin"
+    else:
+        name = args.model or "swin_tiny_patch4_window7_224"
+        try:
+            from swin_train.models.registry import variant_arch
+
+            kwargs = variant_arch(name)
+        except KeyError as e:
+            raise ConfigError(str(e).strip("'\"") + "; pass --model with a known name") from None
+        title = name
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    model = create_model(**kwargs)
+    summary = describe_model(model)
+    if args.json:
+        print(json.dumps({"model": title, **summary}, indent=2))
+    else:
+        print(format_table(f"{title}: {model.num_classes} classes, window {model.window_size}", summary))
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli("swin-model", main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

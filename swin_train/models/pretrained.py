@@ -1,0 +1,165 @@
+"""Load weights from any supported Swin checkpoint into a model that may differ in window, image size or head.
+
+What it does, and reports (nothing silent):
+- converts the official / timm / torchvision layouts (`convert.py`),
+- interpolates relative position bias tables bicubically when the window differs (as the official
+  fine-tuning does) and absolute position embeddings when the patch grid differs,
+- re-initialises the head when the number of classes differs, or selects head rows with a class map
+  (22k -> 1k: one source class index per line, the official `map22kto1k.txt` format),
+- refuses any other shape mismatch, naming the first mismatching key.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swin_train.errors import CheckpointError
+from swin_train.models.convert import convert_state_dict, detect_layout, unwrap_state_dict
+
+log = logging.getLogger("swin_train")
+
+
+@dataclass
+class LoadReport:
+    source: str
+    layout: str
+    loaded: list[str] = field(default_factory=list)
+    interpolated: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)  # missing from the checkpoint or head replaced
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model: ignored
+    head_mapped: bool = False
+
+    def summary(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors from {self.source} ({self.layout} layout)"]
+        if self.interpolated:
+            parts.append(f"interpolated {len(self.interpolated)} ({_short(self.interpolated)})")
+        if self.head_mapped:
+            parts.append("selected head rows with the class map")
+        if self.reinitialised:
+            parts.append(f"re-initialised {len(self.reinitialised)} ({_short(self.reinitialised)})")
+        if self.unexpected:
+            parts.append(f"ignored {len(self.unexpected)} unexpected ({_short(self.unexpected)})")
+        return "; ".join(parts)
+
+
+def _short(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", +{len(names) - limit} more" if len(names) > limit else "")
+
+
+def resize_relative_position_bias_table(table: torch.Tensor, num_entries: int) -> torch.Tensor:
+    """((2w-1)^2, heads) -> (num_entries, heads) by bicubic interpolation of the (2w-1)x(2w-1) grid."""
+    old_side, new_side = int(table.shape[0] ** 0.5), int(num_entries**0.5)
+    heads = table.shape[1]
+    grid = table.float().T.reshape(1, heads, old_side, old_side)
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    return grid.reshape(heads, new_side * new_side).T.contiguous().to(table.dtype)
+
+
+def resize_absolute_pos_embed(embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(1, L, C) -> (1, num_patches, C) by bicubic interpolation of the square patch grid."""
+    old_side, new_side, C = int(embed.shape[1] ** 0.5), int(num_patches**0.5), embed.shape[2]
+    grid = embed.float().reshape(1, old_side, old_side, C).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new_side * new_side, C).to(embed.dtype)
+
+
+def read_class_map(path: str | Path) -> list[int]:
+    """One source class index per line (the official map22kto1k.txt format)."""
+    try:
+        lines = Path(path).read_text().split()
+        return [int(x) for x in lines]
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"head map file {path} does not exist; give model.head_map a file of indices"
+        ) from None
+    except ValueError as e:
+        raise CheckpointError(
+            f"head map file {path} must hold one integer class index per line ({e})"
+        ) from None
+
+
+def adapt_state_dict(
+    sd: dict[str, torch.Tensor],
+    model: nn.Module,
+    report: LoadReport,
+    head_map: list[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Make a state dict in our layout fit `model`: interpolate, map or drop the head; record it all."""
+    target = model.state_dict()
+    out = {}
+    head_keys = [k for k in sd if k.startswith("head.")]
+    head_fits = all(k in target and target[k].shape == sd[k].shape for k in head_keys)
+    if head_map is not None and head_keys:
+        num_source = sd["head.weight"].shape[0]
+        bad = [i for i in head_map if not 0 <= i < num_source]
+        if bad:
+            raise CheckpointError(f"head map index {bad[0]} is outside the checkpoint's {num_source} classes")
+        if "head.weight" in target and len(head_map) != target["head.weight"].shape[0]:
+            raise CheckpointError(
+                f"head map has {len(head_map)} entries but the model has {target['head.weight'].shape[0]} classes;"
+                " set model.num_classes to the number of lines in the map"
+            )
+        index = torch.tensor(head_map)
+        sd = {**sd, **{k: sd[k][index] for k in head_keys}}
+        report.head_mapped = True
+        head_fits = True
+    for key, value in sd.items():
+        if key not in target:
+            report.unexpected.append(key)
+            continue
+        want = target[key].shape
+        if key.startswith("head.") and not head_fits:
+            continue  # left to the model's own initialisation, reported below
+        if value.shape != want:
+            if key.endswith("relative_position_bias_table") and value.shape[1] == want[1]:
+                value = resize_relative_position_bias_table(value, want[0])
+                report.interpolated.append(key)
+            elif key == "absolute_pos_embed" and value.shape[2] == want[2]:
+                value = resize_absolute_pos_embed(value, want[1])
+                report.interpolated.append(key)
+            else:
+                raise CheckpointError(
+                    f"checkpoint tensor '{key}' has shape {tuple(value.shape)} but the model expects "
+                    f"{tuple(want)}; check that the model architecture matches the checkpoint"
+                )
+        out[key] = value
+    report.loaded = [k for k in out if k not in report.interpolated]
+    report.reinitialised = [k for k in target if k not in out]
+    return out
+
+
+def load_pretrained(
+    model: nn.Module,
+    source: str | Path | dict,
+    *,
+    head_map: str | Path | None = None,
+    strict: bool = False,
+) -> LoadReport:
+    """Load weights into `model` from a file or a state dict, adapting window, grid and head; log a summary.
+
+    strict=True (evaluation) requires every model tensor to come from the checkpoint (interpolation allowed).
+    """
+    from swin_train.checkpoint import load_checkpoint
+
+    obj = load_checkpoint(source) if isinstance(source, str | Path) else source
+    report = LoadReport(source=str(source) if isinstance(source, str | Path) else "state dict", layout="")
+    report.layout = detect_layout(unwrap_state_dict(obj))
+    sd = convert_state_dict(obj)
+    class_map = read_class_map(head_map) if head_map is not None else None
+    sd = adapt_state_dict(sd, model, report, class_map)
+    if strict and (report.reinitialised or report.unexpected):
+        missing = report.reinitialised or report.unexpected
+        kind = "missing from" if report.reinitialised else "unexpected in"
+        raise CheckpointError(
+            f"{len(missing)} tensors {kind} {report.source} (e.g. '{missing[0]}'); "
+            "the checkpoint does not match this model (check --model / --config)"
+        )
+    model.load_state_dict(sd, strict=False)
+    log.info(report.summary())
+    return report

@@ -1,0 +1,373 @@
+"""Swin Transformer (Liu et al., 2021), written to read like the paper.
+
+Hierarchy:
+    SwinTransformer = PatchEmbed -> SwinLayer x num_stages -> LayerNorm -> average pool -> head
+    SwinLayer (a stage) = SwinBlock x depth (alternating W-MSA and SW-MSA) -> optional PatchMerging
+    SwinBlock = x + DropPath(WindowAttention(LN(x))); x + DropPath(MLP(LN(x)))
+
+Tensors between modules are channels-last feature maps (B, H, W, C). Parameter names follow the official
+repository (`layers.{i}.blocks.{j}.attn.qkv.weight`, `layers.{i}.downsample.reduction.weight`, ...), so its
+checkpoints load once their derived buffers (index tables, masks) are dropped; those buffers are rebuilt
+from the architecture here and never saved.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+# Logit offset for token pairs that come from different image regions after the cyclic shift. The official
+# code uses -100 (not -inf), which keeps a fully masked row finite; we keep it for identical numerics.
+MASKED_LOGIT = -100.0
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * num_windows, window * window, C), windows in row-major order."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
+
+
+def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
+    """(B * num_windows, window * window, C) -> (B, H, W, C); inverse of window_partition."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // window, W // window, window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """(N, N) index into the (2w-1)^2 bias table for every pair of tokens in a window (N = w*w)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
+    coords = coords.flatten(1)  # (2, N)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2), each in [-w+1, w-1]
+    relative += window - 1  # shift to [0, 2w-2]
+    return relative[..., 0] * (2 * window - 1) + relative[..., 1]
+
+
+def shifted_window_mask(H: int, W: int, window: int, shift: int) -> torch.Tensor:
+    """(num_windows, N, N) additive mask for SW-MSA: 0 within a region, MASKED_LOGIT across regions.
+
+    After the cyclic shift by `shift`, a window at the border holds tokens from up to four image regions
+    that are not neighbours in the image; attention between them is masked.
+    """
+    region = torch.zeros(1, H, W, 1)
+    bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for label, (rows, cols) in enumerate((r, c) for r in bands for c in bands):
+        region[:, rows, cols, :] = label
+    region_windows = window_partition(region, window).squeeze(-1)  # (num_windows, N)
+    different = region_windows[:, None, :] != region_windows[:, :, None]  # (num_windows, N, N)
+    return different.float() * MASKED_LOGIT
+
+
+class PatchEmbed(nn.Module):
+    """Split the image into non-overlapping patches and project each to `embed_dim` (a strided conv)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, patch_norm: bool = True):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if patch_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, C, H/p, W/p)
+        return self.norm(x.permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside each window, with a learned relative position bias.
+
+    The bias (and, for shifted windows, the region mask) enters scaled_dot_product_attention as one
+    additive attention bias, so torch's fused attention kernels apply where they exist.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        window: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        self.dim, self.window, self.num_heads = dim, window, num_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = attn_drop
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """(heads, N, N) bias gathered from the table."""
+        N = self.window * self.window
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, heads)
+        return bias.view(N, N, self.num_heads).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B * num_windows, N, C); mask: (num_windows, N, N) or None -> (B * num_windows, N, C)."""
+        B_, N, C = x.shape
+        qkv = self.qkv(x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B_, heads, N, head_dim)
+        bias = self.relative_position_bias()  # (heads, N, N)
+        if mask is not None:
+            num_windows = mask.shape[0]
+            bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # (num_windows, heads, N, N)
+            # (B, num_windows, heads, N, head_dim): the bias broadcasts over the batch
+            q, k, v = (
+                t.view(B_ // num_windows, num_windows, self.num_heads, N, self.head_dim) for t in (q, k, v)
+            )
+        dropout = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
+        out = out.reshape(B_, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(self.proj(out))
+
+
+class SwinBlock(nn.Module):
+    """One Swin block: (shifted) window attention and an MLP, each a pre-norm residual branch.
+
+    When the feature map is not larger than the window, the window shrinks to the map and no shift is used
+    (as in the official code): there is then a single window and nothing to shift.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        resolution: tuple[int, int],
+        num_heads: int,
+        window: int = 7,
+        shift: int = 0,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.resolution = resolution
+        if min(resolution) <= window:
+            window, shift = min(resolution), 0
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window, num_heads, qkv_bias, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        mask = shifted_window_mask(*resolution, window, shift) if shift else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        B, H, W, C = x.shape
+        shortcut = x
+        x = self.norm1(x)
+        if self.shift:
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        windows = self.attn(window_partition(x, self.window), self.attn_mask)  # (B*nW, N, C)
+        x = window_reverse(windows, self.window, H, W)
+        if self.shift:
+            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def flops(self) -> int:
+        """Multiply-adds, counted as the official repository does (norms, attention, MLP)."""
+        H, W = self.resolution
+        dim, N, heads = self.attn.dim, self.window * self.window, self.attn.num_heads
+        num_windows = H * W // N
+        attn = N * dim * 3 * dim + 2 * heads * N * N * (dim // heads) + N * dim * dim
+        mlp = 2 * H * W * dim * self.mlp.fc1.out_features
+        return 2 * H * W * dim + num_windows * attn + mlp
+
+
+class PatchMerging(nn.Module):
+    """Downsample 2x: concatenate each 2x2 neighbourhood (4C), normalise, project to 2C."""
+
+    def __init__(self, dim: int, resolution: tuple[int, int]):
+        super().__init__()
+        self.resolution = resolution
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H/2, W/2, 2C)."""
+        B, H, W, C = x.shape
+        # Channel order (row, col) offsets (0,0), (1,0), (0,1), (1,1), as in the official code.
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
+        return self.reduction(self.norm(x))
+
+    def flops(self) -> int:
+        H, W = self.resolution
+        dim = self.reduction.out_features // 2
+        return H * W * dim + (H // 2) * (W // 2) * 4 * dim * 2 * dim
+
+
+class SwinLayer(nn.Module):
+    """One stage: `depth` blocks alternating regular (shift 0) and shifted (shift window//2) windows,
+    then optional patch merging."""
+
+    def __init__(
+        self,
+        dim: int,
+        resolution: tuple[int, int],
+        depth: int,
+        num_heads: int,
+        window: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: list[float] | tuple[float, ...] = (),
+        downsample: bool = False,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.dim, self.resolution, self.depth = dim, resolution, depth
+        self.grad_checkpointing = grad_checkpointing
+        drop_path = list(drop_path) or [0.0] * depth
+        self.blocks = nn.ModuleList(
+            SwinBlock(
+                dim, resolution, num_heads, window, 0 if j % 2 == 0 else window // 2,
+                mlp_ratio, qkv_bias, drop, attn_drop, drop_path[j],
+            )
+            for j in range(depth)
+        )  # fmt: skip
+        self.downsample = PatchMerging(dim, resolution) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, W, C) -> (stage output (B, H, W, C), next stage input (B, H/2, W/2, 2C) or the same)."""
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer v1 for image classification (num_classes=0 gives a feature extractor)."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths: tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: tuple[int, ...] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        ape: bool = False,
+        patch_norm: bool = True,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.num_classes, self.embed_dim = num_classes, embed_dim
+        self.depths, self.num_heads, self.window_size = tuple(depths), tuple(num_heads), window_size
+        self.num_stages = len(depths)
+        self.num_features = embed_dim * 2 ** (self.num_stages - 1)
+        grid = img_size // patch_size
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
+        # (1, L, C) as in the official checkpoints; viewed as (1, H, W, C) when added
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, embed_dim)) if ape else None
+        self.pos_drop = nn.Dropout(drop_rate)
+        # Stochastic depth rate grows linearly from 0 to drop_path_rate over all blocks.
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            first = sum(depths[:i])
+            self.layers.append(
+                SwinLayer(
+                    dim=embed_dim * 2**i,
+                    resolution=(grid // 2**i, grid // 2**i),
+                    depth=depth,
+                    num_heads=num_heads[i],
+                    window=window_size,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=rates[first : first + depth],
+                    downsample=i < self.num_stages - 1,
+                    grad_checkpointing=grad_checkpointing,
+                )
+            )
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        if self.absolute_pos_embed is not None:
+            trunc_normal_(self.absolute_pos_embed, std=0.02)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for layer in self.layers:
+            layer.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            _init_weights(self.head)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # (B, H/p, W/p, C)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed.view(1, *x.shape[1:])
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-stage feature maps, each (B, C_i, H_i, W_i), taken after the stage's blocks (before merging)."""
+        x = self._embed(x)
+        features = []
+        for layer in self.layers:
+            stage_output, x = layer(x)
+            features.append(stage_output.permute(0, 3, 1, 2))
+        return features
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, H, W, C) final-stage map -> (B, num_classes) logits (or pooled features)."""
+        x = self.norm(x).mean(dim=(1, 2))  # (B, C)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, img_size, img_size) -> (B, num_classes)."""
+        x = self._embed(x)
+        for layer in self.layers:
+            _, x = layer(x)
+        return self.forward_head(x)
+
+    def flops(self) -> int:
+        """Multiply-adds per image, counted as the official repository (and the paper) does."""
+        grid = self.img_size // self.patch_size
+        total = grid * grid * self.embed_dim * self.in_chans * self.patch_size**2
+        if isinstance(self.patch_embed.norm, nn.LayerNorm):
+            total += grid * grid * self.embed_dim
+        for layer in self.layers:
+            total += sum(block.flops() for block in layer.blocks)
+            total += layer.downsample.flops() if layer.downsample is not None else 0
+        final = grid // 2 ** (self.num_stages - 1)
+        total += self.num_features * final * final  # final norm
+        total += self.num_features * self.num_classes  # head
+        return total
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Official initialisation: truncated normal (std 0.02) linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
