@@ -1,0 +1,257 @@
+"""Inference with a trained swin-train checkpoint: images in, top-k class names with probabilities out.
+
+    predictor = Predictor.from_checkpoint("output/run/best.pth")          # class names + eval transform
+    files, missing = find_images(["photos/", "cat.jpg"])
+    for result in predictor.predict_files(files, topk=5):                 # in input order, batched
+        print(result.file, result.topk[0].name if isinstance(result, Prediction) else result.error)
+
+Images are decoded exactly as the training data is (`PIL.Image.open(...).convert("RGB")`, no EXIF
+rotation) and go through the checkpoint's own eval transform, so predictions match `swin-eval`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from swin_train.checkpoint import load_checkpoint
+from swin_train.config import config_from_dict
+from swin_train.data import _DECODE_ERRORS, _is_image, build_eval_transform  # the training data's rules
+from swin_train.errors import CheckpointError, ConfigError, DataError, SwinTrainError
+from swin_train.models.swin import SwinTransformer
+
+CHECKPOINT_FORMAT = "swin-train/1"
+_REQUIRED_KEYS = ("model", "config", "class_names", "preprocess")
+_PREPROCESS_KEYS = ("img_size", "crop_pct", "interpolation", "mean", "std")
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class ClassProb:
+    name: str
+    index: int
+    prob: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    file: str
+    topk: list[ClassProb]  # most probable first
+
+    def to_dict(self) -> dict:
+        return {
+            "file": self.file,
+            "topk": [{"class": c.name, "index": c.index, "prob": c.prob} for c in self.topk],
+        }
+
+
+@dataclass(frozen=True)
+class Failure:
+    file: str
+    error: str  # one line
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "error": self.error}
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def find_images(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """(image files, missing paths). A folder contributes its image files (recursively, same rules as
+    the training data: image extensions only, hidden files and folders skipped), sorted; a file named
+    explicitly is taken whatever its extension. Order follows `paths`; duplicates are dropped.
+    Raises DataError when there is no file at all to predict."""
+    files: list[Path] = []
+    missing: list[Path] = []
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            files += _images_under(path)
+        elif path.exists():
+            files.append(path)
+        else:
+            missing.append(path)
+    if not files:
+        shown = ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
+        if paths and len(missing) == len(paths):
+            raise DataError(f"{shown} {'does' if len(paths) == 1 else 'do'} not exist; check the path")
+        why = f" ({len(missing)} of them do not exist)" if missing else ""
+        raise DataError(
+            f"no images found in {shown or 'no paths'}{why}; pass image files or folders holding "
+            f"images ({', '.join(IMG_EXTENSIONS)})"
+        )
+    return list(dict.fromkeys(files)), missing
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found: list[Path] = []
+    seen: set[str] = set()  # real paths of visited folders: a symlink loop is walked once
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(dirpath) / f for f in filenames if _is_image(f)]
+    return sorted(found)
+
+
+def load_image(path: Path, transform: Callable) -> torch.Tensor | str:
+    """The transformed image (C, S, S), or a one-line reason why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f).convert("RGB")  # convert() decodes: truncated data fails here
+        return transform(img)
+    except UnidentifiedImageError:  # PIL's message repeats the file object's repr
+        return "not an image file PIL can identify (unknown format or damaged)"
+    except _DECODE_ERRORS as e:
+        if isinstance(e, OSError) and e.strerror and e.filename:  # open() failed: "Permission denied"
+            return e.strerror
+        return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictor
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device for "cpu" or "cuda" (an error when no GPU is visible); None: CUDA when available."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} was asked for but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def build_eval_transform_from(preprocess: dict, path: str | os.PathLike = "the checkpoint") -> Callable:
+    """The eval transform a checkpoint's `preprocess` entry describes."""
+    if not isinstance(preprocess, dict) or not set(_PREPROCESS_KEYS) <= preprocess.keys():
+        raise CheckpointError(
+            f"{path}: 'preprocess' must hold {', '.join(_PREPROCESS_KEYS)}; the checkpoint is damaged"
+        )
+    p = preprocess
+    try:
+        return build_eval_transform(int(p["img_size"]), crop_pct=float(p["crop_pct"]),
+                                    interpolation=str(p["interpolation"]), mean=p["mean"], std=p["std"])  # fmt: skip
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: invalid preprocessing {p} ({e})") from None
+
+
+class Predictor:
+    """A model in eval mode, its eval transform and class names, on one device."""
+
+    def __init__(
+        self, model: nn.Module, transform: Callable, class_names: Sequence[str], device: torch.device
+    ):
+        self.model = model.to(device).eval()
+        self.transform = transform
+        self.class_names = list(class_names)
+        self.device = device
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, *, device: str | None = None, ema: bool = False
+    ) -> Predictor:
+        """Build from a swin-train checkpoint (`Run.state_dict`); `ema` takes the EMA weights."""
+        dev = resolve_device(device)
+        state = load_checkpoint(path, map_location="cpu")
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{path} is not a swin-train checkpoint (no format '{CHECKPOINT_FORMAT}'); pass a "
+                "last.pth / best.pth written by swin-train"
+            )
+        absent = [k for k in _REQUIRED_KEYS if k not in state]
+        if absent:
+            raise CheckpointError(f"swin-train checkpoint {path} lacks {', '.join(absent)}; it is damaged")
+        try:
+            cfg = config_from_dict(state["config"])
+        except SwinTrainError as e:
+            raise CheckpointError(f"the config stored in {path} is invalid: {e}") from None
+        class_names = [str(c) for c in state["class_names"]]
+        if len(class_names) != cfg.model.num_classes:
+            raise CheckpointError(
+                f"{path} names {len(class_names)} classes but its model has {cfg.model.num_classes}; "
+                "it is damaged"
+            )
+        weights = state["model"]
+        if ema:
+            if not isinstance(state.get("ema"), dict) or "module" not in state["ema"]:
+                raise CheckpointError(
+                    f"{path} has no EMA weights (trained without train.ema=true); drop --ema"
+                )
+            weights = state["ema"]["module"]
+        kwargs = cfg.model_kwargs() | {"grad_checkpointing": False}
+        model = SwinTransformer(**kwargs)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:  # torch lists missing/unexpected/mis-shaped keys over many lines
+            detail = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"the weights in {path} do not fit its config ({detail})") from None
+        transform = build_eval_transform_from(state["preprocess"], path)
+        return cls(model, transform, class_names, dev)
+
+    @torch.inference_mode()
+    def predict_batch(self, images: torch.Tensor, topk: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) preprocessed images -> (probs, indices), each (B, k), k = min(topk, classes),
+        most probable first."""
+        logits = self.model(images.to(self.device, non_blocking=True))  # (B, num_classes)
+        probs = logits.float().softmax(dim=-1)
+        top = probs.topk(min(topk, probs.shape[-1]), dim=-1)  # sorted
+        return top.values.cpu(), top.indices.cpu()
+
+    def predict_files(
+        self,
+        files: Sequence[str | os.PathLike],
+        *,
+        topk: int = 5,
+        batch_size: int = 32,
+        workers: int | None = None,
+    ) -> Iterator[Prediction | Failure]:
+        """One Prediction or Failure per file, in input order, computed `batch_size` images at a time.
+
+        Decoding + transform run in a thread pool (PIL releases the GIL while decoding and resizing),
+        and the next batch is decoded while the model runs on the current one; a DataLoader would need
+        worker processes and a collate that carries failures, for no gain at this size.
+        """
+        if topk < 1 or batch_size < 1:
+            raise ValueError(f"topk and batch_size must be >= 1, got {topk} and {batch_size}")
+        chunks = [[Path(f) for f in files[i : i + batch_size]] for i in range(0, len(files), batch_size)]
+        with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+            submit = lambda chunk: [pool.submit(load_image, p, self.transform) for p in chunk]
+            pending = submit(chunks[0]) if chunks else []
+            for n, chunk in enumerate(chunks):
+                loaded = [future.result() for future in pending]
+                pending = submit(chunks[n + 1]) if n + 1 < len(chunks) else []
+                yield from self._predict_loaded(chunk, loaded, topk)
+
+    def _predict_loaded(
+        self, chunk: list[Path], loaded: list[torch.Tensor | str], topk: int
+    ) -> list[Prediction | Failure]:
+        good = [i for i, x in enumerate(loaded) if isinstance(x, torch.Tensor)]
+        results: list[Prediction | Failure] = [
+            Failure(str(path), x) if isinstance(x, str) else None for path, x in zip(chunk, loaded)
+        ]
+        if good:
+            probs, indices = self.predict_batch(torch.stack([loaded[i] for i in good]), topk)
+            for row, i in enumerate(good):
+                top = [
+                    ClassProb(self.class_names[c], c, p)
+                    for p, c in zip(probs[row].tolist(), indices[row].tolist())
+                ]
+                results[i] = Prediction(str(chunk[i]), top)
+        return results
