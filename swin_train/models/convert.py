@@ -1,22 +1,31 @@
-"""Checkpoint layouts: recognise official / timm / torchvision / swin-train state dicts and convert them.
+"""Checkpoint layouts: recognise official / timm / torchvision / swin-train state dicts and convert them,
+in both directions (`convert_state_dict` reads any layout, `to_layout` writes one, `save_weights` a file).
 
 Our layout is the official one without its derived buffers. The differences (see shared/REFERENCE.md):
 - official: `layers.{i}.downsample` ends stage i; buffers `relative_position_index`, `attn_mask` saved.
-- timm: the same names, but patch merging starts the next stage (`layers.{i+1}.downsample`), `head.fc`.
+- timm: the same names, but patch merging starts the next stage (`layers.{i+1}.downsample`), `head.fc`;
+  its index/mask buffers are non-persistent (not saved).
 - torchvision: `features.0.{0,2}` patch embed, `features.{2i+1}.{j}` blocks (`mlp.0`/`mlp.3`),
-  `features.{2i+2}` patch merging, flat `relative_position_index` buffers.
+  `features.{2i+2}` patch merging, flat `relative_position_index` buffers (persistent).
 """
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import secrets
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from swin_train.errors import CheckpointError
+from swin_train.models.swin import SwinBlock, relative_position_index, shifted_window_mask
 
 LAYOUTS = ("swin-train", "official", "timm", "torchvision")
+EXPORT_FORMATS = ("safetensors", "timm", "torchvision", "official")
 _BUFFER_SUFFIXES = ("relative_position_index", "attn_mask")
 # Key patterns of our layout; anything else is unexpected.
 _OUR_KEY = re.compile(
@@ -100,3 +109,223 @@ def convert_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
         shown = ", ".join(unexpected[:5]) + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")
         raise CheckpointError(f"not a Swin checkpoint in a known layout ({layout}?): unexpected keys {shown}")
     return out
+
+
+# ------------------------------------------------------------------------------------ our layout -> theirs
+
+
+def _to_timm(key: str) -> str:
+    key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", key)
+    return re.sub(r"^head\.", "head.fc.", key)
+
+
+def _to_torchvision(key: str) -> str:
+    key = re.sub(r"^patch_embed\.proj\.", "features.0.0.", key)
+    key = re.sub(r"^patch_embed\.norm\.", "features.0.2.", key)
+    key = re.sub(r"^layers\.(\d+)\.blocks\.", lambda m: f"features.{2 * int(m.group(1)) + 1}.", key)
+    key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"features.{2 * int(m.group(1)) + 2}.", key)
+    return key.replace(".mlp.fc1.", ".mlp.0.").replace(".mlp.fc2.", ".mlp.3.")
+
+
+def table_window(table: torch.Tensor, key: str = "relative_position_bias_table") -> int:
+    """Window size w of a ((2w-1)^2, heads) relative position bias table."""
+    side = math.isqrt(table.shape[0])
+    if table.ndim != 2 or side * side != table.shape[0] or side % 2 == 0:
+        raise CheckpointError(
+            f"'{key}' has shape {tuple(table.shape)}, not ((2w-1)^2, heads); it is not a Swin table"
+        )
+    return (side + 1) // 2
+
+
+def _check_fits(sd: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise CheckpointError unless `sd` has exactly the keys and shapes of `model.state_dict()`."""
+    target = model.state_dict()
+    for key in (*target, *sd):
+        if key not in sd or key not in target or sd[key].shape != target[key].shape:
+            have = tuple(sd[key].shape) if key in sd else "nothing"
+            want = tuple(target[key].shape) if key in target else "nothing"
+            raise CheckpointError(
+                f"the weights do not fit the model: '{key}' is {have} in the weights, {want} in the model; "
+                "check the architecture and image size"
+            )
+
+
+def _check_foreign(sd: Mapping[str, torch.Tensor], layout: str) -> None:
+    """timm's and torchvision's Swin v1 always normalise patches and have no absolute position embedding;
+    torchvision also uses one window in every stage (it pads where ours and the official code shrink it)."""
+    if "absolute_pos_embed" in sd:
+        raise CheckpointError(
+            f"{layout}'s Swin has no absolute position embedding (ape); "
+            "export these weights as safetensors or official"
+        )
+    if "patch_embed.norm.weight" not in sd:
+        raise CheckpointError(
+            f"{layout}'s Swin always normalises patches; "
+            "export these weights (patch_norm=False) as safetensors or official"
+        )
+    if layout == "torchvision":
+        windows = {table_window(v, k) for k, v in sd.items() if k.endswith("relative_position_bias_table")}
+        if len(windows) > 1:
+            raise CheckpointError(
+                f"torchvision's Swin uses one window in every stage, these weights use {sorted(windows)} "
+                "(a feature map smaller than the window shrinks it); export them as safetensors or official"
+            )
+
+
+def official_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers the official model saves (ours are non-persistent): each block's (N, N)
+    `attn.relative_position_index` and, for shifted blocks, its (num_windows, N, N) `attn_mask`.
+
+    Computed from each block's window, shift and resolution exactly as SwinBlock.__init__ does, so a model
+    built on the meta device (no weight init: 1 s instead of 20 s for Swin-L on 2 CPU cores) will do.
+    """
+    out = {}
+    for name, block in model.named_modules():
+        if isinstance(block, SwinBlock):
+            out[f"{name}.attn.relative_position_index"] = relative_position_index(block.window)
+            if block.shift:
+                out[f"{name}.attn_mask"] = shifted_window_mask(*block.resolution, block.window, block.shift)
+    return out
+
+
+def to_layout(
+    sd: Mapping[str, torch.Tensor], layout: str, model: nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """A Swin state dict (any layout; normally ours) -> one in `layout`: the reverse of convert_state_dict.
+
+    - 'swin-train': our names, no buffers (also what the safetensors export holds),
+    - 'timm': `layers.{i+1}.downsample`, `head.fc.*`, no buffers (timm's are non-persistent),
+    - 'torchvision': `features.*` names and a flat (N*N,) int64 `relative_position_index` per block,
+    - 'official': our names plus each block's (N, N) `relative_position_index` and, for shifted blocks, its
+      `attn_mask` (see official_buffers; masks depend on the image size, so the model is required).
+    With `model`, the weights must fit it exactly (keys and shapes). Tensors are not copied.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    sd = convert_state_dict(sd)
+    if model is not None:
+        _check_fits(sd, model)
+    if layout == "swin-train":
+        return sd
+    if layout == "official":
+        if model is None:
+            raise ValueError(
+                "the official layout needs the model: its attention masks depend on the image size"
+            )
+        return {**sd, **official_buffers(model)}
+    _check_foreign(sd, layout)
+    if layout == "timm":
+        return {_to_timm(k): v for k, v in sd.items()}
+    out = {}
+    for key, value in sd.items():
+        out[_to_torchvision(key)] = value
+        if key.endswith(".attn.relative_position_bias_table"):
+            # torchvision's define_relative_position_index is ours, flattened to (N*N,)
+            window = table_window(value, key)
+            index_key = _to_torchvision(key).replace(
+                "relative_position_bias_table", "relative_position_index"
+            )
+            out[index_key] = relative_position_index(window).flatten()
+    return out
+
+
+def infer_arch(sd: Mapping[str, torch.Tensor]) -> dict:
+    """SwinTransformer keyword arguments read off a state dict in our layout.
+
+    Everything but `img_size`, which weights fix only through an absolute position embedding (then it is
+    included); the caller supplies it otherwise.
+    """
+    try:
+        embed_dim, in_chans, patch_size, _ = sd["patch_embed.proj.weight"].shape
+        blocks = sorted(
+            {(int(m[1]), int(m[2])) for k in sd if (m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k))}
+        )
+        num_stages = blocks[-1][0] + 1 if blocks else 0
+        depths = [1 + max((j for i, j in blocks if i == stage), default=-1) for stage in range(num_stages)]
+        if not num_stages or 0 in depths:
+            raise CheckpointError("cannot tell the architecture from the weights: stages without blocks")
+        tables = [sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(num_stages)]
+        arch = dict(
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+            embed_dim=embed_dim,
+            depths=depths,
+            num_heads=[t.shape[1] for t in tables],
+            window_size=table_window(tables[0]),
+            mlp_ratio=sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+            qkv_bias="layers.0.blocks.0.attn.qkv.bias" in sd,
+            ape="absolute_pos_embed" in sd,
+            patch_norm="patch_embed.norm.weight" in sd,
+        )
+    except KeyError as e:
+        raise CheckpointError(
+            f"cannot tell the architecture from the weights: '{e.args[0]}' is missing"
+        ) from None
+    if arch["ape"]:
+        arch["img_size"] = math.isqrt(sd["absolute_pos_embed"].shape[1]) * patch_size
+    return arch
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def _unshared(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors that share no storage (safetensors refuses shared memory); copies only sharers."""
+    seen, out = set(), {}
+    for key, value in sd.items():
+        value = value.detach().contiguous()
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Atomic like swin_train.checkpoint.save_checkpoint: temp file in the same folder, fsync, rename."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from swin_train.checkpoint import _fsync_dir
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise CheckpointError(f"could not write {path}: {reason}; check the output folder") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_weights(
+    sd: Mapping[str, torch.Tensor],
+    fmt: str,
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Write `sd` (any Swin layout) atomically as `fmt` (EXPORT_FORMATS); returns the number of tensors.
+
+    'safetensors' holds our layout with `metadata` (str -> str); 'timm' and 'torchvision' are bare state dicts
+    for their models' `load_state_dict`; 'official' is `{'model': sd}` with the buffers (needs `model`).
+    """
+    from swin_train.checkpoint import save_checkpoint
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    path = Path(path)
+    out = to_layout(sd, "swin-train" if fmt == "safetensors" else fmt, model)
+    if fmt == "safetensors":
+        meta = {"format": "pt", "layout": "swin-train", **(metadata or {})}
+        _save_safetensors(_unshared(out), path, meta)
+    else:
+        out = {k: v.detach() for k, v in out.items()}
+        save_checkpoint({"model": out} if fmt == "official" else out, path)
+    return len(out)

@@ -2,8 +2,10 @@
 
 What it does, and reports (nothing silent):
 - converts the official / timm / torchvision layouts (`convert.py`),
-- interpolates relative position bias tables bicubically when the window differs (as the official
-  fine-tuning does) and absolute position embeddings when the patch grid differs,
+- takes a swin-train checkpoint's EMA weights instead of its model weights on request (`use_ema`),
+- interpolates relative position bias tables bicubically when the window differs, table by table (each
+  block's own (2w-1)x(2w-1) grid per head, align_corners=False: the official `load_pretrained` exactly),
+  and absolute position embeddings when the patch grid differs,
 - re-initialises the head when the number of classes differs, or selects head rows with a class map
   (22k -> 1k: one source class index per line, the official `map22kto1k.txt` format),
 - refuses any other shape mismatch, naming the first mismatching key.
@@ -12,6 +14,8 @@ What it does, and reports (nothing silent):
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,9 +56,21 @@ def _short(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f", +{len(names) - limit} more" if len(names) > limit else "")
 
 
+def _square_side(n: int, what: str) -> int:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise CheckpointError(f"cannot interpolate {what}: {n} entries do not form a square grid")
+    return side
+
+
 def resize_relative_position_bias_table(table: torch.Tensor, num_entries: int) -> torch.Tensor:
-    """((2w-1)^2, heads) -> (num_entries, heads) by bicubic interpolation of the (2w-1)x(2w-1) grid."""
-    old_side, new_side = int(table.shape[0] ** 0.5), int(num_entries**0.5)
+    """((2w-1)^2, heads) -> (num_entries, heads): bicubic on each head's (2w-1)x(2w-1) grid.
+
+    Bit for bit the official `load_pretrained` (F.interpolate bicubic, align_corners=False, computed in
+    float32), e.g. 169 rows (window 7) -> 529 rows (window 12).
+    """
+    old_side = _square_side(table.shape[0], "a relative position bias table")
+    new_side = _square_side(num_entries, "a relative position bias table")
     heads = table.shape[1]
     grid = table.float().T.reshape(1, heads, old_side, old_side)
     grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
@@ -62,8 +78,10 @@ def resize_relative_position_bias_table(table: torch.Tensor, num_entries: int) -
 
 
 def resize_absolute_pos_embed(embed: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """(1, L, C) -> (1, num_patches, C) by bicubic interpolation of the square patch grid."""
-    old_side, new_side, C = int(embed.shape[1] ** 0.5), int(num_patches**0.5), embed.shape[2]
+    """(1, L, C) -> (1, num_patches, C) by bicubic interpolation of the square patch grid (as official)."""
+    old_side = _square_side(embed.shape[1], "the absolute position embedding")
+    new_side = _square_side(num_patches, "the absolute position embedding")
+    C = embed.shape[2]
     grid = embed.float().reshape(1, old_side, old_side, C).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(1, new_side * new_side, C).to(embed.dtype)
@@ -95,17 +113,22 @@ def adapt_state_dict(
     out = {}
     head_keys = [k for k in sd if k.startswith("head.")]
     head_fits = all(k in target and target[k].shape == sd[k].shape for k in head_keys)
-    if head_map is not None and head_keys:
+    if head_map is not None and not head_keys:
+        raise CheckpointError(
+            "a head map was given but the checkpoint has no classifier head; drop model.head_map"
+        )
+    if head_map is not None:
         num_source = sd["head.weight"].shape[0]
         bad = [i for i in head_map if not 0 <= i < num_source]
         if bad:
             raise CheckpointError(f"head map index {bad[0]} is outside the checkpoint's {num_source} classes")
         if "head.weight" in target and len(head_map) != target["head.weight"].shape[0]:
+            num_classes = target["head.weight"].shape[0]
             raise CheckpointError(
-                f"head map has {len(head_map)} entries but the model has {target['head.weight'].shape[0]} classes;"
-                " set model.num_classes to the number of lines in the map"
+                f"head map has {len(head_map)} entries but the model has {num_classes} classes; "
+                "set model.num_classes to the number of lines in the map"
             )
-        index = torch.tensor(head_map)
+        index = torch.tensor(head_map, dtype=torch.long)
         sd = {**sd, **{k: sd[k][index] for k in head_keys}}
         report.head_mapped = True
         head_fits = True
@@ -117,10 +140,16 @@ def adapt_state_dict(
         if key.startswith("head.") and not head_fits:
             continue  # left to the model's own initialisation, reported below
         if value.shape != want:
-            if key.endswith("relative_position_bias_table") and value.shape[1] == want[1]:
+            # every block's table on its own: with a feature map smaller than the window, later blocks
+            # shrink it, so tables of one model may differ in size
+            if (
+                key.endswith("relative_position_bias_table")
+                and value.ndim == 2
+                and value.shape[1:] == want[1:]
+            ):
                 value = resize_relative_position_bias_table(value, want[0])
                 report.interpolated.append(key)
-            elif key == "absolute_pos_embed" and value.shape[2] == want[2]:
+            elif key == "absolute_pos_embed" and value.ndim == 3 and value.shape[::2] == want[::2]:
                 value = resize_absolute_pos_embed(value, want[1])
                 report.interpolated.append(key)
             else:
@@ -134,21 +163,45 @@ def adapt_state_dict(
     return out
 
 
+def select_weights(obj: Mapping, use_ema: bool = False, source: str = "the checkpoint") -> Mapping:
+    """The part of a checkpoint to load: `obj` itself (its "model"), or with `use_ema` a swin-train
+    checkpoint's EMA weights `obj["ema"]["module"]`."""
+    if not use_ema:
+        return obj
+    ema = obj.get("ema") if isinstance(obj, Mapping) else None
+    if ema is None:
+        raise CheckpointError(
+            f"{source} holds no EMA weights (trained without train.ema, or not a swin-train checkpoint); "
+            "load it without --ema"
+        )
+    if not isinstance(ema, Mapping) or not isinstance(ema.get("module"), Mapping):
+        raise CheckpointError(
+            f"{source} has an 'ema' entry without 'module' weights; it is not a swin-train checkpoint"
+        )
+    return ema["module"]
+
+
 def load_pretrained(
     model: nn.Module,
-    source: str | Path | dict,
+    source: str | Path | Mapping,
     *,
     head_map: str | Path | None = None,
     strict: bool = False,
+    use_ema: bool = False,
 ) -> LoadReport:
-    """Load weights into `model` from a file or a state dict, adapting window, grid and head; log a summary.
+    """Load weights into `model` from a file (.pth or .safetensors) or a loaded checkpoint / state dict,
+    adapting window, grid and head; log a summary and return it.
 
     strict=True (evaluation) requires every model tensor to come from the checkpoint (interpolation allowed).
+    use_ema=True takes a swin-train checkpoint's EMA weights (CheckpointError if it has none).
     """
     from swin_train.checkpoint import load_checkpoint
 
-    obj = load_checkpoint(source) if isinstance(source, str | Path) else source
-    report = LoadReport(source=str(source) if isinstance(source, str | Path) else "state dict", layout="")
+    is_file = isinstance(source, str | Path)
+    obj = load_checkpoint(source) if is_file else source
+    name = str(source) if is_file else "state dict"
+    obj = select_weights(obj, use_ema, f"checkpoint {source}" if is_file else "the checkpoint")
+    report = LoadReport(source=name + (" (EMA)" if use_ema else ""), layout="")
     report.layout = detect_layout(unwrap_state_dict(obj))
     sd = convert_state_dict(obj)
     class_map = read_class_map(head_map) if head_map is not None else None
