@@ -172,9 +172,19 @@ class Config:
 # Public API
 
 
-def load_config(path: str | os.PathLike | None, overrides: typing.Iterable[str] = (), **cli: Any) -> Config:
-    """Load a YAML recipe (None: defaults), apply CLI shortcuts, then dotted overrides; validate."""
-    data, origins = ({}, {}) if path is None else _load_tree(os.fspath(path), ())
+def load_config(
+    path: str | os.PathLike | None,
+    overrides: typing.Iterable[str] = (),
+    *,
+    base: dict | None = None,
+    **cli: Any,
+) -> Config:
+    """Load a YAML recipe (None: `base`, a plain config dict such as a checkpoint's, or the defaults), apply
+    CLI shortcuts, then dotted overrides; validate."""
+    if path is None:
+        data, origins = copy.deepcopy(base or {}), {}
+    else:
+        data, origins = _load_tree(os.fspath(path), ())
     for name, value in cli.items():
         if name not in CLI_SHORTCUTS:
             raise TypeError(f"load_config() got an unexpected keyword argument '{name}'")

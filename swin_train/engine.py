@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -14,6 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 from swin_train.distributed import all_reduce_sum
+
+log = logging.getLogger("swin_train")
 
 
 @dataclass
@@ -45,13 +49,23 @@ def resolve_amp(mode: str, device: torch.device) -> Amp:
 
 @dataclass
 class TrainState:
-    """Counters that must survive a resume (saved in every checkpoint)."""
+    """Counters that must survive a resume (saved in every checkpoint), including the running sums of
+    the current epoch, so an epoch's reported loss is the same whether or not it was interrupted."""
 
     epoch: int = 0  # the epoch being trained (0-based)
     step_in_epoch: int = 0  # optimizer steps already done in `epoch`
     global_step: int = 0
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0
+    epoch_loss_sum: float = 0.0  # sum of micro-batch losses in this epoch
+    epoch_grad_norm_sum: float = 0.0  # sum of finite gradient norms in this epoch
+    epoch_nonfinite: int = 0  # skipped steps in this epoch
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_loss_sum = self.epoch_grad_norm_sum = 0.0
+        self.epoch_nonfinite = 0
 
 
 @dataclass
@@ -59,8 +73,7 @@ class EpochStats:
     loss: float = 0.0
     grad_norm: float = 0.0
     lr: float = 0.0
-    steps: int = 0
-    images: int = 0
+    images: int = 0  # seen by this process since (re)start, for img/s
     seconds: float = 0.0
     nonfinite: int = 0
     stopped: bool = False
@@ -93,6 +106,7 @@ def train_one_epoch(
     ema=None,
     after_step: Callable[[TrainState], bool] | None = None,
     show_progress: bool = True,
+    print_freq: int = 50,
 ) -> EpochStats:
     """Train from `state.step_in_epoch` to the end of the epoch (or until `after_step` returns True).
 
@@ -100,13 +114,14 @@ def train_one_epoch(
     """
     model.train()
     stats = EpochStats()
-    loss_sum = torch.zeros((), device=device)
-    norm_sum = torch.zeros((), device=device)
     start = time.perf_counter()
+    # The bar is for terminals; logs and CI get a plain line every `print_freq` steps instead.
     bar = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch}",
-               disable=not show_progress, dynamic_ncols=True, mininterval=1.0, leave=False)  # fmt: skip
+               disable=not (show_progress and sys.stderr.isatty()), dynamic_ncols=True, mininterval=1.0,
+               leave=False)  # fmt: skip
     batches = iter(loader)
     while state.step_in_epoch < steps_per_epoch:
+        step_loss = torch.zeros((), device=device)
         for micro in range(accumulation_steps):
             images, targets = next(batches)
             images = images.to(device, non_blocking=True)
@@ -120,44 +135,47 @@ def train_one_epoch(
                     loss = criterion(model(images), targets)
                 scaled = loss / accumulation_steps
                 (amp.scaler.scale(scaled) if amp.scaler else scaled).backward()
-            loss_sum += loss.detach().float()
+            step_loss += loss.detach().float()
             stats.images += images.shape[0]
         if amp.scaler:
             amp.scaler.unscale_(optimizer)
         grad_norm = clip_and_norm(model, clip_grad)
-        if torch.isfinite(grad_norm):
+        if torch.isfinite(grad_norm):  # waits for the backward pass, so the .item()s below cost nothing more
             (amp.scaler.step(optimizer) if amp.scaler else optimizer.step())
             if ema is not None:
                 ema.update(model)
             state.nonfinite_in_a_row = 0
-            norm_sum += grad_norm.detach()
+            state.epoch_grad_norm_sum += grad_norm.item()
         else:
-            stats.nonfinite += 1
             state.nonfinite_total += 1
             state.nonfinite_in_a_row += 1
+            state.epoch_nonfinite += 1
         if amp.scaler:
             amp.scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        stats.lr = schedule.lr  # the (unscaled) lr of the step just taken
         schedule.step()
+        state.epoch_loss_sum += step_loss.item()
         state.step_in_epoch += 1
         state.global_step += 1
-        stats.steps += 1
-        stats.lr = optimizer.param_groups[0]["lr"]
         bar.update(1)
-        if bar.n % 10 == 0 or state.step_in_epoch == steps_per_epoch:
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(
-                loss=f"{loss.item():.4f}", lr=f"{stats.lr:.2e}", img_s=f"{stats.images / elapsed:.1f}"
-            )
+        if state.step_in_epoch % print_freq == 0 or state.step_in_epoch == steps_per_epoch:
+            img_s = stats.images / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{stats.lr:.2e}", img_s=f"{img_s:.1f}")
+            if show_progress:
+                log.info("epoch %d step %d/%d: loss %.4f, lr %.2e, grad norm %.3f, %.1f img/s", state.epoch,
+                         state.step_in_epoch, steps_per_epoch, loss.item(), stats.lr, grad_norm.item(), img_s)  # fmt: skip
         if after_step is not None and after_step(state):
             stats.stopped = True
             break
     bar.close()
     stats.seconds = time.perf_counter() - start
-    if stats.steps:
-        stats.loss = loss_sum.item() / (stats.steps * accumulation_steps)
-        finite_steps = stats.steps - stats.nonfinite
-        stats.grad_norm = norm_sum.item() / finite_steps if finite_steps else float("nan")
+    done = state.step_in_epoch
+    if done:
+        stats.loss = state.epoch_loss_sum / (done * accumulation_steps)
+        finite = done - state.epoch_nonfinite
+        stats.grad_norm = state.epoch_grad_norm_sum / finite if finite else float("nan")
+    stats.nonfinite = state.epoch_nonfinite
     return stats
 
 
@@ -171,7 +189,10 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, amp: Amp, num_cl
     model.eval()
     k = min(5, num_classes)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-k hits, loss sum, count
-    for images, targets in tqdm(loader, desc="eval", disable=not show_progress, leave=False, mininterval=1.0):
+    bar = tqdm(
+        loader, desc="eval", disable=not (show_progress and sys.stderr.isatty()), leave=False, mininterval=1.0
+    )
+    for images, targets in bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with amp.autocast():

@@ -33,7 +33,7 @@ from swin_train.data import (
 from swin_train.distributed import DistEnv, all_gather_objects, any_rank, barrier, init_distributed, shutdown
 from swin_train.ema import ModelEma
 from swin_train.engine import Amp, TrainState, evaluate, resolve_amp, train_one_epoch
-from swin_train.errors import ConfigError, DataError, TrainingError
+from swin_train.errors import CheckpointError, ConfigError, DataError, TrainingError
 from swin_train.models.pretrained import load_pretrained
 from swin_train.models.swin import SwinTransformer
 from swin_train.optim import WarmupCosineSchedule, build_optimizer, scaled_lrs
@@ -245,6 +245,7 @@ class Run:
         return path
 
     def load(self, state: dict, path: Path) -> None:
+        check_fits(self.model.state_dict(), state["model"], path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -267,16 +268,33 @@ class Run:
             log.warning("the config differs from the one in %s; continuing with the current config", path)
 
 
-def setup_output(cfg: Config, env: DistEnv) -> None:
-    """Create the output folder (checked writable, with room for a checkpoint), log file and config.yaml."""
+def check_fits(expected: dict, stored: dict, path: Path) -> None:
+    """CheckpointError naming the first tensor whose name or shape differs from the model's."""
+    for key, tensor in expected.items():
+        if key not in stored:
+            raise CheckpointError(f"{path} does not fit this model: it has no '{key}'; check the config")
+        if stored[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{path} does not fit this model: '{key}' has shape {tuple(stored[key].shape)}, the model "
+                f"{tuple(tensor.shape)}; check the config (model section, data.img_size)"
+            )
+    extra = [k for k in stored if k not in expected]
+    if extra:
+        raise CheckpointError(f"{path} does not fit this model: unexpected '{extra[0]}'; check the config")
+
+
+def setup_output(cfg: Config, env: DistEnv) -> logging.Handler | None:
+    """Create the output folder (checked writable), start log.txt and write config.yaml; rank 0 only."""
     out = Path(cfg.output)
+    handler = None
     if env.is_main:
-        ckpt.check_output_writable(out, min_free_bytes=0)
+        ckpt.check_output_writable(out, min_free_bytes=0)  # the size check follows once the model exists
         handler = logging.FileHandler(out / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         (out / "config.yaml").write_text(dump_config(cfg))
     barrier()
+    return handler
 
 
 def checkpoint_bytes(model: nn.Module) -> int:
@@ -303,16 +321,25 @@ def resume_if_possible(run: Run, resume: str | None) -> None:
 
 
 class Metrics:
-    """metrics.jsonl (one record per epoch) and TensorBoard scalars, written by rank 0 only."""
+    """metrics.jsonl (one record per epoch) and TensorBoard scalars, written by rank 0 only.
 
-    def __init__(self, out: Path, enabled: bool):
+    On resume, records of epochs that will be trained again are dropped, and TensorBoard purges events
+    after the resumed step, so both read as if the run had never stopped.
+    """
+
+    def __init__(self, out: Path, enabled: bool, state: TrainState):
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
         self.tb = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["epoch"] < state.epoch]  # fmt: skip
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=state.global_step or None)
 
     def epoch(self, record: dict, step: int) -> None:
         if not self.enabled:
@@ -332,16 +359,19 @@ class Metrics:
 def train(cfg: Config, *, resume: str | None = None, device: str | None = None) -> dict:
     """Train as `cfg` says; returns the last epoch's record. Raises TrainingStopped after SIGTERM/SIGINT."""
     env = init_distributed(device)
+    if not env.is_main:
+        log.setLevel(logging.WARNING)
+    handler = setup_output(cfg, env)
     try:
         return _train(cfg, env, resume)
     finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
         shutdown()
 
 
 def _train(cfg: Config, env: DistEnv, resume: str | None) -> dict:
-    if not env.is_main:
-        log.setLevel(logging.WARNING)
-    setup_output(cfg, env)
     log.info(
         "effective config (also in %s):\n%s", Path(cfg.output) / "config.yaml", dump_config(cfg).rstrip()
     )
@@ -356,7 +386,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> dict:
     log.info("effective lr: %s", run.lr_text)
     if run.data.num_classes < 5:
         log.info("only %d classes: 'top5' is reported as top-%d", run.data.num_classes, run.data.num_classes)
-    metrics = Metrics(run.out, env.is_main)
+    metrics = Metrics(run.out, env.is_main, run.state)
     stopper = Stopper()
     stopper.install()
 
@@ -384,7 +414,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> dict:
                 run.train_model, run.data.train_loader, s, optimizer=run.optimizer, schedule=run.schedule,
                 criterion=run.criterion, amp=run.amp, device=env.device, steps_per_epoch=run.steps_per_epoch,
                 accumulation_steps=t.accumulation_steps, clip_grad=t.clip_grad, mixup=run.mixup, ema=run.ema,
-                after_step=after_step, show_progress=env.is_main,
+                after_step=after_step, show_progress=env.is_main, print_freq=cfg.print_freq,
             )  # fmt: skip
             if stats.stopped:
                 signum = stopper.signum or signal.SIGTERM
@@ -395,18 +425,19 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> dict:
                       "train_grad_norm": stats.grad_norm, "train_img_s": stats.images_per_second * env.world_size,
                       "train_epoch_time": stats.seconds, "train_nonfinite_steps": stats.nonfinite}  # fmt: skip
             record.update(validate(run))
-            s.epoch, s.step_in_epoch = s.epoch + 1, 0
+            s.next_epoch()
             improved = record[f"{'val' if t.best_on == 'raw' else 'ema'}_top1"] > run.best["top1"]
             if improved:
                 run.best = {"top1": record[f"{'val' if t.best_on == 'raw' else 'ema'}_top1"], "epoch": s.epoch - 1,
                             "on": t.best_on}  # fmt: skip
             record["best_top1"] = run.best["top1"]
+            # The record goes first: a kill before the checkpoint re-trains this epoch and rewrites it.
+            metrics.epoch(record, s.global_step)
+            log.info(epoch_line(record, run))
             if s.epoch % cfg.save_freq == 0 or s.epoch == t.epochs:
                 run.save(ckpt.LAST)
             if improved:
                 run.save(ckpt.BEST)
-            metrics.epoch(record, s.global_step)
-            log.info(epoch_line(record, run))
     finally:
         stopper.uninstall()
         metrics.close()

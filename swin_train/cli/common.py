@@ -21,15 +21,38 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time (so redirections after set-up are honoured)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
     logger = logging.getLogger("swin_train")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
     return logger
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker arrives wrapped in a message
+    with the worker's traceback; its last line is the original `module.ErrorClass: message`."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    last = lines[-1]
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last.removeprefix(prefix).removeprefix(f"{type(error).__name__}: ")
 
 
 def run_cli(prog: str, main: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
@@ -41,7 +64,7 @@ def run_cli(prog: str, main: Callable[[list[str] | None], int | None], argv: lis
     except SwinTrainError as e:
         if debug:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         if debug:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, help="override the number of classes")
     parser.add_argument("--json", action="store_true", help="print JSON (top-level 'params' and 'flops')")
     add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     if args.config or args.overrides:
         from swin_train.config import load_config

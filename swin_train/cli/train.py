@@ -26,7 +26,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     setup_logging()
     from swin_train.config import load_config
     from swin_train.trainer import TrainingStopped, train

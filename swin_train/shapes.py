@@ -1,0 +1,266 @@
+"""The built-in quick-start data set: coloured shapes on noisy backgrounds, written as PNG files.
+
+Layout (an ordinary ImageFolder tree, read by the same code path as ImageNet)::
+
+    root/train/<class>/<class>_0000.png ...
+    root/val/<class>/<class>_0000.png ...
+    root/meta.json          # generation parameters; written last, so present <=> complete
+
+Eight classes that stay distinguishable at 32 px and under the usual train augmentation (flips,
+rotations up to 30 degrees, crops, colour ops): circle, ring, square, triangle, cross, star,
+hbar (horizontal bar), vbar (vertical bar). Every image is a pure function of (seed, split, class,
+index), so the same parameters give byte-identical files on every machine.
+
+`ensure_shapes_dataset` generates into a temporary sibling folder and renames it into place, so a
+killed generation never leaves a half set; later calls reuse the cached set while `meta.json`
+matches and regenerate it otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from swin_train.errors import DataError
+
+GENERATOR = "swin-train shapes"
+VERSION = 1  # bump when the drawing code changes: cached sets with another version are regenerated
+CLASSES = ("circle", "ring", "square", "triangle", "cross", "star", "hbar", "vbar")
+_SPLITS = ("train", "val")
+R_MIN, R_MAX = 0.28, 0.42  # shape half-extent, as a fraction of the image side
+CENTER_JITTER = 0.15  # shape centre offset from the image centre, at most this fraction of the side
+MAX_TILT_DEG = 0.0  # shapes are axis-aligned; train-time rotation (RandAugment) adds tilt
+_SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: cheap anti-aliasing
+
+
+def default_shapes_root() -> Path:
+    """Cache folder of the quick-start set: $SWIN_TRAIN_CACHE, else $XDG_CACHE_HOME/swin-train, else
+    ~/.cache/swin-train; with `shapes-v{VERSION}` appended."""
+    if os.environ.get("SWIN_TRAIN_CACHE"):
+        base = Path(os.environ["SWIN_TRAIN_CACHE"]).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "swin-train"
+    return base / f"shapes-v{VERSION}"
+
+
+def ensure_shapes_dataset(
+    root: str | Path | None = None,
+    img_size: int = 32,
+    train_per_class: int = 500,
+    val_per_class: int = 100,
+    seed: int = 0,
+) -> Path:
+    """Return `root` holding the shapes set for these parameters, generating it first if needed.
+
+    Safe to call from several processes at once (e.g. every torchrun rank): each generates into its
+    own temporary folder and the first rename wins. Refuses to replace a folder it did not write.
+    """
+    if img_size < 8:
+        raise DataError(f"shapes img_size must be >= 8, got {img_size}")
+    if train_per_class < 1 or val_per_class < 1:
+        raise DataError(
+            f"shapes needs >= 1 image per class, got train {train_per_class}, val {val_per_class}"
+        )
+    root = Path(root).expanduser() if root is not None else default_shapes_root()
+    meta = {
+        "generator": GENERATOR,
+        "version": VERSION,
+        "classes": list(CLASSES),
+        "img_size": img_size,
+        "train_per_class": train_per_class,
+        "val_per_class": val_per_class,
+        "seed": seed,
+    }
+    if _read_meta(root) == meta:
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(root)
+    tmp = root.parent / f".{root.name}.tmp-{_owner_tag()}"
+    try:
+        _generate(tmp, meta)
+        _install(tmp, root, meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _generate(out: Path, meta: dict) -> None:
+    """Write every image, then meta.json (last: its presence marks a complete set)."""
+    counts = {"train": meta["train_per_class"], "val": meta["val_per_class"]}
+    jobs = [(split_id, class_id) for split_id in range(len(_SPLITS)) for class_id in range(len(CLASSES))]
+    for split_id, class_id in jobs:
+        (out / _SPLITS[split_id] / CLASSES[class_id]).mkdir(parents=True)
+
+    stop = threading.Event()  # set on any exception (Ctrl-C included): the other threads quit early
+
+    def write_folder(job: tuple[int, int]) -> None:
+        split_id, class_id = job
+        name, folder = CLASSES[class_id], out / _SPLITS[split_id] / CLASSES[class_id]
+        for i in range(counts[_SPLITS[split_id]]):
+            if stop.is_set():
+                return
+            rng = np.random.default_rng([meta["seed"], VERSION, split_id, class_id, i])
+            # optimize=False and no metadata: PNG bytes depend only on the pixels
+            draw_shape(name, meta["img_size"], rng).save(folder / f"{name}_{i:04d}.png", optimize=False)
+
+    # Threads overlap file creation and zlib (both release the GIL). Every image has its own RNG, so
+    # the output does not depend on scheduling.
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        for future in [pool.submit(write_folder, job) for job in jobs]:
+            future.result()
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def _install(tmp: Path, root: Path, meta: dict) -> None:
+    """Atomically move the finished set `tmp` to `root`, replacing an outdated set of ours."""
+    for _ in range(5):
+        try:
+            os.rename(tmp, root)  # atomic; fails if root exists and is not empty
+            return
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if not root.exists():
+                continue  # another process moved the old set away in between: retry
+        found = _read_meta(root)
+        if found == meta:
+            return  # another process installed the same set first
+        if found is None or found.get("generator") != GENERATOR:
+            if root.is_dir() and not any(root.iterdir()):
+                root.rmdir()
+                continue
+            raise DataError(f"{root} exists and is not a swin-train shapes set; choose another folder")
+        old = root.parent / f".{root.name}.old-{_owner_tag()}"
+        try:
+            os.rename(root, old)
+        except FileNotFoundError:
+            continue  # someone else moved it already
+        shutil.rmtree(old, ignore_errors=True)
+    raise DataError(f"could not install the shapes set at {root} (concurrent writers?); try again")
+
+
+def _read_meta(root: Path) -> dict | None:
+    try:
+        return json.loads((root / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _owner_tag() -> str:
+    """`host-pid-random`: lets a later run tell a dead generator's leftovers from a live one's."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _remove_stale_temp_dirs(root: Path) -> None:
+    """Delete temp/old folders next to `root` left by killed processes of this host."""
+    host = socket.gethostname().replace("-", "_")
+    for path in root.parent.glob(f".{root.name}.*-*-*-*"):
+        kind, _, tag = path.name[len(root.name) + 2 :].partition("-")
+        parts = tag.split("-")
+        if kind not in ("tmp", "old") or len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        if not _pid_alive(int(parts[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**22  # PermissionError: alive but not ours; beyond pid_max: cannot exist
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _luma(rgb: np.ndarray) -> float:
+    return float(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
+
+
+def _contrasting_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Background and foreground RGB colours of random hue, the shape always brighter by > 90 luma.
+
+    A fixed polarity makes "is this pixel part of the shape" a linear function of the pixel, so a
+    micro transformer learns the shapes in a few hundred steps instead of first solving an XOR."""
+    while True:
+        bg, fg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        if _luma(fg) - _luma(bg) > 90:
+            return bg, fg
+
+
+def _polygon(cx: float, cy: float, radii: list[float], angle0: float) -> list[tuple[float, float]]:
+    """Vertices at evenly spaced angles from `angle0` (radians, 0 = right, y grows downwards)."""
+    n = len(radii)
+    return [
+        (cx + r * math.cos(angle0 + 2 * math.pi * k / n), cy + r * math.sin(angle0 + 2 * math.pi * k / n))
+        for k, r in enumerate(radii)
+    ]
+
+
+def _rotated_rect(
+    cx: float, cy: float, half_w: float, half_h: float, angle: float
+) -> list[tuple[float, float]]:
+    c, s = math.cos(angle), math.sin(angle)
+    corners = [(-half_w, -half_h), (half_w, -half_h), (half_w, half_h), (-half_w, half_h)]
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in corners]
+
+
+def draw_shape(name: str, img_size: int, rng: np.random.Generator) -> Image.Image:
+    """One RGB image of shape class `name`, all randomness drawn from `rng`."""
+    bg, fg = _contrasting_colours(rng)
+    size = img_size * _SUPERSAMPLE
+    r = rng.uniform(R_MIN, R_MAX) * size  # half-extent of the shape
+    # centre within CENTER_JITTER of the middle (and fully inside): crops of >= half the area keep it
+    cx, cy = size / 2 + rng.uniform(-1, 1, 2) * min(CENTER_JITTER * size, size / 2 - r)
+    tilt = math.radians(rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG))
+    canvas = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
+    draw = ImageDraw.Draw(canvas)
+    colour = tuple(int(v) for v in fg)
+    if name == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    elif name == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=colour, width=max(1, round(0.38 * r)))
+    elif name == "square":
+        draw.polygon(_rotated_rect(cx, cy, 0.82 * r, 0.82 * r, tilt), fill=colour)
+    elif name == "triangle":
+        # pointing up; centroid shifted down so the triangle's box is centred
+        draw.polygon(_polygon(cx, cy + 0.25 * r, [r] * 3, -math.pi / 2 + tilt), fill=colour)
+    elif name == "cross":
+        draw.polygon(_rotated_rect(cx, cy, r, 0.3 * r, tilt), fill=colour)
+        draw.polygon(_rotated_rect(cx, cy, 0.3 * r, r, tilt), fill=colour)
+    elif name == "star":
+        draw.polygon(_polygon(cx, cy, [r, 0.4 * r] * 5, -math.pi / 2 + tilt), fill=colour)
+    elif name == "hbar":
+        draw.polygon(_rotated_rect(cx, cy, r, 0.24 * r, tilt), fill=colour)
+    elif name == "vbar":
+        draw.polygon(_rotated_rect(cx, cy, 0.24 * r, r, tilt), fill=colour)
+    else:
+        raise ValueError(f"unknown shape '{name}'; known: {', '.join(CLASSES)}")
+    small = np.asarray(canvas.resize((img_size, img_size), Image.Resampling.BOX), dtype=np.float32)
+    # background clutter: a random linear gradient plus per-pixel Gaussian noise
+    yy, xx = np.mgrid[0:img_size, 0:img_size] / max(1, img_size - 1) - 0.5
+    gx, gy = rng.uniform(-30, 30, 2)
+    noise = rng.normal(0.0, rng.uniform(3, 10), (img_size, img_size, 3))
+    pixels = small + (gx * xx + gy * yy)[..., None] + noise
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")

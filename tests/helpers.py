@@ -1,0 +1,48 @@
+"""Shared test utilities: tiny data sets and running the CLIs in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+# A micro Swin for the shapes set (8 classes, 32 px): 8x8 tokens, windows of 4, two stages.
+MICRO_OVERRIDES = [
+    "model.patch_size=4", "model.embed_dim=32", "model.depths=[2,2]", "model.num_heads=[2,4]",
+    "model.window_size=4", "model.num_classes=8", "model.drop_path_rate=0.1", "data.img_size=32",
+    "data.dataset=imagefolder", "aug.auto_augment=null", "aug.reprob=0", "aug.mixup=0", "aug.cutmix=0",
+    "aug.color_jitter=0", "aug.crop_scale=[0.5,1.0]", "eval.crop_pct=1.0", "amp=none",
+    "train.base_lr=2e-3", "train.warmup_lr=1e-5", "train.min_lr=1e-5", "train.lr_base_batch=32",
+    "train.warmup_epochs=0", "data.num_workers=0", "print_freq=5",
+]  # fmt: skip
+
+
+def env_for_subprocess(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+def run_cli(module: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m swin_train.cli.<module> args...` in a subprocess, output captured."""
+    cmd = [sys.executable, "-m", f"swin_train.cli.{module}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or env_for_subprocess())
+
+
+def torchrun(nproc: int, module: str, *args: str, timeout: float = 300, extra: tuple[str, ...] = ()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *extra,
+           "-m", f"swin_train.cli.{module}", *map(str, args)]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env_for_subprocess())
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"

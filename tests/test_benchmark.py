@@ -1,0 +1,133 @@
+"""Smoke test of scripts/benchmark.py on a micro model: report schema, pairwise ratios, same weights.
+
+No timing assertions: the numbers depend on the machine; only how they are derived is checked.
+"""
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from swin_train.errors import ConfigError, DataError
+from swin_train.models import create_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+MICRO_FLAGS = [
+    "--img-size", "32", "--patch-size", "2", "--embed-dim", "24", "--depths", "2", "2",
+    "--num-heads", "2", "4", "--window-size", "4", "--num-classes", "10",
+]  # fmt: skip
+MICRO = dict(img_size=32, patch_size=2, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark"] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("benchmark", None)
+
+
+def test_micro_run_reports_rounds_medians_and_pairwise_ratios(bench, capsys):
+    # 3 rounds (not 1) so that a median of pairwise ratios is a real check; one thread avoids OpenMP
+    # spin-waiting on a shared 2-core machine.
+    argv = MICRO_FLAGS + ["--batch-size", "2", "--warmup", "1", "--repeats", "3", "--iters", "1"]
+    argv += ["--threads", "1", "--no-memory", "--json", "--impls", "ours", "timm", "torchvision"]
+    report = bench.main(argv)
+    assert json.loads(capsys.readouterr().out) == report  # --json prints exactly the returned report
+
+    assert report["config"]["impls"] == ["ours", "timm", "torchvision"]
+    assert report["config"]["model"] is None  # architecture flags make it a custom model
+    assert report["macs_per_image"] == create_model(**MICRO, num_classes=10).flops()
+    env = report["env"]
+    assert env["torch"] == torch.__version__ and env["threads"] == 1
+    assert env["command"].startswith("scripts/benchmark.py --img-size 32")
+    # same weights: timm's init converted into ours and into torchvision's layout
+    assert set(report["logits_max_abs_diff"]) == {"timm", "torchvision"}
+    assert max(report["logits_max_abs_diff"].values()) < 1e-5
+    assert len({res["params"] for res in report["results"].values()}) == 1
+
+    for res in report["results"].values():
+        assert res["compile_s"] is None
+        for mode in ("train", "infer"):
+            m = res[mode]
+            assert len(m["round_s"]) == 3
+            assert m["img_s"] == pytest.approx([2 * 1 / s for s in m["round_s"]])
+            assert m["median_img_s"] == statistics.median(m["img_s"])
+            assert m["peak_mem_mib"] is None and m["mfu"] is None  # --no-memory; no peak FLOP/s on CPU
+    assert set(report["ratios"]) == {"ours/timm", "ours/torchvision", "torchvision/timm"}
+    for pair, by_mode in report["ratios"].items():
+        a, b = pair.split("/")
+        for mode, r in by_mode.items():
+            expected = [
+                x / y
+                for x, y in zip(report["results"][a][mode]["img_s"], report["results"][b][mode]["img_s"])
+            ]
+            assert r["pairwise"] == pytest.approx(expected)
+            assert r["median"] == statistics.median(r["pairwise"])
+
+    table = bench.format_table(report)
+    assert "ours vs torchvision: train" in table
+    assert [line.split()[0] for line in table.splitlines()[4:7]] == ["ours", "timm", "torchvision"]
+
+
+def test_ratio_is_median_of_round_pairs_not_ratio_of_medians(bench):
+    pairwise, median = bench.median_pairwise_ratio([1.0, 4.0, 9.0], [1.0, 8.0, 3.0])
+    assert pairwise == [1.0, 0.5, 3.0] and median == 1.0  # medians would give 4 / 3
+
+
+def test_peak_lookup_and_mfu(bench):
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bf16", tf32=False) == 989.4
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "fp32", tf32=True) == 494.7
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "fp32", tf32=False) == 67.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe", "fp16", tf32=False) == 756.0
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "bf16", tf32=False) == 312.0
+    assert bench.peak_tflops("NVIDIA H200", "bf16", tf32=False) == 989.4
+    assert bench.peak_tflops("NVIDIA H100 NVL", "bf16", tf32=False) is None  # not in the table
+    # Swin-T training at 1000 img/s on 989.4 TFLOP/s: 6 x 4.494 GMAC x 1000 / 989.4e12
+    assert bench.mfu(4_494_000_000, 1000.0, 989.4, train=True) == pytest.approx(0.027253, rel=1e-4)
+    assert bench.mfu(4_494_000_000, 1000.0, 989.4, train=False) == pytest.approx(0.027253 / 3, rel=1e-4)
+    assert bench.mfu(4_494_000_000, 1000.0, None, train=True) is None
+
+
+def test_memory_probe_reports_train_and_infer_peaks(bench):
+    spec = dict(impl="timm", arch=MICRO, num_classes=10, drop_path=0.1, batch_size=2, dtype="fp32", threads=1)
+    out = bench.memory_probe(dict(spec, steps=1))
+    assert set(out) == {"infer", "train"}
+    assert out["train"] >= out["infer"] >= 0  # VmHWM only grows
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "swin_tiny_patch4_window7"], "did you mean"),
+        (MICRO_FLAGS[:-2] + ["--window-size", "3"], "does not split into 3-windows"),
+        (["--impls", "timm", "torchvision"], "must include 'ours'"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+    ],
+)
+def test_bad_settings_raise_config_error(bench, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        bench.main(flags)
+
+
+def test_data_loader_mode_reports_img_s_per_worker(bench, tmp_path, capsys):
+    for i in range(3):
+        (tmp_path / "class_a").mkdir(exist_ok=True)
+        Image.new("RGB", (48, 40), (40 * i, 90, 200)).save(tmp_path / "class_a" / f"{i}.png")
+    argv = ["--data-loader", str(tmp_path), "--workers", "0", "1", "--repeats", "2", "--data-images", "4"]
+    report = bench.main(argv + ["--batch-size", "2", "--img-size", "32", "--json"])
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["config"]["num_images"] == 3 and "RandAugment" in report["config"]["transform"]
+    for workers, res in report["results"].items():
+        assert len(res["img_s"]) == 2 and res["median_img_s"] == statistics.median(res["img_s"])
+        assert res["per_worker_img_s"] == res["median_img_s"] / max(int(workers), 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no JPEG/PNG images"):
+        bench.main(["--data-loader", str(tmp_path / "empty"), "--workers", "0"])
