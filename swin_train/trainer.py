@@ -441,6 +441,10 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> dict:
     finally:
         stopper.uninstall()
         metrics.close()
+    if not record and run.state.epoch >= t.epochs:
+        run.save(
+            ckpt.LAST
+        )  # resumed a finished run (e.g. from best.pth after last.pth was damaged): rewrite it
     if record:
         log.info("done: top-1 %.2f%%, top-%d %.2f%% on %d val images; checkpoints in %s", 100 * record["val_top1"],
                  record["val_topk"], 100 * record["val_top5"], record["val_num_samples"], run.out)  # fmt: skip

@@ -26,10 +26,14 @@ def env_for_subprocess(**extra: str) -> dict:
     return env
 
 
-def run_cli(module: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`python -m swin_train.cli.<module> args...` in a subprocess, output captured."""
     cmd = [sys.executable, "-m", f"swin_train.cli.{module}", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or env_for_subprocess())
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env or env_for_subprocess()
+    )
 
 
 def torchrun(nproc: int, module: str, *args: str, timeout: float = 300, extra: tuple[str, ...] = ()):

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-
 from helpers import (
     MICRO_OVERRIDES,
     assert_bitwise_equal,
@@ -18,6 +17,7 @@ from helpers import (
     torchrun,
     weights,
 )
+
 from swin_train.cli.eval import cli as eval_cli
 from swin_train.cli.train import cli as train_cli
 
@@ -112,13 +112,31 @@ def _kill_when(proc, path, timeout=240):
     ids=["epoch-boundary", "mid-epoch-workers"],
 )
 def test_resume_after_kill_9_is_bitwise(shapes_root, tmp_path, kill_at, extra):
-    common = [*MICRO_OVERRIDES, "data.batch_size=32", "train.epochs=2", "aug.mixup=0.8", "aug.cutmix=1.0", *extra]
+    common = [
+        *MICRO_OVERRIDES,
+        "data.batch_size=32",
+        "train.epochs=2",
+        "aug.mixup=0.8",
+        "aug.cutmix=1.0",
+        *extra,
+    ]
     ref, run = tmp_path / "ref", tmp_path / "run"
     done = run_cli("train", "--data-path", shapes_root, "--output", ref, *common)
     assert done.returncode == 0, done.stderr
 
-    cmd = [sys.executable, "-m", "swin_train.cli.train", "--data-path", str(shapes_root), "--output", str(run), *common]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_subprocess())
+    cmd = [
+        sys.executable,
+        "-m",
+        "swin_train.cli.train",
+        "--data-path",
+        str(shapes_root),
+        "--output",
+        str(run),
+        *common,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_subprocess()
+    )
     _kill_when(proc, run / kill_at)
     resumed = run_cli("train", "--data-path", shapes_root, "--output", run, *common)
     assert resumed.returncode == 0, resumed.stderr
@@ -127,7 +145,9 @@ def test_resume_after_kill_9_is_bitwise(shapes_root, tmp_path, kill_at, extra):
     assert_bitwise_equal(weights(ref / "last.pth"), weights(run / "last.pth"))
     a, b = (torch.load(d / "last.pth", weights_only=True) for d in (ref, run))
     assert a["train_state"] == b["train_state"] and a["schedule"] == b["schedule"]
-    assert all(torch.equal(x, y) for x, y in zip(_flat(a["optimizer"]["state"]), _flat(b["optimizer"]["state"])))
+    assert all(
+        torch.equal(x, y) for x, y in zip(_flat(a["optimizer"]["state"]), _flat(b["optimizer"]["state"]))
+    )
     timing = ("train_img_s", "train_epoch_time")
     strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
     assert strip(_records(ref)) == strip(_records(run))
@@ -166,4 +186,6 @@ def test_distributed_eval_is_exact_for_any_world_size(shapes_root, tmp_path):
     assert {r["num_samples"] for r in results.values()} == {127}
     for world in (2, 3):
         assert results[world]["top1"] == results[1]["top1"] and results[world]["top5"] == results[1]["top5"]
-        assert results[world]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)  # fp32 sums differ by batch
+        assert results[world]["loss"] == pytest.approx(
+            results[1]["loss"], rel=1e-6
+        )  # fp32 sums differ by batch
