@@ -118,6 +118,8 @@ def test_resume_after_kill_9_is_bitwise(shapes_root, tmp_path, kill_at, extra):
         "train.epochs=2",
         "aug.mixup=0.8",
         "aug.cutmix=1.0",
+        "train.ema=true",
+        "train.ema_decay=0.9",
         *extra,
     ]
     ref, run = tmp_path / "ref", tmp_path / "run"
@@ -145,6 +147,8 @@ def test_resume_after_kill_9_is_bitwise(shapes_root, tmp_path, kill_at, extra):
     assert_bitwise_equal(weights(ref / "last.pth"), weights(run / "last.pth"))
     a, b = (torch.load(d / "last.pth", weights_only=True) for d in (ref, run))
     assert a["train_state"] == b["train_state"] and a["schedule"] == b["schedule"]
+    assert_bitwise_equal(a["ema"]["module"], b["ema"]["module"])
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"] == 2 * 32
     assert all(
         torch.equal(x, y) for x, y in zip(_flat(a["optimizer"]["state"]), _flat(b["optimizer"]["state"]))
     )
@@ -189,3 +193,40 @@ def test_distributed_eval_is_exact_for_any_world_size(shapes_root, tmp_path):
         assert results[world]["loss"] == pytest.approx(
             results[1]["loss"], rel=1e-6
         )  # fp32 sums differ by batch
+
+
+def test_ema_is_validated_selects_best_and_is_evaluated(shapes_root, tmp_path, capsys):
+    out = tmp_path / "ema"
+    args = _train_args(
+        shapes_root, out, "train.epochs=2", "train.ema=true", "train.ema_decay=0.8", "train.best_on=ema"
+    )
+    assert train_cli(args) == 0
+    records = _records(out)
+    assert all("ema_top1" in r and "ema_top5" in r for r in records)
+    assert any(r["ema_top1"] != r["val_top1"] or r["ema_loss"] != r["val_loss"] for r in records)
+    best = torch.load(out / "best.pth", weights_only=True)
+    assert best["best"]["on"] == "ema" and best["best"]["top1"] == max(r["ema_top1"] for r in records)
+    assert "ema top-1" in capsys.readouterr().out
+    metrics = tmp_path / "ema.json"
+    assert eval_cli(["--checkpoint", str(out / "last.pth"), "--ema", "--metrics-json", str(metrics)]) == 0
+    m = json.loads(metrics.read_text())
+    assert m["top1"] == records[-1]["ema_top1"] and m["loss"] == pytest.approx(
+        records[-1]["ema_loss"], rel=1e-6
+    )
+
+
+def test_quickstart_config_end_to_end(tmp_path):
+    """The README's first command (cut to two epochs for CI time), then swin-eval on its checkpoint."""
+    env = env_for_subprocess(SWIN_TRAIN_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "qs"
+    done = run_cli("train", "--config", "configs/quickstart.yaml", "--output", out, "train.epochs=2",
+                   "train.warmup_epochs=0", env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done: top-1" in done.stdout
+    first, record = _records(out)
+    assert record["val_num_samples"] == 800 and record["val_top1"] > max(
+        0.3, first["val_top1"]
+    )  # chance: 1/8
+    evaluated = run_cli("eval", "--checkpoint", out / "best.pth", env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"top-1 {100 * record['val_top1']:.3f}%" in evaluated.stdout
