@@ -212,7 +212,7 @@ class Run:
         self.best = {"top1": -1.0, "epoch": -1, "on": t.best_on}
         self.train_model: nn.Module = self.model
         if t.compile:
-            self.train_model = torch.compile(self.model)
+            self.train_model = torch.compile(self.model, fullgraph=True)
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)

@@ -218,3 +218,19 @@ def test_swin_model_table_and_bad_name(capsys):
     assert swin_model_cli(["--model", "swin_tiny_patch4_window7"]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'swin_tiny_patch4_window7'" in err and "Traceback" not in err
+
+
+def test_compiles_as_one_graph_with_the_same_logits_and_gradients(micro_arch):
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward without the slow C++
+    code generation of inductor, so the check fits in CI."""
+    eager = SwinTransformer(**micro_arch, num_classes=5, drop_path_rate=0.0)
+    twin = SwinTransformer(**micro_arch, num_classes=5, drop_path_rate=0.0)
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32)
+    out_eager, out_compiled = eager(x), compiled(x)
+    torch.testing.assert_close(out_compiled, out_eager, rtol=1e-5, atol=1e-5)
+    out_eager.square().sum().backward()
+    out_compiled.square().sum().backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
