@@ -175,6 +175,8 @@ class Run:
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.output)
         self.amp: Amp = resolve_amp(cfg.amp, env.device)
+        if env.device.type == "cuda":  # TF32 tensor cores for the fp32 matmuls/convs left outside autocast
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.seed + env.rank)
         self.data = build_data(cfg, env)
         self.model = build_model(cfg, self.data.num_classes).to(env.device)

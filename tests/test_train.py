@@ -1,6 +1,7 @@
 """swin-train / swin-eval end to end on micro models (CPU)."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -230,3 +231,60 @@ def test_quickstart_config_end_to_end(tmp_path):
     evaluated = run_cli("eval", "--checkpoint", out / "best.pth", env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"top-1 {100 * record['val_top1']:.3f}%" in evaluated.stdout
+
+
+def test_torchrun_resume_after_kill_9_is_bitwise(shapes_root, tmp_path):
+    """Two processes, killed (the whole group, as a lost node would be) mid-epoch, then relaunched."""
+    args = [*_train_args(shapes_root, tmp_path / "ref", "train.epochs=2", "data.batch_size=16",
+                         "train.checkpoint_every_steps=10")]  # fmt: skip
+    done = torchrun(2, "train", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run"
+    args = [
+        *_train_args(
+            shapes_root, out, "train.epochs=2", "data.batch_size=16", "train.checkpoint_every_steps=10"
+        )
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
+           "swin_train.cli.train", *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env_for_subprocess(), start_new_session=True)  # fmt: skip
+    deadline = time.time() + 240
+    while not (out / "step-000000040.pth").exists():  # epoch 1, step 8 of 32
+        assert proc.poll() is None and time.time() < deadline, "run ended before the checkpoint appeared"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = torchrun(2, "train", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert_bitwise_equal(weights(tmp_path / "ref" / "last.pth"), weights(out / "last.pth"))
+
+
+def test_synthetic_data_measures_the_loop_and_eval_throughput(tmp_path, capsys):
+    out = tmp_path / "synthetic"
+    args = [
+        "--output",
+        str(out),
+        *MICRO_OVERRIDES,
+        "data.synthetic=true",
+        "data.batch_size=8",
+        "train.epochs=1",
+    ]
+    assert train_cli(args) == 0
+    (record,) = _records(out)
+    assert record["train_img_s"] > 0 and record["val_num_samples"] == 4 * 8
+    capsys.readouterr()
+    assert eval_cli(["--checkpoint", str(out / "last.pth"), "--throughput", "--batch-size", "4"]) == 0
+    assert "throughput:" in capsys.readouterr().out
+
+
+def test_create_model_loads_a_checkpoint(tmp_path, micro_arch):
+    from swin_train import create_model
+
+    source = create_model(**micro_arch, num_classes=3).eval()
+    torch.save({"model": source.state_dict()}, tmp_path / "w.pth")
+    loaded = create_model(**micro_arch, num_classes=3, checkpoint=str(tmp_path / "w.pth")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
