@@ -101,7 +101,7 @@ def _worker_pids(output_dir: Path, rank: int) -> list[int]:
 
 def test_killed_rank_is_restarted_by_torchrun_and_the_run_finishes(shapes_root, tmp_path):
     out = tmp_path / "elastic"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--max-restarts=1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--max-restarts=3",
            "-m", "swin_train.cli.train", "--data-path", str(shapes_root), "--output", str(out), *MICRO_OVERRIDES,
            "data.batch_size=16", "train.epochs=2"]  # fmt: skip
     proc = subprocess.Popen(

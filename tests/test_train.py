@@ -221,7 +221,7 @@ def test_quickstart_config_end_to_end(tmp_path):
     env = env_for_subprocess(SWIN_TRAIN_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "qs"
     done = run_cli("train", "--config", "configs/quickstart.yaml", "--output", out, "train.epochs=2",
-                   "train.warmup_epochs=0", env=env, timeout=600)  # fmt: skip
+                   env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done: top-1" in done.stdout
     first, record = _records(out)
