@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,7 +221,7 @@ def test_quickstart_config_end_to_end(tmp_path):
     """The README's first command (cut to two epochs for CI time), then swin-eval on its checkpoint."""
     env = env_for_subprocess(SWIN_TRAIN_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "qs"
-    done = run_cli("train", "--config", "configs/quickstart.yaml", "--output", out, "train.epochs=2",
+    done = run_cli("train", "--config", Path(__file__).parents[1] / "configs" / "quickstart.yaml", "--output", out, "train.epochs=2",
                    env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done: top-1" in done.stdout
