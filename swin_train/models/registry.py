@@ -37,7 +37,7 @@ def create_model(name: str | None = None, *, checkpoint: str | None = None, **ov
 
     `create_model("swin_tiny_patch4_window7_224", num_classes=10, drop_path_rate=0.2)`;
     `create_model(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`.
-    `checkpoint` loads weights from any supported layout (see `swin_train.models.load_pretrained`).
+    `checkpoint` loads weights from any supported layout (see `swin_train.models.pretrained.load_pretrained`).
     """
     from swin_train.models.swin import SwinTransformer
 
