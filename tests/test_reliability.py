@@ -251,3 +251,25 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shapes_root, tmp_p
     assert train_cli(args) == 2
     err = capsys.readouterr().err
     assert "4 optimizer steps in a row had a non-finite loss or gradient" in err
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(shapes_root, tmp_path):
+    out = tmp_path / "ddp-stop"
+    args = ["--data-path", str(shapes_root), "--output", str(out), *MICRO_OVERRIDES, "data.batch_size=16",
+            "train.epochs=2", "train.checkpoint_every_steps=5"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
+           "swin_train.cli.train", *args]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_subprocess()
+    )
+    _wait_for(out / "step-000000005.pth", proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    output, _ = proc.communicate(timeout=120)
+    assert "stop requested (SIGTERM): checkpoint written at global step" in output
+    newest = max(out.glob("step-*.pth"))
+    state = torch.load(newest, weights_only=True)
+    assert 5 <= state["train_state"]["global_step"] < 64 and len(state["rng"]) == 2
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env_for_subprocess())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {newest}" in done.stdout
+    assert torch.load(out / "last.pth", weights_only=True)["train_state"]["global_step"] == 64
