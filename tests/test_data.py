@@ -124,6 +124,10 @@ def test_shapes_refuses_foreign_folder_and_default_root(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="not a swin-train shapes set"):
         ensure_shapes_dataset(tmp_path / "mine", img_size=8, train_per_class=1, val_per_class=1)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "user data"
+    with pytest.raises(DataError, match="cannot write the shapes set"):  # parent is a file
+        ensure_shapes_dataset(
+            tmp_path / "mine" / "notes.txt" / "s", img_size=8, train_per_class=1, val_per_class=1
+        )
 
     monkeypatch.setenv("SWIN_TRAIN_CACHE", str(tmp_path / "c1"))
     assert default_shapes_root() == tmp_path / "c1" / f"shapes-v{shapes.VERSION}"
