@@ -49,6 +49,7 @@ from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSw
 import swin_train
 from swin_train.errors import ConfigError, DataError
 from swin_train.models import convert_state_dict, create_model
+from swin_train.models.convert import to_layout
 from swin_train.models.registry import variant_arch
 
 IMPLS = ("ours", "timm", "torchvision")
@@ -246,7 +247,7 @@ def build_model(impl: str, arch: dict, num_classes: int, drop_path: float) -> nn
 
 
 def build_same_weight_models(setup: Setup) -> dict[str, nn.Module]:
-    """timm's random weights -> ours (convert_state_dict) -> torchvision (the converter's key map reversed)."""
+    """timm's random weights -> ours (convert_state_dict) -> torchvision (to_layout)."""
     models = {impl: build_model(impl, setup.arch, setup.num_classes, setup.drop_path) for impl in setup.impls}
     ours_sd = convert_state_dict(models["timm"].state_dict()) if "timm" in models else None
     if ours_sd is not None:
@@ -254,13 +255,7 @@ def build_same_weight_models(setup: Setup) -> dict[str, nn.Module]:
     ours_sd = models["ours"].state_dict()
     if "torchvision" in models:
         tv = models["torchvision"]
-        tv_sd = tv.state_dict()
-        buffers = {name for name, _ in tv.named_buffers()}
-        tv_keys = [k for k in tv_sd if k not in buffers]
-        our_keys = list(convert_state_dict(tv_sd))  # same order as tv_keys: buffers are its only drops
-        assert len(tv_keys) == len(our_keys), "torchvision key map is not one to one"
-        tv_sd.update({tv_key: ours_sd[our_key] for tv_key, our_key in zip(tv_keys, our_keys)})
-        tv.load_state_dict(tv_sd, strict=True)
+        tv.load_state_dict(to_layout(ours_sd, "torchvision"), strict=True)
         back = convert_state_dict(tv.state_dict())
         assert all(torch.equal(back[k], ours_sd[k]) for k in ours_sd), "torchvision weights differ from ours"
     return models

@@ -33,7 +33,8 @@ from swin_train.data import (
 from swin_train.distributed import DistEnv, all_gather_objects, any_rank, barrier, init_distributed, shutdown
 from swin_train.ema import ModelEma
 from swin_train.engine import Amp, TrainState, evaluate, resolve_amp, train_one_epoch
-from swin_train.errors import CheckpointError, ConfigError, DataError, TrainingError
+from swin_train.errors import ConfigError, DataError, TrainingError
+from swin_train.models.convert import check_fits
 from swin_train.models.pretrained import load_pretrained
 from swin_train.models.swin import SwinTransformer
 from swin_train.optim import WarmupCosineSchedule, build_optimizer, scaled_lrs
@@ -247,7 +248,7 @@ class Run:
         return path
 
     def load(self, state: dict, path: Path) -> None:
-        check_fits(self.model.state_dict(), state["model"], path)
+        check_fits(state["model"], self.model, str(path))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -268,21 +269,6 @@ class Run:
         saved_cfg = config_from_dict(state["config"])
         if config_to_dict(saved_cfg) != config_to_dict(self.cfg):
             log.warning("the config differs from the one in %s; continuing with the current config", path)
-
-
-def check_fits(expected: dict, stored: dict, path: Path) -> None:
-    """CheckpointError naming the first tensor whose name or shape differs from the model's."""
-    for key, tensor in expected.items():
-        if key not in stored:
-            raise CheckpointError(f"{path} does not fit this model: it has no '{key}'; check the config")
-        if stored[key].shape != tensor.shape:
-            raise CheckpointError(
-                f"{path} does not fit this model: '{key}' has shape {tuple(stored[key].shape)}, the model "
-                f"{tuple(tensor.shape)}; check the config (model section, data.img_size)"
-            )
-    extra = [k for k in stored if k not in expected]
-    if extra:
-        raise CheckpointError(f"{path} does not fit this model: unexpected '{extra[0]}'; check the config")
 
 
 def setup_output(cfg: Config, env: DistEnv) -> logging.Handler | None:

@@ -137,17 +137,20 @@ def table_window(table: torch.Tensor, key: str = "relative_position_bias_table")
     return (side + 1) // 2
 
 
-def _check_fits(sd: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-    """Raise CheckpointError unless `sd` has exactly the keys and shapes of `model.state_dict()`."""
-    target = model.state_dict()
-    for key in (*target, *sd):
-        if key not in sd or key not in target or sd[key].shape != target[key].shape:
-            have = tuple(sd[key].shape) if key in sd else "nothing"
-            want = tuple(target[key].shape) if key in target else "nothing"
+def check_fits(sd: Mapping[str, torch.Tensor], model: nn.Module, where: str = "the weights") -> None:
+    """CheckpointError naming the first tensor whose name or shape differs from `model.state_dict()`."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in sd:
+            raise CheckpointError(f"{where} does not fit this model: it has no '{key}'; check the config")
+        if sd[key].shape != tensor.shape:
             raise CheckpointError(
-                f"the weights do not fit the model: '{key}' is {have} in the weights, {want} in the model; "
-                "check the architecture and image size"
+                f"{where} does not fit this model: '{key}' has shape {tuple(sd[key].shape)}, the model "
+                f"{tuple(tensor.shape)}; check the config (model section, data.img_size)"
             )
+    extra = [k for k in sd if k not in expected]
+    if extra:
+        raise CheckpointError(f"{where} does not fit this model: unexpected '{extra[0]}'; check the config")
 
 
 def _check_foreign(sd: Mapping[str, torch.Tensor], layout: str) -> None:
@@ -204,7 +207,7 @@ def to_layout(
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     sd = convert_state_dict(sd)
     if model is not None:
-        _check_fits(sd, model)
+        check_fits(sd, model)
     if layout == "swin-train":
         return sd
     if layout == "official":
