@@ -41,8 +41,18 @@ def init_distributed(device: str | None = None) -> DistEnv:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        # After a `torchrun --max-restarts` restart the agent's store still holds the previous attempt's
+        # keys; gloo could then read a dead peer's address ("Connection refused"). A prefix per attempt
+        # keeps every attempt's keys apart.
+        from torch.distributed.rendezvous import rendezvous
+
+        store, _, _ = next(rendezvous("env://", rank, world_size, timeout=timedelta(minutes=30)))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
+            store=dist.PrefixStore(f"swin_train/attempt_{attempt}", store),
+            rank=rank,
+            world_size=world_size,
             timeout=timedelta(minutes=30),
             device_id=dev if use_cuda else None,
         )
