@@ -43,14 +43,17 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
+from timm.optim import create_optimizer_v2
 from torch import nn
 from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin
 
 import swin_train
+from swin_train.allocator import keep_freed_memory
 from swin_train.errors import ConfigError, DataError
 from swin_train.models import convert_state_dict, create_model
 from swin_train.models.convert import to_layout
 from swin_train.models.registry import variant_arch
+from swin_train.optim import build_optimizer
 
 IMPLS = ("ours", "timm", "torchvision")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,7 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=sorted(DTYPES), help="autocast dtype; default fp32 on CPU, bf16 on CUDA"
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile each model (compile time reported)")
+    p.add_argument(
+        "--compile", nargs="*", choices=IMPLS, metavar="IMPL",
+        help="torch.compile each model (compile time reported); with names, only those\n"
+        "(e.g. --compile ours: ours compiled against timm eager, in one run)",
+    )  # fmt: skip
+    p.add_argument(
+        "--grad-checkpointing", action="store_true",
+        help="activation checkpointing per block in ours and timm (torchvision has none)",
+    )  # fmt: skip
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls for fp32 on CUDA")
     p.add_argument(
         "--impls", nargs="+", choices=IMPLS, help="default: ours timm (+torchvision for T/S/B 224)"
@@ -116,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed rounds (interleaved across implementations)")
     p.add_argument("--iters", type=int, help="iterations per timed round")
     p.add_argument("--threads", type=int, help="torch intra-op threads; default: the usable CPU cores")
+    p.add_argument(
+        "--system-malloc", action="store_true",
+        help="keep glibc's malloc defaults; by default the process keeps freed memory as swin-train does\n"
+        "(swin_train/allocator.py), which speeds up every implementation alike on CPU",
+    )  # fmt: skip
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU; default: looked up by GPU name")
     p.add_argument(
         "--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory"
@@ -141,7 +157,8 @@ class Setup:
     batch_size: int
     dtype: str
     device: torch.device
-    compile: bool
+    compile: tuple[str, ...]  # the implementations that are compiled
+    grad_checkpointing: bool
     impls: tuple[str, ...]
     warmup: int
     repeats: int
@@ -189,6 +206,11 @@ def resolve(args: argparse.Namespace) -> Setup:
     )
     if "ours" not in impls or len(impls) < 2:
         raise ConfigError("--impls must include 'ours' and at least one of timm, torchvision")
+    if args.grad_checkpointing and "torchvision" in impls:
+        raise ConfigError("torchvision's Swin has no gradient checkpointing; pass --impls ours timm")
+    compiled = () if args.compile is None else tuple(args.compile or impls)
+    if set(compiled) - set(impls):
+        raise ConfigError(f"--compile {' '.join(compiled)}: only implementations in --impls can be compiled")
     return Setup(
         name=name,
         arch=arch,
@@ -197,7 +219,8 @@ def resolve(args: argparse.Namespace) -> Setup:
         batch_size=args.batch_size,
         dtype=args.dtype,
         device=torch.device(args.device),
-        compile=args.compile,
+        compile=tuple(i for i in IMPLS if i in compiled),
+        grad_checkpointing=args.grad_checkpointing,
         impls=tuple(i for i in IMPLS if i in impls),
         warmup=args.warmup,
         repeats=args.repeats,
@@ -228,12 +251,15 @@ def check_arch(arch: dict) -> None:
 # Models with the same weights
 
 
-def build_model(impl: str, arch: dict, num_classes: int, drop_path: float) -> nn.Module:
+def build_model(
+    impl: str, arch: dict, num_classes: int, drop_path: float, grad_checkpointing: bool = False
+) -> nn.Module:
     """One implementation of the architecture, randomly initialised, in train mode."""
-    if impl == "ours":
-        return create_model(**arch, num_classes=num_classes, drop_path_rate=drop_path)
-    if impl == "timm":
-        return TimmSwin(**arch, num_classes=num_classes, drop_path_rate=drop_path)
+    if impl in ("ours", "timm"):
+        build = create_model if impl == "ours" else TimmSwin
+        model = build(**arch, num_classes=num_classes, drop_path_rate=drop_path)
+        model.set_grad_checkpointing(grad_checkpointing)
+        return model
     p, w = arch["patch_size"], arch["window_size"]
     return TorchvisionSwin(
         patch_size=[p, p],
@@ -248,7 +274,10 @@ def build_model(impl: str, arch: dict, num_classes: int, drop_path: float) -> nn
 
 def build_same_weight_models(setup: Setup) -> dict[str, nn.Module]:
     """timm's random weights -> ours (convert_state_dict) -> torchvision (to_layout)."""
-    models = {impl: build_model(impl, setup.arch, setup.num_classes, setup.drop_path) for impl in setup.impls}
+    models = {
+        impl: build_model(impl, setup.arch, setup.num_classes, setup.drop_path, setup.grad_checkpointing)
+        for impl in setup.impls
+    }
     ours_sd = convert_state_dict(models["timm"].state_dict()) if "timm" in models else None
     if ours_sd is not None:
         models["ours"].load_state_dict(ours_sd, strict=True)
@@ -285,15 +314,27 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def build_trainer_optimizer(impl: str, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (lr 1e-5, weight decay 0.05) built the way each implementation's own training script builds it.
+
+    ours: swin_train.optim.build_optimizer (fused kernel on CPU and CUDA); timm: timm.optim.create_optimizer_v2
+    as timm's train.py calls it; torchvision: torch.optim.AdamW with torch's defaults, as its reference
+    train.py. torch's default is foreach on CUDA and the per-tensor loop on CPU."""
+    if impl == "ours":
+        return build_optimizer(model, lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,
+                               device_type=device.type)  # fmt: skip
+    if impl == "timm":
+        return create_optimizer_v2(model, opt="adamw", lr=1e-5, weight_decay=0.05)
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+
+
 class Runner:
     """One implementation: its (optionally compiled) model, AdamW, loss scaler, and its two step kinds."""
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: str, compile: bool = False):
+    def __init__(self, impl: str, model: nn.Module, device: torch.device, dtype: str, compile: bool = False):
         self.model = model.to(device)
         self.run_model = torch.compile(model) if compile else model
-        # foreach on CPU, fused on CUDA, as swin_train.optim.build_optimizer does
-        impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, **impl)
+        self.optimizer = build_trainer_optimizer(impl, model, device)
         autocast_dtype = DTYPES[dtype]
         self.autocast = (
             (lambda: torch.autocast(device.type, dtype=autocast_dtype))
@@ -384,12 +425,15 @@ def memory_probe(spec: dict) -> dict:
     after training (VmHWM only grows, and training needs more than inference, so the order keeps both
     readings meaningful)."""
     torch.set_num_threads(spec["threads"])
+    if spec.get("malloc") != "system":
+        keep_freed_memory()
     before = _proc_status_kib("VmRSS")
     if before is None:
         return {"infer": None, "train": None}
     torch.manual_seed(0)
-    model = build_model(spec["impl"], spec["arch"], spec["num_classes"], spec["drop_path"])
-    runner = Runner(model, torch.device("cpu"), spec["dtype"])
+    model = build_model(spec["impl"], spec["arch"], spec["num_classes"], spec["drop_path"],
+                        spec.get("grad_checkpointing", False))  # fmt: skip
+    runner = Runner(spec["impl"], model, torch.device("cpu"), spec["dtype"])
     size = spec["arch"]["img_size"]
     x = torch.randn(spec["batch_size"], 3, size, size)
     y = torch.randint(0, spec["num_classes"], (spec["batch_size"],))
@@ -401,7 +445,7 @@ def memory_probe(spec: dict) -> dict:
     return out
 
 
-def cpu_memory(setup: Setup) -> dict[str, dict]:
+def cpu_memory(setup: Setup, malloc: str) -> dict[str, dict]:
     """Peak RSS of each implementation, each in its own subprocess (run side by side, before timing)."""
     package_root = str(Path(swin_train.__file__).resolve().parents[1])
     env = dict(
@@ -411,7 +455,8 @@ def cpu_memory(setup: Setup) -> dict[str, dict]:
     for impl in setup.impls:
         spec = dict(
             impl=impl, arch=setup.arch, num_classes=setup.num_classes, drop_path=setup.drop_path,
-            batch_size=setup.batch_size, dtype=setup.dtype, threads=setup.threads, steps=2,
+            batch_size=setup.batch_size, dtype=setup.dtype, threads=setup.threads, steps=2, malloc=malloc,
+            grad_checkpointing=setup.grad_checkpointing,
         )  # fmt: skip
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", json.dumps(spec)]
         procs[impl] = subprocess.Popen(
@@ -457,9 +502,11 @@ def environment(setup: Setup, argv: Sequence[str]) -> dict:
 
 def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> dict:
     torch.set_num_threads(setup.threads)
+    malloc = "system" if args.system_malloc or not keep_freed_memory() else "keep freed memory"
     if args.tf32 and setup.device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     env = environment(setup, argv)
+    env["malloc"] = malloc
     torch.manual_seed(args.seed)
     log(
         f"building {', '.join(setup.impls)} ({setup.name or 'custom architecture'}, img {setup.arch['img_size']})"
@@ -487,12 +534,14 @@ def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> d
             )
         else:
             log("measuring CPU peak RSS, one subprocess per implementation")
-            cpu_mem = cpu_memory(setup)
+            cpu_mem = cpu_memory(setup, malloc)
             memory_note = (
                 "CPU peak RSS delta (VmHWM - VmRSS before the model) in a fresh eager subprocess each"
             )
 
-    runners = {impl: Runner(m, setup.device, setup.dtype, setup.compile) for impl, m in models.items()}
+    runners = {
+        impl: Runner(impl, m, setup.device, setup.dtype, compile=impl in setup.compile) for impl, m in models.items()
+    }
     input_bytes = tensor_bytes([x, y])
     modes = {
         "train": lambda r: lambda: r.train_step(x, y),
@@ -502,7 +551,7 @@ def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> d
     for impl, runner in runners.items():
         for mode, make_step in modes.items():
             step = make_step(runner)
-            if setup.compile:  # the first call compiles; time it on its own
+            if impl in setup.compile:  # the first call compiles; time it on its own
                 seconds, _ = timed_round(step, 1, setup.device)
                 compile_s.setdefault(impl, {})[mode] = seconds
                 log(f"{impl} {mode}: first call (compile) {seconds:.1f} s")
@@ -564,7 +613,8 @@ def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> d
             "batch_size": setup.batch_size,
             "dtype": setup.dtype,
             "device": setup.device.type,
-            "compile": setup.compile,
+            "compile": list(setup.compile),
+            "grad_checkpointing": setup.grad_checkpointing,
             "impls": list(setup.impls),
             "warmup": setup.warmup,
             "repeats": setup.repeats,
@@ -599,8 +649,11 @@ def format_table(report: dict) -> str:
     arch = cfg["model"] or "custom " + json.dumps(cfg["arch"])
     lines = [
         f"{arch} | {cfg['device']} {env['device_name']} | {cfg['dtype']} | batch {cfg['batch_size']} | "
-        f"img {cfg['arch']['img_size']} | compile {cfg['compile']} | threads {env['threads']} | "
-        f"{cfg['repeats']} rounds x {cfg['iters']} iters, medians",
+        f"img {cfg['arch']['img_size']} | compiled: {' '.join(cfg['compile']) or 'none'} | "
+        f"grad checkpointing {cfg['grad_checkpointing']} | threads {env['threads']} | "
+        f"{cfg['repeats']} rounds x {cfg['iters']} iters, medians | malloc: {env.get('malloc')}",
+        "optimizers: each as its own training script builds it (ours fused AdamW; timm create_optimizer_v2; "
+        "torchvision torch.optim.AdamW defaults)",
         "logits max abs diff vs ours: "
         + ", ".join(f"{k} {v:.2e}" for k, v in report["logits_max_abs_diff"].items()),
         "",

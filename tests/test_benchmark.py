@@ -74,7 +74,7 @@ def test_micro_run_reports_rounds_medians_and_pairwise_ratios(bench, capsys):
 
     table = bench.format_table(report)
     assert "ours vs torchvision: train" in table
-    assert [line.split()[0] for line in table.splitlines()[4:7]] == ["ours", "timm", "torchvision"]
+    assert [line.split()[0] for line in table.splitlines()[5:8]] == ["ours", "timm", "torchvision"]
 
 
 def test_ratio_is_median_of_round_pairs_not_ratio_of_medians(bench):
@@ -97,7 +97,8 @@ def test_peak_lookup_and_mfu(bench):
 
 
 def test_memory_probe_reports_train_and_infer_peaks(bench):
-    spec = dict(impl="timm", arch=MICRO, num_classes=10, drop_path=0.1, batch_size=2, dtype="fp32", threads=1)
+    spec = dict(impl="timm", arch=MICRO, num_classes=10, drop_path=0.1, batch_size=2, dtype="fp32", threads=1,
+                malloc="system")  # the probe would otherwise tune this test process's malloc
     out = bench.memory_probe(dict(spec, steps=1))
     assert set(out) == {"infer", "train"}
     assert out["train"] >= out["infer"] >= 0  # VmHWM only grows
@@ -110,6 +111,8 @@ def test_memory_probe_reports_train_and_infer_peaks(bench):
         (MICRO_FLAGS[:-2] + ["--window-size", "3"], "does not split into 3-windows"),
         (["--impls", "timm", "torchvision"], "must include 'ours'"),
         (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--grad-checkpointing"], "torchvision's Swin has no gradient checkpointing"),
+        (["--impls", "ours", "torchvision", "--compile", "timm"], "only implementations in --impls"),
     ],
 )
 def test_bad_settings_raise_config_error(bench, flags, message):
@@ -131,3 +134,13 @@ def test_data_loader_mode_reports_img_s_per_worker(bench, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no JPEG/PNG images"):
         bench.main(["--data-loader", str(tmp_path / "empty"), "--workers", "0"])
+
+
+def test_compile_subset_and_grad_checkpointing_settings(bench):
+    parse = bench.build_parser().parse_args
+    assert bench.resolve(parse(["--compile"])).compile == ("ours", "timm", "torchvision")  # all by default
+    setup = bench.resolve(parse(["--compile", "ours", "--impls", "ours", "timm", "--grad-checkpointing"]))
+    assert setup.compile == ("ours",) and setup.grad_checkpointing
+    models = bench.build_same_weight_models(bench.resolve(parse(MICRO_FLAGS + ["--grad-checkpointing",
+                                                                            "--impls", "ours", "timm"])))
+    assert all(layer.grad_checkpointing for m in models.values() for layer in m.layers)

@@ -8,13 +8,15 @@ import torchvision
 from swin_train.cli.model import cli as swin_model_cli
 from swin_train.errors import CheckpointError
 from swin_train.models import SwinTransformer, convert_state_dict, create_model
-from swin_train.models.convert import detect_layout
+from swin_train.models.convert import detect_layout, official_buffers
 from swin_train.models.registry import VARIANTS
 from swin_train.models.swin import (
+    _GatherTokens,
     relative_position_index,
     shifted_window_mask,
     window_partition,
     window_reverse,
+    window_token_order,
 )
 
 # shared/REFERENCE.md: parameters (1000 classes) and multiply-adds
@@ -53,7 +55,7 @@ def test_same_logits_as_timm_swin_tiny():
     theirs = timm.create_model("swin_tiny_patch4_window7_224").eval()
     assert detect_layout(theirs.state_dict()) == "timm"
     ours = _copy_into_ours(theirs.state_dict())
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(2, 3, 224, 224)  # 6,272 stage-1 rows: the oneDNN kernels of models.ops run too
     with torch.no_grad():
         assert (ours(x) - theirs(x)).abs().max() < 1e-4
 
@@ -62,7 +64,7 @@ def test_same_logits_as_torchvision_swin_t():
     theirs = torchvision.models.swin_t().eval()
     assert detect_layout(theirs.state_dict()) == "torchvision"
     ours = _copy_into_ours(theirs.state_dict())
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(2, 3, 224, 224)  # 6,272 stage-1 rows: the oneDNN kernels of models.ops run too
     with torch.no_grad():
         assert (ours(x) - theirs(x)).abs().max() < 1e-4
 
@@ -70,8 +72,7 @@ def test_same_logits_as_torchvision_swin_t():
 def test_official_layout_with_buffers_loads(micro_arch):
     source = SwinTransformer(**micro_arch).eval()
     official = dict(source.state_dict())
-    for name, buf in source.named_buffers():  # official checkpoints also store the derived buffers
-        official[name] = buf
+    official.update(official_buffers(source))  # official checkpoints also store the derived buffers
     assert any(k.endswith("attn_mask") for k in official)
     assert detect_layout({"model": official}["model"]) == "official"
     ours = _copy_into_ours({"model": official}, **micro_arch)
@@ -126,6 +127,19 @@ def test_window_partition_round_trip():
     assert windows.shape == (2 * 4, 16, 5)
     assert torch.equal(window_reverse(windows, 4, 8, 8), x)
     assert torch.equal(windows[1], x[0, :4, 4:8].reshape(16, 5))  # second window: top-right
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_token_gather_is_shift_and_partition_with_exact_gradients(shift):
+    """SwinBlock's one-gather shift + partition equals roll + window_partition, and back."""
+    x = torch.randn(2, 8, 12, 3, dtype=torch.float64, requires_grad=True)
+    order = window_token_order(8, 12, 4, shift)
+    inverse = torch.argsort(order)
+    windows = _GatherTokens.apply(x.view(2, 96, 3), order, inverse).view(-1, 16, 3)
+    assert torch.equal(windows, window_partition(torch.roll(x, (-shift, -shift), (1, 2)), 4))
+    back = _GatherTokens.apply(windows.view(2, 96, 3), inverse, order).view(2, 8, 12, 3)
+    assert torch.equal(back, x)
+    assert torch.autograd.gradcheck(lambda t: _GatherTokens.apply(t, order, inverse), (x.view(2, 96, 3),))
 
 
 def test_blocks_alternate_and_window_shrinks(micro_arch):

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from swin_train.allocator import keep_freed_memory
 from swin_train.cli.common import ArgumentParser, add_debug_flag, run_cli, setup_logging
 from swin_train.errors import ConfigError, DataError
 
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     from swin_train.trainer import data_root, eval_transform
 
     env = init_distributed(args.device)
+    if env.device.type == "cpu":
+        keep_freed_memory()
     try:
         model, cfg, state = load_model_and_config(args)
         model.to(env.device)

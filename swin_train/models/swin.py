@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from torch import nn
+
+from .ops import Linear, linear_gelu
 
 # Logit offset for token pairs that come from different image regions after the cyclic shift. The official
 # code uses -100 (not -inf), which keeps a fully masked row finite; we keep it for identical numerics.
@@ -36,6 +38,34 @@ def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.
     C = windows.shape[-1]
     x = windows.view(-1, H // window, W // window, window, window, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+
+def window_token_order(H: int, W: int, window: int, shift: int) -> torch.Tensor:
+    """(H*W,) row-major token index of each token of window_partition(roll(x, -shift)), in window order.
+
+    Gathering the flattened map with it is the cyclic shift and the window partition in one copy."""
+    tokens = torch.arange(H * W).view(1, H, W, 1)
+    if shift:
+        tokens = torch.roll(tokens, shifts=(-shift, -shift), dims=(1, 2))
+    return window_partition(tokens, window).flatten()
+
+
+class _GatherTokens(torch.autograd.Function):
+    """out[:, i] = x[:, order[i]] for a permutation `order` of the tokens; its gradient is the inverse gather.
+
+    Why our own: `x[:, order]` would back-propagate through index_put with accumulation (a scatter-add), and
+    roll + permute-copy takes three passes over the map; one index_select each way is the cheapest (stage 1
+    of Swin-T at batch 8: 4.4 ms against 28 ms for roll + window_partition on 2 CPU cores)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -98,8 +128,8 @@ class WindowAttention(nn.Module):
         self.attn_drop = attn_drop
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
@@ -136,6 +166,21 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
+class Mlp(nn.Module):
+    """The feed-forward branch: Linear -> GELU -> Dropout -> Linear -> Dropout, applied to every token."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (..., dim)."""
+        hidden = linear_gelu(x, self.fc1.weight, self.fc1.bias)  # (..., hidden); GELU fused in inference
+        return self.drop(self.fc2(self.drop(hidden)))
+
+
 class SwinBlock(nn.Module):
     """One Swin block: (shifted) window attention and an MLP, each a pre-norm residual branch.
 
@@ -165,22 +210,24 @@ class SwinBlock(nn.Module):
         self.attn = WindowAttention(dim, window, num_heads, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         mask = shifted_window_mask(*resolution, window, shift) if shift else None
         self.register_buffer("attn_mask", mask, persistent=False)
+        order = window_token_order(*resolution, window, shift)  # (H*W,): shift + partition as one gather
+        self.register_buffer("token_order", order, persistent=False)
+        self.register_buffer("token_order_inverse", torch.argsort(order), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
         shortcut = x
-        x = self.norm1(x)
-        if self.shift:
-            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        windows = self.attn(window_partition(x, self.window), self.attn_mask)  # (B*nW, N, C)
-        x = window_reverse(windows, self.window, H, W)
-        if self.shift:
-            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = shortcut + self.drop_path(x)
+        tokens = self.norm1(x).view(B, H * W, C)
+        # cyclic shift by -shift and window partition: (B, H*W, C) in window order = (B*nW, N, C)
+        windows = _GatherTokens.apply(tokens, self.token_order, self.token_order_inverse)
+        windows = self.attn(windows.view(-1, self.window * self.window, C), self.attn_mask)  # (B*nW, N, C)
+        # window reverse and the shift back, again one gather
+        x = _GatherTokens.apply(windows.view(B, H * W, C), self.token_order_inverse, self.token_order)
+        x = shortcut + self.drop_path(x.view(B, H, W, C))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def flops(self) -> int:
@@ -200,7 +247,7 @@ class PatchMerging(nn.Module):
         super().__init__()
         self.resolution = resolution
         self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H/2, W/2, 2C)."""

@@ -1,0 +1,100 @@
+"""The model's linear layers on CPU: oneDNN matmuls where they measure faster than F.linear's MKL path.
+
+Why our own kernel choice: on CPU, `F.linear` runs MKL's sgemm. For the token-heavy matrices of Swin's first
+two stages (Swin-T at batch 8: 6,272 to 25,088 rows of 96 to 384 channels), oneDNN's fp32 matmul
+(`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend uses) is faster on the 2-core
+AMD EPYC CI machine: forward 104-120 GFLOP/s against 86-104 for `F.linear`, and the input gradient 115-131
+against 82-116 (`scripts/benchmark.py --kernels` measures every Swin-T shape). For the small matrices of the
+late stages MKL is as fast or faster, so oneDNN is used only from `ONEDNN_MIN_ROWS` rows. The weight
+gradient stays on MKL, which is faster for its long reduction. Both compute in fp32: the logits agree with
+`F.linear`'s to about 1e-6. In inference the first MLP layer also fuses its GELU (exact erf form) into the
+matmul, at every size, which saves a pass over the largest activation.
+
+Everything else (CUDA, autocast, torch.compile tracing, small matrices, a torch build without oneDNN) takes
+`F.linear`, so the parameters, their names and the numerics are those of `nn.Linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows (tokens in the batch) from which oneDNN beats MKL on the CI machine; Swin-T at batch 8 has 25,088
+# rows in stage 1, 6,272 in stage 2 and 1,568 in stage 3.
+ONEDNN_MIN_ROWS = 4096
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_ONEDNN = _onednn_available()
+
+
+def use_onednn(x: torch.Tensor, min_rows: int = ONEDNN_MIN_ROWS) -> bool:
+    """Whether `x @ W.T` takes the oneDNN kernel: fp32 on CPU, eager, outside autocast, enough rows."""
+    return (
+        _ONEDNN
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.numel() >= min_rows * x.shape[-1]
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _onednn_matmul(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "none"):
+    """(M, K) @ (N, K).T + bias, then `act` ("none" or "gelu", the exact erf form) -> (M, N)."""
+    algorithm = "none" if act == "gelu" else ""
+    return torch.ops.mkldnn._linear_pointwise(x2d.contiguous(), weight.contiguous(), bias, act, [], algorithm)
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """y = x W^T + b with the forward and input gradient on oneDNN, the weight gradient on MKL."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])  # (M, K)
+        ctx.save_for_backward(x2d, weight)
+        ctx.input_shape = x.shape
+        ctx.has_bias = bias is not None
+        return _onednn_matmul(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x2d, weight = ctx.saved_tensors
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K): oneDNN takes the weight as (out, in) = W^T
+            grad_x = _onednn_matmul(grad_2d, weight.t(), None).view(ctx.input_shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_2d.t() @ x2d  # (N, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, on oneDNN where that is faster (see the module docstring)."""
+    if use_onednn(x):
+        return _OneDnnLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """GELU(x W^T + b); one fused oneDNN kernel when no gradient is needed."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    # With the GELU fused, oneDNN is also as fast as MKL for the late stages' smaller matrices.
+    if not needs_grad and use_onednn(x, min_rows=1):
+        out = _onednn_matmul(x.reshape(-1, x.shape[-1]), weight, bias, act="gelu")
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.gelu(linear(x, weight, bias))
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) whose product runs through `linear` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
