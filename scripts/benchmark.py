@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -52,6 +53,7 @@ from swin_train.allocator import keep_freed_memory
 from swin_train.errors import ConfigError, DataError
 from swin_train.models import convert_state_dict, create_model
 from swin_train.models.convert import to_layout
+from swin_train.models.flex import flex_attention_available
 from swin_train.models.registry import variant_arch
 from swin_train.optim import build_optimizer
 
@@ -116,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. --compile ours: ours compiled against timm eager, in one run)",
     )  # fmt: skip
     p.add_argument(
+        "--attention", choices=("auto", "flex"), default="auto",
+        help="our window attention: auto (SDPA on CUDA, written out on CPU) or flex (FlexAttention, CUDA)",
+    )  # fmt: skip
+    p.add_argument(
         "--grad-checkpointing", action="store_true",
         help="activation checkpointing per block in ours and timm (torchvision has none)",
     )  # fmt: skip
@@ -159,6 +165,7 @@ class Setup:
     device: torch.device
     compile: tuple[str, ...]  # the implementations that are compiled
     grad_checkpointing: bool
+    attention: str
     impls: tuple[str, ...]
     warmup: int
     repeats: int
@@ -208,6 +215,8 @@ def resolve(args: argparse.Namespace) -> Setup:
         raise ConfigError("--impls must include 'ours' and at least one of timm, torchvision")
     if args.grad_checkpointing and "torchvision" in impls:
         raise ConfigError("torchvision's Swin has no gradient checkpointing; pass --impls ours timm")
+    if args.attention == "flex" and not flex_attention_available(args.device):
+        raise ConfigError("--attention flex needs a CUDA GPU of compute capability 8.0+ with Triton")
     compiled = () if args.compile is None else tuple(args.compile or impls)
     if set(compiled) - set(impls):
         raise ConfigError(f"--compile {' '.join(compiled)}: only implementations in --impls can be compiled")
@@ -221,6 +230,7 @@ def resolve(args: argparse.Namespace) -> Setup:
         device=torch.device(args.device),
         compile=tuple(i for i in IMPLS if i in compiled),
         grad_checkpointing=args.grad_checkpointing,
+        attention=args.attention,
         impls=tuple(i for i in IMPLS if i in impls),
         warmup=args.warmup,
         repeats=args.repeats,
@@ -252,11 +262,16 @@ def check_arch(arch: dict) -> None:
 
 
 def build_model(
-    impl: str, arch: dict, num_classes: int, drop_path: float, grad_checkpointing: bool = False
+    impl: str,
+    arch: dict,
+    num_classes: int,
+    drop_path: float,
+    grad_checkpointing: bool = False,
+    attention: str = "auto",
 ) -> nn.Module:
     """One implementation of the architecture, randomly initialised, in train mode."""
     if impl in ("ours", "timm"):
-        build = create_model if impl == "ours" else TimmSwin
+        build = partial(create_model, attention=attention) if impl == "ours" else TimmSwin
         model = build(**arch, num_classes=num_classes, drop_path_rate=drop_path)
         model.set_grad_checkpointing(grad_checkpointing)
         return model
@@ -275,7 +290,9 @@ def build_model(
 def build_same_weight_models(setup: Setup) -> dict[str, nn.Module]:
     """timm's random weights -> ours (convert_state_dict) -> torchvision (to_layout)."""
     models = {
-        impl: build_model(impl, setup.arch, setup.num_classes, setup.drop_path, setup.grad_checkpointing)
+        impl: build_model(
+            impl, setup.arch, setup.num_classes, setup.drop_path, setup.grad_checkpointing, setup.attention
+        )  # fmt: skip
         for impl in setup.impls
     }
     ours_sd = convert_state_dict(models["timm"].state_dict()) if "timm" in models else None
@@ -540,7 +557,8 @@ def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> d
             )
 
     runners = {
-        impl: Runner(impl, m, setup.device, setup.dtype, compile=impl in setup.compile) for impl, m in models.items()
+        impl: Runner(impl, m, setup.device, setup.dtype, compile=impl in setup.compile)
+        for impl, m in models.items()
     }
     input_bytes = tensor_bytes([x, y])
     modes = {
@@ -615,6 +633,7 @@ def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> d
             "device": setup.device.type,
             "compile": list(setup.compile),
             "grad_checkpointing": setup.grad_checkpointing,
+            "attention": setup.attention,
             "impls": list(setup.impls),
             "warmup": setup.warmup,
             "repeats": setup.repeats,

@@ -40,6 +40,7 @@ AMP_ALIASES = {"fp32": "none", "float32": "none", "off": "none", "bfloat16": "bf
 DATASETS = ("imagefolder", "shapes")
 BEST_ON = ("raw", "ema")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")  # timm's PIL names
+ATTENTION_BACKENDS = ("auto", "flex")
 MIXUP_MODES = ("batch", "pair", "elem")  # timm.data.Mixup
 RE_MODES = ("pixel", "rand", "const")  # timm.data.RandomErasing
 
@@ -65,6 +66,9 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     num_classes: int = 1000
     grad_checkpointing: bool = False
+    # "auto": scaled_dot_product_attention on CUDA, the same math written out on CPU; "flex": FlexAttention
+    # on CUDA (bias and shift mask inside the kernel; GPUs of compute capability 8.0+), "auto" elsewhere
+    attention: str = "auto"
     pretrained: str | None = None
     head_map: str | None = None
 
@@ -165,6 +169,7 @@ class Config:
             ape=m.ape,
             patch_norm=m.patch_norm,
             grad_checkpointing=m.grad_checkpointing,
+            attention=m.attention,
         )
 
 
@@ -628,6 +633,7 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
     m, d, t, a, e = cfg.model, cfg.data, cfg.train, cfg.aug, cfg.eval
     for key, value, choices in (
         ("amp", cfg.amp, AMP_MODES),
+        ("model.attention", m.attention, ATTENTION_BACKENDS),
         ("data.dataset", d.dataset, DATASETS),
         ("data.interpolation", d.interpolation, INTERPOLATIONS),
         ("train.best_on", t.best_on, BEST_ON),

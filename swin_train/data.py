@@ -12,6 +12,14 @@ worker that decodes it, on the number of workers, on persistent-worker RNG state
 epoch started. Resuming at batch k (`sampler.set_start(k, batch_size)`) therefore reproduces batches
 k, k+1, ... bitwise without decoding the skipped samples. Mixup runs in the main process on numpy's
 global RNG; wrap it in `seeded_rng(seed, rank, epoch, step)` to make it resumable as well.
+
+Two pipelines
+-------------
+By default the workers return normalised float images (ToTensor, Normalize and random erasing run in
+the workers). With `uint8=True` the transforms stop at a uint8 (3, S, S) tensor (timm's
+`use_prefetcher` pipeline): a quarter of the bytes to pin and copy, and less worker CPU; the
+conversion, normalisation and random erasing then run on the device (`swin_train.prefetch`), erasing
+seeded per batch from (seed, rank, epoch, batch index) so that resume stays bitwise.
 """
 
 from __future__ import annotations
@@ -54,21 +62,37 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 
 
 @contextmanager
-def seeded_rng(*key: int) -> Iterator[None]:
+def seeded_rng(*key: int, device: torch.device | str | None = None) -> Iterator[None]:
     """Seed `random`, numpy's global RNG and torch's CPU generator from `key` (non-negative ints) for
-    the duration of the block, then restore all three. CUDA generators are not touched."""
+    the duration of the block, then restore all three. With a CUDA `device`, that device's default
+    generator is seeded and restored as well; other CUDA generators are not touched."""
     state = np.random.SeedSequence([int(k) for k in key]).generate_state(4, np.uint32)  # 128 bits
     seed64 = int(state[0]) << 32 | int(state[1])
+    cuda = _cuda_generator(device)
     saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    saved_cuda = cuda.get_state() if cuda is not None else None  # host-side (seed, offset): no sync
     random.seed(seed64)
     np.random.seed(state)
     torch.default_generator.manual_seed(seed64)
+    if cuda is not None:
+        cuda.manual_seed(seed64)
     try:
         yield
     finally:
         random.setstate(saved[0])
         np.random.set_state(saved[1])
         torch.set_rng_state(saved[2])
+        if cuda is not None:
+            cuda.set_state(saved_cuda)
+
+
+def _cuda_generator(device: torch.device | str | None) -> torch.Generator | None:
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda":
+        return None
+    return torch.cuda.default_generators[
+        device.index if device.index is not None else torch.cuda.current_device()
+    ]
 
 
 def _split_key(key: int | SampleKey) -> tuple[int, int | None]:
@@ -94,10 +118,15 @@ def build_train_transform(
     interpolation: str = "bicubic",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    uint8: bool = False,
 ) -> Callable:
     """timm's ImageNet train transform (random-resized crop, flip, RandAugment or colour jitter,
     normalise, random erasing); defaults are the official Swin recipe. As in timm and the official
-    code, colour jitter is ignored when RandAugment/AutoAugment is on. PIL image -> (3, S, S) float."""
+    code, colour jitter is ignored when RandAugment/AutoAugment is on. PIL image -> (3, S, S) float.
+
+    `uint8=True`: stop before ToTensor, as timm's `use_prefetcher`: PIL -> (3, S, S) uint8, no
+    normalisation and no random erasing (`prefetch.DeviceTransform` does both on the batch). The random
+    draws before that point are the same, so the images are those of the float pipeline."""
     aa = None if not auto_augment or auto_augment.lower() == "none" else auto_augment
     transform = create_transform(
         img_size,
@@ -112,6 +141,7 @@ def build_train_transform(
         re_prob=reprob,
         re_mode=remode,
         re_count=recount,
+        use_prefetcher=uint8,
     )
     _fix_posterize(transform)
     return transform
@@ -150,9 +180,11 @@ def build_eval_transform(
     interpolation: str = "bicubic",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    uint8: bool = False,
 ) -> Callable:
     """Resize the shorter side to int(img_size / crop_pct), center-crop img_size, normalise.
-    crop_pct == 1.0 is a plain resize to img_size x img_size (the official 384 eval: no crop)."""
+    crop_pct == 1.0 is a plain resize to img_size x img_size (the official 384 eval: no crop).
+    `uint8=True`: (3, S, S) uint8 without normalisation (done on the device, see `build_train_transform`)."""
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     # timm: floor(img_size / crop_pct) == int(...) for positive sizes; 'squash' resizes both edges.
@@ -164,6 +196,7 @@ def build_eval_transform(
         interpolation=interpolation,
         mean=tuple(mean),
         std=tuple(std),
+        use_prefetcher=uint8,
     )
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from swin_train.distributed import all_reduce_sum
+from swin_train.prefetch import DeviceTransform, prefetch
 
 log = logging.getLogger("swin_train")
 
@@ -107,10 +108,14 @@ def train_one_epoch(
     after_step: Callable[[TrainState], bool] | None = None,
     show_progress: bool = True,
     print_freq: int = 50,
+    device_transform: DeviceTransform | None = None,
 ) -> EpochStats:
     """Train from `state.step_in_epoch` to the end of the epoch (or until `after_step` returns True).
 
     A step whose gradient norm is not finite is skipped (no optimizer/EMA update) and counted in `state`.
+    Batches are copied ahead on a side stream on CUDA (`prefetch`); `device_transform` (the uint8
+    pipeline) normalises them there and erases per micro-batch, seeded by (epoch, micro-batch index).
+    The loader must start at micro-batch `state.step_in_epoch * accumulation_steps` of the epoch.
     """
     model.train()
     stats = EpochStats()
@@ -119,13 +124,17 @@ def train_one_epoch(
     bar = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch}",
                disable=not (show_progress and sys.stderr.isatty()), dynamic_ncols=True, mininterval=1.0,
                leave=False)  # fmt: skip
-    batches = iter(loader)
+    transform = None
+    if device_transform is not None:
+        epoch = state.epoch
+        transform = lambda images, i: device_transform(images, epoch, i)  # i: micro-batch index in the epoch
+    first = state.step_in_epoch * accumulation_steps
+    batches = prefetch(loader, device, transform, start=first,
+                       limit=steps_per_epoch * accumulation_steps - first)  # fmt: skip
     while state.step_in_epoch < steps_per_epoch:
         step_loss = torch.zeros((), device=device)
         for micro in range(accumulation_steps):
-            images, targets = next(batches)
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
+            images, targets = next(batches)  # on `device`, float
             if mixup is not None:
                 images, targets = mixup(images, targets)
             last = micro == accumulation_steps - 1
@@ -181,20 +190,19 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, device: torch.device, amp: Amp, num_classes: int,
-             show_progress: bool = False) -> dict:  # fmt: skip
+             show_progress: bool = False, device_transform: DeviceTransform | None = None) -> dict:  # fmt: skip
     """Top-1, top-k (k = min(5, classes)) and mean cross-entropy over the whole set, summed over ranks.
 
     With an exact (non-padding) sampler, every image counts once whatever the number of processes.
+    `device_transform` normalises uint8 batches on the device (no erasing in evaluation).
     """
     model.eval()
     k = min(5, num_classes)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-k hits, loss sum, count
-    bar = tqdm(
-        loader, desc="eval", disable=not (show_progress and sys.stderr.isatty()), leave=False, mininterval=1.0
-    )
+    transform = None if device_transform is None else (lambda images, _: device_transform(images))
+    bar = tqdm(prefetch(loader, device, transform), total=len(loader), desc="eval",
+               disable=not (show_progress and sys.stderr.isatty()), leave=False, mininterval=1.0)  # fmt: skip
     for images, targets in bar:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
         with amp.autocast():
             logits = model(images)
         hits = logits.topk(k, dim=-1).indices == targets[:, None]  # (B, k)

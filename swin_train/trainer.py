@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from swin_train import checkpoint as ckpt
+from swin_train.allocator import keep_freed_memory
 from swin_train.config import Config, config_from_dict, config_to_dict, dump_config
 from swin_train.data import (
     ExactEvalSampler,
@@ -35,9 +36,11 @@ from swin_train.ema import ModelEma
 from swin_train.engine import Amp, TrainState, evaluate, resolve_amp, train_one_epoch
 from swin_train.errors import ConfigError, DataError, TrainingError
 from swin_train.models.convert import check_fits
+from swin_train.models.flex import flex_attention_available
 from swin_train.models.pretrained import load_pretrained
 from swin_train.models.swin import SwinTransformer
 from swin_train.optim import WarmupCosineSchedule, build_optimizer, scaled_lrs
+from swin_train.prefetch import DeviceTransform
 
 log = logging.getLogger("swin_train")
 
@@ -54,6 +57,8 @@ class Data:
     class_names: list[str]
     num_train: int
     num_val: int
+    # the uint8 pipeline's device half (normalise, erase); None: the workers return normalised floats
+    device_transform: DeviceTransform | None = None
 
     @property
     def num_classes(self) -> int:
@@ -110,14 +115,17 @@ def data_root(cfg: Config, env: DistEnv) -> Path:
     return Path(cfg.data.data_path)
 
 
-def eval_transform(cfg: Config):
+def eval_transform(cfg: Config, *, uint8: bool = False):
     d = cfg.data
     return build_eval_transform(d.img_size, crop_pct=cfg.eval.crop_pct, interpolation=d.interpolation,
-                                mean=d.mean, std=d.std)  # fmt: skip
+                                mean=d.mean, std=d.std, uint8=uint8)  # fmt: skip
 
 
-def build_data(cfg: Config, env: DistEnv) -> Data:
+def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> Data:
+    """Datasets and loaders. `device_pipeline`: the workers return uint8 images and normalisation and
+    random erasing run on `env.device` (`Data.device_transform`); otherwise the workers do all of it."""
     d, a = cfg.data, cfg.aug
+    device_transform = None
     if d.synthetic:  # random tensors: measures the loop without decoding
         classes = [f"class_{i}" for i in range(cfg.model.num_classes)]
         train_set = SyntheticDataset(
@@ -130,12 +138,15 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
         train_tf = build_train_transform(
             d.img_size, auto_augment=a.auto_augment, color_jitter=a.color_jitter, reprob=a.reprob,
             remode=a.remode, recount=a.recount, hflip=a.hflip, crop_scale=a.crop_scale,
-            interpolation=d.interpolation, mean=d.mean, std=d.std,
+            interpolation=d.interpolation, mean=d.mean, std=d.std, uint8=device_pipeline,
         )  # fmt: skip
         train_set, val_set, classes = build_datasets(
-            data_root(cfg, env), train_transform=train_tf, eval_transform=eval_transform(cfg),
+            data_root(cfg, env), train_transform=train_tf, eval_transform=eval_transform(cfg, uint8=device_pipeline),
             skip_bad_images=d.skip_bad_images,
         )  # fmt: skip
+        if device_pipeline:
+            device_transform = DeviceTransform(env.device, d.mean, d.std, reprob=a.reprob, remode=a.remode,
+                                               recount=a.recount, seed=cfg.seed, rank=env.rank)  # fmt: skip
     train_sampler = ResumableTrainSampler(
         len(train_set), num_replicas=env.world_size, rank=env.rank, seed=cfg.seed
     )
@@ -147,7 +158,9 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
     val_loader = build_loader(
         val_set, batch_size=cfg.eval.batch_size or d.batch_size, sampler=val_sampler, **common
     )
-    return Data(train_loader, val_loader, train_sampler, list(classes), len(train_set), len(val_set))
+    return Data(
+        train_loader, val_loader, train_sampler, list(classes), len(train_set), len(val_set), device_transform
+    )
 
 
 def build_model(cfg: Config, num_classes: int) -> SwinTransformer:
@@ -162,6 +175,21 @@ def build_model(cfg: Config, num_classes: int) -> SwinTransformer:
     return model
 
 
+def check_attention_backend(cfg: Config, device: torch.device) -> None:
+    """model.attention=flex needs FlexAttention with gradients on `device`, and no attention dropout."""
+    if cfg.model.attention != "flex":
+        return
+    if not flex_attention_available(device):
+        raise ConfigError(
+            f"model.attention=flex needs a CUDA GPU of compute capability 8.0+ with Triton (this run is on "
+            f"{device}); use model.attention=auto"
+        )
+    if cfg.model.attn_drop_rate > 0:
+        raise ConfigError(
+            "model.attention=flex has no attention dropout; set model.attn_drop_rate=0 or use auto"
+        )
+
+
 def preprocessing(cfg: Config) -> dict:
     """What a user of the trained model needs to feed it images (stored in checkpoints)."""
     d = cfg.data
@@ -170,16 +198,24 @@ def preprocessing(cfg: Config) -> dict:
 
 
 class Run:
-    """Everything a training run holds, and how it is saved and restored."""
+    """Everything a training run holds, and how it is saved and restored.
 
-    def __init__(self, cfg: Config, env: DistEnv):
+    `device_pipeline` (None: on CUDA only) sends uint8 batches to the device and normalises and erases
+    them there (`prefetch.DeviceTransform`). On CPU the workers do it by default: they normalise in
+    parallel, the main process would do it serially. Not a config option: the tests set it on CPU.
+    """
+
+    def __init__(self, cfg: Config, env: DistEnv, *, device_pipeline: bool | None = None):
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.output)
         self.amp: Amp = resolve_amp(cfg.amp, env.device)
         if env.device.type == "cuda":  # TF32 tensor cores for the fp32 matmuls/convs left outside autocast
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.seed + env.rank)
-        self.data = build_data(cfg, env)
+        if device_pipeline is None:
+            device_pipeline = env.device.type == "cuda"
+        self.data = build_data(cfg, env, device_pipeline=device_pipeline)
+        check_attention_backend(cfg, env.device)
         self.model = build_model(cfg, self.data.num_classes).to(env.device)
         t = cfg.train
         self.steps_per_epoch = len(self.data.train_loader) // t.accumulation_steps
@@ -344,14 +380,19 @@ class Metrics:
             self.tb.close()
 
 
-def train(cfg: Config, *, resume: str | None = None, device: str | None = None) -> dict:
-    """Train as `cfg` says; returns the last epoch's record. Raises TrainingStopped after SIGTERM/SIGINT."""
+def train(
+    cfg: Config, *, resume: str | None = None, device: str | None = None, device_pipeline: bool | None = None
+) -> dict:
+    """Train as `cfg` says; returns the last epoch's record. Raises TrainingStopped after SIGTERM/SIGINT.
+    `device_pipeline`: see `Run` (None: on CUDA only)."""
     env = init_distributed(device)
+    if env.device.type == "cpu":
+        keep_freed_memory()  # CPU steps page-fault their activations otherwise (see allocator.py)
     if not env.is_main:
         log.setLevel(logging.WARNING)
     handler = setup_output(cfg, env)
     try:
-        return _train(cfg, env, resume)
+        return _train(cfg, env, resume, device_pipeline)
     finally:
         if handler is not None:
             log.removeHandler(handler)
@@ -359,18 +400,20 @@ def train(cfg: Config, *, resume: str | None = None, device: str | None = None) 
         shutdown()
 
 
-def _train(cfg: Config, env: DistEnv, resume: str | None) -> dict:
+def _train(cfg: Config, env: DistEnv, resume: str | None, device_pipeline: bool | None) -> dict:
     log.info(
         "effective config (also in %s):\n%s", Path(cfg.output) / "config.yaml", dump_config(cfg).rstrip()
     )
-    run = Run(cfg, env)
+    run = Run(cfg, env, device_pipeline=device_pipeline)
     if env.is_main:
         ckpt.check_output_writable(run.out, checkpoint_bytes(run.model))
     resume_if_possible(run, resume)
     t = cfg.train
-    log.info("device %s x %d processes, amp %s; %d train / %d val images, %d classes; %d steps per epoch",
-             env.device, env.world_size, run.amp.name, run.data.num_train, run.data.num_val,
-             run.data.num_classes, run.steps_per_epoch)  # fmt: skip
+    log.info("device %s x %d processes, amp %s; %d train / %d val images, %d classes; %d steps per epoch; "
+             "images normalised %s", env.device, env.world_size, run.amp.name, run.data.num_train, run.data.num_val,
+             run.data.num_classes, run.steps_per_epoch,
+             "on the device" if run.data.device_transform
+             else "nowhere (synthetic tensors)" if cfg.data.synthetic else "in the data workers")  # fmt: skip
     log.info("effective lr: %s", run.lr_text)
     if run.data.num_classes < 5:
         log.info("only %d classes: 'top5' is reported as top-%d", run.data.num_classes, run.data.num_classes)
@@ -403,6 +446,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> dict:
                 criterion=run.criterion, amp=run.amp, device=env.device, steps_per_epoch=run.steps_per_epoch,
                 accumulation_steps=t.accumulation_steps, clip_grad=t.clip_grad, mixup=run.mixup, ema=run.ema,
                 after_step=after_step, show_progress=env.is_main, print_freq=cfg.print_freq,
+                device_transform=run.data.device_transform,
             )  # fmt: skip
             if stats.stopped:
                 signum = stopper.signum or signal.SIGTERM
@@ -440,7 +484,8 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> dict:
 
 
 def validate(run: Run) -> dict:
-    kw = dict(device=run.env.device, amp=run.amp, num_classes=run.data.num_classes)
+    kw = dict(device=run.env.device, amp=run.amp, num_classes=run.data.num_classes,
+              device_transform=run.data.device_transform)  # fmt: skip
     result = {f"val_{k}": v for k, v in evaluate(run.model, run.data.val_loader, **kw).items()}
     if run.ema is not None:
         result.update({f"ema_{k}": v for k, v in evaluate(run.ema.module, run.data.val_loader, **kw).items()})

@@ -97,8 +97,16 @@ def test_peak_lookup_and_mfu(bench):
 
 
 def test_memory_probe_reports_train_and_infer_peaks(bench):
-    spec = dict(impl="timm", arch=MICRO, num_classes=10, drop_path=0.1, batch_size=2, dtype="fp32", threads=1,
-                malloc="system")  # the probe would otherwise tune this test process's malloc
+    spec = dict(
+        impl="timm",
+        arch=MICRO,
+        num_classes=10,
+        drop_path=0.1,
+        batch_size=2,
+        dtype="fp32",
+        threads=1,
+        malloc="system",
+    )  # the probe would otherwise tune this test process's malloc
     out = bench.memory_probe(dict(spec, steps=1))
     assert set(out) == {"infer", "train"}
     assert out["train"] >= out["infer"] >= 0  # VmHWM only grows
@@ -112,6 +120,7 @@ def test_memory_probe_reports_train_and_infer_peaks(bench):
         (["--impls", "timm", "torchvision"], "must include 'ours'"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--grad-checkpointing"], "torchvision's Swin has no gradient checkpointing"),
+        (["--attention", "flex"], "--attention flex needs a CUDA GPU"),
         (["--impls", "ours", "torchvision", "--compile", "timm"], "only implementations in --impls"),
     ],
 )
@@ -141,6 +150,7 @@ def test_compile_subset_and_grad_checkpointing_settings(bench):
     assert bench.resolve(parse(["--compile"])).compile == ("ours", "timm", "torchvision")  # all by default
     setup = bench.resolve(parse(["--compile", "ours", "--impls", "ours", "timm", "--grad-checkpointing"]))
     assert setup.compile == ("ours",) and setup.grad_checkpointing
-    models = bench.build_same_weight_models(bench.resolve(parse(MICRO_FLAGS + ["--grad-checkpointing",
-                                                                            "--impls", "ours", "timm"])))
+    models = bench.build_same_weight_models(
+        bench.resolve(parse(MICRO_FLAGS + ["--grad-checkpointing", "--impls", "ours", "timm"]))
+    )
     assert all(layer.grad_checkpointing for m in models.values() for layer in m.layers)

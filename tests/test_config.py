@@ -70,6 +70,7 @@ def test_defaults_resolve_to_swin_t_and_model_kwargs_are_exact():
         img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=[2, 2, 6, 2],
         num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0,
         attn_drop_rate=0.0, drop_path_rate=0.1, ape=False, patch_norm=True, grad_checkpointing=False,
+        attention="auto",
     )  # fmt: skip
     assert cfg.data.mean == [0.485, 0.456, 0.406] and cfg.data.std == [0.229, 0.224, 0.225]
     assert cfg.amp == "auto" and cfg.eval.batch_size is None and cfg.train.clip_grad == 5.0
@@ -295,6 +296,7 @@ def test_unknown_model_name_suggests():
         ("data.interpolation=cubic", "data.interpolation must be one of 'bicubic', 'bilinear'"),
         ("aug.mixup_mode=batches", "aug.mixup_mode must be one of 'batch', 'pair', 'elem', got 'batches'"),
         ("aug.remode=pixels", "aug.remode must be one of 'pixel', 'rand', 'const', got 'pixels'"),
+        ("model.attention=flash", "model.attention must be one of 'auto', 'flex', got 'flash'"),
     ],
 )
 def test_enum_values(override, expected):

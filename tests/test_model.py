@@ -11,8 +11,10 @@ from swin_train.models import SwinTransformer, convert_state_dict, create_model
 from swin_train.models.convert import detect_layout, official_buffers
 from swin_train.models.registry import VARIANTS
 from swin_train.models.swin import (
+    SwinBlock,
     _GatherTokens,
     relative_position_index,
+    sdpa_windows,
     shifted_window_mask,
     window_partition,
     window_reverse,
@@ -127,6 +129,21 @@ def test_window_partition_round_trip():
     assert windows.shape == (2 * 4, 16, 5)
     assert torch.equal(window_reverse(windows, 4, 8, 8), x)
     assert torch.equal(windows[1], x[0, :4, 4:8].reshape(16, 5))  # second window: top-right
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_sdpa_windows_equals_the_explicit_attention(shifted):
+    """The CUDA path's 4-D SDPA call (run here on CPU) gives the CPU path's numbers."""
+    block = SwinBlock(16, (8, 8), num_heads=2, window=4, shift=2 if shifted else 0).eval()
+    attn, mask = block.attn, block.attn_mask
+    windows = torch.randn(3 * 4, 16, 16)  # 3 images x 4 windows of 4x4 tokens
+    qkv = attn.qkv(windows).view(12, 16, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    bias = attn.relative_position_bias()
+    if shifted:
+        bias = bias.unsqueeze(0) + mask.unsqueeze(1)
+    with torch.no_grad():
+        out = sdpa_windows(*qkv.unbind(0), bias).reshape(12, 2, 16, 8).transpose(1, 2).reshape(12, 16, 16)
+        torch.testing.assert_close(attn.proj(out), attn(windows, mask), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shift", [0, 2])

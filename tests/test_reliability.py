@@ -167,6 +167,7 @@ def _bad_image_folder(root: Path, shapes_root: Path) -> Path:
             "'layers.0.blocks.0.attn.relative_position_bias_table' has shape (49, 2), the model (9, 2)",
         ),
         ("unwritable_output", "is not writable"),
+        ("flex_on_cpu", "model.attention=flex needs a CUDA GPU"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(case, message, tmp_path, shapes_root, capsys):
@@ -184,6 +185,8 @@ def test_bad_input_is_one_line_exit_2(case, message, tmp_path, shapes_root, caps
         extra = ["train.epochs=ten"]
     elif case == "impossible_arch":
         extra = ["model.window_size=5"]
+    elif case == "flex_on_cpu":
+        extra = ["model.attention=flex"]
     elif case == "missing_data":
         data = str(tmp_path / "nowhere")
     elif case == "no_val":

@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from .flex import flex_window_attention
 from .ops import Linear, linear_gelu
 
 # Logit offset for token pairs that come from different image regions after the cyclic shift. The official
@@ -106,6 +107,18 @@ class PatchEmbed(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
 
 
+def sdpa_windows(q, k, v, bias: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """scaled_dot_product_attention over windows: q, k, v (B * num_windows, heads, N, head_dim) and an additive
+    bias (heads, N, N) or (num_windows, heads, N, N) -> (B, num_windows * heads, N, head_dim).
+
+    SDPA's fused kernels (memory-efficient / cuDNN) take an additive bias but only 4-D inputs, so the windows
+    join the head dimension and the bias broadcasts over the images as a view (no (B, ...) copy of it)."""
+    bias = bias.reshape(1, -1, *bias.shape[-2:]).to(q.dtype)  # (1, num_windows * heads, N, N)
+    B = q.shape[0] * q.shape[1] // bias.shape[1]
+    q, k, v = (t.reshape(B, bias.shape[1], *t.shape[-2:]) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside each window, with a learned relative position bias.
 
@@ -121,9 +134,11 @@ class WindowAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        attention: str = "auto",
     ):
         super().__init__()
         self.dim, self.window, self.num_heads = dim, window, num_heads
+        self.attention = attention  # "auto" or "flex" (config.ModelConfig.attention)
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
@@ -142,27 +157,31 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B * num_windows, N, C); mask: (num_windows, N, N) or None -> (B * num_windows, N, C)."""
         B_, N, C = x.shape
-        qkv = self.qkv(x).view(B_, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        heads, head_dim = self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(B_, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B_, heads, N, head_dim)
-        bias = self.relative_position_bias()  # (heads, N, N)
-        if mask is not None:
-            num_windows = mask.shape[0]
-            bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # (num_windows, heads, N, N)
-            # (B, num_windows, heads, N, head_dim): the bias broadcasts over the batch
-            q, k, v = (
-                t.view(B_ // num_windows, num_windows, self.num_heads, N, self.head_dim) for t in (q, k, v)
-            )
         dropout = self.attn_drop if self.training else 0.0
-        if q.is_cuda:  # fused kernels (memory-efficient / cuDNN) take the additive bias
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
+        num_windows = mask.shape[0] if mask is not None else 1
+        if q.is_cuda and self.attention == "flex" and not dropout:  # FlexAttention has no attention dropout
+            out = flex_window_attention(q, k, v, self.relative_position_bias_table, self.relative_position_index,
+                                        mask, num_windows, head_dim**-0.5)  # fmt: skip
         else:
-            # On CPU, SDPA with a float bias falls back to its generic math path with extra copies; the same
-            # math written out is faster for 49-token windows (inference ~1.7x, training ~1.05x on the
-            # attention alone, measured with torch 2.14 on 2 cores; see scripts/benchmark.py for the model).
-            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)
-            attn = F.dropout(attn.softmax(dim=-1), dropout, self.training)
-            out = attn @ v
-        out = out.reshape(B_, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B_, N, C)
+            bias = self.relative_position_bias()  # (heads, N, N)
+            if mask is not None:
+                bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # (num_windows, heads, N, N)
+            B = B_ // num_windows
+            if q.is_cuda:
+                out = sdpa_windows(q, k, v, bias, dropout)
+            else:
+                # On CPU, SDPA with a float bias falls back to its generic math path with extra copies; the
+                # same math written out is faster for 49-token windows (inference ~1.7x, training ~1.05x on
+                # the attention alone, measured with torch 2.14 on 2 cores). (B, num_windows, heads, N, ...)
+                # views: the bias broadcasts over the images without a copy.
+                q, k, v = (t.view(B, num_windows, heads, N, head_dim) for t in (q, k, v))
+                attn = (q * head_dim**-0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)
+                attn = F.dropout(attn.softmax(dim=-1), dropout, self.training)
+                out = attn @ v
+        out = out.reshape(B_, heads, N, head_dim).transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(out))
 
 
@@ -200,6 +219,7 @@ class SwinBlock(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
+        attention: str = "auto",
     ):
         super().__init__()
         self.resolution = resolution
@@ -207,7 +227,7 @@ class SwinBlock(nn.Module):
             window, shift = min(resolution), 0
         self.window, self.shift = window, shift
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window, num_heads, qkv_bias, attn_drop, drop)
+        self.attn = WindowAttention(dim, window, num_heads, qkv_bias, attn_drop, drop, attention)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
@@ -280,6 +300,7 @@ class SwinLayer(nn.Module):
         drop_path: list[float] | tuple[float, ...] = (),
         downsample: bool = False,
         grad_checkpointing: bool = False,
+        attention: str = "auto",
     ):
         super().__init__()
         self.dim, self.resolution, self.depth = dim, resolution, depth
@@ -288,7 +309,7 @@ class SwinLayer(nn.Module):
         self.blocks = nn.ModuleList(
             SwinBlock(
                 dim, resolution, num_heads, window, 0 if j % 2 == 0 else window // 2,
-                mlp_ratio, qkv_bias, drop, attn_drop, drop_path[j],
+                mlp_ratio, qkv_bias, drop, attn_drop, drop_path[j], attention,
             )
             for j in range(depth)
         )  # fmt: skip
@@ -325,6 +346,7 @@ class SwinTransformer(nn.Module):
         ape: bool = False,
         patch_norm: bool = True,
         grad_checkpointing: bool = False,
+        attention: str = "auto",
     ):
         super().__init__()
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
@@ -357,6 +379,7 @@ class SwinTransformer(nn.Module):
                     drop_path=rates[first : first + depth],
                     downsample=i < self.num_stages - 1,
                     grad_checkpointing=grad_checkpointing,
+                    attention=attention,
                 )
             )
         self.norm = nn.LayerNorm(self.num_features)

@@ -1,0 +1,157 @@
+"""Batches on the device: non-blocking copies prefetched on a side stream, uint8 -> normalised float and
+seeded random erasing on the device.
+
+`prefetch(loader, device, transform)` yields a loader's (images, targets) on `device`. On CUDA the copy
+of batch i+1 (pinned memory, `non_blocking=True`) and its `transform` are queued on a side stream when
+batch i is handed out, so they overlap the step that computes on batch i (prefetch depth 1). On CPU a
+batch is fetched when asked for, as a plain loop would.
+
+`DeviceTransform` is the device half of the uint8 pipeline (`data.build_train_transform(uint8=True)`):
+it converts and normalises exactly as ToTensor + Normalize do in the workers (bitwise), then, for train
+batches, applies timm's RandomErasing seeded from (seed, rank, epoch, batch index). The seeding saves and
+restores every global generator it touches (`data.seeded_rng`), so erasing never moves the RNG streams
+that mixup, drop path and the checkpoints use: a resumed run erases and mixes exactly as an
+uninterrupted one, whichever batch the prefetcher had already prepared when the checkpoint was written.
+
+Why not timm's PrefetchLoader as is: it draws random erasing from the global RNGs (not resumable), it
+has no batch index to seed from, and it normalises as (x - 255 mean) / (255 std), which differs from
+the worker pipeline in the last bit. Its stream handling is the model for the one here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+from timm.data.random_erasing import RandomErasing
+
+from swin_train.data import IMAGENET_MEAN, IMAGENET_STD, seeded_rng
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+# First element of every erasing seed key: keeps these seeds apart from other seeded_rng(seed, rank, ...) users.
+_ERASING_KEY = 0x45524153  # "ERAS"
+
+
+def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) uint8 -> float32 (x / 255 - mean) / std, with mean/std shaped (C, 1, 1).
+
+    The same three roundings as torchvision's ToTensor (x.float().div(255)) and Normalize (sub_, div_),
+    so the result is bitwise the worker pipeline's; one more pass than timm's two, over memory that is
+    read at GPU bandwidth, for batches that do not depend on where they were normalised. 255 is a
+    tensor on the device: CUDA divides by a Python number as a multiplication by its reciprocal, which
+    is not always the correctly rounded quotient the CPU computes.
+    """
+    scale = torch.full((), 255.0, dtype=torch.float32, device=images.device)
+    return images.float().div_(scale).sub_(mean).div_(std)
+
+
+class DeviceTransform:
+    """What the uint8 pipeline does on the device: uint8 -> normalised float32, then (train batches
+    only) timm RandomErasing seeded per batch. Float batches are taken as already normalised."""
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        *,
+        reprob: float = 0.0,
+        remode: str = "pixel",
+        recount: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)  # (C, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        # the worker pipeline's settings (timm create_transform): max_count=recount, no clean splits
+        self.erasing = (
+            RandomErasing(reprob, mode=remode, max_count=recount, device=self.device) if reprob > 0 else None
+        )
+        self.seed, self.rank = seed, rank
+
+    def __call__(
+        self, images: torch.Tensor, epoch: int | None = None, batch: int | None = None
+    ) -> torch.Tensor:
+        """(B, C, H, W) on `device` -> normalised float32. With an `epoch` and this rank's `batch` index
+        in that epoch, random erasing runs too, as a pure function of (seed, rank, epoch, batch)."""
+        if images.dtype == torch.uint8:
+            images = normalize_uint8(images, self.mean, self.std)
+        if self.erasing is not None and batch is not None:
+            if epoch is None:
+                raise ValueError("random erasing needs the epoch as well as the batch index")
+            with seeded_rng(_ERASING_KEY, self.seed, self.rank, epoch, batch, device=images.device):
+                images = self.erasing(images)  # in place, box by box
+        return images
+
+
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One copy stream per device for the whole process: the caching allocator pools blocks per stream,
+    so a fresh stream per epoch would strand every earlier one's cached blocks."""
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device=device)
+    return _side_streams[device]
+
+
+def prefetch(
+    loader: Iterable,
+    device: torch.device | str,
+    transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    *,
+    start: int = 0,
+    limit: int | None = None,
+) -> Iterator[Batch]:
+    """(images, targets) of `loader` on `device`, images passed through `transform(images, i)` where i is
+    the batch's index: start, start + 1, ... At most `limit` batches are read from the loader.
+
+    CUDA: batch i+1 is copied and transformed on a side stream while batch i is in use; batch i is
+    handed out once the current stream waits for its copy (an event), and is `record_stream`ed there,
+    so the allocator does not recycle it for the side stream before the current stream is done with it.
+    The batches must be used on the stream that is current when they are asked for.
+    """
+    device = torch.device(device)
+    batches = enumerate(itertools.islice(loader, limit), start)
+    if device.type != "cuda":
+        for i, (images, targets) in batches:
+            yield _to_device(images, targets, device, transform, i)
+        return
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _side_stream(device)
+    # Whatever the current stream produced before (the transform's mean/std, say) is ready for the side stream.
+    stream.wait_stream(torch.cuda.current_stream(device))
+    ready: tuple[Batch, torch.cuda.Event] | None = None
+    for i, (images, targets) in batches:
+        with torch.cuda.stream(stream):
+            queued = _to_device(images, targets, device, transform, i)
+            done = torch.cuda.Event()
+            done.record(stream)
+        if ready is not None:  # batch i-1, handed out now that batch i is queued behind it
+            yield _hand_over(*ready, device)
+        ready = queued, done
+    if ready is not None:
+        yield _hand_over(*ready, device)
+
+
+def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device, transform, i: int) -> Batch:
+    images = images.to(device, non_blocking=True)  # async from pinned memory
+    targets = targets.to(device, non_blocking=True)
+    if transform is not None:
+        images = transform(images, i)
+    return images, targets
+
+
+def _hand_over(batch: Batch, done: torch.cuda.Event, device: torch.device) -> Batch:
+    consumer = torch.cuda.current_stream(device)
+    consumer.wait_event(done)  # this batch only; the next one's copy keeps running on the side stream
+    for t in batch:
+        t.record_stream(consumer)  # allocated on the side stream, used and freed on this one
+    return batch
+
+
+__all__ = ["DeviceTransform", "normalize_uint8", "prefetch"]
