@@ -51,7 +51,7 @@ from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSw
 import swin_train
 from swin_train.allocator import keep_freed_memory
 from swin_train.errors import ConfigError, DataError
-from swin_train.models import convert_state_dict, create_model
+from swin_train.models import convert_state_dict, create_model, ops
 from swin_train.models.convert import to_layout
 from swin_train.models.flex import flex_attention_available
 from swin_train.models.registry import variant_arch
@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-loader", metavar="DIR", help="time decode + train transform over DIR instead")
     data.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts")
     data.add_argument("--data-images", type=int, default=256, help="images timed per measurement")
+    p.add_argument(
+        "--linear-kernels", action="store_true",
+        help="time each Linear shape of --model at --batch-size on CPU: F.linear (MKL) against the oneDNN\n"
+        "kernel of swin_train/models/ops.py, forward and input gradient, GFLOP/s",
+    )  # fmt: skip
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one CPU memory measurement
     return p
 
@@ -816,6 +821,89 @@ def format_data_table(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Linear kernels (the evidence for models/ops.py)
+
+
+def linear_shapes(arch: dict, batch_size: int) -> list[tuple[int, int, int]]:
+    """(rows, in, out) of every distinct Linear in the blocks and patch merging, in stage order."""
+    shapes = []
+    grid = arch["img_size"] // arch["patch_size"]
+    for i in range(len(arch["depths"])):
+        rows, dim = batch_size * (grid // 2**i) ** 2, arch["embed_dim"] * 2**i
+        hidden = int(dim * 4)
+        shapes += [(rows, dim, 3 * dim), (rows, dim, dim), (rows, dim, hidden), (rows, hidden, dim)]
+        if i < len(arch["depths"]) - 1:
+            shapes.append((rows // 4, 4 * dim, 2 * dim))
+    return list(dict.fromkeys(shapes))
+
+
+@torch.no_grad()
+def time_linear_kernels(rows: int, k: int, n: int, repeats: int, iters: int) -> dict[str, float]:
+    """GFLOP/s of one (rows, k) x (k, n) product per kernel: best round, kernels interleaved in each round."""
+    x, w, b, grad = torch.randn(rows, k), torch.randn(n, k), torch.randn(n), torch.randn(rows, n)
+    kernels = {
+        "forward_mkl": lambda: F.linear(x, w, b),
+        "forward_onednn": lambda: ops._onednn_matmul(x, w, b),
+        "grad_input_mkl": lambda: grad @ w,
+        "grad_input_onednn": lambda: ops._onednn_matmul(grad, w.t(), None),
+    }
+    best = dict.fromkeys(kernels, math.inf)
+    for fn in kernels.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in kernels.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / iters)
+    gflop = 2 * rows * k * n / 1e9
+    return {f"{name}_gflops": gflop / seconds for name, seconds in best.items()}
+
+
+def run_linear_kernels(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    """Best-of-rounds GFLOP/s of F.linear and oneDNN per shape, the two interleaved in every round."""
+    if args.device != "cpu" or not ops._ONEDNN:
+        raise ConfigError(
+            "--linear-kernels compares CPU kernels and needs torch with oneDNN; use --device cpu"
+        )
+    setup = resolve(args)
+    torch.set_num_threads(setup.threads)
+    malloc = "system" if args.system_malloc or not keep_freed_memory() else "keep freed memory"
+    results = []
+    for rows, k, n in linear_shapes(setup.arch, setup.batch_size):
+        gflops = time_linear_kernels(rows, k, n, setup.repeats, setup.iters)
+        results.append({"rows": rows, "in": k, "out": n, **gflops})
+        log(f"  {rows} x {k} -> {n}: " + ", ".join(f"{m} {v:.0f}" for m, v in gflops.items()))
+    env = environment(setup, argv)
+    env["malloc"] = malloc
+    return {"config": {"model": setup.name, "batch_size": setup.batch_size, "repeats": setup.repeats,
+                       "iters": setup.iters, "onednn_min_rows": ops.ONEDNN_MIN_ROWS,
+                       "onednn_grad_min_rows": ops.ONEDNN_GRAD_MIN_ROWS},
+            "env": env, "results": results}  # fmt: skip
+
+
+def format_kernel_table(report: dict) -> str:
+    cfg, env = report["config"], report["env"]
+    lines = [
+        f"Linear kernels of {cfg['model']} at batch {cfg['batch_size']}, GFLOP/s, best of {cfg['repeats']} "
+        f"rounds x {cfg['iters']} | {env['device_name']} | threads {env['threads']} | malloc: {env['malloc']}",
+        f"{'rows':>6} {'in':>5} {'out':>5} {'fwd MKL':>8} {'fwd oneDNN':>10} {'dX MKL':>7} {'dX oneDNN':>9}  "
+        "swin-train uses (fwd / dX)",
+    ]
+    for r in report["results"]:
+        used = " / ".join(
+            "oneDNN" if r["rows"] >= cfg[key] else "MKL"
+            for key in ("onednn_min_rows", "onednn_grad_min_rows")
+        )
+        lines.append(
+            f"{r['rows']:>6} {r['in']:>5} {r['out']:>5} {r['forward_mkl_gflops']:>8.0f} "
+            f"{r['forward_onednn_gflops']:>10.0f} {r['grad_input_mkl_gflops']:>7.0f} "
+            f"{r['grad_input_onednn_gflops']:>9.0f}  {used}"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -825,6 +913,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.memory_probe:
         report = memory_probe(json.loads(args.memory_probe))
         print(json.dumps(report))
+        return report
+    if args.linear_kernels:
+        report = run_linear_kernels(args, argv)
+        print(json.dumps(report, indent=1) if args.json else format_kernel_table(report))
         return report
     if args.data_loader:
         report = run_data_loader(args, argv)

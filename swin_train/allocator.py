@@ -37,14 +37,15 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if os.environ.get("SWIN_TRAIN_SYSTEM_MALLOC") or platform.libc_ver()[0] != "glibc":
+    if os.environ.get("SWIN_TRAIN_SYSTEM_MALLOC") == "1" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _applied = all(mallopt(param, value) == 1 for param, value in SETTINGS.items())
+    accepted = [mallopt(param, value) == 1 for param, value in SETTINGS.items()]
+    _applied = all(accepted)
     if not _applied:
-        log.debug("glibc refused the malloc settings; keeping its defaults")
+        log.debug("glibc refused %d of the %d malloc settings", accepted.count(False), len(accepted))
     return _applied

@@ -67,7 +67,8 @@ class ModelConfig:
     num_classes: int = 1000
     grad_checkpointing: bool = False
     # "auto": scaled_dot_product_attention on CUDA, the same math written out on CPU; "flex": FlexAttention
-    # on CUDA (bias and shift mask inside the kernel; GPUs of compute capability 8.0+), "auto" elsewhere
+    # (bias and shift mask inside the kernel): training needs a CUDA GPU of compute capability 8.0+,
+    # evaluation and prediction elsewhere fall back to "auto"
     attention: str = "auto"
     pretrained: str | None = None
     head_map: str | None = None

@@ -214,8 +214,8 @@ class Run:
         seed_everything(cfg.seed + env.rank)
         if device_pipeline is None:
             device_pipeline = env.device.type == "cuda"
-        self.data = build_data(cfg, env, device_pipeline=device_pipeline)
         check_attention_backend(cfg, env.device)
+        self.data = build_data(cfg, env, device_pipeline=device_pipeline)
         self.model = build_model(cfg, self.data.num_classes).to(env.device)
         t = cfg.train
         self.steps_per_epoch = len(self.data.train_loader) // t.accumulation_steps

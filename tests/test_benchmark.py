@@ -154,3 +154,15 @@ def test_compile_subset_and_grad_checkpointing_settings(bench):
         bench.resolve(parse(MICRO_FLAGS + ["--grad-checkpointing", "--impls", "ours", "timm"]))
     )
     assert all(layer.grad_checkpointing for m in models.values() for layer in m.layers)
+
+
+def test_linear_kernel_mode_times_every_block_shape(bench, capsys):
+    report = bench.main(
+        MICRO_FLAGS + ["--linear-kernels", "--batch-size", "2", "--repeats", "1", "--iters", "1"]
+    )
+    shapes = [(r["rows"], r["in"], r["out"]) for r in report["results"]]
+    # stage 1: 2 x 16 x 16 tokens of 24 channels (qkv, proj, fc1, fc2), merging 4C -> 2C, then stage 2
+    assert shapes[:5] == [(512, 24, 72), (512, 24, 24), (512, 24, 96), (512, 96, 24), (128, 96, 48)]
+    assert shapes[5:] == [(128, 48, 144), (128, 48, 48), (128, 48, 192), (128, 192, 48)]
+    assert all(v > 0 for r in report["results"] for k, v in r.items() if k.endswith("_gflops"))
+    assert "fwd oneDNN" in capsys.readouterr().out

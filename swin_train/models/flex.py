@@ -3,8 +3,7 @@
 Why: the explicit path (`WindowAttention.forward` on CUDA) gathers the (heads, N, N) relative position bias
 from its table, adds the (num_windows, N, N) shift mask and hands the sum to scaled_dot_product_attention as
 a dense additive bias, materialised in memory every call and read for every (image, window, head); its
-gradient is formed at the bias's broadcast size and then reduced and scattered into the table. (With the
-shift mask its q, k, v are 5-D views, which SDPA's fused kernels do not take: they require 4-D inputs.)
+gradient is formed at the bias's broadcast size and then reduced and scattered into the table.
 FlexAttention instead generates one fused kernel from a `score_mod` that adds
 `table[index[i, j], h] + mask[b % num_windows, i, j]` to each logit: only the small table ((2w-1)^2 x heads),
 the (N, N) index and the mask are read, nothing of size (B_, heads, N, N) is materialised, and the backward

@@ -1,17 +1,19 @@
 """The model's linear layers on CPU: oneDNN matmuls where they measure faster than F.linear's MKL path.
 
-Why our own kernel choice: on CPU, `F.linear` runs MKL's sgemm. For the token-heavy matrices of Swin's first
-two stages (Swin-T at batch 8: 6,272 to 25,088 rows of 96 to 384 channels), oneDNN's fp32 matmul
-(`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend uses) is faster on the 2-core
-AMD EPYC CI machine: forward 104-120 GFLOP/s against 86-104 for `F.linear`, and the input gradient 115-131
-against 82-116 (`scripts/benchmark.py --kernels` measures every Swin-T shape). For the small matrices of the
-late stages MKL is as fast or faster, so oneDNN is used only from `ONEDNN_MIN_ROWS` rows. The weight
-gradient stays on MKL, which is faster for its long reduction. Both compute in fp32: the logits agree with
-`F.linear`'s to about 1e-6. In inference the first MLP layer also fuses its GELU (exact erf form) into the
-matmul, at every size, which saves a pass over the largest activation.
+Why our own kernel choice: on CPU, `F.linear` runs MKL's sgemm. oneDNN's fp32 matmul
+(`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend uses) measures faster on the
+2-core AMD EPYC CI machine for the forward product of every Swin-T block shape at batch 8 (e.g. 25,088 x 384
+-> 96: 92 against 70 GFLOP/s; 392 x 768 -> 3,072: 132 against 98), and for the input gradient of the
+token-heavy first two stages (25,088 x 96 -> 96: 99 against 63), while MKL is faster for the input gradient
+of the late stages' smaller matrices (392 x 768 -> 768: 117 against 87). `python scripts/benchmark.py
+--linear-kernels` prints this table. So the forward takes oneDNN from `ONEDNN_MIN_ROWS` rows, the input
+gradient from `ONEDNN_GRAD_MIN_ROWS`, and the weight gradient stays on MKL. Both compute in fp32: the logits
+agree with `F.linear`'s to about 1e-6. In inference the first MLP layer also fuses its GELU (exact erf form)
+into the matmul, which saves a pass over the largest activation.
 
 Everything else (CUDA, autocast, torch.compile tracing, small matrices, a torch build without oneDNN) takes
-`F.linear`, so the parameters, their names and the numerics are those of `nn.Linear`.
+`F.linear`, so the parameters, their names and the numerics are those of `nn.Linear`. Unlike `F.linear`, the
+oneDNN path has no double backward (`create_graph=True` through it raises); nothing here needs one.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows (tokens in the batch) from which oneDNN beats MKL on the CI machine; Swin-T at batch 8 has 25,088
-# rows in stage 1, 6,272 in stage 2 and 1,568 in stage 3.
-ONEDNN_MIN_ROWS = 4096
+# Rows (tokens in the batch) from which oneDNN beats MKL on the CI machine, for the product and for the input
+# gradient; Swin-T at batch 8 has 25,088 rows in stage 1, 6,272 in stage 2, 1,568 in stage 3 and 392 in stage 4.
+ONEDNN_MIN_ROWS = 256
+ONEDNN_GRAD_MIN_ROWS = 4096
 
 
 def _onednn_available() -> bool:
@@ -36,11 +39,11 @@ def use_onednn(x: torch.Tensor, min_rows: int = ONEDNN_MIN_ROWS) -> bool:
     """Whether `x @ W.T` takes the oneDNN kernel: fp32 on CPU, eager, outside autocast, enough rows."""
     return (
         _ONEDNN
+        and not torch.compiler.is_compiling()  # first: no guard on the row count in compiled graphs
         and x.device.type == "cpu"
         and x.dtype == torch.float32
-        and x.numel() >= min_rows * x.shape[-1]
-        and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled("cpu")
+        and x.numel() >= min_rows * x.shape[-1]
     )
 
 
@@ -51,7 +54,7 @@ def _onednn_matmul(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """y = x W^T + b with the forward and input gradient on oneDNN, the weight gradient on MKL."""
+    """y = x W^T + b on oneDNN; the input gradient on oneDNN for many rows, else MKL; the weight gradient on MKL."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -67,8 +70,12 @@ class _OneDnnLinear(torch.autograd.Function):
         x2d, weight = ctx.saved_tensors
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K): oneDNN takes the weight as (out, in) = W^T
-            grad_x = _onednn_matmul(grad_2d, weight.t(), None).view(ctx.input_shape)
+        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K); oneDNN takes the weight as (out, in) = W^T
+            if grad_2d.shape[0] >= ONEDNN_GRAD_MIN_ROWS:
+                grad_x = _onednn_matmul(grad_2d, weight.t(), None)
+            else:
+                grad_x = grad_2d @ weight
+            grad_x = grad_x.view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
             grad_weight = grad_2d.t() @ x2d  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -86,8 +93,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """GELU(x W^T + b); one fused oneDNN kernel when no gradient is needed."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    # With the GELU fused, oneDNN is also as fast as MKL for the late stages' smaller matrices.
-    if not needs_grad and use_onednn(x, min_rows=1):
+    if not needs_grad and use_onednn(x):
         out = _onednn_matmul(x.reshape(-1, x.shape[-1]), weight, bias, act="gelu")
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.gelu(linear(x, weight, bias))

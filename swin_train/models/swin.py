@@ -13,13 +13,15 @@ from the architecture here and never saved.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from .flex import flex_window_attention
+from .flex import flex_attention_available, flex_window_attention
 from .ops import Linear, linear_gelu
 
 # Logit offset for token pairs that come from different image regions after the cyclic shift. The official
@@ -107,6 +109,12 @@ class PatchEmbed(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
 
 
+@functools.cache
+def _flex_runs_on(device: torch.device) -> bool:
+    """FlexAttention with gradients on `device` (a model trained with it falls back to SDPA elsewhere)."""
+    return flex_attention_available(device)
+
+
 def sdpa_windows(q, k, v, bias: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
     """scaled_dot_product_attention over windows: q, k, v (B * num_windows, heads, N, head_dim) and an additive
     bias (heads, N, N) or (num_windows, heads, N, N) -> (B, num_windows * heads, N, head_dim).
@@ -138,7 +146,9 @@ class WindowAttention(nn.Module):
     ):
         super().__init__()
         self.dim, self.window, self.num_heads = dim, window, num_heads
-        self.attention = attention  # "auto" or "flex" (config.ModelConfig.attention)
+        if attention not in ("auto", "flex"):
+            raise ValueError(f"attention must be 'auto' or 'flex', got {attention!r}")
+        self.attention = attention  # config.ModelConfig.attention
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
@@ -162,7 +172,9 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # each (B_, heads, N, head_dim)
         dropout = self.attn_drop if self.training else 0.0
         num_windows = mask.shape[0] if mask is not None else 1
-        if q.is_cuda and self.attention == "flex" and not dropout:  # FlexAttention has no attention dropout
+        # FlexAttention has no attention dropout; compiled training has checked the GPU already (trainer)
+        use_flex = self.attention == "flex" and q.is_cuda and not dropout
+        if use_flex and (torch.compiler.is_compiling() or _flex_runs_on(q.device)):
             out = flex_window_attention(q, k, v, self.relative_position_bias_table, self.relative_position_index,
                                         mask, num_windows, head_dim**-0.5)  # fmt: skip
         else:
