@@ -877,8 +877,7 @@ def run_linear_kernels(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     env = environment(setup, argv)
     env["malloc"] = malloc
     return {"config": {"model": setup.name, "batch_size": setup.batch_size, "repeats": setup.repeats,
-                       "iters": setup.iters, "onednn_min_rows": ops.ONEDNN_MIN_ROWS,
-                       "onednn_grad_min_rows": ops.ONEDNN_GRAD_MIN_ROWS},
+                       "iters": setup.iters, "onednn_min_rows": ops.ONEDNN_MIN_ROWS},
             "env": env, "results": results}  # fmt: skip
 
 
@@ -888,13 +887,10 @@ def format_kernel_table(report: dict) -> str:
         f"Linear kernels of {cfg['model']} at batch {cfg['batch_size']}, GFLOP/s, best of {cfg['repeats']} "
         f"rounds x {cfg['iters']} | {env['device_name']} | threads {env['threads']} | malloc: {env['malloc']}",
         f"{'rows':>6} {'in':>5} {'out':>5} {'fwd MKL':>8} {'fwd oneDNN':>10} {'dX MKL':>7} {'dX oneDNN':>9}  "
-        "swin-train uses (fwd / dX)",
+        "swin-train uses",
     ]
     for r in report["results"]:
-        used = " / ".join(
-            "oneDNN" if r["rows"] >= cfg[key] else "MKL"
-            for key in ("onednn_min_rows", "onednn_grad_min_rows")
-        )
+        used = "oneDNN" if r["rows"] >= cfg["onednn_min_rows"] else "MKL"
         lines.append(
             f"{r['rows']:>6} {r['in']:>5} {r['out']:>5} {r['forward_mkl_gflops']:>8.0f} "
             f"{r['forward_onednn_gflops']:>10.0f} {r['grad_input_mkl_gflops']:>7.0f} "

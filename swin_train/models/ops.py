@@ -2,14 +2,15 @@
 
 Why our own kernel choice: on CPU, `F.linear` runs MKL's sgemm. oneDNN's fp32 matmul
 (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend uses) measures faster on the
-2-core AMD EPYC CI machine for the forward product of every Swin-T block shape at batch 8 (e.g. 25,088 x 384
--> 96: 92 against 70 GFLOP/s; 392 x 768 -> 3,072: 132 against 98), and for the input gradient of the
-token-heavy first two stages (25,088 x 96 -> 96: 99 against 63), while MKL is faster for the input gradient
-of the late stages' smaller matrices (392 x 768 -> 768: 117 against 87). `python scripts/benchmark.py
---linear-kernels` prints this table. So the forward takes oneDNN from `ONEDNN_MIN_ROWS` rows, the input
-gradient from `ONEDNN_GRAD_MIN_ROWS`, and the weight gradient stays on MKL. Both compute in fp32: the logits
-agree with `F.linear`'s to about 1e-6. In inference the first MLP layer also fuses its GELU (exact erf form)
-into the matmul, which saves a pass over the largest activation.
+2-core AMD EPYC CI machine for the token-heavy matrices of Swin-T's first two stages at batch 8, forward
+and input gradient (e.g. 25,088 x 384 -> 96 forward: 92 against 70 GFLOP/s; 25,088 x 96 -> 96 input
+gradient: 99 against 63), while for the late stages' smaller matrices the two are within noise or MKL is
+faster (392 x 768 -> 768 input gradient: 117 against 87). `python scripts/benchmark.py --linear-kernels`
+prints the table for every shape. So oneDNN takes the product and its input gradient from `ONEDNN_MIN_ROWS`
+rows, and the weight gradient stays on MKL. Both compute in fp32: the logits agree with `F.linear`'s to about
+1e-6. In inference the first MLP layer also fuses its GELU (exact erf form) into the matmul, which saves a
+pass over the largest activation. The gain in a whole training step is small (a few per cent) and within the
+CI machine's run-to-run noise; see the README's performance section.
 
 Everything else (CUDA, autocast, torch.compile tracing, small matrices, a torch build without oneDNN) takes
 `F.linear`, so the parameters, their names and the numerics are those of `nn.Linear`. Unlike `F.linear`, the
@@ -22,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows (tokens in the batch) from which oneDNN beats MKL on the CI machine, for the product and for the input
-# gradient; Swin-T at batch 8 has 25,088 rows in stage 1, 6,272 in stage 2, 1,568 in stage 3 and 392 in stage 4.
-ONEDNN_MIN_ROWS = 256
-ONEDNN_GRAD_MIN_ROWS = 4096
+# Rows (tokens in the batch) from which oneDNN beats MKL on the CI machine; Swin-T at batch 8 has 25,088 rows
+# in stage 1, 6,272 in stage 2, 1,568 in stage 3 and 392 in stage 4.
+ONEDNN_MIN_ROWS = 4096
 
 
 def _onednn_available() -> bool:
@@ -35,7 +35,7 @@ def _onednn_available() -> bool:
 _ONEDNN = _onednn_available()
 
 
-def use_onednn(x: torch.Tensor, min_rows: int = ONEDNN_MIN_ROWS) -> bool:
+def use_onednn(x: torch.Tensor) -> bool:
     """Whether `x @ W.T` takes the oneDNN kernel: fp32 on CPU, eager, outside autocast, enough rows."""
     return (
         _ONEDNN
@@ -43,7 +43,7 @@ def use_onednn(x: torch.Tensor, min_rows: int = ONEDNN_MIN_ROWS) -> bool:
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and x.numel() >= min_rows * x.shape[-1]
+        and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
     )
 
 
@@ -54,7 +54,7 @@ def _onednn_matmul(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """y = x W^T + b on oneDNN; the input gradient on oneDNN for many rows, else MKL; the weight gradient on MKL."""
+    """y = x W^T + b with the forward and input gradient on oneDNN, the weight gradient on MKL."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -70,12 +70,8 @@ class _OneDnnLinear(torch.autograd.Function):
         x2d, weight = ctx.saved_tensors
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K); oneDNN takes the weight as (out, in) = W^T
-            if grad_2d.shape[0] >= ONEDNN_GRAD_MIN_ROWS:
-                grad_x = _onednn_matmul(grad_2d, weight.t(), None)
-            else:
-                grad_x = grad_2d @ weight
-            grad_x = grad_x.view(ctx.input_shape)
+        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K): oneDNN takes the weight as (out, in) = W^T
+            grad_x = _onednn_matmul(grad_2d, weight.t(), None).view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
             grad_weight = grad_2d.t() @ x2d  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
