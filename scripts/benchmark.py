@@ -29,6 +29,11 @@ import math
 import os
 import platform
 import re
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 import shlex
 import statistics
 import subprocess
@@ -391,9 +396,18 @@ class Runner:
         return total
 
 
-def timed_round(step: Callable[[], None], iters: int, device: torch.device) -> tuple[float, float | None]:
-    """(seconds for `iters` steps, CUDA peak bytes allocated above the level before the round or None)."""
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is missing)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+def timed_round(
+    step: Callable[[], None], iters: int, device: torch.device
+) -> tuple[float, float | None, int]:
+    """(seconds for `iters` steps, CUDA peak bytes allocated above the level before the round or None,
+    minor page faults during the round)."""
     synchronize(device)
+    faults = minor_faults()
     if device.type == "cuda":
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -403,7 +417,7 @@ def timed_round(step: Callable[[], None], iters: int, device: torch.device) -> t
     synchronize(device)
     seconds = time.perf_counter() - start
     extra = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
-    return seconds, extra
+    return seconds, extra, minor_faults() - faults
 
 
 def median_pairwise_ratio(a: Sequence[float], b: Sequence[float]) -> tuple[list[float], float]:
@@ -575,7 +589,7 @@ def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> d
         for mode, make_step in modes.items():
             step = make_step(runner)
             if impl in setup.compile:  # the first call compiles; time it on its own
-                seconds, _ = timed_round(step, 1, setup.device)
+                seconds, _, _ = timed_round(step, 1, setup.device)
                 compile_s.setdefault(impl, {})[mode] = seconds
                 log(f"{impl} {mode}: first call (compile) {seconds:.1f} s")
             for _ in range(setup.warmup):
@@ -583,11 +597,13 @@ def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> d
     log(f"timing {setup.repeats} rounds x {setup.iters} iterations, interleaved")
     seconds = {impl: {mode: [] for mode in modes} for impl in runners}
     cuda_peak = {impl: {mode: 0 for mode in modes} for impl in runners}
+    faults = {impl: {mode: [] for mode in modes} for impl in runners}
     for r in range(setup.repeats):
         for mode, make_step in modes.items():
             for impl, runner in runners.items():
-                s, extra = timed_round(make_step(runner), setup.iters, setup.device)
+                s, extra, round_faults = timed_round(make_step(runner), setup.iters, setup.device)
                 seconds[impl][mode].append(s)
+                faults[impl][mode].append(round_faults / setup.iters)
                 if extra is not None:
                     alone = extra + runner.resident_bytes(train=mode == "train") + input_bytes
                     cuda_peak[impl][mode] = max(cuda_peak[impl][mode], alone)
@@ -617,6 +633,7 @@ def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> d
                 "median_img_s": median,
                 "peak_mem_mib": mem,
                 "mfu": mfu(macs, median, peak, train=mode == "train"),
+                "minor_faults_per_step": statistics.median(faults[impl][mode]),
             }
     ratios = {}
     for a, b in (("ours", "timm"), ("ours", "torchvision"), ("torchvision", "timm")):
@@ -703,6 +720,13 @@ def format_table(report: dict) -> str:
                 f"compile {impl}: train {res['compile_s']['train']:.1f} s, infer {res['compile_s']['infer']:.1f} s"
             )
     lines.append("ratios: median over rounds of (round i of impl) / (round i of timm); higher is faster")
+    lines.append(
+        "minor page faults per step (train/infer): "
+        + ", ".join(
+            f"{impl} {res['train']['minor_faults_per_step']:.0f}/{res['infer']['minor_faults_per_step']:.0f}"
+            for impl, res in results.items()
+        )
+    )
     lines.append(f"memory: {report['memory_note']}")
     lines.append(f"load average at start / end: {env['loadavg_start']} / {env['loadavg_end']}")
     return "\n".join(lines)

@@ -55,6 +55,7 @@ def test_micro_run_reports_rounds_medians_and_pairwise_ratios(bench, capsys):
 
     for res in report["results"].values():
         assert res["compile_s"] is None
+        assert all(res[mode]["minor_faults_per_step"] >= 0 for mode in ("train", "infer"))
         for mode in ("train", "infer"):
             m = res[mode]
             assert len(m["round_s"]) == 3
