@@ -193,7 +193,8 @@ def build_optimizer(
     """AdamW over `param_groups`, each group starting at lr x lr_scale; the fused kernel on CUDA and CPU.
 
     On CPU the fused kernel is one pass over each tensor: a Swin-T AdamW step took 30 ms against 99 ms for
-    foreach and 135 ms for torch's CPU default, the per-tensor loop (2 cores, torch 2.14).
+    foreach and 135 ms for torch's CPU default, the per-tensor loop (10 steps each over timm's Swin-T
+    parameters with random gradients, 2 cores, torch 2.14).
     """
     groups = param_groups(model, weight_decay=weight_decay, layer_decay=layer_decay)
     for g in groups:
