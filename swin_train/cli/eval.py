@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from swin_train.data import ExactEvalSampler, build_eval_dataset, build_loader
     from swin_train.distributed import init_distributed, shutdown
     from swin_train.engine import evaluate, resolve_amp
+    from swin_train.prefetch import DeviceTransform
     from swin_train.trainer import data_root, eval_transform
 
     env = init_distributed(args.device)
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("throughput: %.1f img/s (batch %d, %s, amp %s)", img_s, cfg.eval.batch_size or cfg.data.batch_size,
                      env.device, amp.name)  # fmt: skip
             return 0
-        dataset, classes = build_eval_dataset(data_root(cfg, env), eval_transform(cfg),
+        # on CUDA, as in training: uint8 batches from the workers, normalised on the GPU (prefetch.py)
+        on_device = env.device.type == "cuda"
+        dataset, classes = build_eval_dataset(data_root(cfg, env), eval_transform(cfg, uint8=on_device),
                                               skip_bad_images=cfg.data.skip_bad_images)  # fmt: skip
         if len(classes) != model.num_classes:
             raise DataError(f"the data has {len(classes)} classes but the model has {model.num_classes}")
@@ -118,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         loader = build_loader(dataset, batch_size=cfg.eval.batch_size or cfg.data.batch_size,
                               sampler=ExactEvalSampler(len(dataset), env.world_size, env.rank),
                               num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)  # fmt: skip
+        device_transform = DeviceTransform(env.device, cfg.data.mean, cfg.data.std) if on_device else None
         m = evaluate(model, loader, device=env.device, amp=amp, num_classes=model.num_classes,
-                     show_progress=env.is_main)  # fmt: skip
+                     show_progress=env.is_main, device_transform=device_transform)  # fmt: skip
         if env.is_main:
             k = m["topk"]
             note = f" (only {model.num_classes} classes: top-{k})" if k < 5 else ""
