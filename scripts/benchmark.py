@@ -512,6 +512,11 @@ def cpu_memory(setup: Setup, malloc: str) -> dict[str, dict]:
 # Model benchmark
 
 
+def process_malloc(args: argparse.Namespace) -> str:
+    """Keep freed memory in this process as swin-train does, unless --system-malloc; says which it is."""
+    return "system" if args.system_malloc or not keep_freed_memory() else "keep freed memory"
+
+
 def environment(setup: Setup, argv: Sequence[str]) -> dict:
     if setup.device.type == "cuda":
         device_name = torch.cuda.get_device_name(setup.device)
@@ -538,7 +543,7 @@ def environment(setup: Setup, argv: Sequence[str]) -> dict:
 
 def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> dict:
     torch.set_num_threads(setup.threads)
-    malloc = "system" if args.system_malloc or not keep_freed_memory() else "keep freed memory"
+    malloc = process_malloc(args)
     if args.tf32 and setup.device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     env = environment(setup, argv)
@@ -892,7 +897,7 @@ def run_linear_kernels(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         )
     setup = resolve(args)
     torch.set_num_threads(setup.threads)
-    malloc = "system" if args.system_malloc or not keep_freed_memory() else "keep freed memory"
+    malloc = process_malloc(args)
     results = []
     for rows, k, n in linear_shapes(setup.arch, setup.batch_size):
         gflops = time_linear_kernels(rows, k, n, setup.repeats, setup.iters)

@@ -36,13 +36,6 @@ def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
 
 
-def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
-    """(B * num_windows, window * window, C) -> (B, H, W, C); inverse of window_partition."""
-    C = windows.shape[-1]
-    x = windows.view(-1, H // window, W // window, window, window, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
-
-
 def window_token_order(H: int, W: int, window: int, shift: int) -> torch.Tensor:
     """(H*W,) row-major token index of each token of window_partition(roll(x, -shift)), in window order.
 
