@@ -60,6 +60,7 @@ from swin_train.models import convert_state_dict, create_model, ops
 from swin_train.models.convert import to_layout
 from swin_train.models.flex import flex_attention_available
 from swin_train.models.registry import variant_arch
+from swin_train.models.swin import ATTENTION_BACKENDS
 from swin_train.optim import build_optimizer
 
 IMPLS = ("ours", "timm", "torchvision")
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. --compile ours: ours compiled against timm eager, in one run)",
     )  # fmt: skip
     p.add_argument(
-        "--attention", choices=("auto", "flex"), default="auto",
+        "--attention", choices=ATTENTION_BACKENDS, default="auto",
         help="our window attention: auto (SDPA on CUDA, written out on CPU) or flex (FlexAttention, CUDA)",
     )  # fmt: skip
     p.add_argument(

@@ -28,6 +28,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from swin_train.errors import ConfigError
 from swin_train.models.registry import VARIANTS, variant_arch
+from swin_train.models.swin import ATTENTION_BACKENDS
 
 # Architecture used for fields left None when model.name is not given: Swin-T.
 SWIN_T_ARCH: dict[str, Any] = dict(
@@ -40,7 +41,6 @@ AMP_ALIASES = {"fp32": "none", "float32": "none", "off": "none", "bfloat16": "bf
 DATASETS = ("imagefolder", "shapes")
 BEST_ON = ("raw", "ema")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")  # timm's PIL names
-ATTENTION_BACKENDS = ("auto", "flex")
 MIXUP_MODES = ("batch", "pair", "elem")  # timm.data.Mixup
 RE_MODES = ("pixel", "rand", "const")  # timm.data.RandomErasing
 

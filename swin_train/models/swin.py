@@ -28,6 +28,9 @@ from .ops import Linear, linear_gelu
 # code uses -100 (not -inf), which keeps a fully masked row finite; we keep it for identical numerics.
 MASKED_LOGIT = -100.0
 
+# WindowAttention's kernels: "auto" (SDPA on CUDA, the math written out on CPU) or "flex" (FlexAttention)
+ATTENTION_BACKENDS = ("auto", "flex")
+
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, H, W, C) -> (B * num_windows, window * window, C), windows in row-major order."""
@@ -139,8 +142,8 @@ class WindowAttention(nn.Module):
     ):
         super().__init__()
         self.dim, self.window, self.num_heads = dim, window, num_heads
-        if attention not in ("auto", "flex"):
-            raise ValueError(f"attention must be 'auto' or 'flex', got {attention!r}")
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
         self.attention = attention  # config.ModelConfig.attention
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
@@ -174,7 +177,6 @@ class WindowAttention(nn.Module):
             bias = self.relative_position_bias()  # (heads, N, N)
             if mask is not None:
                 bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # (num_windows, heads, N, N)
-            B = B_ // num_windows
             if q.is_cuda:
                 out = sdpa_windows(q, k, v, bias, dropout)
             else:
@@ -182,7 +184,7 @@ class WindowAttention(nn.Module):
                 # same math written out is faster for 49-token windows (inference ~1.7x, training ~1.05x on
                 # the attention alone, measured with torch 2.14 on 2 cores). (B, num_windows, heads, N, ...)
                 # views: the bias broadcasts over the images without a copy.
-                q, k, v = (t.view(B, num_windows, heads, N, head_dim) for t in (q, k, v))
+                q, k, v = (t.view(B_ // num_windows, num_windows, heads, N, head_dim) for t in (q, k, v))
                 attn = (q * head_dim**-0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)
                 attn = F.dropout(attn.softmax(dim=-1), dropout, self.training)
                 out = attn @ v
