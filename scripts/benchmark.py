@@ -18,6 +18,10 @@ the implementation keeps resident (weights, buffers, AdamW state for training, t
 its peak as if it ran alone. On CPU, peak RSS is process-wide and never goes down, so each
 implementation is measured eagerly in a fresh subprocess: VmHWM minus the VmRSS before the model was
 built (it includes allocator slack and oneDNN scratch); with --compile it is reported as n/a.
+
+MFU: 2 x the model's multiply-adds per image (x3 for a train step) x img/s over the peak FLOP/s: the GPU's
+datasheet figure, or on CPU the measured speed of a large square matmul. Its inverse for timm is printed as
+the ceiling: how much faster than timm any implementation could be if every FLOP ran at that peak.
 """
 
 from __future__ import annotations
@@ -86,6 +90,10 @@ DEFAULTS = {
     "cuda": dict(dtype="bf16", batch_size=128, warmup=10, repeats=5, iters=20),
 }
 MiB = 2**20
+# A CPU's attainable matmul peak is measured: no datasheet figure fits a shared VM's clocks and cores. Square
+# products of this size reach the plateau of MKL's sgemm on the 2-core CI machine (2048: ~10% lower).
+CPU_PEAK_SIZE = 4096
+CPU_PEAK_REPEATS = 3
 
 
 def log(msg: str) -> None:
@@ -144,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep glibc's malloc defaults; by default the process keeps freed memory as swin-train does\n"
         "(swin_train/allocator.py), which speeds up every implementation alike on CPU",
     )  # fmt: skip
-    p.add_argument("--peak-tflops", type=float, help="device peak for MFU; default: looked up by GPU name")
+    p.add_argument(
+        "--peak-tflops", type=float,
+        help="device peak for MFU; default: looked up by GPU name on CUDA, measured on CPU\n"
+        f"(the fastest of {CPU_PEAK_REPEATS} {CPU_PEAK_SIZE}x{CPU_PEAK_SIZE} matrix products in --dtype)",
+    )  # fmt: skip
     p.add_argument(
         "--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory"
     )
@@ -435,6 +447,33 @@ def peak_tflops(device_name: str, dtype: str, tf32: bool) -> float | None:
     return None
 
 
+def measured_matmul_tflops(dtype: str, size: int = CPU_PEAK_SIZE, repeats: int = CPU_PEAK_REPEATS) -> float:
+    """TFLOP/s of the fastest of `repeats` (size x size) @ (size x size) CPU products in `dtype`, after one
+    untimed product: what the model's matrix products could reach at best on this CPU."""
+    a, b = (torch.randn(size, size).to(DTYPES[dtype]) for _ in range(2))
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+def resolve_peak(args: argparse.Namespace, setup: Setup, device_name: str) -> tuple[float | None, str]:
+    """(peak TFLOP/s for MFU or None, where it comes from)."""
+    if args.peak_tflops is not None:
+        return args.peak_tflops, "--peak-tflops"
+    if setup.device.type == "cuda":
+        tf32 = torch.get_float32_matmul_precision() != "highest"
+        peak = peak_tflops(device_name, setup.dtype, tf32)
+        return peak, ("datasheet" if peak else "unknown GPU: pass --peak-tflops")
+    log(f"measuring the CPU's {setup.dtype} matmul peak ({CPU_PEAK_SIZE}x{CPU_PEAK_SIZE})")
+    return measured_matmul_tflops(setup.dtype), (
+        f"measured: fastest of {CPU_PEAK_REPEATS} {setup.dtype} {CPU_PEAK_SIZE}x{CPU_PEAK_SIZE} matmuls"
+    )
+
+
 def mfu(macs_per_image: int, img_s: float, peak: float | None, train: bool) -> float | None:
     """Model FLOP utilisation: (3 if train else 1) x 2 x MACs per image x img/s / peak FLOP/s."""
     if peak is None:
@@ -618,9 +657,7 @@ def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> d
             f"{setup.batch_size * setup.iters / seconds[impl]['infer'][-1]:.2f}" for impl in runners
         ) + " img/s (train/infer)")  # fmt: skip
 
-    peak = args.peak_tflops
-    if peak is None and setup.device.type == "cuda":
-        peak = peak_tflops(env["device_name"], setup.dtype, torch.get_float32_matmul_precision() != "highest")
+    peak, peak_source = resolve_peak(args, setup, env["device_name"])
     results = {}
     for impl in runners:
         results[impl] = {"params": params[impl], "compile_s": compile_s.get(impl)}
@@ -667,6 +704,7 @@ def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> d
             "repeats": setup.repeats,
             "iters": setup.iters,
             "peak_tflops": peak,
+            "peak_source": peak_source,
         },
         "env": env,
         "macs_per_image": macs,
@@ -726,6 +764,16 @@ def format_table(report: dict) -> str:
                 f"compile {impl}: train {res['compile_s']['train']:.1f} s, infer {res['compile_s']['infer']:.1f} s"
             )
     lines.append("ratios: median over rounds of (round i of impl) / (round i of timm); higher is faster")
+    if cfg["peak_tflops"] is not None:
+        lines.append(
+            f"MFU: 2 x multiply-adds per image (x3 for a train step) x img/s / {cfg['peak_tflops'] * 1e3:.1f} "
+            f"GFLOP/s ({cfg['peak_source']})"
+        )
+        if "timm" in results:  # the fastest any implementation could be: every FLOP at the peak
+            lines.append(
+                f"ceiling vs timm (a step at 100% MFU): train {1 / results['timm']['train']['mfu']:.2f}x, "
+                f"infer {1 / results['timm']['infer']['mfu']:.2f}x"
+            )
     lines.append(
         "minor page faults per step (train/infer): "
         + ", ".join(

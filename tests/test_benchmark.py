@@ -39,6 +39,7 @@ def test_micro_run_reports_rounds_medians_and_pairwise_ratios(bench, capsys):
     # spin-waiting on a shared 2-core machine.
     argv = MICRO_FLAGS + ["--batch-size", "2", "--warmup", "1", "--repeats", "3", "--iters", "1"]
     argv += ["--threads", "1", "--no-memory", "--json", "--impls", "ours", "timm", "torchvision"]
+    argv += ["--peak-tflops", "0.05"]  # the measured CPU peak has its own test
     report = bench.main(argv)
     assert json.loads(capsys.readouterr().out) == report  # --json prints exactly the returned report
 
@@ -61,7 +62,10 @@ def test_micro_run_reports_rounds_medians_and_pairwise_ratios(bench, capsys):
             assert len(m["round_s"]) == 3
             assert m["img_s"] == pytest.approx([2 * 1 / s for s in m["round_s"]])
             assert m["median_img_s"] == statistics.median(m["img_s"])
-            assert m["peak_mem_mib"] is None and m["mfu"] is None  # --no-memory; no peak FLOP/s on CPU
+            assert m["peak_mem_mib"] is None  # --no-memory
+            assert m["mfu"] == pytest.approx(
+                bench.mfu(report["macs_per_image"], m["median_img_s"], 0.05, mode == "train")
+            )
     assert set(report["ratios"]) == {"ours/timm", "ours/torchvision", "torchvision/timm"}
     for pair, by_mode in report["ratios"].items():
         a, b = pair.split("/")
@@ -73,8 +77,11 @@ def test_micro_run_reports_rounds_medians_and_pairwise_ratios(bench, capsys):
             assert r["pairwise"] == pytest.approx(expected)
             assert r["median"] == statistics.median(r["pairwise"])
 
+    assert (report["config"]["peak_tflops"], report["config"]["peak_source"]) == (0.05, "--peak-tflops")
     table = bench.format_table(report)
     assert "ours vs torchvision: train" in table
+    timm_train = report["results"]["timm"]["train"]["mfu"]
+    assert f"ceiling vs timm (a step at 100% MFU): train {1 / timm_train:.2f}x" in table
     assert [line.split()[0] for line in table.splitlines()[5:8]] == ["ours", "timm", "torchvision"]
 
 
@@ -95,6 +102,20 @@ def test_peak_lookup_and_mfu(bench):
     assert bench.mfu(4_494_000_000, 1000.0, 989.4, train=True) == pytest.approx(0.027253, rel=1e-4)
     assert bench.mfu(4_494_000_000, 1000.0, 989.4, train=False) == pytest.approx(0.027253 / 3, rel=1e-4)
     assert bench.mfu(4_494_000_000, 1000.0, None, train=True) is None
+
+
+def test_cpu_peak_is_measured_and_gpu_peak_looked_up(bench, monkeypatch):
+    tflops = bench.measured_matmul_tflops("fp32", size=128, repeats=2)
+    assert 0 < tflops < 100  # a 2-core CPU does tens of GFLOP/s, far below 100 TFLOP/s
+    monkeypatch.setattr(bench, "measured_matmul_tflops", lambda dtype: {"fp32": 0.15, "bf16": 0.3}[dtype])
+    parse = bench.build_parser().parse_args
+    setup = bench.resolve(parse(MICRO_FLAGS))
+    peak, source = bench.resolve_peak(parse(MICRO_FLAGS), setup, "AMD EPYC")
+    assert peak == 0.15 and source.startswith("measured: fastest of 3 fp32 4096x4096")
+    setup = bench.resolve(parse(MICRO_FLAGS + ["--dtype", "bf16"]))
+    assert bench.resolve_peak(parse(MICRO_FLAGS + ["--dtype", "bf16"]), setup, "AMD EPYC")[0] == 0.3
+    args = parse(MICRO_FLAGS + ["--peak-tflops", "2.5"])
+    assert bench.resolve_peak(args, bench.resolve(args), "AMD EPYC") == (2.5, "--peak-tflops")
 
 
 def test_memory_probe_reports_train_and_infer_peaks(bench):
