@@ -9,7 +9,8 @@ loads with `torch.load(weights_only=True)`: nothing in a checkpoint can run code
 (at the top level or in `train_state`) orders last.pth / best.pth among the resume candidates.
 
 Writes go to a temp file in the same folder (`.{name}.tmp-{pid}-{random}`), are fsynced and then
-renamed over the target, so a crash or a full disk never leaves a half-written `last.pth`.
+renamed over the target, so a crash or a full disk never leaves a half-written `last.pth`. A process killed
+while writing (SIGKILL, OOM killer) leaves its temp file behind; the next run removes it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _log = logging.getLogger(__name__)
 LAST = "last.pth"
 BEST = "best.pth"
 _STEP_RE = re.compile(r"^step-(\d{9,})\.pth$")
+_TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")  # save_checkpoint's temp files; group 1: writer pid
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 # Parameter loads under weights_only (torch allow-lists its rebuild function); other tensor
 # subclasses and dict/tuple subclasses (namedtuples, ...) are pickled by class name and would not.
@@ -262,6 +264,35 @@ def prune_step_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Pat
     for path in deleted:
         path.unlink(missing_ok=True)
     return deleted
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temp_files(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of saves whose writer process is gone (killed mid-save); returns them.
+
+    A temp file of a live process (another run writing to the same folder) is left alone."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    stale = [
+        path
+        for path in folder.iterdir()
+        if (m := _TEMP_RE.match(path.name))
+        and int(m.group(1)) != os.getpid()
+        and not _process_alive(int(m.group(1)))
+    ]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def check_output_writable(output_dir: str | os.PathLike, min_free_bytes: int) -> None:

@@ -316,6 +316,8 @@ def setup_output(cfg: Config, env: DistEnv) -> logging.Handler | None:
         handler = logging.FileHandler(out / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
+        for path in ckpt.remove_stale_temp_files(out):
+            log.warning("removed %s, left behind by a save that was killed before it finished", path)
         (out / "config.yaml").write_text(dump_config(cfg))
     barrier()
     return handler

@@ -12,6 +12,7 @@ import random
 import resource
 import signal
 import stat
+import subprocess
 
 import numpy as np
 import pytest
@@ -371,6 +372,34 @@ def test_prune_keeps_exactly_the_newest(tmp_path):
     assert len(prune_step_checkpoints(tmp_path, keep=0)) == 3
     with pytest.raises(ValueError):
         prune_step_checkpoints(tmp_path, keep=-1)
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path, monkeypatch):
+    # the temp name save_checkpoint really uses (captured at the rename, which then fails)
+    names = []
+
+    def failing_replace(src, dst):
+        names.append(pathlib.Path(src).name)
+        raise KeyboardInterrupt  # stop the save there; it removes its temp file
+
+    monkeypatch.setattr(ck.os, "replace", failing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"a": 1}, tmp_path / "last.pth")
+    monkeypatch.undo()
+    (ours,) = names
+    assert ck._TEMP_RE.match(ours) and not (tmp_path / ours).exists()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that existed and is gone
+    stale = f".last.pth.tmp-{dead.pid}-0123abcd"
+    alive = f".best.pth.tmp-{os.getppid()}-89abcdef"  # another live process's save in progress
+    # `ours` stands for a save of this process in progress: never touched
+    for name in (stale, alive, ours, ".last.pth.tmp-notapid-0123abcd", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert ck.remove_stale_temp_files(tmp_path) == [tmp_path / stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [alive, ours, ".last.pth.tmp-notapid-0123abcd", "notes.txt"]
+    )
+    assert ck.remove_stale_temp_files(tmp_path / "missing") == []
 
 
 # ------------------------------------------------------------------------- check_output_writable

@@ -142,9 +142,12 @@ def test_resume_after_kill_9_is_bitwise(shapes_root, tmp_path, kill_at, extra):
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_subprocess()
     )
     _kill_when(proc, run / kill_at)
+    left_behind = run / f".last.pth.tmp-{proc.pid}-0badf00d"  # as if killed while writing last.pth
+    left_behind.write_bytes(b"partial")
     resumed = run_cli("train", "--data-path", shapes_root, "--output", run, *common)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
+    assert not left_behind.exists() and f"removed {left_behind}" in (run / "log.txt").read_text()
 
     assert_bitwise_equal(weights(ref / "last.pth"), weights(run / "last.pth"))
     a, b = (torch.load(d / "last.pth", weights_only=True) for d in (ref, run))
