@@ -267,6 +267,8 @@ def prune_step_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Pat
 
 
 def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there; assume alive (keep the file)
+        return True
     try:
         os.kill(pid, 0)  # signal 0: existence check only
     except ProcessLookupError:
