@@ -8,7 +8,7 @@ Every checkpoint is a dict of plain data (tensors, str, int, float, bool, None, 
 loads with `torch.load(weights_only=True)`: nothing in a checkpoint can run code. Its int `global_step`
 (at the top level or in `train_state`) orders last.pth / best.pth among the resume candidates.
 
-Writes go to a temp file in the same folder (`.{name}.tmp-{pid}-{random}`), are fsynced and then
+Writes go to a temp file in the same folder (`.{name}.tmp-{host}-{pid}-{random}`), are fsynced and then
 renamed over the target, so a crash or a full disk never leaves a half-written `last.pth`. A process killed
 while writing (SIGKILL, OOM killer) leaves its temp file behind; the next run removes it.
 """
@@ -31,13 +31,14 @@ import numpy as np
 import torch
 
 from swin_train.errors import CheckpointError
+from swin_train.leftovers import left_by_dead_process, owner_tag
 
 _log = logging.getLogger(__name__)
 
 LAST = "last.pth"
 BEST = "best.pth"
 _STEP_RE = re.compile(r"^step-(\d{9,})\.pth$")
-_TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")  # save_checkpoint's temp files; group 1: writer pid
+_TEMP_RE = re.compile(r"^\..+\.tmp-(.+)$")  # temp_path's names; group 1: the writer's owner tag
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 # Parameter loads under weights_only (torch allow-lists its rebuild function); other tensor
 # subclasses and dict/tuple subclasses (namedtuples, ...) are pickled by class name and would not.
@@ -103,11 +104,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def temp_path(path: Path) -> Path:
+    """Where an atomic save of `path` writes before the rename: a hidden name in the same folder that
+    carries this process's owner tag (`remove_stale_temp_files` reads it back)."""
+    return path.with_name(f".{path.name}.tmp-{owner_tag()}")
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Write `state` to `path` atomically; an existing file at `path` stays intact on any failure."""
     path = Path(path)
     ensure_plain(state)  # a programming error (TypeError), raised before anything touches the disk
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "xb") as f:
             torch.save(state, f)
@@ -266,31 +273,15 @@ def prune_step_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Pat
     return deleted
 
 
-def _process_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there; assume alive (keep the file)
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def remove_stale_temp_files(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete the temp files of saves whose writer process is gone (killed mid-save); returns them.
-
-    A temp file of a live process (another run writing to the same folder) is left alone."""
+    """Delete the temp files of saves whose writer, a process of this host, is gone (killed mid-save);
+    returns them. A temp file of a live process or of another host (another run writing to the same
+    folder) is left alone."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
     stale = [
-        path
-        for path in folder.iterdir()
-        if (m := _TEMP_RE.match(path.name))
-        and int(m.group(1)) != os.getpid()
-        and not _process_alive(int(m.group(1)))
+        p for p in folder.iterdir() if (m := _TEMP_RE.match(p.name)) and left_by_dead_process(m.group(1))
     ]
     for path in stale:
         path.unlink(missing_ok=True)

@@ -29,9 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import shutil
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from swin_train.errors import DataError
+from swin_train.leftovers import left_by_dead_process, owner_tag
 
 GENERATOR = "swin-train shapes"
 VERSION = 2  # bump when the drawing code changes: cached sets with another version are regenerated
@@ -102,7 +101,7 @@ def ensure_shapes_dataset(
     }
     if _read_meta(root) == meta:
         return root
-    tmp = root.parent / f".{root.name}.tmp-{_owner_tag()}"
+    tmp = root.parent / f".{root.name}.tmp-{owner_tag()}"
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp_dirs(root)
@@ -170,7 +169,7 @@ def _install(tmp: Path, root: Path, meta: dict) -> None:
                 root.rmdir()
                 continue
             raise DataError(f"{root} exists and is not a swin-train shapes set; choose another folder")
-        old = root.parent / f".{root.name}.old-{_owner_tag()}"
+        old = root.parent / f".{root.name}.old-{owner_tag()}"
         try:
             os.rename(root, old)
         except FileNotFoundError:
@@ -186,31 +185,12 @@ def _read_meta(root: Path) -> dict | None:
         return None
 
 
-def _owner_tag() -> str:
-    """`host-pid-random`: lets a later run tell a dead generator's leftovers from a live one's."""
-    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
 def _remove_stale_temp_dirs(root: Path) -> None:
     """Delete temp/old folders next to `root` left by killed processes of this host."""
-    host = socket.gethostname().replace("-", "_")
     for path in root.parent.glob(f".{root.name}.*-*-*-*"):
         kind, _, tag = path.name[len(root.name) + 2 :].partition("-")
-        parts = tag.split("-")
-        if kind not in ("tmp", "old") or len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue
-        if not _pid_alive(int(parts[1])):
+        if kind in ("tmp", "old") and left_by_dead_process(tag):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid < 2**22  # PermissionError: alive but not ours; beyond pid_max: cannot exist
-    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pickle
 import random
 import resource
 import signal
+import socket
 import stat
 import subprocess
 
@@ -390,14 +391,17 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path, monkeypatch):
     assert ck._TEMP_RE.match(ours) and not (tmp_path / ours).exists()
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that existed and is gone
-    stale = f".last.pth.tmp-{dead.pid}-0123abcd"
-    alive = f".best.pth.tmp-{os.getppid()}-89abcdef"  # another live process's save in progress
+    host = socket.gethostname().replace("-", "_")
+    stale = f".last.pth.tmp-{host}-{dead.pid}-0123abcd"
+    alive = f".best.pth.tmp-{host}-{os.getppid()}-89abcdef"  # another live process's save in progress
+    elsewhere = f".last.pth.tmp-otherhost-{dead.pid}-0123abcd"  # another node's pid means nothing here
+    malformed = f".last.pth.tmp-{host}-notapid-0123abcd"
     # `ours` stands for a save of this process in progress: never touched
-    for name in (stale, alive, ours, ".last.pth.tmp-notapid-0123abcd", "notes.txt"):
+    for name in (stale, alive, elsewhere, ours, malformed, "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert ck.remove_stale_temp_files(tmp_path) == [tmp_path / stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [alive, ours, ".last.pth.tmp-notapid-0123abcd", "notes.txt"]
+        [alive, elsewhere, ours, malformed, "notes.txt"]
     )
     assert ck.remove_stale_temp_files(tmp_path / "missing") == []
 

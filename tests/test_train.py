@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,7 +143,8 @@ def test_resume_after_kill_9_is_bitwise(shapes_root, tmp_path, kill_at, extra):
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_subprocess()
     )
     _kill_when(proc, run / kill_at)
-    left_behind = run / f".last.pth.tmp-{proc.pid}-0badf00d"  # as if killed while writing last.pth
+    host = socket.gethostname().replace("-", "_")
+    left_behind = run / f".last.pth.tmp-{host}-{proc.pid}-0badf00d"  # as if killed while writing last.pth
     left_behind.write_bytes(b"partial")
     resumed = run_cli("train", "--data-path", shapes_root, "--output", run, *common)
     assert resumed.returncode == 0, resumed.stderr

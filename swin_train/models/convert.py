@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -289,9 +288,9 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from swin_train.checkpoint import _fsync_dir
+    from swin_train.checkpoint import _fsync_dir, temp_path
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_path(path)
     try:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
