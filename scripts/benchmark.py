@@ -59,6 +59,7 @@ from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSw
 
 import swin_train
 from swin_train.allocator import keep_freed_memory
+from swin_train.config import TrainConfig
 from swin_train.errors import ConfigError, DataError
 from swin_train.models import convert_state_dict, create_model, ops
 from swin_train.models.convert import to_layout
@@ -361,8 +362,7 @@ def build_trainer_optimizer(impl: str, model: nn.Module, device: torch.device) -
     as timm's train.py calls it; torchvision: torch.optim.AdamW with torch's defaults, as its reference
     train.py. torch's default is foreach on CUDA and the per-tensor loop on CPU."""
     if impl == "ours":
-        return build_optimizer(model, lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,
-                               device_type=device.type)  # fmt: skip
+        return build_optimizer(model, TrainConfig(weight_decay=0.05), lr=1e-5, device_type=device.type)
     if impl == "timm":
         return create_optimizer_v2(model, opt="adamw", lr=1e-5, weight_decay=0.05)
     return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
@@ -835,7 +835,8 @@ def time_loader(dataset: ImageFiles, workers: int, batch_size: int, images: int)
 
 
 def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
-    from swin_train.data import build_train_transform
+    from swin_train.config import AugConfig, DataConfig
+    from swin_train.data.transforms import build_train_transform
 
     if any(w < 0 for w in args.workers) or args.data_images < 1:
         raise ConfigError("--workers must be >= 0 and --data-images >= 1")
@@ -843,7 +844,7 @@ def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     batch_size = args.batch_size or 32
     img_size = args.img_size or variant_arch(args.model)["img_size"]
     paths = find_images(Path(args.data_loader))
-    transform = build_train_transform(img_size)  # the official recipe: rand-m9-mstd0.5-inc1, jitter 0.4, ...
+    transform = build_train_transform(DataConfig(img_size=img_size), AugConfig())  # the official recipe: rand-m9-mstd0.5-inc1, jitter 0.4, ...
     dataset = ImageFiles(paths, transform)
     log(f"{len(paths)} images, workers {args.workers}, {repeats} rounds of {args.data_images} images")
     rounds: dict[int, list[float]] = {w: [] for w in args.workers}

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic save, safe load, auto-resume from a run's output folder, RNG state.
+"""Checkpoints: the training-checkpoint format and the one way to load a trained model; atomic save, safe
+load, auto-resume from a run's output folder, RNG state.
 
 A run's output folder holds
     last.pth                    written at epoch ends
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import errno
+import json
 import logging
 import os
 import pickle
@@ -25,6 +28,7 @@ import random
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +38,12 @@ from swin_train.errors import CheckpointError
 from swin_train.leftovers import left_by_dead_process, owner_tag
 
 _log = logging.getLogger(__name__)
+
+# The training checkpoint: a dict with these keys (see `training_checkpoint`), marked by FORMAT.
+FORMAT = "swin-train/1"
+# What every trained-model file holds besides the weights, so that it predicts without the run's config
+# file: a training checkpoint and a safetensors export alike.
+EXPORT_METADATA_KEYS = ("config", "class_names", "preprocess")
 
 LAST = "last.pth"
 BEST = "best.pth"
@@ -112,42 +122,69 @@ def temp_path(path: Path) -> Path:
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Write `state` to `path` atomically; an existing file at `path` stays intact on any failure."""
-    path = Path(path)
     ensure_plain(state)  # a programming error (TypeError), raised before anything touches the disk
+    write_atomically(Path(path), lambda tmp: torch.save(state, tmp), what="checkpoint ")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], *, what: str = "") -> None:
+    """`write(tmp)` into a temp file beside `path` (`temp_path`), fsync it, give it the mode a new file gets
+    (0666 less the umask; some writers create 0600), rename it over `path`, fsync the folder: `path` is the
+    old file or the whole new one, never a part. A user error raised by `write` (e.g. an export that fails
+    its own check) passes through; a failed write becomes a one-line CheckpointError."""
+    from swin_train.errors import SwinTrainError
+
     tmp = temp_path(path)
     try:
-        with open(tmp, "xb") as f:
-            torch.save(state, f)
-            f.flush()
+        write(tmp)
+        os.chmod(tmp, _new_file_mode())
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):  # also when the temp file was never created
             tmp.unlink()
-        if not isinstance(exc, (OSError, RuntimeError)):
-            raise  # KeyboardInterrupt etc.: the temp file is gone, the old checkpoint untouched
+        if isinstance(exc, SwinTrainError) or not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt etc.: the temp file is gone, the old file untouched
         os_err = _os_error_in(exc)
         if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EDQUOT):
             hint = "free space or change --output"
         else:
             hint = "check the output folder or change --output"
         reason = (os_err.strerror or str(os_err)) if os_err is not None else str(exc).splitlines()[0]
-        raise CheckpointError(f"could not write checkpoint {path}: {reason}; {hint}") from exc
+        raise CheckpointError(f"could not write {what}{path}: {reason}; {hint}") from exc
     _fsync_dir(path.parent)
 
 
-def _load_safetensors(path: Path, map_location) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _load_safetensors(path: Path, map_location) -> dict:
+    """{'model': tensors}, plus the config, class names and preprocessing a swin-train export stores in its
+    metadata (`models.convert.save_weights`), decoded."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     if not isinstance(map_location, (str, torch.device)):
         raise CheckpointError(f"cannot load {path} with map_location={map_location!r}; pass a device name")
     try:
-        return load_file(path, device=str(map_location))
+        tensors = load_file(path, device=str(map_location))
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is not a readable safetensors file ({str(exc).splitlines()[0]})"
         ) from None
+    state: dict = {"model": tensors}
+    for key in EXPORT_METADATA_KEYS:
+        if key in metadata:
+            try:
+                state[key] = json.loads(metadata[key])
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{path}: its '{key}' metadata is not valid JSON; the file is damaged") from None
+    return state
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -158,7 +195,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     if path.suffix == ".safetensors":
-        return {"model": _load_safetensors(path, map_location)}
+        return _load_safetensors(path, map_location)
     unreadable = f"checkpoint {path} is not a readable checkpoint (truncated or not a torch file)"
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -235,13 +272,13 @@ def checkpoint_candidates(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def find_resume_checkpoint(
-    output_dir: str | os.PathLike, logger: logging.Logger | None = None
+    output_dir: str | os.PathLike, logger: logging.Logger | None = None, damaged: list[Path] | None = None
 ) -> tuple[Path, dict] | None:
     """Load the newest loadable checkpoint in `output_dir`; None when the folder holds none.
 
-    A candidate that fails to load is reported with logger.warning and the next older one is tried.
-    If every candidate fails, CheckpointError is raised rather than returning None: starting over
-    silently would later overwrite the damaged files the user may still want to rescue.
+    A candidate that fails to load is reported with logger.warning (and appended to `damaged`) and the
+    next older one is tried. If every candidate fails, CheckpointError is raised rather than returning
+    None: starting over silently would later overwrite the damaged files the user may still want to rescue.
     """
     logger = logger or _log
     candidates = checkpoint_candidates(output_dir)
@@ -250,12 +287,21 @@ def find_resume_checkpoint(
             return path, load_checkpoint(path)
         except CheckpointError as exc:
             logger.warning("%s; trying the next older checkpoint", exc)
+            if damaged is not None:
+                damaged.append(path)
     if candidates:
         raise CheckpointError(
             f"none of the {len(candidates)} checkpoints in {output_dir} could be loaded (see the warnings "
             "above); move them away to start over, or pass a good checkpoint with --resume"
         )
     return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a checkpoint that does not load to `NAME.damaged` (kept for rescue, never a resume candidate)."""
+    target = path.with_name(path.name + ".damaged")
+    os.replace(path, target)
+    return target
 
 
 def prune_step_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
@@ -355,3 +401,89 @@ def restore_rng_state(d: dict) -> None:
             f"the checkpoint's random-number state cannot be restored ({type(exc).__name__}: {exc}); "
             "it was not written by this version of swin-train"
         ) from None
+
+
+# ------------------------------------------------------------------------------ the trained-model format
+
+
+def is_training_checkpoint(state: object) -> bool:
+    """A checkpoint `swin-train` wrote (last.pth, best.pth, step-*.pth): it resumes a run."""
+    return isinstance(state, dict) and state.get("format") == FORMAT
+
+
+def training_checkpoint(
+    *,
+    model: dict,
+    optimizer: dict,
+    schedule: dict,
+    scaler: dict | None,
+    ema: dict | None,
+    train_state: dict,
+    best: dict,
+    config: dict,
+    rng: list,
+    world_size: int,
+    class_names: list[str],
+    preprocess: dict,
+) -> dict:
+    """The one layout of a training checkpoint: everything a run needs to continue bitwise, and everything
+    a user of the model needs (config, class names, preprocessing)."""
+    return {"format": FORMAT, "model": model, "optimizer": optimizer, "schedule": schedule, "scaler": scaler,
+            "ema": ema, "train_state": train_state, "best": best, "config": config, "rng": rng,
+            "world_size": world_size, "class_names": list(class_names), "preprocess": preprocess}  # fmt: skip
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A trained model ready to run: eval mode, on the CPU, with what it was trained on."""
+
+    model: torch.nn.Module
+    config: object  # swin_train.config.Config
+    class_names: list[str]
+    preprocess: object  # swin_train.data.transforms.Preprocess
+    source: str
+
+
+def load_trained_model(source: str | os.PathLike | dict, *, ema: bool = False) -> TrainedModel:
+    """The one way to load a trained model: from a training checkpoint (`ema`: its EMA weights) or a
+    safetensors export that carries its config, class names and preprocessing. Used by swin-eval,
+    swin-predict, swin-export and `create_model(checkpoint=...)`; a run's resume loads the same weights
+    through the same checks."""
+    from swin_train.config import config_from_dict
+    from swin_train.data.transforms import Preprocess
+    from swin_train.errors import SwinTrainError
+    from swin_train.models.pretrained import select_weights
+    from swin_train.models.swin import SwinTransformer
+
+    where = "the checkpoint" if isinstance(source, dict) else str(source)
+    state = source if isinstance(source, dict) else load_checkpoint(source)
+    if not is_training_checkpoint(state) and not all(k in state for k in EXPORT_METADATA_KEYS):
+        raise CheckpointError(
+            f"{where} is not a swin-train checkpoint or export (no config, class names and preprocessing); "
+            "for bare weights of another layout pass --model NAME (swin-eval) or use model.pretrained"
+        )
+    absent = [k for k in ("model", *EXPORT_METADATA_KEYS) if k not in state]
+    if absent:
+        raise CheckpointError(f"swin-train checkpoint {where} lacks {', '.join(absent)}; it is damaged")
+    try:
+        cfg = config_from_dict(state["config"])
+    except SwinTrainError as e:
+        raise CheckpointError(f"the config stored in {where} is invalid: {e}") from None
+    class_names = [str(c) for c in state["class_names"]]
+    if len(class_names) != cfg.model.num_classes:
+        raise CheckpointError(
+            f"{where} names {len(class_names)} classes but its model has {cfg.model.num_classes}; it is damaged"
+        )
+    weights = select_weights(state, True, where) if ema else state["model"]
+    model = SwinTransformer(**cfg.model_kwargs() | {"grad_checkpointing": False})
+    load_exact_weights(model, weights, where)
+    preprocess = Preprocess.from_dict(state["preprocess"], where)
+    return TrainedModel(model.eval(), cfg, class_names, preprocess, where + (" (EMA)" if ema else ""))
+
+
+def load_exact_weights(model: torch.nn.Module, weights: dict, where: str) -> None:
+    """Load weights that must fit `model` exactly (our layout, every key and shape), naming the first misfit."""
+    from swin_train.models.convert import check_fits
+
+    check_fits(weights, model, where)
+    model.load_state_dict(weights)

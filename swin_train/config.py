@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 import types
@@ -27,14 +28,11 @@ import yaml
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from swin_train.errors import ConfigError
-from swin_train.models.registry import VARIANTS, variant_arch
+from swin_train.models.arch import ArchitectureError, check_architecture
+from swin_train.models.registry import DEFAULT_VARIANT, VARIANTS, variant_arch
 from swin_train.models.swin import ATTENTION_BACKENDS
 
-# Architecture used for fields left None when model.name is not given: Swin-T.
-SWIN_T_ARCH: dict[str, Any] = dict(
-    patch_size=4, in_chans=3, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7
-)
-ARCH_FIELDS = tuple(SWIN_T_ARCH)
+ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depths", "num_heads", "window_size")
 
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 AMP_ALIASES = {"fp32": "none", "float32": "none", "off": "none", "bfloat16": "bf16", "float16": "fp16"}
@@ -44,13 +42,67 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 MIXUP_MODES = ("batch", "pair", "elem")  # timm.data.Mixup
 RE_MODES = ("pixel", "rand", "const")  # timm.data.RandomErasing
 
+MAX_CONFIG_BYTES = 1 << 20
+_NON_FINITE = ("inf", "+inf", "-inf", "infinity", "-infinity", "nan")
+
 # keyword arguments of load_config -> the dotted key they set
 CLI_SHORTCUTS = {"data_path": "data.data_path", "output": "output", "batch_size": "data.batch_size"}
 
 
+class Rules:
+    """What a section's `check()` uses to reject a field, pointing at the file line or override that set it."""
+
+    def __init__(self, origins: dict[str, str]):
+        self.origins = origins
+        self.order = {k: i for i, k in enumerate(origins)}
+
+    def where(self, *keys: str) -> str | None:
+        """Origin of the most recently set of `keys` (the likely culprit of a cross-field error)."""
+        known = [k for k in keys if k in self.origins]
+        return self.origins[max(known, key=self.order.__getitem__)] if known else None
+
+    def fail(self, keys: str | tuple[str, ...], msg: str) -> typing.NoReturn:
+        raise ConfigError(_at(self.where(*([keys] if isinstance(keys, str) else keys)), msg))
+
+    def require(self, key: str, value: Any, ok: typing.Callable[[Any], bool], requirement: str) -> None:
+        if not ok(value):  # also catches NaN
+            self.fail(key, f"{key} must be {requirement}, got {_cut(repr(value))}")
+        if isinstance(value, float) and math.isinf(value):
+            self.fail(key, f"{key} must be a finite number {requirement}, got {value!r}")
+
+    def choice(self, key: str, value: str, choices: tuple[str, ...]) -> None:
+        if value in choices:
+            return
+        close = [AMP_ALIASES[value.lower()]] if key == "amp" and value.lower() in AMP_ALIASES else []
+        close = close or difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        options = ", ".join(repr(c) for c in choices)
+        self.fail(key, f"{key} must be one of {options}, got {_cut(repr(value))}{hint}")
+
+
+def _positive(x: float) -> bool:
+    return x > 0
+
+
+def _non_negative(x: float) -> bool:
+    return x >= 0
+
+
+def _at_least_one(x: int) -> bool:
+    return x >= 1
+
+
+def _probability(x: float) -> bool:
+    return 0 <= x <= 1
+
+
+def _drop_rate(x: float) -> bool:
+    return 0 <= x < 1
+
+
 @dataclass
 class ModelConfig:
-    name: str | None = None  # registry variant; fills the architecture fields left None
+    name: str | None = None  # registry variant; fills the architecture fields left None (none: Swin-T)
     patch_size: int | None = None
     in_chans: int | None = None
     embed_dim: int | None = None
@@ -59,34 +111,71 @@ class ModelConfig:
     window_size: int | None = None
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
-    ape: bool = False
+    ape: bool = False  # absolute position embedding
     patch_norm: bool = True
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.1
+    drop_path_rate: float = 0.1  # stochastic depth, growing linearly to this over the blocks
     num_classes: int = 1000
     grad_checkpointing: bool = False
     # "auto": scaled_dot_product_attention on CUDA, the same math written out on CPU; "flex": FlexAttention
     # (bias and shift mask inside the kernel): training needs a CUDA GPU of compute capability 8.0+,
     # evaluation and prediction elsewhere fall back to "auto"
     attention: str = "auto"
-    pretrained: str | None = None
-    head_map: str | None = None
+    pretrained: str | None = None  # weights to start from, any supported layout
+    head_map: str | None = None  # a file of source class indices, one per line (official map22kto1k.txt)
+
+    def check(self, r: Rules) -> None:
+        r.require("model.mlp_ratio", self.mlp_ratio, _positive, "> 0")
+        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            r.require(f"model.{key}", getattr(self, key), _drop_rate, "in [0, 1)")
+        r.require("model.num_classes", self.num_classes, _at_least_one, ">= 1")
+        r.choice("model.attention", self.attention, ATTENTION_BACKENDS)
+        for key in ("pretrained", "head_map"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                r.fail(f"model.{key}", f"model.{key} is empty; use null to leave it unset")
 
 
 @dataclass
 class DataConfig:
     data_path: str | None = None
-    dataset: str = "imagefolder"  # "imagefolder" | "shapes" (the generated quick-start set)
+    # "imagefolder" | "shapes" (the generated quick-start set) | "wds" (webdataset shards) | "hf" (Hugging Face
+    # datasets). An "imagefolder" data_path that holds shards or a saved/parquet dataset is read as such.
+    dataset: str = "imagefolder"
     synthetic: bool = False  # in-memory random tensors, no decoding (benchmarks)
     img_size: int = 224  # the single source of the image size
     batch_size: int = 128  # per process
-    num_workers: int = 8
+    num_workers: int = 8  # per process; at most one per usable CPU is started
     pin_memory: bool = True
     interpolation: str = "bicubic"
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
-    skip_bad_images: bool = False
+    skip_bad_images: bool = False  # replace an undecodable image by the next one (logged) instead of failing
+    val_path: str | None = None  # shards of the val split when data_path is a brace pattern or pipe: URL
+    shard_info: str | None = None  # the shards' _info.json/_info.yaml when not beside them (pipe: URLs)
+    train_split: str = "train"  # split names in a shard index or a Hugging Face dataset (not ImageFolder)
+    val_split: str = "validation"
+    shuffle_buffer: int = 2000  # samples each shard reader holds to shuffle (0: shard order only)
+    image_column: str = "image"  # Hugging Face dataset columns
+    label_column: str = "label"
+
+    # DATASETS plus the sources the data package detects from data_path
+    SOURCES = (*DATASETS, "wds", "hf")
+
+    def check(self, r: Rules) -> None:
+        r.choice("data.dataset", self.dataset, self.SOURCES)
+        r.require("data.shuffle_buffer", self.shuffle_buffer, _non_negative, ">= 0")
+        for key in ("train_split", "val_split", "image_column", "label_column"):
+            r.require(f"data.{key}", getattr(self, key), lambda v: isinstance(v, str) and v.strip() != "", "a non-empty name")
+        if self.val_path and not self.data_path:
+            r.fail("data.val_path", "data.val_path is set but data.data_path is not; set both (train and val shards)")
+        r.choice("data.interpolation", self.interpolation, INTERPOLATIONS)
+        r.require("data.img_size", self.img_size, _at_least_one, ">= 1")
+        r.require("data.batch_size", self.batch_size, _at_least_one, ">= 1")
+        r.require("data.num_workers", self.num_workers, _non_negative, ">= 0")
+        if not all(s > 0 for s in self.std):
+            r.fail("data.std", f"data.std values must be > 0, got {self.std}")
 
 
 @dataclass
@@ -102,39 +191,96 @@ class TrainConfig:
     eps: float = 1e-8
     clip_grad: float | None = 5.0  # None: no clipping
     accumulation_steps: int = 1
-    layer_decay: float = 1.0
+    layer_decay: float = 1.0  # < 1: layer-wise lr decay (fine-tuning)
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
-    keep_checkpoints: int = 3
-    max_nonfinite_steps: int = 25
+    keep_checkpoints: int = 3  # step checkpoints kept
+    max_nonfinite_steps: int = 25  # this many skipped steps in a row stop the run
     compile: bool = False
     ema: bool = False
     ema_decay: float = 0.9998
     ema_warmup: bool = False
-    ema_every: int = 1
-    best_on: str = "raw"  # "raw" | "ema"
+    ema_every: int = 1  # update the EMA every this many optimizer steps
+    best_on: str = "raw"  # "raw" | "ema": which weights decide best.pth
+
+    def check(self, r: Rules) -> None:
+        r.require("train.epochs", self.epochs, _at_least_one, ">= 1")
+        r.require("train.warmup_epochs", self.warmup_epochs, _non_negative, ">= 0")
+        r.require("train.base_lr", self.base_lr, _positive, "> 0")
+        r.require("train.warmup_lr", self.warmup_lr, _non_negative, ">= 0")
+        r.require("train.min_lr", self.min_lr, _non_negative, ">= 0")
+        r.require("train.lr_base_batch", self.lr_base_batch, _at_least_one, ">= 1")
+        r.require("train.weight_decay", self.weight_decay, _non_negative, ">= 0")
+        r.require("train.eps", self.eps, _positive, "> 0")
+        if self.clip_grad is not None:
+            r.require("train.clip_grad", self.clip_grad, _positive, "> 0 (use null to disable clipping)")
+        r.require("train.accumulation_steps", self.accumulation_steps, _at_least_one, ">= 1")
+        r.require("train.layer_decay", self.layer_decay, lambda x: 0 < x <= 1, "in (0, 1]")
+        r.require("train.checkpoint_every_steps", self.checkpoint_every_steps, _non_negative, ">= 0 (0: epoch ends only)")
+        r.require("train.keep_checkpoints", self.keep_checkpoints, _at_least_one, ">= 1")
+        r.require("train.max_nonfinite_steps", self.max_nonfinite_steps, _at_least_one, ">= 1")
+        r.require("train.ema_decay", self.ema_decay, lambda x: 0 < x < 1, "in (0, 1)")
+        r.require("train.ema_every", self.ema_every, _at_least_one, ">= 1")
+        r.choice("train.best_on", self.best_on, BEST_ON)
+        if self.warmup_epochs > self.epochs:
+            r.fail(
+                ("train.warmup_epochs", "train.epochs"),
+                f"train.warmup_epochs={self.warmup_epochs} is larger than train.epochs={self.epochs}; "
+                f"set train.warmup_epochs to at most {self.epochs}",
+            )
+        if self.min_lr > self.base_lr:
+            r.fail(("train.min_lr", "train.base_lr"), f"train.min_lr={self.min_lr} is larger than train.base_lr={self.base_lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            r.fail("train.betas", f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.best_on == "ema" and not self.ema:
+            r.fail(("train.best_on", "train.ema"), "train.best_on='ema' needs train.ema=true")
 
 
 @dataclass
 class AugConfig:
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.4
-    reprob: float = 0.25
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm's RandAugment spec; null: none
+    color_jitter: float = 0.4  # ignored when auto_augment is set (as timm and the official code do)
+    reprob: float = 0.25  # random erasing probability
     remode: str = "pixel"
     recount: int = 1
     hflip: float = 0.5
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    mixup: float = 0.8
-    cutmix: float = 1.0
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
+    mixup: float = 0.8  # Beta alpha; 0 disables
+    cutmix: float = 1.0  # Beta alpha; 0 disables
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"
     label_smoothing: float = 0.1
 
+    def check(self, r: Rules) -> None:
+        r.choice("aug.mixup_mode", self.mixup_mode, MIXUP_MODES)
+        r.choice("aug.remode", self.remode, RE_MODES)
+        r.require("aug.color_jitter", self.color_jitter, _non_negative, ">= 0")
+        r.require("aug.reprob", self.reprob, _probability, "in [0, 1]")
+        r.require("aug.recount", self.recount, _at_least_one, ">= 1")
+        r.require("aug.hflip", self.hflip, _probability, "in [0, 1]")
+        r.require("aug.mixup", self.mixup, _non_negative, ">= 0 (a Beta alpha; 0 disables)")
+        r.require("aug.cutmix", self.cutmix, _non_negative, ">= 0 (a Beta alpha; 0 disables)")
+        r.require("aug.mixup_prob", self.mixup_prob, _probability, "in [0, 1]")
+        r.require("aug.mixup_switch_prob", self.mixup_switch_prob, _probability, "in [0, 1]")
+        r.require("aug.label_smoothing", self.label_smoothing, _drop_rate, "in [0, 1)")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            r.fail("aug.crop_scale", f"aug.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if self.auto_augment is not None and not self.auto_augment.strip():
+            r.fail("aug.auto_augment", "aug.auto_augment is empty; use null to disable it")
+
 
 @dataclass
 class EvalConfig:
-    crop_pct: float = 0.875
+    crop_pct: float = 0.875  # resize to img_size / crop_pct, center-crop img_size; 1.0: plain resize
     batch_size: int | None = None  # None: data.batch_size
+
+    def check(self, r: Rules) -> None:
+        r.require("eval.crop_pct", self.crop_pct, lambda x: 0 < x <= 1, "in (0, 1]")
+        if self.batch_size is not None:
+            r.require("eval.batch_size", self.batch_size, _at_least_one, ">= 1 (or null: data.batch_size)")
+
+
+SECTIONS = ("model", "data", "train", "aug", "eval")
 
 
 @dataclass
@@ -147,31 +293,42 @@ class Config:
     amp: str = "auto"  # "auto" (bf16 where supported, resolved at run time) | "bf16" | "fp16" | "none"
     seed: int = 0
     output: str = "output/run"
-    save_freq: int = 1
-    print_freq: int = 50
+    save_freq: int = 1  # last.pth every this many epochs (and at the end)
+    print_freq: int = 50  # a log line every this many optimizer steps
+
+    def check(self, r: Rules) -> None:
+        """Each section's own fields, then what spans sections (the architecture needs data.img_size)."""
+        for section in SECTIONS:
+            getattr(self, section).check(r)
+        r.choice("amp", self.amp, AMP_MODES)
+        r.require("seed", self.seed, _non_negative, ">= 0")
+        r.require("save_freq", self.save_freq, _at_least_one, ">= 1")
+        r.require("print_freq", self.print_freq, _at_least_one, ">= 1")
+        if not self.output.strip():
+            r.fail("output", "output must be a non-empty directory path")
+        m = self.model
+        try:
+            check_architecture(img_size=self.data.img_size, **{f: getattr(m, f) for f in ARCH_FIELDS},
+                               built_for_img_size=VARIANTS.get(m.name or "", {}).get("img_size"), name=m.name)  # fmt: skip
+        except ArchitectureError as e:
+            r.fail(e.keys, str(e))
+        for key, values in (("data.mean", self.data.mean), ("data.std", self.data.std)):
+            if len(values) != m.in_chans:
+                r.fail((key, "model.in_chans"), f"{key} has {len(values)} values but model.in_chans={m.in_chans}")
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.eval.batch_size or self.data.batch_size
 
     def model_kwargs(self) -> dict[str, Any]:
         """Exactly the keyword arguments of `SwinTransformer(...)` (architecture resolved from model.name)."""
-        m, arch = self.model, _resolved_arch(self.model)
-        return dict(
-            img_size=self.data.img_size,
-            patch_size=arch["patch_size"],
-            in_chans=arch["in_chans"],
-            num_classes=m.num_classes,
-            embed_dim=arch["embed_dim"],
-            depths=list(arch["depths"]),
-            num_heads=list(arch["num_heads"]),
-            window_size=arch["window_size"],
-            mlp_ratio=m.mlp_ratio,
-            qkv_bias=m.qkv_bias,
-            drop_rate=m.drop_rate,
-            attn_drop_rate=m.attn_drop_rate,
-            drop_path_rate=m.drop_path_rate,
-            ape=m.ape,
-            patch_norm=m.patch_norm,
-            grad_checkpointing=m.grad_checkpointing,
-            attention=m.attention,
-        )
+        m = self.model
+        kwargs = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in _NOT_MODEL_KWARGS}
+        return {"img_size": self.data.img_size, **kwargs, **_resolved_arch(m)}
+
+
+# ModelConfig fields that are not SwinTransformer arguments (they say where weights come from)
+_NOT_MODEL_KWARGS = ("name", "pretrained", "head_map")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,7 +377,7 @@ def dump_config(cfg: Config) -> str:
     return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
-def validate(cfg: Config) -> Config:
+def check_config(cfg: Config) -> Config:
     """Fill None architecture fields from model.name (or Swin-T), then check every field; returns cfg."""
     _fill_architecture(cfg)
     _validate(cfg, {})
@@ -286,7 +443,10 @@ def _read_yaml(path: str) -> tuple[dict, dict[str, str]]:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file '{path}': {e}") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file '{path}' is {len(text)} bytes; a recipe is at most {MAX_CONFIG_BYTES}")
     try:
+        _reject_aliases(text, path)
         node = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
@@ -298,6 +458,17 @@ def _read_yaml(path: str) -> tuple[dict, dict[str, str]]:
     origins: dict[str, str] = {}
     _walk_marks(node, "", path, origins)
     return data, origins
+
+
+def _reject_aliases(text: str, where: str) -> None:
+    """Refuse YAML aliases (`*name`): nested anchors expand exponentially (an "alias bomb") and a recipe
+    never needs them (`_base_` files share settings instead)."""
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(
+                f"{where}:{event.start_mark.line + 1}: YAML aliases (*{_cut(event.anchor, 20)}) are not "
+                "supported in configs; write the value out or share it with _base_"
+            )
 
 
 def _walk_marks(node: yaml.Node, prefix: str, path: str, origins: dict[str, str]) -> None:
@@ -380,6 +551,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override '{item}' must look like key=value, e.g. train.epochs=10")
     try:
+        _reject_aliases(text, f"override '{_cut(item)}'")
         value = yaml.load(text, Loader=_Loader) if text.strip() else None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -387,6 +559,9 @@ def _parse_override(item: str) -> tuple[str, Any]:
     # For text fields, `output=2024` or `data.data_path=on` mean the text, not a number or a bool.
     if isinstance(value, (bool, int, float)) and _field_type(key) in (str, str | None):
         value = text.strip()
+    # For number fields, `inf` and `nan` are numbers (the range checks then say why they are refused).
+    if isinstance(value, str) and value.lower() in _NON_FINITE and _field_type(key) in (float, float | None):
+        value = float(value)
     return key, value
 
 
@@ -481,7 +656,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str | None) -> Any:
 
 
 def _show(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {value!r}"
+    return "null" if value is None else f"{type(value).__name__} {_cut(repr(value))}"
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """`text` shortened for a one-line message (a value may be huge)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _build(cls: type, data: Any, prefix: str, origins: dict[str, str]) -> Any:
@@ -524,14 +704,11 @@ def _plain(x: Any) -> Any:
 
 
 def _resolved_arch(m: ModelConfig, origins: dict[str, str] | None = None) -> dict[str, Any]:
-    """Architecture fields with None taken from the named variant (or Swin-T); does not mutate `m`."""
-    if m.name is not None:
-        try:
-            src = {"in_chans": 3, **variant_arch(m.name)}
-        except KeyError as e:
-            raise ConfigError(_at((origins or {}).get("model.name"), f"model.name: {e.args[0]}")) from None
-    else:
-        src = SWIN_T_ARCH
+    """Architecture fields with None taken from the named variant (or the default); does not mutate `m`."""
+    try:
+        src = {"in_chans": 3, **variant_arch(m.name or DEFAULT_VARIANT)}
+    except KeyError as e:
+        raise ConfigError(_at((origins or {}).get("model.name"), f"model.name: {e.args[0]}")) from None
     out = {}
     for f in ARCH_FIELDS:
         v = getattr(m, f)
@@ -544,204 +721,29 @@ def _fill_architecture(cfg: Config, origins: dict[str, str] | None = None) -> No
         setattr(cfg.model, f, v)
 
 
-def _window_hint(res: list[int], window: int, unit: int) -> str:
-    """Suggest the valid window closest to `window` (ties: larger), and the image sizes that keep it."""
-
-    def fits(w: int) -> bool:
-        return all(r <= w or r % w == 0 for r in res)
-
-    cands = [w for w in range(2, max(res) + 1) if fits(w)]
-    best = min(cands, key=lambda w: (abs(w - window), -w)) if cands else max(res)
-    return f"use model.window_size={best} or a data.img_size that is a multiple of {unit * window}"
-
-
-def _check_architecture(cfg: Config, where: typing.Callable[..., str | None]) -> None:
-    m, img = cfg.model, cfg.data.img_size
-
-    def fail(keys: str | tuple[str, ...], msg: str) -> typing.NoReturn:
-        raise ConfigError(_at(where(*([keys] if isinstance(keys, str) else keys)), msg))
-
-    for key in ("patch_size", "in_chans", "embed_dim", "window_size"):
-        if getattr(m, key) < 1:
-            fail((f"model.{key}", "model.name"), f"model.{key} must be >= 1, got {getattr(m, key)}")
-    if not m.depths or any(d < 1 for d in m.depths):
-        fail("model.depths", f"model.depths must be a non-empty list of ints >= 1, got {m.depths}")
-    if any(h < 1 for h in m.num_heads):
-        fail("model.num_heads", f"model.num_heads must be ints >= 1, got {m.num_heads}")
-    if len(m.depths) != len(m.num_heads):
-        fail(
-            ("model.num_heads", "model.depths"),
-            f"model.num_heads has {len(m.num_heads)} entries but model.depths has {len(m.depths)} stages; "
-            "give one head count per stage",
-        )
-    for i, h in enumerate(m.num_heads):
-        dim = m.embed_dim * 2**i
-        if dim % h:
-            fail(
-                ("model.num_heads", "model.embed_dim"),
-                f"model.num_heads[{i}]={h} does not divide stage {i} width {dim} "
-                f"(model.embed_dim={m.embed_dim} * 2**{i}); use a divisor of {dim}",
-            )
-    if img % m.patch_size:
-        fail(
-            ("data.img_size", "model.patch_size"),
-            f"data.img_size={img} is not divisible by model.patch_size={m.patch_size}",
-        )
-    res = [img // m.patch_size]  # side of the token grid per stage
-    for i in range(len(m.depths) - 1):
-        if res[i] % 2:
-            fail(
-                ("data.img_size", "model.patch_size", "model.depths"),
-                f"stage {i} resolution {res[i]}x{res[i]} (data.img_size={img} / model.patch_size="
-                f"{m.patch_size} / 2**{i}) is odd and cannot be patch-merged; use a data.img_size that is "
-                f"a multiple of {m.patch_size * 2 ** (len(m.depths) - 1)}",
-            )
-        res.append(res[i] // 2)
-    # Swin's window rule: a stage no larger than the window uses one window of its own size (no shift);
-    # a larger stage must tile into whole windows.
-    for i, r in enumerate(res):
-        if r > m.window_size and r % m.window_size:
-            hint = _window_hint(res, m.window_size, m.patch_size * 2 ** (len(res) - 1))
-            built = VARIANTS.get(m.name or "", {}).get("img_size")
-            if built is not None and built != img:
-                hint += f" (model.name '{m.name}' is built for data.img_size={built})"
-            fail(
-                ("model.window_size", "data.img_size", "model.patch_size", "model.depths", "model.name"),
-                f"model.window_size={m.window_size} does not tile stage {i} (resolution {r}x{r} for "
-                f"data.img_size={img}, model.patch_size={m.patch_size}); {hint}",
-            )
-
-
 def _validate(cfg: Config, origins: dict[str, str]) -> None:
-    """Cross-field and range checks on a built, architecture-resolved Config."""
-
-    order = {k: i for i, k in enumerate(origins)}
-
-    def where(*keys: str) -> str | None:
-        """Origin of the most recently set of `keys` (the likely culprit of a cross-field error)."""
-        known = [k for k in keys if k in origins]
-        return origins[max(known, key=order.__getitem__)] if known else None
-
-    # Re-check types: a Config built in Python (not from YAML) may hold anything.
-    for section in ("model", "data", "train", "aug", "eval"):
+    """Type checks (a Config built in Python may hold anything), then every section's own check()."""
+    r = Rules(origins)
+    for section in SECTIONS:
         sub = getattr(cfg, section)
         for f, tp in _hints(type(sub)).items():
-            setattr(sub, f, _coerce(getattr(sub, f), tp, f"{section}.{f}", where(f"{section}.{f}")))
+            setattr(sub, f, _coerce(getattr(sub, f), tp, f"{section}.{f}", r.where(f"{section}.{f}")))
     for f, tp in _hints(Config).items():
         if not dataclasses.is_dataclass(tp):
-            setattr(cfg, f, _coerce(getattr(cfg, f), tp, f, where(f)))
+            setattr(cfg, f, _coerce(getattr(cfg, f), tp, f, r.where(f)))
+    cfg.check(r)
 
-    m, d, t, a, e = cfg.model, cfg.data, cfg.train, cfg.aug, cfg.eval
-    for key, value, choices in (
-        ("amp", cfg.amp, AMP_MODES),
-        ("model.attention", m.attention, ATTENTION_BACKENDS),
-        ("data.dataset", d.dataset, DATASETS),
-        ("data.interpolation", d.interpolation, INTERPOLATIONS),
-        ("train.best_on", t.best_on, BEST_ON),
-        ("aug.mixup_mode", a.mixup_mode, MIXUP_MODES),
-        ("aug.remode", a.remode, RE_MODES),
-    ):
-        if value not in choices:
-            close = [AMP_ALIASES[value.lower()]] if key == "amp" and value.lower() in AMP_ALIASES else []
-            close = close or difflib.get_close_matches(value, choices, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            options = ", ".join(repr(c) for c in choices)
-            raise ConfigError(_at(where(key), f"{key} must be one of {options}, got {value!r}{hint}"))
 
-    def positive(x: float) -> bool:
-        return x > 0
-
-    def non_negative(x: float) -> bool:
-        return x >= 0
-
-    def at_least_one(x: int) -> bool:
-        return x >= 1
-
-    def prob(x: float) -> bool:
-        return 0 <= x <= 1
-
-    def drop(x: float) -> bool:
-        return 0 <= x < 1
-
-    rules: list[tuple[str, Any, typing.Callable[[Any], bool], str]] = [
-        ("model.mlp_ratio", m.mlp_ratio, positive, "> 0"),
-        ("model.drop_rate", m.drop_rate, drop, "in [0, 1)"),
-        ("model.attn_drop_rate", m.attn_drop_rate, drop, "in [0, 1)"),
-        ("model.drop_path_rate", m.drop_path_rate, drop, "in [0, 1)"),
-        ("model.num_classes", m.num_classes, at_least_one, ">= 1"),
-        ("data.img_size", d.img_size, at_least_one, ">= 1"),
-        ("data.batch_size", d.batch_size, at_least_one, ">= 1"),
-        ("data.num_workers", d.num_workers, non_negative, ">= 0"),
-        ("train.epochs", t.epochs, at_least_one, ">= 1"),
-        ("train.warmup_epochs", t.warmup_epochs, non_negative, ">= 0"),
-        ("train.base_lr", t.base_lr, positive, "> 0"),
-        ("train.warmup_lr", t.warmup_lr, non_negative, ">= 0"),
-        ("train.min_lr", t.min_lr, non_negative, ">= 0"),
-        ("train.lr_base_batch", t.lr_base_batch, at_least_one, ">= 1"),
-        ("train.weight_decay", t.weight_decay, non_negative, ">= 0"),
-        ("train.eps", t.eps, positive, "> 0"),
-        ("train.accumulation_steps", t.accumulation_steps, at_least_one, ">= 1"),
-        ("train.layer_decay", t.layer_decay, lambda x: 0 < x <= 1, "in (0, 1]"),
-        ("train.checkpoint_every_steps", t.checkpoint_every_steps, non_negative, ">= 0 (0: epoch ends only)"),
-        ("train.keep_checkpoints", t.keep_checkpoints, at_least_one, ">= 1"),
-        ("train.max_nonfinite_steps", t.max_nonfinite_steps, at_least_one, ">= 1"),
-        ("train.ema_decay", t.ema_decay, lambda x: 0 < x < 1, "in (0, 1)"),
-        ("train.ema_every", t.ema_every, at_least_one, ">= 1"),
-        ("aug.color_jitter", a.color_jitter, non_negative, ">= 0"),
-        ("aug.reprob", a.reprob, prob, "in [0, 1]"),
-        ("aug.recount", a.recount, at_least_one, ">= 1"),
-        ("aug.hflip", a.hflip, prob, "in [0, 1]"),
-        ("aug.mixup", a.mixup, non_negative, ">= 0 (a Beta alpha; 0 disables)"),
-        ("aug.cutmix", a.cutmix, non_negative, ">= 0 (a Beta alpha; 0 disables)"),
-        ("aug.mixup_prob", a.mixup_prob, prob, "in [0, 1]"),
-        ("aug.mixup_switch_prob", a.mixup_switch_prob, prob, "in [0, 1]"),
-        ("aug.label_smoothing", a.label_smoothing, drop, "in [0, 1)"),
-        ("eval.crop_pct", e.crop_pct, lambda x: 0 < x <= 1, "in (0, 1]"),
-        ("seed", cfg.seed, non_negative, ">= 0"),
-        ("save_freq", cfg.save_freq, at_least_one, ">= 1"),
-        ("print_freq", cfg.print_freq, at_least_one, ">= 1"),
-    ]
-    if t.clip_grad is not None:
-        rules.append(("train.clip_grad", t.clip_grad, positive, "> 0 (use null to disable clipping)"))
-    if e.batch_size is not None:
-        rules.append(("eval.batch_size", e.batch_size, at_least_one, ">= 1 (or null: data.batch_size)"))
-    for key, value, ok, requirement in rules:
-        if not ok(value):  # also catches NaN
-            raise ConfigError(_at(where(key), f"{key} must be {requirement}, got {value!r}"))
-
-    def fail(keys: str | tuple[str, ...], msg: str) -> typing.NoReturn:
-        raise ConfigError(_at(where(*([keys] if isinstance(keys, str) else keys)), msg))
-
-    if t.warmup_epochs > t.epochs:
-        fail(
-            ("train.warmup_epochs", "train.epochs"),
-            f"train.warmup_epochs={t.warmup_epochs} is larger than train.epochs={t.epochs}; "
-            f"set train.warmup_epochs to at most {t.epochs}",
-        )
-    if t.min_lr > t.base_lr:
-        fail(
-            ("train.min_lr", "train.base_lr"),
-            f"train.min_lr={t.min_lr} is larger than train.base_lr={t.base_lr}",
-        )
-    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-        fail("train.betas", f"train.betas must be two numbers in [0, 1), got {t.betas}")
-    if t.best_on == "ema" and not t.ema:
-        fail(("train.best_on", "train.ema"), "train.best_on='ema' needs train.ema=true")
-    if len(a.crop_scale) != 2 or not 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1:
-        fail("aug.crop_scale", f"aug.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {a.crop_scale}")
-    if a.auto_augment is not None and not a.auto_augment.strip():
-        fail("aug.auto_augment", "aug.auto_augment is empty; use null to disable it")
-    if not cfg.output.strip():
-        fail("output", "output must be a non-empty directory path")
-    for key, value in (("model.pretrained", m.pretrained), ("model.head_map", m.head_map)):
-        if value is not None and not value.strip():
-            fail(key, f"{key} is empty; use null to leave it unset")
-    _check_architecture(cfg, where)
-    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
-        if len(values) != m.in_chans:
-            fail((key, "model.in_chans"), f"{key} has {len(values)} values but model.in_chans={m.in_chans}")
-    if not all(s > 0 for s in d.std):
-        fail("data.std", f"data.std values must be > 0, got {d.std}")
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every key whose value differs between two `config_to_dict` results."""
+    out = []
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {_cut(repr(a), 40)} -> {_cut(repr(b), 40)}")
+    return out
 
 
 __all__ = [
@@ -755,6 +757,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "dump_config",
+    "check_config",
+    "config_diff",
     "load_config",
-    "validate",
 ]

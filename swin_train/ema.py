@@ -7,8 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from swin_train.device import unwrap_model
 from swin_train.errors import CheckpointError
-from swin_train.optim import unwrap_model
 
 
 class ModelEma:

@@ -21,3 +21,7 @@ class CheckpointError(SwinTrainError):
 
 class TrainingError(SwinTrainError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+class ExportError(SwinTrainError):
+    """An export cannot be made here (missing packages) or does not reproduce the model."""

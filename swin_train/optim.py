@@ -7,18 +7,18 @@ Everything that decides a number is a pure function of plain arguments (`scaled_
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from swin_train.config import TrainConfig
+from swin_train.device import unwrap_model
 from swin_train.errors import CheckpointError, ConfigError
+from swin_train.models.swin import BLOCK_KEY, DOWNSAMPLE_KEY
 
 NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
-_BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
-_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
 
 
 def _fmt(x: float) -> str:
@@ -64,22 +64,11 @@ def scaled_lrs(
     return lrs, text
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP/DataParallel (`.module`) and torch.compile (`._orig_mod`)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def discover_depths(names: Iterable[str]) -> tuple[int, ...]:
     """Blocks per stage from parameter names `layers.{i}.blocks.{j}.*` (stages must be 0..S-1)."""
     depths: dict[int, int] = {}
     for name in names:
-        m = _BLOCK.match(name)
+        m = BLOCK_KEY.match(name)
         if m:
             i, j = int(m.group(1)), int(m.group(2))
             depths[i] = max(depths.get(i, 0), j + 1)
@@ -99,11 +88,11 @@ def layer_id(name: str, depths: Sequence[int]) -> int:
     """
     if name.startswith("patch_embed.") or name == "absolute_pos_embed":
         return 0
-    m = _BLOCK.match(name)
+    m = BLOCK_KEY.match(name)
     if m:
         i, j = int(m.group(1)), int(m.group(2))
         return 1 + sum(depths[:i]) + j
-    m = _DOWNSAMPLE.match(name)
+    m = DOWNSAMPLE_KEY.match(name)
     if m:
         return sum(depths[: int(m.group(1)) + 1])
     return sum(depths) + 1
@@ -180,27 +169,16 @@ def param_group_names(
     ]
 
 
-def build_optimizer(
-    model: nn.Module,
-    *,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    layer_decay: float = 1.0,
-    device_type: str = "cpu",
-) -> torch.optim.AdamW:
-    """AdamW over `param_groups`, each group starting at lr x lr_scale; the fused kernel on CUDA and CPU.
-
-    On CPU the fused kernel is one pass over each tensor: a Swin-T AdamW step took 30 ms against 99 ms for
-    foreach and 135 ms for torch's CPU default, the per-tensor loop (10 steps each over timm's Swin-T
-    parameters with random gradients, 2 cores, torch 2.14).
-    """
-    groups = param_groups(model, weight_decay=weight_decay, layer_decay=layer_decay)
+def build_optimizer(model: nn.Module, train: TrainConfig, *, lr: float, device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW over `param_groups` (train.weight_decay, train.layer_decay), each group starting at lr x lr_scale
+    (`lr`: the scaled lr, see `scaled_lrs`); the fused kernel on CUDA and CPU, one pass over each tensor
+    where foreach and the per-tensor default take several (`scripts/benchmark.py` times each trainer's own)."""
+    groups = param_groups(model, weight_decay=train.weight_decay, layer_decay=train.layer_decay)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     impl = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **impl)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(train.betas), eps=train.eps,
+                             weight_decay=train.weight_decay, **impl)  # fmt: skip
 
 
 class WarmupCosineSchedule:
@@ -254,6 +232,11 @@ class WarmupCosineSchedule:
     def lr(self) -> float:
         """The unscaled lr of the next optimizer step."""
         return self.lr_at(self.t)
+
+    @property
+    def last_lr(self) -> float:
+        """The unscaled lr of the optimizer step taken last (of the first, before any)."""
+        return self.lr_at(max(self.t - 1, 0))
 
     def _write(self) -> None:
         lr = self.lr_at(self.t)

@@ -18,20 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from swin_train.checkpoint import load_checkpoint
-from swin_train.config import config_from_dict
-from swin_train.data import _DECODE_ERRORS, _is_image, build_eval_transform  # the training data's rules
-from swin_train.errors import CheckpointError, ConfigError, DataError, SwinTrainError
-from swin_train.models.swin import SwinTransformer
-
-CHECKPOINT_FORMAT = "swin-train/1"
-_REQUIRED_KEYS = ("model", "config", "class_names", "preprocess")
-_PREPROCESS_KEYS = ("img_size", "crop_pct", "interpolation", "mean", "std")
-
+from swin_train.checkpoint import load_trained_model
+from swin_train.data.folder import DECODE_ERRORS, decode_error_reason, decode_image, is_image_file
+from swin_train.data.transforms import build_eval_transform
+from swin_train.device import resolve_device
+from swin_train.errors import DataError
 
 # ----------------------------------------------------------------------------------------------
 # Results
@@ -106,50 +100,16 @@ def _images_under(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath) / f for f in filenames if _is_image(f)]
+        found += [Path(dirpath) / f for f in filenames if is_image_file(f)]
     return sorted(found)
 
 
 def load_image(path: Path, transform: Callable) -> torch.Tensor | str:
     """The transformed image (C, S, S), or a one-line reason why it cannot be read."""
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")  # convert() decodes: truncated data fails here
-        return transform(img)
-    except UnidentifiedImageError:  # PIL's message repeats the file object's repr
-        return "not an image file PIL can identify (unknown format or damaged)"
-    except _DECODE_ERRORS as e:
-        if isinstance(e, OSError) and e.strerror and e.filename:  # open() failed: "Permission denied"
-            return e.strerror
-        return " ".join(f"{type(e).__name__}: {e}".split())
-
-
-# ----------------------------------------------------------------------------------------------
-# Predictor
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """The device for "cpu" or "cuda" (an error when no GPU is visible); None: CUDA when available."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device} was asked for but no CUDA device is available; use --device cpu")
-    return dev
-
-
-def build_eval_transform_from(preprocess: dict, path: str | os.PathLike = "the checkpoint") -> Callable:
-    """The eval transform a checkpoint's `preprocess` entry describes."""
-    if not isinstance(preprocess, dict) or not set(_PREPROCESS_KEYS) <= preprocess.keys():
-        raise CheckpointError(
-            f"{path}: 'preprocess' must hold {', '.join(_PREPROCESS_KEYS)}; the checkpoint is damaged"
-        )
-    p = preprocess
-    try:
-        return build_eval_transform(int(p["img_size"]), crop_pct=float(p["crop_pct"]),
-                                    interpolation=str(p["interpolation"]), mean=p["mean"], std=p["std"])  # fmt: skip
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{path}: invalid preprocessing {p} ({e})") from None
+        return transform(decode_image(path))
+    except DECODE_ERRORS as e:
+        return decode_error_reason(e)
 
 
 class Predictor:
@@ -167,43 +127,11 @@ class Predictor:
     def from_checkpoint(
         cls, path: str | os.PathLike, *, device: str | None = None, ema: bool = False
     ) -> Predictor:
-        """Build from a swin-train checkpoint (`Run.state_dict`); `ema` takes the EMA weights."""
+        """Build from a swin-train checkpoint or export (`checkpoint.load_trained_model`); `ema` takes
+        the EMA weights."""
         dev = resolve_device(device)
-        state = load_checkpoint(path, map_location="cpu")
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(
-                f"{path} is not a swin-train checkpoint (no format '{CHECKPOINT_FORMAT}'); pass a "
-                "last.pth / best.pth written by swin-train"
-            )
-        absent = [k for k in _REQUIRED_KEYS if k not in state]
-        if absent:
-            raise CheckpointError(f"swin-train checkpoint {path} lacks {', '.join(absent)}; it is damaged")
-        try:
-            cfg = config_from_dict(state["config"])
-        except SwinTrainError as e:
-            raise CheckpointError(f"the config stored in {path} is invalid: {e}") from None
-        class_names = [str(c) for c in state["class_names"]]
-        if len(class_names) != cfg.model.num_classes:
-            raise CheckpointError(
-                f"{path} names {len(class_names)} classes but its model has {cfg.model.num_classes}; "
-                "it is damaged"
-            )
-        weights = state["model"]
-        if ema:
-            if not isinstance(state.get("ema"), dict) or "module" not in state["ema"]:
-                raise CheckpointError(
-                    f"{path} has no EMA weights (trained without train.ema=true); drop --ema"
-                )
-            weights = state["ema"]["module"]
-        kwargs = cfg.model_kwargs() | {"grad_checkpointing": False}
-        model = SwinTransformer(**kwargs)
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as e:  # torch lists missing/unexpected/mis-shaped keys over many lines
-            detail = " ".join(str(e).split())[:300]
-            raise CheckpointError(f"the weights in {path} do not fit its config ({detail})") from None
-        transform = build_eval_transform_from(state["preprocess"], path)
-        return cls(model, transform, class_names, dev)
+        trained = load_trained_model(path, ema=ema)
+        return cls(trained.model, build_eval_transform(trained.preprocess), trained.class_names, dev)
 
     @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor, topk: int = 5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ def micro_arch():
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory):
     """A small shapes set (8 classes, 32 px): 128 train / 16 val images per class."""
-    from swin_train.shapes import ensure_shapes_dataset
+    from swin_train.data.shapes import ensure_shapes_dataset
 
     return ensure_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", img_size=32, train_per_class=128,
                                  val_per_class=16)  # fmt: skip

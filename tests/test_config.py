@@ -14,11 +14,11 @@ import yaml
 from swin_train.config import (
     Config,
     ModelConfig,
+    check_config,
     config_from_dict,
     config_to_dict,
     dump_config,
     load_config,
-    validate,
 )
 from swin_train.errors import ConfigError
 
@@ -87,11 +87,11 @@ def test_name_fills_only_unset_architecture_fields():
 def test_validate_fills_and_type_checks_a_config_built_in_python():
     cfg = Config(model=ModelConfig(name="swin_small_patch4_window7_224"))
     assert Config().model_kwargs()["depths"] == [2, 2, 6, 2]  # model_kwargs resolves without mutating
-    assert validate(cfg) is cfg and cfg.model.depths == [2, 2, 18, 2]
+    assert check_config(cfg) is cfg and cfg.model.depths == [2, 2, 18, 2]
     cfg.train.base_lr = 1  # ints become floats
-    assert isinstance(validate(cfg).train.base_lr, float)
+    assert isinstance(check_config(cfg).train.base_lr, float)
     cfg.train.epochs = "ten"
-    assert error_of(validate, cfg) == "train.epochs must be an int, got str 'ten'"
+    assert error_of(check_config, cfg) == "train.epochs must be an int, got str 'ten'"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,28 +13,31 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DistributedSampler
 
-from swin_train import shapes
-from swin_train.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ExactEvalSampler,
-    ResumableTrainSampler,
-    SyntheticDataset,
-    build_datasets,
-    build_eval_dataset,
-    build_eval_transform,
-    build_loader,
-    build_mixup,
-    build_train_criterion,
-    build_train_transform,
-    seeded_rng,
-)
+from swin_train.config import AugConfig, DataConfig
+from swin_train.data import shapes
+from swin_train.data.folder import build_datasets, build_eval_dataset
+from swin_train.data.loader import build_loader
+from swin_train.data.samplers import ExactEvalSampler, ResumableTrainSampler
+from swin_train.data.seeding import seeded_rng
+from swin_train.data.shapes import default_shapes_root, ensure_shapes_dataset
+from swin_train.data.synthetic import SyntheticDataset
+from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
 from swin_train.errors import DataError
-from swin_train.shapes import default_shapes_root, ensure_shapes_dataset
+from swin_train.losses import build_mixup, build_train_criterion
+
+
+def _eval_tf(img_size: int, crop_pct: float, **kw):
+    return build_eval_transform(Preprocess(img_size, crop_pct, "bicubic", IMAGENET_MEAN, IMAGENET_STD), **kw)
+
+
+def _train_tf(img_size: int, **aug):
+    return build_train_transform(DataConfig(img_size=img_size), AugConfig(**aug))
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -214,30 +217,30 @@ def test_eval_transform_resize_and_crop_arithmetic():
     mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     bicubic = TF.InterpolationMode.BICUBIC
 
-    out = build_eval_transform(224, crop_pct=0.875)(img)
+    out = _eval_tf(224, crop_pct=0.875)(img)
     assert out.shape == (3, 224, 224)
     ref = TF.center_crop(TF.resize(img, 256, interpolation=bicubic), 224)  # int(224 / 0.875) = 256
     assert torch.allclose(out, TF.normalize(TF.to_tensor(ref), mean, std), atol=1e-6)
 
-    out = build_eval_transform(32, crop_pct=0.9)(img)
+    out = _eval_tf(32, crop_pct=0.9)(img)
     ref = TF.center_crop(TF.resize(img, 35, interpolation=bicubic), 32)  # int(32 / 0.9) = int(35.55) = 35
     assert torch.allclose(out, TF.normalize(TF.to_tensor(ref), mean, std), atol=1e-6)
 
-    out = build_eval_transform(224, crop_pct=1.0)(img)  # plain resize, whole image, aspect not kept
+    out = _eval_tf(224, crop_pct=1.0)(img)  # plain resize, whole image, aspect not kept
     ref = TF.resize(img, [224, 224], interpolation=bicubic)
     assert torch.allclose(out, TF.normalize(TF.to_tensor(ref), mean, std), atol=1e-6)
 
 
 def test_train_transform_shape_and_posterize_zero_bits():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
-    t = build_train_transform(32)  # the official recipe: RandAugment m9 mstd0.5 inc1, erasing 0.25
+    t = _train_tf(32)  # the official recipe: RandAugment m9 mstd0.5 inc1, erasing 0.25
     assert t(img).shape == (3, 32, 32)
     # magnitude 10 makes PosterizeIncreasing keep 0 bits; Pillow >= 12 raises there, ours gives black
-    t = build_train_transform(32, auto_augment="rand-m10-mstd0-inc1")
+    t = _train_tf(32, auto_augment="rand-m10-mstd0-inc1")
     op = next(op for op in t.transforms[2].ops if op.name == "PosterizeIncreasing")
     op.prob = 1.0
     assert np.asarray(op(img)).max() == 0
-    assert build_train_transform(32, auto_augment="none", reprob=0.0)(img).shape == (3, 32, 32)
+    assert _train_tf(32, auto_augment="none", reprob=0.0)(img).shape == (3, 32, 32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,19 +255,16 @@ def test_exact_eval_sampler_covers_every_index_once():
         assert [len(ExactEvalSampler(n, world, r)) for r in range(world)] == [len(s) for s in shards]
 
 
-@pytest.mark.parametrize("drop_last", [True, False])
-def test_resumable_sampler_matches_distributed_sampler(drop_last):
+def test_resumable_sampler_matches_distributed_sampler():
     n, world = 23, 3
     for rank in range(world):
-        ours = ResumableTrainSampler(n, num_replicas=world, rank=rank, seed=5, drop_last=drop_last)
-        ref = DistributedSampler(
-            range(n), num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=drop_last
-        )
+        ours = ResumableTrainSampler(n, num_replicas=world, rank=rank, seed=5)
+        ref = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=True)
         for epoch in (0, 3):
             ours.set_epoch(epoch)
             ref.set_epoch(epoch)
             assert [i for i, _ in ours] == list(ref)
-            assert len(ours) == len(ref) == (7 if drop_last else 8)
+            assert len(ours) == len(ref) == 7
 
 
 def test_resumable_sampler_shards_and_start():
@@ -307,7 +307,7 @@ def _batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_resumed_loader_reproduces_batches_bitwise(tmp_path):
     root = _folder(tmp_path, {"train": {"a": 12, "b": 12}, "val": {"a": 1, "b": 1}})
-    tf = build_train_transform(16, reprob=0.5, crop_scale=(0.3, 1.0))  # RandAugment + erasing + crops
+    tf = _train_tf(16, reprob=0.5, crop_scale=[0.3, 1.0])  # RandAugment + erasing + crops
     train, _, _ = build_datasets(root, train_transform=tf, eval_transform=None)
     batch = 4
 
@@ -380,8 +380,8 @@ def test_build_loader_checks_and_synthetic():
 
 
 def test_mixup_and_criterion_selection():
-    assert build_mixup(mixup=0.0, cutmix=0.0, num_classes=5) is None
-    mix = build_mixup(mixup=0.8, cutmix=1.0, label_smoothing=0.1, num_classes=5)
+    assert build_mixup(AugConfig(mixup=0.0, cutmix=0.0), 5) is None
+    mix = build_mixup(AugConfig(mixup=0.8, cutmix=1.0, label_smoothing=0.1), 5)
     assert isinstance(mix, Mixup)
     assert (mix.mixup_alpha, mix.cutmix_alpha, mix.label_smoothing, mix.num_classes) == (0.8, 1.0, 0.1, 5)
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
@@ -392,9 +392,9 @@ def test_mixup_and_criterion_selection():
     assert torch.equal(xa, xb) and torch.equal(ta, tb)  # resumable under seeded_rng
     assert ta.shape == (4, 5) and torch.allclose(ta.sum(1), torch.ones(4))
 
-    assert isinstance(build_train_criterion(mixup_active=True, label_smoothing=0.1), SoftTargetCrossEntropy)
-    ls = build_train_criterion(mixup_active=False, label_smoothing=0.1)
+    assert isinstance(build_train_criterion(AugConfig(label_smoothing=0.1), mixup_active=True), SoftTargetCrossEntropy)
+    ls = build_train_criterion(AugConfig(label_smoothing=0.1), mixup_active=False)
     assert isinstance(ls, LabelSmoothingCrossEntropy) and ls.smoothing == 0.1
     assert isinstance(
-        build_train_criterion(mixup_active=False, label_smoothing=0.0), torch.nn.CrossEntropyLoss
+        build_train_criterion(AugConfig(label_smoothing=0.0), mixup_active=False), torch.nn.CrossEntropyLoss
     )

@@ -11,6 +11,7 @@ from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSw
 from swin_train.checkpoint import load_checkpoint, save_checkpoint
 from swin_train.cli.export import cli as swin_export
 from swin_train.config import Config, DataConfig, ModelConfig, config_to_dict
+from swin_train.data.transforms import Preprocess
 from swin_train.errors import CheckpointError
 from swin_train.models.convert import convert_state_dict, detect_layout, save_weights, to_layout
 from swin_train.models.registry import create_model
@@ -122,7 +123,7 @@ def _swin_train_checkpoint(tmp_path, micro_arch, ema: bool = True):
         "ema": {"module": ema_model.state_dict(), "num_updates": 1, "calls": 1} if ema else None,
         "config": config_to_dict(cfg),
         "class_names": ["a", "b", "c", "d", "e"],
-        "preprocess": {"img_size": 32, "crop_pct": 1.0},
+        "preprocess": Preprocess.from_config(cfg).to_dict(),
     }
     path = tmp_path / ("last.pth" if ema else "no-ema.pth")
     save_checkpoint(state, path)

@@ -47,7 +47,7 @@ def test_registry_holds_exactly_the_official_names():
 
 
 def _copy_into_ours(foreign_sd, **arch):
-    model = SwinTransformer(**arch).eval()
+    model = SwinTransformer(**(arch or VARIANTS["swin_tiny_patch4_window7_224"])).eval()
     model.load_state_dict(convert_state_dict(foreign_sd), strict=True)
     return model
 

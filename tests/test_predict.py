@@ -12,10 +12,9 @@ from PIL import Image
 from swin_train.checkpoint import save_checkpoint
 from swin_train.cli.predict import cli
 from swin_train.config import config_to_dict, load_config
-from swin_train.data import build_eval_transform
+from swin_train.data.transforms import Preprocess, build_eval_transform
 from swin_train.models.swin import SwinTransformer
 from swin_train.predict import Failure, Prediction, Predictor, find_images
-from swin_train.trainer import preprocessing
 
 CLASSES = ["cat", "dog", "fish"]
 COLORS = {"cat": (230, 20, 20), "dog": (20, 230, 20), "fish": (20, 20, 230)}  # red, green, blue
@@ -56,9 +55,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     torch.manual_seed(0)
     cfg = load_config(None, MICRO_OVERRIDES)
-    pre = preprocessing(cfg)
-    transform = build_eval_transform(pre["img_size"], crop_pct=pre["crop_pct"], interpolation=pre["interpolation"],
-                                     mean=pre["mean"], std=pre["std"])  # fmt: skip
+    pre = Preprocess.from_config(cfg).to_dict()
+    transform = build_eval_transform(Preprocess.from_dict(pre))
     # training set: 4 shades per colour, pushed through the checkpoint's own eval transform
     train_dir = root / "train"
     xs, ys = [], []

@@ -1,4 +1,4 @@
-"""Tests for swin_train.prefetch: the device half of the uint8 pipeline and the prefetching loader."""
+"""Tests for swin_train.data.prefetch: the device half of the uint8 pipeline and the prefetching loader."""
 
 from __future__ import annotations
 
@@ -11,20 +11,16 @@ import numpy as np
 import pytest
 import torch
 from helpers import MICRO_OVERRIDES, assert_bitwise_equal, weights
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
-from swin_train.config import load_config
-from swin_train.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ExactEvalSampler,
-    ResumableTrainSampler,
-    build_datasets,
-    build_eval_transform,
-    build_loader,
-    build_train_transform,
-)
-from swin_train.prefetch import DeviceTransform, normalize_uint8, prefetch
-from swin_train.shapes import ensure_shapes_dataset
+from swin_train.config import AugConfig, DataConfig, load_config
+from swin_train.data.folder import build_datasets
+from swin_train.data.loader import build_loader
+from swin_train.data.prefetch import DeviceTransform, normalize_uint8, prefetch
+from swin_train.data.samplers import ExactEvalSampler, ResumableTrainSampler
+from swin_train.data.shapes import ensure_shapes_dataset
+from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
 from swin_train.trainer import train
 
 CUDA = torch.cuda.is_available()
@@ -47,10 +43,9 @@ def _same_rng_states(a, b) -> bool:
 
 def _loaders(root, *, uint8: bool, workers: int = 0, start: int = 0):
     """Train (RandAugment, crops, flips; no erasing) and val loaders over `root`, epoch 1 from batch `start`."""
-    train_tf = build_train_transform(32, crop_scale=(0.3, 1.0), reprob=0.0, uint8=uint8)
-    train_set, val_set, _ = build_datasets(
-        root, train_transform=train_tf, eval_transform=build_eval_transform(32, crop_pct=0.875, uint8=uint8)
-    )
+    train_tf = build_train_transform(DataConfig(img_size=32), AugConfig(crop_scale=[0.3, 1.0], reprob=0.0), uint8=uint8)
+    eval_tf = build_eval_transform(Preprocess(32, 0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD), uint8=uint8)
+    train_set, val_set, _ = build_datasets(root, train_transform=train_tf, eval_transform=eval_tf)
     sampler = ResumableTrainSampler(len(train_set), seed=4)
     sampler.set_epoch(1)
     sampler.set_start(start, 16)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from swin_train.allocator import keep_freed_memory
 from swin_train.cli.common import ArgumentParser, add_debug_flag, run_cli, setup_logging
+from swin_train.config import ARCH_FIELDS
 from swin_train.errors import ConfigError, DataError
+
+# what fixes the weights' shapes: a trained checkpoint's are not changed by --config or overrides
+ARCH_KEYS = (*ARCH_FIELDS, "img_size", "num_classes", "ape", "patch_norm", "qkv_bias", "mlp_ratio")
 
 
 def build_parser() -> ArgumentParser:
@@ -33,24 +36,50 @@ def build_parser() -> ArgumentParser:
 
 
 def load_model_and_config(args):
-    """(model with weights, config): config from the checkpoint when it is a swin-train one."""
-    from swin_train.checkpoint import load_checkpoint
-    from swin_train.config import load_config
+    """(model with weights, config, class names or None). A swin-train checkpoint or export carries its own
+    architecture, class names and preprocessing; bare weights take them from --model or --config."""
+    from swin_train.checkpoint import (
+        EXPORT_METADATA_KEYS,
+        is_training_checkpoint,
+        load_checkpoint,
+        load_trained_model,
+    )
+    from swin_train.config import config_to_dict, load_config
+    from swin_train.models.hf import is_hf_folder
     from swin_train.models.pretrained import load_pretrained
+    from swin_train.models.registry import variant_arch
     from swin_train.models.swin import SwinTransformer
 
+    if is_hf_folder(args.checkpoint):
+        return _hf_model_and_config(args)
     state = load_checkpoint(args.checkpoint)
-    trained_here = state.get("format") == "swin-train/1"
     overrides = list(args.overrides)
+    if is_training_checkpoint(state) or all(k in state for k in EXPORT_METADATA_KEYS):
+        trained = load_trained_model(state, ema=args.ema)
+        own = trained.config.model_kwargs()
+        if args.model:
+            arch = variant_arch(args.model)
+            plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+            differs = [f"{k} {own[k]} (--model: {arch[k]})" for k in arch if plain(own[k]) != plain(arch[k])]
+            if differs:
+                raise ConfigError(
+                    f"{args.checkpoint} is a swin-train checkpoint with its own architecture, which --model "
+                    f"{args.model} contradicts ({'; '.join(differs[:3])}); drop --model"
+                )
+        base = None if args.config else config_to_dict(trained.config)
+        cfg = load_config(args.config, overrides, base=base)
+        changed = {k for k, v in cfg.model_kwargs().items() if k in ARCH_KEYS and v != own[k]}
+        if changed:
+            raise ConfigError(
+                f"{args.checkpoint} carries its own architecture; the config or overrides change "
+                f"{', '.join(sorted(changed))}: drop them"
+            )
+        return trained.model, cfg, trained.class_names
     if args.model:
         overrides.append(f"model.name={args.model}")
-    if trained_here and not args.config:
-        cfg = load_config(None, overrides, base=state["config"])  # the training config, overrides on top
-    elif args.config:
+    if args.config:
         cfg = load_config(args.config, overrides)
     elif args.model:  # bare weights of a named variant: its image size and the official eval crop
-        from swin_train.models.registry import variant_arch
-
         img_size = variant_arch(args.model)["img_size"]
         crop = 0.875 if img_size == 224 else 1.0
         cfg = load_config(None, [f"data.img_size={img_size}", f"eval.crop_pct={crop}", *overrides])
@@ -58,70 +87,72 @@ def load_model_and_config(args):
         raise ConfigError(
             f"{args.checkpoint} holds bare weights without a config; pass --model NAME or --config YAML"
         )
-    if args.data_path:
-        cfg.data.data_path = args.data_path
-    if args.batch_size:
-        cfg.data.batch_size = cfg.eval.batch_size = args.batch_size
-    if args.num_workers is not None:
-        cfg.data.num_workers = args.num_workers
     model = SwinTransformer(**cfg.model_kwargs())
     load_pretrained(model, state, strict=True, use_ema=args.ema)
-    return model, cfg, state
+    return model, cfg, None
 
 
-def throughput(model, cfg, device, amp, batches: int = 10, warmup: int = 3) -> float:
-    import torch
+def _hf_model_and_config(args):
+    """A transformers Swin folder: architecture from config.json, eval transform from preprocessor_config.json,
+    class names from id2label (None for transformers' LABEL_i placeholders)."""
+    from swin_train.checkpoint import load_exact_weights
+    from swin_train.config import load_config
+    from swin_train.models.hf import load_hf_folder
+    from swin_train.models.swin import SwinTransformer
 
-    batch = cfg.eval.batch_size or cfg.data.batch_size
-    x = torch.randn(batch, cfg.model.in_chans, cfg.data.img_size, cfg.data.img_size, device=device)
-    model.eval()
-    with torch.inference_mode(), amp.autocast():
-        for _ in range(warmup):
-            model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(batches):
-            model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return batches * batch / (time.perf_counter() - start)
+    if args.ema or args.model:
+        raise ConfigError(
+            f"{args.checkpoint} is a Hugging Face folder with its own architecture and no EMA weights; "
+            "drop --model / --ema"
+        )
+    hf = load_hf_folder(args.checkpoint)
+    arch = dict(hf.arch)
+    overrides = [f"data.img_size={arch.pop('img_size')}", *(f"model.{k}={json.dumps(v)}" for k, v in arch.items())]
+    if hf.preprocess:
+        p = hf.preprocess
+        overrides += [f"eval.crop_pct={p['crop_pct']}", f"data.interpolation={p['interpolation']}",
+                      f"data.mean={json.dumps(p['mean'])}", f"data.std={json.dumps(p['std'])}"]  # fmt: skip
+    cfg = load_config(args.config, [*overrides, *args.overrides])
+    model = SwinTransformer(**cfg.model_kwargs())
+    load_exact_weights(model, hf.state_dict, str(args.checkpoint))
+    return model.eval(), cfg, hf.class_names
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     log = setup_logging()
-    from swin_train.data import ExactEvalSampler, build_eval_dataset, build_loader
+    from swin_train.data.build import build_eval_data, device_transform_for
+    from swin_train.device import resolve_amp, resolve_device
     from swin_train.distributed import init_distributed, shutdown
-    from swin_train.engine import evaluate, resolve_amp
-    from swin_train.prefetch import DeviceTransform
-    from swin_train.trainer import data_root, eval_transform
+    from swin_train.evaluation import evaluate, throughput
 
+    resolve_device(args.device)
     env = init_distributed(args.device)
     if env.device.type == "cpu":
         keep_freed_memory()
     try:
-        model, cfg, state = load_model_and_config(args)
+        model, cfg, expected_classes = load_model_and_config(args)
+        if args.data_path:
+            cfg.data.data_path = args.data_path
+        if args.batch_size:
+            cfg.data.batch_size = cfg.eval.batch_size = args.batch_size
+        if args.num_workers is not None:
+            cfg.data.num_workers = args.num_workers
         model.to(env.device)
         amp = resolve_amp(cfg.amp, env.device)
         if args.throughput:
-            img_s = throughput(model, cfg, env.device, amp)
-            log.info("throughput: %.1f img/s (batch %d, %s, amp %s)", img_s, cfg.eval.batch_size or cfg.data.batch_size,
-                     env.device, amp.name)  # fmt: skip
+            img_s = throughput(model, batch_size=cfg.eval_batch_size, in_chans=cfg.model.in_chans,
+                               img_size=cfg.data.img_size, device=env.device, amp=amp)  # fmt: skip
+            log.info("throughput: %.1f img/s (batch %d, %s, amp %s)", img_s, cfg.eval_batch_size, env.device, amp.name)
             return 0
         # on CUDA, as in training: uint8 batches from the workers, normalised on the GPU (prefetch.py)
         on_device = env.device.type == "cuda"
-        dataset, classes = build_eval_dataset(data_root(cfg, env), eval_transform(cfg, uint8=on_device),
-                                              skip_bad_images=cfg.data.skip_bad_images)  # fmt: skip
+        loader, classes = build_eval_data(cfg, env, device_pipeline=on_device)
         if len(classes) != model.num_classes:
             raise DataError(f"the data has {len(classes)} classes but the model has {model.num_classes}")
-        expected = state.get("class_names")
-        if expected and list(expected) != list(classes):
+        if expected_classes and list(expected_classes) != list(classes):
             raise DataError("the val/ class folders differ from the class names stored in the checkpoint")
-        loader = build_loader(dataset, batch_size=cfg.eval.batch_size or cfg.data.batch_size,
-                              sampler=ExactEvalSampler(len(dataset), env.world_size, env.rank),
-                              num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)  # fmt: skip
-        device_transform = DeviceTransform(env.device, cfg.data.mean, cfg.data.std) if on_device else None
+        device_transform = device_transform_for(cfg, env, train=False) if on_device else None
         m = evaluate(model, loader, device=env.device, amp=amp, num_classes=model.num_classes,
                      show_progress=env.is_main, device_transform=device_transform)  # fmt: skip
         if env.is_main:

@@ -4,6 +4,10 @@ safetensors  our layout, tensors only; metadata holds the config, class names an
 timm         timm's SwinTransformer.load_state_dict(strict=True)
 torchvision  torchvision's swin_t/s/b .load_state_dict(strict=True) (with its relative_position_index)
 official     {'model': ...} with relative_position_index / attn_mask, for microsoft/Swin-Transformer
+onnx         an ONNX graph (dynamic batch) with class names and preprocessing in its metadata, checked against
+             PyTorch with onnxruntime at export time (pip install 'swin-train[onnx]')
+hf           a folder for transformers' SwinForImageClassification.from_pretrained (config.json with id2label,
+             model.safetensors, preprocessor_config.json)
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from swin_train.cli.common import ArgumentParser, add_debug_flag, run_cli, setup
 from swin_train.errors import CheckpointError, ConfigError
 from swin_train.models.convert import EXPORT_FORMATS
 
+# Formats that hold a runnable model (the others are state-dict layouts, `models.convert.EXPORT_FORMATS`)
+RUNNABLE_FORMATS = ("onnx", "hf")
 # Image size of bare weights by window, as in the official variant names (window7_224, window12_384).
 _IMG_SIZE_BY_WINDOW = {7: 224, 12: 384}
 
@@ -25,8 +31,8 @@ def build_parser() -> ArgumentParser:
         prog="swin-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", required=True, help="swin-train checkpoint, or weights in any Swin layout")
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="layout to write")
-    p.add_argument("--out", required=True, help="file to write (.safetensors for --format safetensors)")
+    p.add_argument("--format", required=True, choices=(*EXPORT_FORMATS, *RUNNABLE_FORMATS), help="what to write")
+    p.add_argument("--out", required=True, help="file to write (.safetensors, .onnx), or the folder for --format hf")
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
     p.add_argument(
         "--img-size",
@@ -38,17 +44,14 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _model_kwargs(state: dict, sd: dict, img_size: int | None) -> dict:
-    """The architecture: a swin-train checkpoint's config, else read off the weights."""
-    from swin_train.config import config_from_dict
-    from swin_train.models.convert import infer_arch
+def _bare_model(sd: dict, img_size: int | None, device: str = "meta"):
+    """A model for bare weights, its architecture read off them; on the meta device by default (shapes and
+    block geometry only: checks the fit, gives the official buffers, costs no initialisation)."""
+    import torch
 
-    if state.get("format") == "swin-train/1" and isinstance(state.get("config"), dict):
-        if img_size is not None:
-            raise ConfigError(
-                "--img-size is only for bare weights; this checkpoint's config fixes the image size"
-            )
-        return config_from_dict(state["config"]).model_kwargs()
+    from swin_train.models.convert import infer_arch
+    from swin_train.models.swin import SwinTransformer
+
     arch = infer_arch(sd)
     if img_size is not None:
         arch["img_size"] = img_size
@@ -56,47 +59,72 @@ def _model_kwargs(state: dict, sd: dict, img_size: int | None) -> dict:
         if arch["window_size"] not in _IMG_SIZE_BY_WINDOW:
             raise ConfigError(f"the weights use window {arch['window_size']}; pass --img-size")
         arch["img_size"] = _IMG_SIZE_BY_WINDOW[arch["window_size"]]
-    return arch
+    try:
+        with torch.device(device):
+            return SwinTransformer(**arch)
+    except (RuntimeError, ValueError) as e:  # e.g. a feature map that windows do not tile
+        raise ConfigError(
+            f"cannot build the model at image size {arch['img_size']} (window {arch['window_size']}): "
+            f"{str(e).splitlines()[0]}; check --img-size"
+        ) from None
 
 
-def _metadata(state: dict) -> dict[str, str]:
-    """What a user of a swin-train checkpoint's weights needs besides tensors, as JSON strings."""
-    if state.get("format") != "swin-train/1":
-        return {}
-    return {key: json.dumps(state[key]) for key in ("config", "class_names", "preprocess") if state.get(key)}
+def _check_out(out: Path, fmt: str) -> None:
+    """Loaders go by the suffix: refuse a name that another tool would misread."""
+    suffix = {"safetensors": ".safetensors", "onnx": ".onnx"}.get(fmt)
+    if suffix and out.suffix != suffix:
+        raise ConfigError(f"--out {out} for --format {fmt}: use a name ending in {suffix}")
+    if suffix is None and fmt != "hf" and out.suffix in (".safetensors", ".onnx"):
+        raise ConfigError(f"--out {out} for --format {fmt}: use a name not ending in {out.suffix}")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"output folder {out.parent} does not exist; create it or change --out")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = setup_logging()
-    import torch
-
-    from swin_train.checkpoint import load_checkpoint
+    from swin_train.checkpoint import (
+        EXPORT_METADATA_KEYS,
+        is_training_checkpoint,
+        load_checkpoint,
+        load_exact_weights,
+        load_trained_model,
+    )
     from swin_train.models.convert import convert_state_dict, save_weights
     from swin_train.models.pretrained import select_weights
-    from swin_train.models.swin import SwinTransformer
 
     out = Path(args.out)
-    if (out.suffix == ".safetensors") != (args.format == "safetensors"):
-        want = "a .safetensors name" if args.format == "safetensors" else "a name not ending in .safetensors"
-        raise ConfigError(f"--out {out} for --format {args.format}: use {want} (loaders go by the suffix)")
-    if not out.parent.is_dir():
-        raise CheckpointError(f"output folder {out.parent} does not exist; create it or change --out")
+    _check_out(out, args.format)
     state = load_checkpoint(args.checkpoint)
-    sd = convert_state_dict(select_weights(state, args.ema, f"checkpoint {args.checkpoint}"))
-    kwargs = _model_kwargs(state, sd, args.img_size)
-    try:
-        with torch.device(
-            "meta"
-        ):  # shapes and block geometry only: checks the fit, gives the official buffers
-            model = SwinTransformer(**kwargs)
-    except (RuntimeError, ValueError) as e:  # e.g. a feature map that windows do not tile
-        raise ConfigError(
-            f"cannot build the model at image size {kwargs['img_size']} (window {kwargs['window_size']}): "
-            f"{str(e).splitlines()[0]}; check --img-size"
-        ) from None
-    count = save_weights(sd, args.format, out, model, _metadata(state))
-    log.info("wrote %d tensors (%s%s) to %s", count, args.format, ", EMA" if args.ema else "", out)
+    bare = not (is_training_checkpoint(state) or all(k in state for k in EXPORT_METADATA_KEYS))
+    if not bare:
+        if args.img_size is not None:
+            raise ConfigError("--img-size is only for bare weights; this checkpoint's config fixes the image size")
+        trained = load_trained_model(state, ema=args.ema)
+        model, sd = trained.model, trained.model.state_dict()
+        class_names, preprocess = trained.class_names, trained.preprocess.to_dict()
+        metadata = {key: json.dumps(state[key]) for key in EXPORT_METADATA_KEYS}  # as stored, checked above
+    else:
+        sd = convert_state_dict(select_weights(state, args.ema, f"checkpoint {args.checkpoint}"))
+        model, class_names, preprocess, metadata = _bare_model(sd, args.img_size), None, None, {}
+    suffix = ", EMA" if args.ema else ""
+    if args.format not in RUNNABLE_FORMATS:
+        count = save_weights(sd, args.format, out, model, metadata)
+        log.info("wrote %d tensors (%s%s) to %s", count, args.format, suffix, out)
+        return 0
+    if bare:  # a real model to run
+        model = _bare_model(sd, args.img_size, device="cpu")
+        load_exact_weights(model, sd, args.checkpoint)
+    if args.format == "onnx":
+        from swin_train.models.onnx import export_onnx
+
+        difference = export_onnx(model.eval(), out, class_names=class_names, preprocess=preprocess)
+        log.info("wrote %s (onnx%s); onnxruntime logits within %.2e of PyTorch's", out, suffix, difference)
+    else:
+        from swin_train.models.hf import write_hf_folder
+
+        write_hf_folder(model.eval(), out, class_names=class_names, preprocess=preprocess)
+        log.info("wrote %s (hf%s): SwinForImageClassification.from_pretrained loads it", out, suffix)
     return 0
 
 

@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = cfg.model_kwargs()
         title = cfg.model.name or "custom Swin"
     else:
-        name = args.model or "swin_tiny_patch4_window7_224"
+        from swin_train.models.registry import DEFAULT_VARIANT, variant_arch
+
+        name = args.model or DEFAULT_VARIANT
         try:
-            from swin_train.models.registry import variant_arch
 
             kwargs = variant_arch(name)
         except KeyError as e:

@@ -10,7 +10,8 @@ def build_parser() -> ArgumentParser:
         prog="swin-train",
         description=__doc__,
         epilog="Example: swin-train --config configs/swin_tiny_patch4_window7_224.yaml --data-path /data/imagenet "
-        "train.epochs=100. Multi-GPU: torchrun --nproc_per_node 8 --no-python swin-train ...",
+        "train.epochs=100. Multi-GPU: torchrun --nproc_per_node 8 --no-python swin-train ...; on SLURM: "
+        "srun swin-train ... (see scripts/slurm/train.sbatch)",
     )
     parser.add_argument("--config", help="YAML config (may inherit with _base_)")
     parser.add_argument("--data-path", help="ImageFolder root with train/ and val/")
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     setup_logging()
     from swin_train.config import load_config
-    from swin_train.trainer import TrainingStopped, train
+    from swin_train.stopping import TrainingStopped
+    from swin_train.trainer import train
 
     cfg = load_config(args.config, args.overrides, data_path=args.data_path, output=args.output,
                       batch_size=args.batch_size)  # fmt: skip

@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from swin_train.errors import CheckpointError
-from swin_train.models.swin import SwinBlock, relative_position_index, shifted_window_mask
+from swin_train.models.swin import (
+    BLOCK_KEY,
+    DOWNSAMPLE_KEY,
+    SwinBlock,
+    relative_position_index,
+    shifted_window_mask,
+)
 
 LAYOUTS = ("swin-train", "official", "timm", "torchvision")
 EXPORT_FORMATS = ("safetensors", "timm", "torchvision", "official")
@@ -61,7 +67,7 @@ def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
         return "torchvision"
     if "head.fc.weight" in sd or "head.fc.bias" in sd:
         return "timm"
-    downsample_stages = {int(m.group(1)) for k in keys if (m := re.match(r"layers\.(\d+)\.downsample\.", k))}
+    downsample_stages = {int(m.group(1)) for k in keys if (m := DOWNSAMPLE_KEY.match(k))}
     if downsample_stages and 0 not in downsample_stages:
         return "timm"  # headless timm state dict: merging starts stages 1.., never stage 0
     if any(k.endswith(_BUFFER_SUFFIXES) for k in keys):
@@ -70,7 +76,7 @@ def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
 
 
 def _from_timm(key: str) -> str:
-    key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", key)
+    key = DOWNSAMPLE_KEY.sub(lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", key)
     return re.sub(r"^head\.fc\.", "head.", key)
 
 
@@ -114,15 +120,15 @@ def convert_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
 
 
 def _to_timm(key: str) -> str:
-    key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", key)
+    key = DOWNSAMPLE_KEY.sub(lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", key)
     return re.sub(r"^head\.", "head.fc.", key)
 
 
 def _to_torchvision(key: str) -> str:
     key = re.sub(r"^patch_embed\.proj\.", "features.0.0.", key)
     key = re.sub(r"^patch_embed\.norm\.", "features.0.2.", key)
-    key = re.sub(r"^layers\.(\d+)\.blocks\.", lambda m: f"features.{2 * int(m.group(1)) + 1}.", key)
-    key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"features.{2 * int(m.group(1)) + 2}.", key)
+    key = BLOCK_KEY.sub(lambda m: f"features.{2 * int(m.group(1)) + 1}.{m.group(2)}.", key)
+    key = DOWNSAMPLE_KEY.sub(lambda m: f"features.{2 * int(m.group(1)) + 2}.", key)
     return key.replace(".mlp.fc1.", ".mlp.0.").replace(".mlp.fc2.", ".mlp.3.")
 
 
@@ -240,7 +246,7 @@ def infer_arch(sd: Mapping[str, torch.Tensor]) -> dict:
     try:
         embed_dim, in_chans, patch_size, _ = sd["patch_embed.proj.weight"].shape
         blocks = sorted(
-            {(int(m[1]), int(m[2])) for k in sd if (m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k))}
+            {(int(m[1]), int(m[2])) for k in sd if (m := BLOCK_KEY.match(k))}
         )
         num_stages = blocks[-1][0] + 1 if blocks else 0
         depths = [1 + max((j for i, j in blocks if i == stage), default=-1) for stage in range(num_stages)]
@@ -283,29 +289,6 @@ def _unshared(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Atomic like swin_train.checkpoint.save_checkpoint: temp file in the same folder, fsync, rename."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from swin_train.checkpoint import _fsync_dir, temp_path
-
-    tmp = temp_path(path)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as exc:
-        tmp.unlink(missing_ok=True)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        raise CheckpointError(f"could not write {path}: {reason}; check the output folder") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_weights(
     sd: Mapping[str, torch.Tensor],
     fmt: str,
@@ -325,8 +308,13 @@ def save_weights(
     path = Path(path)
     out = to_layout(sd, "swin-train" if fmt == "safetensors" else fmt, model)
     if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        from swin_train.checkpoint import write_atomically
+
         meta = {"format": "pt", "layout": "swin-train", **(metadata or {})}
-        _save_safetensors(_unshared(out), path, meta)
+        tensors = _unshared(out)
+        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     else:
         out = {k: v.detach() for k, v in out.items()}
         save_checkpoint({"model": out} if fmt == "official" else out, path)

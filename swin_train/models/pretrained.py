@@ -9,6 +9,7 @@ What it does, and reports (nothing silent):
 - re-initialises the head when the number of classes differs, or selects head rows with a class map
   (22k -> 1k: one source class index per line, the official `map22kto1k.txt` format),
 - refuses any other shape mismatch, naming the first mismatching key.
+Sources: a .pth / .safetensors file in any of those layouts, or a Hugging Face transformers Swin folder.
 """
 
 from __future__ import annotations
@@ -196,16 +197,28 @@ def load_pretrained(
     use_ema=True takes a swin-train checkpoint's EMA weights (CheckpointError if it has none).
     """
     from swin_train.checkpoint import load_checkpoint
+    from swin_train.models.hf import is_hf_folder, load_hf_folder
 
     is_file = isinstance(source, str | Path)
-    obj = load_checkpoint(source) if is_file else source
     name = str(source) if is_file else "state dict"
-    obj = select_weights(obj, use_ema, f"checkpoint {source}" if is_file else "the checkpoint")
-    report = LoadReport(source=name + (" (EMA)" if use_ema else ""), layout="")
-    report.layout = detect_layout(unwrap_state_dict(obj))
-    sd = convert_state_dict(obj)
+    if is_file and is_hf_folder(source):
+        if use_ema:
+            raise CheckpointError(f"{source} is a Hugging Face folder, which holds no EMA weights; drop --ema")
+        obj, layout = load_hf_folder(source).state_dict, "transformers"
+    else:
+        obj = load_checkpoint(source) if is_file else source
+        obj = select_weights(obj, use_ema, f"checkpoint {source}" if is_file else "the checkpoint")
+        layout = detect_layout(unwrap_state_dict(obj))
+    report = LoadReport(source=name + (" (EMA)" if use_ema else ""), layout=layout)
+    converted = convert_state_dict(obj)
     class_map = read_class_map(head_map) if head_map is not None else None
-    sd = adapt_state_dict(sd, model, report, class_map)
+    sd = adapt_state_dict(converted, model, report, class_map)
+    if strict and "head.weight" in report.reinitialised and "head.weight" in converted:
+        classes = converted["head.weight"].shape[0]
+        raise CheckpointError(
+            f"the head of {report.source} has {classes} classes, the model {model.num_classes}: "
+            f"pass model.num_classes={classes}"
+        )
     if strict and (report.reinitialised or report.unexpected):
         missing = report.reinitialised or report.unexpected
         kind = "missing from" if report.reinitialised else "unexpected in"

@@ -17,6 +17,10 @@ for _size, _arch in (("tiny", _TINY), ("small", _SMALL), ("base", _BASE), ("larg
     VARIANTS[f"swin_{_size}_patch4_window12_384"] = dict(img_size=384, patch_size=4, window_size=12, **_arch)
 
 
+# The architecture of a config that names none (model.name: null): Swin-T, as the official default.
+DEFAULT_VARIANT = "swin_tiny_patch4_window7_224"
+
+
 def variant_names() -> list[str]:
     return sorted(VARIANTS)
 
@@ -33,14 +37,20 @@ def variant_arch(name: str) -> dict:
 
 
 def create_model(name: str | None = None, *, checkpoint: str | None = None, **overrides):
-    """Build a Swin Transformer from a variant name and/or explicit architecture fields.
+    """Build a Swin Transformer from a variant name and/or explicit architecture fields, or load a trained one.
 
     `create_model("swin_tiny_patch4_window7_224", num_classes=10, drop_path_rate=0.2)`;
-    `create_model(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`.
-    `checkpoint` loads weights from any supported layout (see `swin_train.models.pretrained.load_pretrained`).
+    `create_model(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`;
+    `create_model(checkpoint="output/run/best.pth")`: a swin-train checkpoint or export, with its own
+    architecture (`swin_train.checkpoint.load_trained_model`); with a name or fields, `checkpoint` may hold
+    weights of any supported layout, adapted to that architecture (`models.pretrained.load_pretrained`).
     """
     from swin_train.models.swin import SwinTransformer
 
+    if checkpoint is not None and name is None and not overrides:
+        from swin_train.checkpoint import load_trained_model
+
+        return load_trained_model(checkpoint).model
     arch = variant_arch(name) if name else {}
     arch.update(overrides)
     model = SwinTransformer(**arch)

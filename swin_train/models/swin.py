@@ -14,6 +14,8 @@ from the architecture here and never saved.
 from __future__ import annotations
 
 import functools
+import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +30,29 @@ from .ops import Linear, linear_gelu
 # code uses -100 (not -inf), which keeps a fully masked row finite; we keep it for identical numerics.
 MASKED_LOGIT = -100.0
 
+# Parameter-name patterns of our (the official) layout: `layers.{stage}.blocks.{block}.` and the patch merging
+# that ends a stage, `layers.{stage}.downsample.`; group 1 is the stage, group 2 the block.
+BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
+DOWNSAMPLE_KEY = re.compile(r"^layers\.(\d+)\.downsample\.")
+
 # WindowAttention's kernels: "auto" (SDPA on CUDA, the math written out on CPU) or "flex" (FlexAttention)
 ATTENTION_BACKENDS = ("auto", "flex")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What every block shares, handed as one object from the model down to its attention: a new block
+    setting is a field here (named as in `config.ModelConfig`) and the line that uses it."""
+
+    mlp_ratio: float = 4.0  # MLP hidden width / dim
+    qkv_bias: bool = True
+    drop_rate: float = 0.0  # dropout after attention and MLP projections (and on the embedding)
+    attn_drop_rate: float = 0.0  # dropout on attention weights
+    attention: str = "auto"  # ATTENTION_BACKENDS
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -130,28 +153,17 @@ class WindowAttention(nn.Module):
     additive attention bias, so torch's fused attention kernels apply where they exist.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        window: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        attention: str = "auto",
-    ):
+    def __init__(self, dim: int, window: int, num_heads: int, spec: BlockSpec = BlockSpec()):
         super().__init__()
         self.dim, self.window, self.num_heads = dim, window, num_heads
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
-        self.attention = attention  # config.ModelConfig.attention
+        self.attention = spec.attention
         self.head_dim = dim // num_heads
-        self.attn_drop = attn_drop
+        self.attn_drop = spec.attn_drop_rate
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
-        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=spec.qkv_bias)
         self.proj = Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = nn.Dropout(spec.drop_rate)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def relative_position_bias(self) -> torch.Tensor:
@@ -219,14 +231,11 @@ class SwinBlock(nn.Module):
         dim: int,
         resolution: tuple[int, int],
         num_heads: int,
-        window: int = 7,
+        *,
+        window: int,
         shift: int = 0,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
+        spec: BlockSpec = BlockSpec(),
         drop_path: float = 0.0,
-        attention: str = "auto",
     ):
         super().__init__()
         self.resolution = resolution
@@ -234,10 +243,10 @@ class SwinBlock(nn.Module):
             window, shift = min(resolution), 0
         self.window, self.shift = window, shift
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window, num_heads, qkv_bias, attn_drop, drop, attention)
+        self.attn = WindowAttention(dim, window, num_heads, spec)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * spec.mlp_ratio), spec.drop_rate)
         mask = shifted_window_mask(*resolution, window, shift) if shift else None
         self.register_buffer("attn_mask", mask, persistent=False)
         order = window_token_order(*resolution, window, shift)  # (H*W,): shift + partition as one gather
@@ -299,25 +308,20 @@ class SwinLayer(nn.Module):
         resolution: tuple[int, int],
         depth: int,
         num_heads: int,
+        *,
         window: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
+        spec: BlockSpec = BlockSpec(),
         drop_path: list[float] | tuple[float, ...] = (),
         downsample: bool = False,
         grad_checkpointing: bool = False,
-        attention: str = "auto",
     ):
         super().__init__()
         self.dim, self.resolution, self.depth = dim, resolution, depth
         self.grad_checkpointing = grad_checkpointing
         drop_path = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList(
-            SwinBlock(
-                dim, resolution, num_heads, window, 0 if j % 2 == 0 else window // 2,
-                mlp_ratio, qkv_bias, drop, attn_drop, drop_path[j], attention,
-            )
+            SwinBlock(dim, resolution, num_heads, window=window, shift=0 if j % 2 == 0 else window // 2, spec=spec,
+                      drop_path=drop_path[j])
             for j in range(depth)
         )  # fmt: skip
         self.downsample = PatchMerging(dim, resolution) if downsample else None
@@ -333,29 +337,30 @@ class SwinLayer(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-    """Swin Transformer v1 for image classification (num_classes=0 gives a feature extractor)."""
+    """Swin Transformer v1 for image classification (num_classes=0 gives a feature extractor).
+
+    The architecture is given whole (`create_model(name)` takes it from the registry); the rest are
+    training choices with the official defaults."""
 
     def __init__(
         self,
-        img_size: int = 224,
-        patch_size: int = 4,
+        *,
+        img_size: int,
+        patch_size: int,
+        embed_dim: int,
+        depths: tuple[int, ...],
+        num_heads: tuple[int, ...],
+        window_size: int,
         in_chans: int = 3,
         num_classes: int = 1000,
-        embed_dim: int = 96,
-        depths: tuple[int, ...] = (2, 2, 6, 2),
-        num_heads: tuple[int, ...] = (3, 6, 12, 24),
-        window_size: int = 7,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         ape: bool = False,
         patch_norm: bool = True,
         grad_checkpointing: bool = False,
-        attention: str = "auto",
+        **block_settings,
     ):
         super().__init__()
+        spec = BlockSpec(**block_settings)  # mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, attention
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.num_classes, self.embed_dim = num_classes, embed_dim
         self.depths, self.num_heads, self.window_size = tuple(depths), tuple(num_heads), window_size
@@ -366,7 +371,7 @@ class SwinTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
         # (1, L, C) as in the official checkpoints; viewed as (1, H, W, C) when added
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, embed_dim)) if ape else None
-        self.pos_drop = nn.Dropout(drop_rate)
+        self.pos_drop = nn.Dropout(spec.drop_rate)
         # Stochastic depth rate grows linearly from 0 to drop_path_rate over all blocks.
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
@@ -379,14 +384,10 @@ class SwinTransformer(nn.Module):
                     depth=depth,
                     num_heads=num_heads[i],
                     window=window_size,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
+                    spec=spec,
                     drop_path=rates[first : first + depth],
                     downsample=i < self.num_stages - 1,
                     grad_checkpointing=grad_checkpointing,
-                    attention=attention,
                 )
             )
         self.norm = nn.LayerNorm(self.num_features)
@@ -398,12 +399,6 @@ class SwinTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for layer in self.layers:
             layer.grad_checkpointing = enable
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            _init_weights(self.head)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, H/p, W/p, C)

@@ -6,10 +6,10 @@ of batch i+1 (pinned memory, `non_blocking=True`) and its `transform` are queued
 batch i is handed out, so they overlap the step that computes on batch i (prefetch depth 1). On CPU a
 batch is fetched when asked for, as a plain loop would.
 
-`DeviceTransform` is the device half of the uint8 pipeline (`data.build_train_transform(uint8=True)`):
+`DeviceTransform` is the device half of the uint8 pipeline (`transforms.build_train_transform(uint8=True)`):
 it converts and normalises exactly as ToTensor + Normalize do in the workers (bitwise), then, for train
 batches, applies timm's RandomErasing seeded from (seed, rank, epoch, batch index). The seeding saves and
-restores every global generator it touches (`data.seeded_rng`), so erasing never moves the RNG streams
+restores every global generator it touches (`seeding.seeded_rng`), so erasing never moves the RNG streams
 that mixup, drop path and the checkpoints use: a resumed run erases and mixes exactly as an
 uninterrupted one, whichever batch the prefetcher had already prepared when the checkpoint was written.
 
@@ -24,9 +24,11 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.data.random_erasing import RandomErasing
 
-from swin_train.data import IMAGENET_MEAN, IMAGENET_STD, seeded_rng
+from swin_train.data.seeding import seeded_rng
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

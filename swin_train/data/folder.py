@@ -1,0 +1,231 @@
+"""ImageFolder data sets (`root/<split>/<class>/**/<image>`): scanning, decoding, and the rules both
+training and `swin-predict` apply to image files."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from swin_train.data.seeding import seeded_rng
+from swin_train.errors import DataError
+
+log = logging.getLogger("swin_train")
+
+SampleKey = tuple[int, int]  # (dataset index, augmentation seed) as yielded by ResumableTrainSampler
+
+# PIL raises these for unreadable / truncated / hostile files (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def is_image_file(name: str) -> bool:
+    """An image by its name: a known extension and not hidden (macOS `._x.jpg` are never images)."""
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def split_key(key: int | SampleKey) -> tuple[int, int | None]:
+    """(index, augmentation seed or None) from a sampler's key."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return int(key), None
+
+
+def decode_error_reason(e: BaseException) -> str:
+    """One line on why PIL could not read a file (PIL's own message would repeat the file object's repr)."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image file PIL can identify (empty, unknown format or damaged)"
+    if isinstance(e, OSError) and e.strerror and e.filename:  # open() failed: "Permission denied"
+        return e.strerror
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def decode_image(path: str | os.PathLike) -> Image.Image:
+    """An RGB image, decoded the same way for training, evaluation and prediction (no EXIF rotation).
+    Raises one of DECODE_ERRORS."""
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")  # convert() decodes: truncated data fails here
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _class_images(class_dir: Path, split_real: str, skipped_links: list[str]) -> list[str]:
+    """Image files under one class folder, sorted, following directory links that lead out of the data set.
+
+    A link back into the split (`ln -s .. cat/loop`) would loop and relabel other classes' images as this
+    class; a link to a folder already walked would count images twice. Both are skipped and reported."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        seen.add(os.path.realpath(dirpath))
+        kept = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if d.startswith("."):
+                continue
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if target in seen or _within(target, split_real) or _within(split_real, target):
+                    skipped_links.append(f"{full} -> {target}")
+                    continue
+            kept.append(d)
+        dirnames[:] = kept
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f)]
+    return found
+
+
+def scan_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted sub-folders) and (path, label) samples of one split, validated.
+
+    Unlike torchvision's ImageFolder, hidden folders and files (`.ipynb_checkpoints`, macOS `._x.jpg`)
+    are skipped: they are never images and would otherwise become classes or decode errors.
+    """
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image files>")
+    split_real = os.path.realpath(split_dir)
+    samples: list[tuple[str, int]] = []
+    skipped_links: list[str] = []
+    for label, name in enumerate(classes):
+        found = _class_images(split_dir / name, split_real, skipped_links)
+        if not found:
+            raise DataError(
+                f"class folder {split_dir / name} has no images ({', '.join(IMG_EXTENSIONS)}); "
+                "add images or remove the folder"
+            )
+        samples += [(path, label) for path in found]
+    for link in skipped_links:
+        log.warning("skipped directory link %s: it leads back into the data set (a loop or a duplicate)", link)
+    return classes, samples
+
+
+class ImageFolderDataset(Dataset):
+    """`root/<class>/**/<image>` as (image, label) pairs; keys may be ints or `SampleKey`s, whose seed
+    makes the augmentation of a sample a pure function of the key (`seeded_rng`), whichever worker
+    decodes it. With `skip_bad_images`, an undecodable file is logged and replaced by the next index
+    (deterministic); `num_skipped` counts such replacements across all worker processes."""
+
+    def __init__(
+        self,
+        split_dir: str | Path,
+        transform: Callable | None = None,
+        *,
+        skip_bad_images: bool = False,
+        scanned: tuple[list[str], list[tuple[str, int]]] | None = None,
+    ) -> None:
+        self.root = Path(split_dir)
+        self.classes, self.samples = scanned if scanned is not None else scan_image_folder(self.root)
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+        # shared memory: workers are separate processes, a plain int would count per worker
+        self._skipped = multiprocessing.Value("q", 0)
+        self._warned: set[str] = set()
+
+    @property
+    def num_skipped(self) -> int:
+        """How many times a bad image was replaced (all processes, since construction)."""
+        return int(self._skipped.value)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return decode_image(path), label
+            except DECODE_ERRORS as e:
+                if not self.skip_bad_images:
+                    raise DataError(
+                        f"cannot decode image {path} ({decode_error_reason(e)}); "
+                        "delete or replace it, or set data.skip_bad_images=true to skip such files"
+                    ) from None
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                if path not in self._warned:  # once per file and process: no log flood every epoch
+                    self._warned.add(path)
+                    log.warning("skipping undecodable image %s (%s)", path, decode_error_reason(e))
+        raise DataError(f"no image under {self.root} can be decoded")
+
+    def __getitem__(self, key: int | SampleKey) -> tuple[object, int]:
+        index, sample_seed = split_key(key)
+        img, label = self._load(index)
+        if self.transform is not None:
+            if sample_seed is None:
+                img = self.transform(img)
+            else:
+                with seeded_rng(sample_seed):
+                    img = self.transform(img)
+        return img, label
+
+
+def check_root(root: str | Path, splits: Sequence[str]) -> Path:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"data path {root} does not exist or is not a folder; point it at a folder with train/ and val/"
+        )
+    for split in splits:
+        if not (root / split).is_dir():
+            raise DataError(
+                f"data path {root} has no {split}/ subfolder; expected {root}/{split}/<class>/<images>"
+            )
+    return root
+
+
+def build_datasets(
+    root: str | Path,
+    *,
+    train_transform: Callable | None,
+    eval_transform: Callable | None,
+    skip_bad_images: bool = False,
+) -> tuple[ImageFolderDataset, ImageFolderDataset, list[str]]:
+    """Train and val datasets from `root/train` and `root/val`, with the same class list (at least 2)."""
+    root = check_root(root, ("train", "val"))
+    train_scan = scan_image_folder(root / "train")
+    val_scan = scan_image_folder(root / "val")
+    if train_scan[0] != val_scan[0]:
+        only_train = sorted(set(train_scan[0]) - set(val_scan[0]))
+        only_val = sorted(set(val_scan[0]) - set(train_scan[0]))
+        raise DataError(
+            f"train/ and val/ class folders differ under {root}: only in train: {few(only_train)}; "
+            f"only in val: {few(only_val)}; both splits need the same class folders"
+        )
+    if len(train_scan[0]) < 2:
+        raise DataError(
+            f"{root / 'train'} has {len(train_scan[0])} class folder ({few(train_scan[0])}); a classifier "
+            "needs at least 2 classes: add a folder per class"
+        )
+    train = ImageFolderDataset(
+        root / "train", train_transform, skip_bad_images=skip_bad_images, scanned=train_scan
+    )
+    val = ImageFolderDataset(root / "val", eval_transform, skip_bad_images=skip_bad_images, scanned=val_scan)
+    return train, val, list(train.classes)
+
+
+def build_eval_dataset(
+    root: str | Path,
+    transform: Callable | None,
+    *,
+    split: str = "val",
+    skip_bad_images: bool = False,
+) -> tuple[ImageFolderDataset, list[str]]:
+    """The evaluation split alone (`root/val` by default) and its class names."""
+    root = check_root(root, (split,))
+    ds = ImageFolderDataset(root / split, transform, skip_bad_images=skip_bad_images)
+    return ds, list(ds.classes)
+
+
+def few(names: Sequence[str], n: int = 5) -> str:
+    """At most `n` names, comma-separated, and how many more."""
+    if not names:
+        return "none"
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")

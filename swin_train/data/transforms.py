@@ -1,0 +1,125 @@
+"""Image transforms: timm's ImageNet train recipe and the eval resize/crop, from whole config sections.
+
+Two pipelines: by default the transforms end in a normalised float (3, S, S) image (ToTensor, Normalize and
+random erasing run in the data workers). With `uint8=True` they stop at a uint8 (3, S, S) tensor (timm's
+`use_prefetcher` pipeline): a quarter of the bytes to pin and copy, and less worker CPU; conversion,
+normalisation and random erasing then run on the device (`swin_train.data.prefetch.DeviceTransform`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+from PIL import Image, ImageOps
+from timm.data import auto_augment as timm_auto_augment
+from timm.data import create_transform
+
+from swin_train.config import AugConfig, Config, DataConfig
+from swin_train.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a user of a trained model needs to feed it images; stored in every checkpoint and export."""
+
+    img_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Preprocess:
+        d = cfg.data
+        return cls(d.img_size, cfg.eval.crop_pct, d.interpolation, tuple(d.mean), tuple(d.std))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: object, where: str = "the checkpoint") -> Preprocess:
+        """Read a stored `to_dict()`; CheckpointError when it is damaged."""
+        keys = tuple(cls.__dataclass_fields__)
+        if not isinstance(d, Mapping) or not set(keys) <= d.keys():
+            raise CheckpointError(f"{where}: 'preprocess' must hold {', '.join(keys)}; the checkpoint is damaged")
+        try:
+            pre = cls(int(d["img_size"]), float(d["crop_pct"]), str(d["interpolation"]),
+                      tuple(float(x) for x in d["mean"]), tuple(float(x) for x in d["std"]))  # fmt: skip
+            build_eval_transform(pre)  # rejects an impossible crop or interpolation
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{where}: invalid preprocessing {dict(d)} ({e})") from None
+        return pre
+
+
+def build_train_transform(data: DataConfig, aug: AugConfig, *, uint8: bool = False) -> Callable:
+    """timm's ImageNet train transform (random-resized crop, flip, RandAugment or colour jitter,
+    normalise, random erasing); the config defaults are the official Swin recipe. As in timm and the
+    official code, colour jitter is ignored when RandAugment/AutoAugment is on. PIL image -> (3, S, S).
+
+    `uint8=True`: stop before ToTensor, as timm's `use_prefetcher`: no normalisation and no random erasing
+    (the device does both). The random draws before that point are the same, so the images are those of
+    the float pipeline."""
+    aa = None if not aug.auto_augment or aug.auto_augment.lower() == "none" else aug.auto_augment
+    transform = create_transform(
+        data.img_size,
+        is_training=True,
+        scale=tuple(aug.crop_scale),
+        hflip=aug.hflip,
+        color_jitter=aug.color_jitter if aug.color_jitter > 0 else None,
+        auto_augment=aa,
+        interpolation=data.interpolation,
+        mean=tuple(data.mean),
+        std=tuple(data.std),
+        re_prob=aug.reprob,
+        re_mode=aug.remode,
+        re_count=aug.recount,
+        use_prefetcher=uint8,
+    )
+    _fix_posterize(transform)
+    return transform
+
+
+def build_eval_transform(pre: Preprocess, *, uint8: bool = False) -> Callable:
+    """Resize the shorter side to int(img_size / crop_pct), center-crop img_size, normalise.
+    crop_pct == 1.0 is a plain resize to img_size x img_size (the official 384 eval: no crop).
+    `uint8=True`: (3, S, S) uint8 without normalisation (done on the device)."""
+    if not 0.0 < pre.crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {pre.crop_pct}")
+    # timm: floor(img_size / crop_pct) == int(...) for positive sizes; 'squash' resizes both edges.
+    return create_transform(
+        pre.img_size,
+        is_training=False,
+        crop_pct=pre.crop_pct,
+        crop_mode="squash" if pre.crop_pct == 1.0 else "center",
+        interpolation=pre.interpolation,
+        mean=tuple(pre.mean),
+        std=tuple(pre.std),
+        use_prefetcher=uint8,
+    )
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, valid for 0 bits: Pillow >= 12 raises on bits=0 (older Pillow returned black,
+    which is what the official recipe trained with)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # every channel masked to 0
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _fix_posterize(transform: Callable) -> None:
+    """Route the posterize ops of timm's RandAugment/AutoAugment/AugMix in `transform` to `_posterize`.
+
+    `rand-m9-mstd0.5-inc1` sometimes samples magnitude 10 (clamped), which maps to 0 bits for
+    PosterizeIncreasing: with current Pillow that is a ValueError that kills a worker mid-epoch.
+    Patched per op instance, nothing global.
+    """
+    for t in getattr(transform, "transforms", [transform]):
+        ops = list(getattr(t, "ops", []))
+        for sub_policy in getattr(t, "policy", []):
+            ops += list(sub_policy)
+        for op in ops:
+            if getattr(op, "aug_fn", None) is timm_auto_augment.posterize:
+                op.aug_fn = _posterize

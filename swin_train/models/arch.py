@@ -1,0 +1,91 @@
+"""Swin's architecture rules: what makes a (image size, patch, depths, heads, window) combination buildable.
+
+Messages name the config keys (`model.window_size`, `data.img_size`) because that is where users set them;
+`ArchitectureError.keys` lists the keys involved so the config can point at the line that set them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class ArchitectureError(ValueError):
+    def __init__(self, keys: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.keys = keys
+
+
+def window_hint(res: Sequence[int], window: int, unit: int) -> str:
+    """Suggest the valid window closest to `window` (ties: larger), and the image sizes that keep it."""
+
+    def fits(w: int) -> bool:
+        return all(r <= w or r % w == 0 for r in res)
+
+    candidates = [w for w in range(2, max(res) + 1) if fits(w)]
+    best = min(candidates, key=lambda w: (abs(w - window), -w)) if candidates else max(res)
+    return f"use model.window_size={best} or a data.img_size that is a multiple of {unit * window}"
+
+
+def check_architecture(
+    *,
+    img_size: int,
+    patch_size: int,
+    in_chans: int,
+    embed_dim: int,
+    depths: Sequence[int],
+    num_heads: Sequence[int],
+    window_size: int,
+    built_for_img_size: int | None = None,
+    name: str | None = None,
+) -> None:
+    """Raise ArchitectureError when Swin cannot be built this way. `built_for_img_size`: the image size
+    the named variant `name` is built for, to say so when another size breaks its window."""
+    for key, value in (("patch_size", patch_size), ("in_chans", in_chans), ("embed_dim", embed_dim),
+                       ("window_size", window_size)):  # fmt: skip
+        if value < 1:
+            raise ArchitectureError((f"model.{key}", "model.name"), f"model.{key} must be >= 1, got {value}")
+    if not depths or any(d < 1 for d in depths):
+        raise ArchitectureError(("model.depths",), f"model.depths must be a non-empty list of ints >= 1, got {depths}")
+    if any(h < 1 for h in num_heads):
+        raise ArchitectureError(("model.num_heads",), f"model.num_heads must be ints >= 1, got {num_heads}")
+    if len(depths) != len(num_heads):
+        raise ArchitectureError(
+            ("model.num_heads", "model.depths"),
+            f"model.num_heads has {len(num_heads)} entries but model.depths has {len(depths)} stages; "
+            "give one head count per stage",
+        )
+    for i, h in enumerate(num_heads):
+        dim = embed_dim * 2**i
+        if dim % h:
+            raise ArchitectureError(
+                ("model.num_heads", "model.embed_dim"),
+                f"model.num_heads[{i}]={h} does not divide stage {i} width {dim} "
+                f"(model.embed_dim={embed_dim} * 2**{i}); use a divisor of {dim}",
+            )
+    if img_size % patch_size:
+        raise ArchitectureError(
+            ("data.img_size", "model.patch_size"),
+            f"data.img_size={img_size} is not divisible by model.patch_size={patch_size}",
+        )
+    res = [img_size // patch_size]
+    for i in range(len(depths) - 1):
+        if res[i] % 2:
+            raise ArchitectureError(
+                ("data.img_size", "model.patch_size", "model.depths"),
+                f"stage {i} resolution {res[i]}x{res[i]} (data.img_size={img_size} / model.patch_size="
+                f"{patch_size} / 2**{i}) is odd and cannot be patch-merged; use a data.img_size that is "
+                f"a multiple of {patch_size * 2 ** (len(depths) - 1)}",
+            )
+        res.append(res[i] // 2)
+    # Swin's window rule: a stage no larger than the window uses one window of its own size (no shift);
+    # a larger stage must tile into whole windows.
+    for i, r in enumerate(res):
+        if r > window_size and r % window_size:
+            hint = window_hint(res, window_size, patch_size * 2 ** (len(res) - 1))
+            if built_for_img_size is not None and built_for_img_size != img_size:
+                hint += f" (model.name '{name}' is built for data.img_size={built_for_img_size})"
+            raise ArchitectureError(
+                ("model.window_size", "data.img_size", "model.patch_size", "model.depths", "model.name"),
+                f"model.window_size={window_size} does not tile stage {i} (resolution {r}x{r} for "
+                f"data.img_size={img_size}, model.patch_size={patch_size}); {hint}",
+            )

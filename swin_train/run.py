@@ -1,0 +1,181 @@
+"""A training run's parts, built from a Config: data, model, optimizer, schedule, EMA, loss; and how they are
+saved into and restored from one training checkpoint (`checkpoint.training_checkpoint`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from swin_train import checkpoint as ckpt
+from swin_train.config import Config, config_diff, config_from_dict, config_to_dict
+from swin_train.data.build import Data, build_data
+from swin_train.data.seeding import seed_everything
+from swin_train.data.transforms import Preprocess
+from swin_train.device import Amp, check_attention_backend, resolve_amp, wrap_for_training
+from swin_train.distributed import DistEnv, all_gather_objects, barrier
+from swin_train.ema import ModelEma
+from swin_train.errors import CheckpointError, ConfigError, DataError
+from swin_train.losses import build_mixup, build_train_criterion
+from swin_train.models.pretrained import load_pretrained
+from swin_train.models.swin import SwinTransformer
+from swin_train.optim import WarmupCosineSchedule, build_optimizer, scaled_lrs
+
+log = logging.getLogger("swin_train")
+
+
+@dataclass
+class TrainState:
+    """Counters that must survive a resume (saved in every checkpoint), including the running sums of
+    the current epoch, so an epoch's reported loss is the same whether or not it was interrupted."""
+
+    epoch: int = 0  # the epoch being trained (0-based)
+    step_in_epoch: int = 0  # optimizer steps already done in `epoch`
+    global_step: int = 0
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0
+    epoch_loss_sum: float = 0.0  # sum of micro-batch losses in this epoch
+    epoch_grad_norm_sum: float = 0.0  # sum of finite gradient norms in this epoch
+    epoch_nonfinite: int = 0  # skipped steps in this epoch
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_loss_sum = self.epoch_grad_norm_sum = 0.0
+        self.epoch_nonfinite = 0
+
+
+def build_model(cfg: Config, num_classes: int) -> SwinTransformer:
+    if cfg.model.num_classes != num_classes:
+        raise DataError(
+            f"the data has {num_classes} classes but model.num_classes is {cfg.model.num_classes}; "
+            f"set model.num_classes={num_classes}"
+        )
+    model = SwinTransformer(**cfg.model_kwargs())
+    if cfg.model.pretrained:
+        load_pretrained(model, cfg.model.pretrained, head_map=cfg.model.head_map)
+    return model
+
+
+class Run:
+    """Everything a training run holds, and how it is saved and restored.
+
+    `device_pipeline` (None: on CUDA only) sends uint8 batches to the device and normalises and erases
+    them there (`data.prefetch.DeviceTransform`). On CPU the workers do it by default: they normalise in
+    parallel, the main process would do it serially. Not a config option: the tests set it on CPU.
+    """
+
+    def __init__(self, cfg: Config, env: DistEnv, *, device_pipeline: bool | None = None):
+        self.cfg, self.env = cfg, env
+        self.out = Path(cfg.output)
+        t = cfg.train
+        self.amp: Amp = resolve_amp(cfg.amp, env.device)
+        check_attention_backend(cfg.model.attention, cfg.model.attn_drop_rate, env.device)
+        if env.device.type == "cuda":  # TF32 tensor cores for the fp32 matmuls/convs left outside autocast
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        seed_everything(cfg.seed + env.rank)
+        if device_pipeline is None:
+            device_pipeline = env.device.type == "cuda"
+        self.data: Data = build_data(cfg, env, device_pipeline=device_pipeline)
+        self.model = build_model(cfg, self.data.num_classes).to(env.device)
+        self.steps_per_epoch = len(self.data.train_loader) // t.accumulation_steps
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the train set ({self.data.num_train} images) gives no optimizer step per epoch at batch "
+                f"{cfg.data.batch_size} x {env.world_size} processes x {t.accumulation_steps} accumulation; "
+                "lower the batch size"
+            )
+        self.lrs, self.lr_text = scaled_lrs(t.base_lr, t.warmup_lr, t.min_lr, global_batch=cfg.data.batch_size * env.world_size,
+                                            accumulation_steps=t.accumulation_steps, base_batch=t.lr_base_batch,
+                                            world_size=env.world_size)  # fmt: skip
+        self.optimizer = build_optimizer(self.model, t, lr=self.lrs["lr"], device_type=env.device.type)
+        self.schedule = WarmupCosineSchedule(self.optimizer, self.lrs["lr"], self.lrs["warmup_lr"], self.lrs["min_lr"],
+                                             total_steps=t.epochs * self.steps_per_epoch,
+                                             warmup_steps=t.warmup_epochs * self.steps_per_epoch)  # fmt: skip
+        self.ema = ModelEma(self.model, t.ema_decay, warmup=t.ema_warmup, every=t.ema_every) if t.ema else None
+        self.mixup = build_mixup(cfg.aug, self.data.num_classes)
+        if self.mixup is not None and cfg.data.batch_size % 2:
+            raise ConfigError(f"mixup/cutmix needs an even data.batch_size, got {cfg.data.batch_size}")
+        self.criterion = build_train_criterion(cfg.aug, mixup_active=self.mixup is not None)
+        self.state = TrainState()
+        self.best = {"top1": -1.0, "epoch": -1, "on": t.best_on}
+        self.last_saved_step = 0
+        self.train_model: nn.Module = wrap_for_training(self.model, compile=t.compile, distributed=env.distributed,
+                                                        device=env.device)  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, name: str) -> Path:
+        """Write a checkpoint atomically (rank 0 writes; every rank contributes its RNG state)."""
+        rng = all_gather_objects(ckpt.capture_rng_state())
+        path = self.out / name
+        if self.env.is_main:
+            state = ckpt.training_checkpoint(
+                model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                schedule=self.schedule.state_dict(), scaler=self.amp.scaler.state_dict() if self.amp.scaler else None,
+                ema=self.ema.state_dict() if self.ema else None, train_state=asdict(self.state), best=dict(self.best),
+                config=config_to_dict(self.cfg), rng=rng, world_size=self.env.world_size,
+                class_names=self.data.class_names, preprocess=Preprocess.from_config(self.cfg).to_dict(),
+            )  # fmt: skip
+            ckpt.save_checkpoint(state, path)
+        barrier()
+        self.last_saved_step = self.state.global_step
+        return path
+
+    def load(self, state: dict, path: Path) -> None:
+        if not ckpt.is_training_checkpoint(state):
+            raise CheckpointError(f"{path} is not a swin-train training checkpoint; use model.pretrained for weights")
+        ckpt.load_exact_weights(self.model, state["model"], str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.amp.scaler and state.get("scaler"):
+            self.amp.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.state = TrainState(**state["train_state"])
+        self.best = dict(state["best"])
+        self.last_saved_step = self.state.global_step
+        rng = state["rng"]
+        if state.get("world_size") == self.env.world_size and len(rng) == self.env.world_size:
+            ckpt.restore_rng_state(rng[self.env.rank])
+        else:
+            log.warning(
+                "world size changed since %s (%s -> %d processes): random streams are re-seeded and the data "
+                "order differs (resume is not bitwise)", path, state.get("world_size"), self.env.world_size
+            )
+            seed_everything(self.cfg.seed + self.env.rank + 1000 * self.state.global_step)
+        changed = config_diff(config_to_dict(config_from_dict(state["config"])), config_to_dict(self.cfg))
+        if changed:
+            log.warning("the config differs from the one in %s (%s); continuing with the current config", path,
+                        "; ".join(changed))  # fmt: skip
+
+
+def resume_if_possible(run: Run, resume: str | None) -> None:
+    """Continue from `resume`, or from the newest loadable checkpoint in the output folder (if any).
+    A newer checkpoint that failed to load is moved aside, so that nothing damaged stays where the next
+    step (`swin-eval OUT/best.pth`, a later resume) would pick it up."""
+    damaged: list[Path] = []
+    if resume:
+        found = (Path(resume), ckpt.load_checkpoint(resume))
+    else:
+        found = ckpt.find_resume_checkpoint(run.out, logger=log, damaged=damaged)
+    if found is None:
+        return
+    path, state = found
+    run.load(state, path)
+    barrier()  # every rank has read its checkpoint before the damaged ones move
+    for bad in damaged:
+        if run.env.is_main:
+            log.warning("moved %s aside to %s: it does not load", bad, ckpt.set_aside(bad).name)
+        if bad.name == ckpt.BEST:  # its weights are gone: the next validation writes a new best.pth
+            run.best = {"top1": -1.0, "epoch": -1, "on": run.cfg.train.best_on}
+    s = run.state
+    log.info("resuming from %s: epoch %d, step %d of %d (global step %d)", path, s.epoch, s.step_in_epoch,
+             run.steps_per_epoch, s.global_step)  # fmt: skip
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Rough size of a checkpoint: weights + two AdamW moments (+ an EMA copy), fp32."""
+    return 4 * 4 * sum(p.numel() for p in model.parameters()) + (1 << 20)

@@ -1,0 +1,237 @@
+"""scripts/gpu_check.py without a GPU: the dry run, the no-GPU error, test discovery, output parsing, the
+part runner's budgets, and the report writer (valid markdown and strict JSON from fake part results)."""
+
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import env_for_subprocess
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gc():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("gpu_check", None)
+
+
+def context(gc, tmp_path, budget=60.0):
+    return gc.Context(out=tmp_path, python=sys.executable, num_gpus=2, models=["T", "B", "L"], batch_size=128,
+                      loader_workers=[1, 2], deadline=time.monotonic() + budget)  # fmt: skip
+
+
+def test_dry_run_lists_every_part_and_the_report_path_and_runs_nothing(tmp_path):
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True,
+                          text=True, timeout=120, env=env_for_subprocess(CUDA_VISIBLE_DEVICES=""))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    for part in (
+        "cuda_tests",
+        "preempt_resume",
+        "bench_eager",
+        "data_loader",
+        "bench_flex",
+        "bench_compiled",
+    ):
+        assert f"## {part}:" in text
+    assert "-m pytest" in text and "tests/test_" in text
+    assert "torch.distributed.run" in text and "data.synthetic=true" in text and "SIGTERM" in text
+    for model in (
+        "swin_tiny_patch4_window7_224",
+        "swin_base_patch4_window7_224",
+        "swin_large_patch4_window7_224",
+    ):
+        assert text.count(f"--model {model}") == 3  # eager, flex, compiled
+    assert text.count("--attention flex") == 3 and text.count("--compile ours") == 3
+    assert "--dtype bf16 --batch-size 128" in text and "--data-loader" in text
+    assert f"# report: {out / 'report.md'} and {out / 'report.json'}" in text
+    assert not out.exists()
+
+
+def test_without_a_gpu_it_prints_one_line_and_exits_2(tmp_path):
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True, text=True,
+                          timeout=120, env=env_for_subprocess(CUDA_VISIBLE_DEVICES=""))  # fmt: skip
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("no CUDA GPU visible; ")
+    assert not out.exists()
+
+
+def test_cuda_tests_are_found_by_their_skipif_marks(gc, tmp_path):
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_a.py").write_text(
+        "import pytest, torch\nCUDA = torch.cuda.is_available()\n\n"
+        '@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")\ndef test_on_gpu(): pass\n\n'
+        '@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")\n'
+        "def test_without_gpu(): pass\n\n"
+        '@pytest.mark.skipif(not HAS_ONNX, reason="needs onnx")\ndef test_onnx(): pass\n\n'
+        "class TestGroup:\n"
+        '    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")\n'
+        "    def test_method(self): pass\n"
+    )  # fmt: skip
+    (tests / "test_b.py").write_text(
+        'import pytest, torch\npytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")]\n'
+        "def test_x(): pass\n"
+    )  # fmt: skip
+    (tests / "helpers.py").write_text('@pytest.mark.skipif(not CUDA, reason="CUDA")\ndef test_no(): pass\n')
+    assert gc.cuda_test_ids(tests) == ["tests/test_a.py::test_on_gpu", "tests/test_a.py::TestGroup::test_method",
+                                       "tests/test_b.py"]  # fmt: skip
+
+
+def test_the_repositorys_cuda_tests_are_found(gc):
+    ids = gc.cuda_test_ids(SCRIPT.parents[1] / "tests")
+    assert ids
+    for node in ids:
+        path, _, name = node.partition("::")
+        assert (SCRIPT.parents[1] / path).is_file()
+        assert not name or f"def {name.split('::')[-1]}(" in (SCRIPT.parents[1] / path).read_text()
+
+
+def test_torchrun_failure_report_and_pytest_summary_are_parsed(gc):
+    torchrun_output = (
+        "E1202 api.py:1002] failed (exitcode: 143) local_rank: 0 (pid: 30011) of binary: python\n"
+        "Failures:\n[1]:\n  time      : 2026-12-02_01:35:27\n  rank      : 1 (local_rank: 1)\n"
+        "  exitcode  : -15 (pid: 30012)\n  error_file: <N/A>\n"
+        "Root Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n"
+        "  exitcode  : 143 (pid: 30011)\n"
+    )  # fmt: skip
+    assert gc.worker_exit_codes(torchrun_output) == [-15, 143]
+    assert gc.pytest_counts("....\n3 passed, 1 skipped, 2 deselected in 12.31s\n") == {
+        "passed": 3, "skipped": 1, "deselected": 2}  # fmt: skip
+    assert gc.pytest_counts("1 failed, 2 passed in 3.0s") == {"failed": 1, "passed": 2}
+    assert gc.pytest_counts("no tests ran") == {}
+
+
+def test_steps_keep_to_their_budget_and_a_failing_part_does_not_stop_the_check(gc, tmp_path):
+    ctx = context(gc, tmp_path)
+    quick = gc.Step("quick", [sys.executable, "-c", "print('ok')"], 30)
+    slow = gc.Step("slow", [sys.executable, "-c", "import time; time.sleep(60)"], 1)
+    done, late = gc.run_step(quick, ctx), gc.run_step(slow, ctx)
+    assert (done.exit_code, done.timed_out) == (0, False) and Path(done.stdout).read_text() == "ok\n"
+    assert late.timed_out and late.seconds < 30
+    assert gc.step_status([done]) == "passed" and gc.step_status([done, late]) == "timed out"
+
+    def broken(ctx, steps):
+        raise RuntimeError("nvidia-smi missing")
+
+    result = gc.run_part(gc.Part("broken", "A part that raises", lambda ctx: [quick], broken), ctx)
+    assert result.status == "failed" and "RuntimeError: nvidia-smi missing" in result.summary
+
+    ctx.deadline = time.monotonic() + gc.MIN_STEP_S / 2  # too little time left: recorded, not started
+    skipped = gc.run_step(quick, ctx)
+    assert skipped.exit_code is None and "budget" in skipped.tail
+    assert gc.step_status([skipped]) == "skipped"
+
+
+def fake_bench_report(model: str, ours: float, timm: float) -> dict:
+    def mode(img_s, mfu, mem):
+        return {"median_img_s": img_s, "mfu": mfu, "peak_mem_mib": mem}
+
+    return {
+        "config": {"model": model, "compile": [], "attention": "auto"},
+        "results": {"ours": {"train": mode(ours, 0.41, 20000.0), "infer": mode(3 * ours, 0.35, 4000.0), "compile_s": None},
+                    "timm": {"train": mode(timm, 0.36, 21000.0), "infer": mode(3 * timm, None, 4200.0), "compile_s": None}},
+        "ratios": {"ours/timm": {"train": {"median": ours / timm}, "infer": {"median": 1.02}}},
+    }  # fmt: skip
+
+
+def test_report_writer_produces_valid_markdown_and_strict_json(gc, tmp_path):
+    rows = [gc.bench_row(fake_bench_report("swin_tiny_patch4_window7_224", 3000.0, 2500.0))]
+    bench = gc.PartResult("bench_eager", "Model benchmark, eager", "passed", 42.0, 250, "T train 3000 img/s",
+                          [gc.StepResult("bench_eager_T", "python scripts/benchmark.py --json", 0, 40.0,
+                                         stdout="/x.out", tail="never shown: the part passed")], {"rows": rows})  # fmt: skip
+    loader = gc.PartResult("data_loader", "Data loader", "passed", 20.0, 90, "250 img/s per worker", [],
+                           {"per_worker_img_s": {"1": 250.0, "2": 240.0}, "img_s": {"1": 250.0, "2": 480.0},
+                            "img_size": 224})  # fmt: skip
+    failed = gc.PartResult("preempt_resume", "SIGTERM | resume", "failed", 60.0, 300, "worker exit codes [1]",
+                           [gc.StepResult("train_until_sigterm", "torchrun ...", 1, 55.0,
+                                          tail="Traceback\n```\nRuntimeError: NCCL | boom")],
+                           {"worker_exit_codes": [1], "ratio": math.nan})  # fmt: skip
+    skipped = gc.PartResult("bench_compiled", "Compiled", "skipped", 0.0, 600, "not run: the overall --budget is spent",
+                            [gc.StepResult("bench_compiled_T", "python ...", None, 0.0, tail="not run")])  # fmt: skip
+    report = {"tool": "gpu_check", "started": "2026-12-02T01:00:00+00:00", "elapsed_s": 300.5, "budget_s": 560,
+              "environment": {"host": "gpu-1", "gpus": [{"index": 0, "name": "NVIDIA H200", "memory_mib": 143771}],
+                              "torch": "2.14.1", "cuda": "12.8"},
+              "parts": [bench, loader, failed, skipped],
+              "loader_cores": gc.loader_cores(loader.data, [bench], num_gpus=1)}  # fmt: skip
+    md_path, json_path = gc.write_report(report, tmp_path / "out")
+
+    def no_nan(name):
+        raise ValueError(f"{name} in strict JSON")
+
+    data = json.loads(json_path.read_text(), parse_constant=no_nan)
+    assert [p["name"] for p in data["parts"]] == [
+        "bench_eager",
+        "data_loader",
+        "preempt_resume",
+        "bench_compiled",
+    ]
+    assert [p["status"] for p in data["parts"]] == ["passed", "passed", "failed", "skipped"]
+    assert data["parts"][2]["data"]["ratio"] is None
+    assert data["parts"][0]["data"]["rows"][0]["train_vs_timm"] == pytest.approx(1.2)
+    assert data["loader_cores"][0]["cores_needed_per_gpu"] == pytest.approx(3000.0 / 250.0)
+
+    md = md_path.read_text()
+    lines = md.splitlines()
+    assert [line for line in lines if line.startswith("# ")] == ["# GPU check: gpu-1"]
+    for part in ("bench_eager", "data_loader", "preempt_resume", "bench_compiled"):
+        assert any(line.startswith(f"## {part}: ") for line in lines)
+    fences = [line for line in lines if line.startswith("```")]
+    assert len(fences) % 2 == 0 and set(fences[::2]) == {"```text"} and set(fences[1::2]) == {"```"}
+    inside, table = False, None
+    for line in lines:  # every table row has as many cells as its header (escaped pipes are not separators)
+        if line.startswith("```"):
+            inside = not inside
+            continue
+        if inside or not line.startswith("|"):
+            table = None
+            continue
+        cells = len(re.split(r"(?<!\\)\|", line)) - 2
+        table = table or cells
+        assert cells == table, line
+    assert "RuntimeError: NCCL | boom" in md  # a failed part's output, verbatim in a fence
+    assert "never shown" not in md  # a passed part's output is left out
+    assert "| swin_tiny_patch4_window7_224 | 3000.0 | 2500.0 | 1.200x |" in md
+    assert "n/a" in md  # timm's missing inference MFU
+    assert "| bench_compiled | skipped | 0 s / 600 s |" in md
+    assert "## CPU cores one GPU needs" in md and "| 12.0 |" in md
+
+
+def test_check_runs_parts_in_order_within_budgets_and_reports_failures(gc, tmp_path, monkeypatch, capsys):
+    def plan(code, budget):
+        return lambda ctx: [gc.Step("step", [sys.executable, "-c", code], budget)]
+
+    def run(ctx, steps):
+        results = [gc.run_step(s, ctx) for s in steps]
+        return gc.step_status(results), "ran", {}, results
+
+    parts = (
+        gc.Part("ok", "Passes", plan("print(1)", 30), run),
+        gc.Part("hangs", "Runs past its budget", plan("import time; time.sleep(60)", 1), run),
+        gc.Part("fails", "Exits 3", plan("raise SystemExit(3)", 30), run),
+    )
+    monkeypatch.setattr(gc, "PARTS", parts)
+    monkeypatch.setattr(gc, "PART_NAMES", tuple(p.name for p in parts))
+    monkeypatch.setattr(gc, "visible_gpus", lambda: 1)
+    assert gc.main(["--out", str(tmp_path), "--budget", "120"]) == 1
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [(p["name"], p["status"]) for p in data["parts"]] == [("ok", "passed"), ("hangs", "timed out"),
+                                                                  ("fails", "failed")]  # fmt: skip
+    assert data["parts"][1]["seconds"] < 30
+    assert (tmp_path / "report.md").is_file()
+    assert f"report: {tmp_path / 'report.md'}" in capsys.readouterr().out
