@@ -168,8 +168,6 @@ class DataConfig:
         r.require("data.shuffle_buffer", self.shuffle_buffer, _non_negative, ">= 0")
         for key in ("train_split", "val_split", "image_column", "label_column"):
             r.require(f"data.{key}", getattr(self, key), lambda v: isinstance(v, str) and v.strip() != "", "a non-empty name")
-        if self.val_path and not self.data_path:
-            r.fail("data.val_path", "data.val_path is set but data.data_path is not; set both (train and val shards)")
         r.choice("data.interpolation", self.interpolation, INTERPOLATIONS)
         r.require("data.img_size", self.img_size, _at_least_one, ">= 1")
         r.require("data.batch_size", self.batch_size, _at_least_one, ">= 1")
@@ -354,11 +352,11 @@ def load_config(
         if value is not None:
             key = CLI_SHORTCUTS[name]
             _merge(data, _nest(key, value))
-            _record(origins, key, value, f"command line {name}={value!r}")
+            _record(origins, key, value, f"command line {name}={_cut(repr(value))}")
     for item in overrides:
         key, value = _parse_override(item)
         _merge(data, _nest(key, value))
-        _record(origins, key, value, f"override '{item}'")
+        _record(origins, key, value, f"override '{_cut(item)}'")
     return _from_dict(data, origins)
 
 
@@ -549,13 +547,13 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override '{item}' must look like key=value, e.g. train.epochs=10")
+        raise ConfigError(f"override '{_cut(item)}' must look like key=value, e.g. train.epochs=10")
     try:
         _reject_aliases(text, f"override '{_cut(item)}'")
         value = yaml.load(text, Loader=_Loader) if text.strip() else None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"override '{item}': cannot parse the value: {problem}") from None
+        raise ConfigError(f"override '{_cut(item)}': cannot parse the value: {problem}") from None
     # For text fields, `output=2024` or `data.data_path=on` mean the text, not a number or a bool.
     if isinstance(value, (bool, int, float)) and _field_type(key) in (str, str | None):
         value = text.strip()

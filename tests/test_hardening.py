@@ -123,7 +123,7 @@ def test_yaml_alias_bomb_is_refused_with_a_short_line(tmp_path):
 def test_long_values_are_cut_in_messages():
     with pytest.raises(ConfigError) as error:
         load_config(None, ["model.name=" + "x" * 5000])
-    assert len(str(error.value)) < 300
+    assert "x" * 100 not in str(error.value) and "\n" not in str(error.value)
 
 
 # 4. devices and precision
@@ -151,11 +151,14 @@ def test_impossible_precision_and_device_pairs_are_refused(monkeypatch):
 
 
 def test_flex_below_sm80_is_refused(monkeypatch):
+    import torch.utils._triton
+
     from swin_train.device import check_attention_backend
     from swin_train.models import flex
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
     monkeypatch.setattr(flex, "flex_attention", flex.flex_attention or object())
     with pytest.raises(ConfigError, match=r"compute capability 8\.0\+"):
         check_attention_backend("flex", 0.0, torch.device("cuda", 0))
@@ -182,6 +185,7 @@ def test_own_safetensors_export_loads_in_eval_and_predict_with_its_metadata(trai
         metrics = tmp_path / f"{checkpoint.suffix}.json"
         assert eval_cli(["--checkpoint", str(checkpoint), "--metrics-json", str(metrics), "--device", "cpu"]) == 0
     assert json.loads((tmp_path / ".pth.json").read_text()) == json.loads((tmp_path / ".safetensors.json").read_text())
+    capsys.readouterr()
     assert predict_cli(["--checkpoint", str(exported), str(data / "val" / "cat"), "--json", "--device", "cpu"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert len(document["predictions"]) == 4 and document["predictions"][0]["topk"][0]["class"] in CLASSES

@@ -32,7 +32,7 @@ def variant_arch(name: str) -> dict:
 
         close = difflib.get_close_matches(name, VARIANTS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(variant_names())}"
-        raise KeyError(f"unknown model '{name}'{hint}")
+        raise KeyError(f"unknown model '{name[:80]}'{hint}")
     return dict(VARIANTS[name])
 
 
