@@ -4,10 +4,8 @@ Why our own setting: torch allocates CPU tensors with the C library's malloc. gl
 above its mmap threshold (at most 32 MiB by default) with a fresh mmap and returns it with munmap on free,
 so each of Swin-T's large activations (a batch-8 stage-1 MLP hidden map is 38.5 MB) is faulted in page by
 page at every step. Raising the threshold and the trim limit keeps that memory in the heap for the next
-step. Measured on the 2-core CI machine (torch 2.14, glibc 2.36), Swin-T train step at batch 8, fp32
-(`python scripts/benchmark.py --impls ours timm --no-memory --repeats 3`, then with `--system-malloc`): 96,430
-minor page faults per step with glibc's defaults, 0 with these settings, and 2.89 against 3.37 img/s.
-jemalloc or tcmalloc via LD_PRELOAD do the same job; this needs no install.
+step (`python scripts/benchmark.py --system-malloc` measures page faults and img/s without it; the README
+has the numbers). jemalloc or tcmalloc via LD_PRELOAD do the same job; this needs no install.
 
 Set SWIN_TRAIN_SYSTEM_MALLOC=1 to keep the C library's defaults.
 """

@@ -1,7 +1,7 @@
 """Checkpoint layouts: recognise official / timm / torchvision / swin-train state dicts and convert them,
 in both directions (`convert_state_dict` reads any layout, `to_layout` writes one, `save_weights` a file).
 
-Our layout is the official one without its derived buffers. The differences (see shared/REFERENCE.md):
+Our layout is the official one without its derived buffers. The differences:
 - official: `layers.{i}.downsample` ends stage i; buffers `relative_position_index`, `attn_mask` saved.
 - timm: the same names, but patch merging starts the next stage (`layers.{i+1}.downsample`), `head.fc`;
   its index/mask buffers are non-persistent (not saved).
@@ -185,7 +185,7 @@ def official_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     `attn.relative_position_index` and, for shifted blocks, its (num_windows, N, N) `attn_mask`.
 
     Computed from each block's window, shift and resolution exactly as SwinBlock.__init__ does, so a model
-    built on the meta device (no weight init: 1 s instead of 20 s for Swin-L on 2 CPU cores) will do.
+    built on the meta device (no weight initialisation, which takes seconds for Swin-L on a CPU) will do.
     """
     out = {}
     for name, block in model.named_modules():

@@ -8,8 +8,8 @@ FlexAttention instead generates one fused kernel from a `score_mod` that adds
 `table[index[i, j], h] + mask[b % num_windows, i, j]` to each logit: only the small table ((2w-1)^2 x heads),
 the (N, N) index and the mask are read, nothing of size (B_, heads, N, N) is materialised, and the backward
 kernel accumulates the table's gradient itself. Whether this beats the explicit path for 49-token windows
-(FlexAttention tiles the sequence in blocks of up to 128 tokens, padding N = 49 inside the kernel) is for
-`scripts/benchmark.py` to measure on a GPU; it has not been measured yet.
+(FlexAttention tiles the sequence in blocks of up to 128 tokens, padding N = 49 inside the kernel) is what
+`scripts/benchmark.py --attention flex` measures on a GPU (README, Performance).
 
 Numerics are those of the official code: the shift mask is the additive MASKED_LOGIT (-100), not a block
 mask with -inf; with Swin's region layout every row keeps at least its own token, so no row is all masked.

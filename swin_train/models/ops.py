@@ -1,16 +1,13 @@
 """The model's linear layers on CPU: oneDNN matmuls where they measure faster than F.linear's MKL path.
 
 Why our own kernel choice: on CPU, `F.linear` runs MKL's sgemm. oneDNN's fp32 matmul
-(`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend uses) measures faster on the
-2-core AMD EPYC CI machine for the token-heavy matrices of Swin-T's first two stages at batch 8, forward
-and input gradient (e.g. 25,088 x 384 -> 96 forward: 92 against 70 GFLOP/s; 25,088 x 96 -> 96 input
-gradient: 99 against 63), while for the late stages' smaller matrices the two are within noise or MKL is
-faster (392 x 768 -> 768 input gradient: 117 against 87). `python scripts/benchmark.py --linear-kernels`
-prints the table for every shape. So oneDNN takes the product and its input gradient from `ONEDNN_MIN_ROWS`
-rows, and the weight gradient stays on MKL. Both compute in fp32: the logits agree with `F.linear`'s to about
-1e-6. In inference the first MLP layer also fuses its GELU (exact erf form) into the matmul, which saves a
-pass over the largest activation. The gain in a whole training step is small (a few per cent) and within the
-CI machine's run-to-run noise; see the README's performance section.
+(`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend uses) is faster for the
+token-heavy matrices of Swin's first two stages (forward and input gradient), while for the late stages'
+small matrices MKL is as fast or faster: `python scripts/benchmark.py --linear-kernels` measures every shape.
+So oneDNN takes the product and its input gradient from `ONEDNN_MIN_ROWS` rows, and the weight gradient
+stays on MKL. Both compute in fp32: the logits agree with `F.linear`'s to about 1e-6. In inference the first
+MLP layer also fuses its GELU (exact erf form) into the matmul, which saves a pass over the largest
+activation. The gain in a whole step is in the README's performance section.
 
 Everything else (CUDA, autocast, torch.compile tracing, small matrices, a torch build without oneDNN) takes
 `F.linear`, so the parameters, their names and the numerics are those of `nn.Linear`. Unlike `F.linear`, the
@@ -23,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows (tokens in the batch) from which oneDNN beats MKL on the CI machine; Swin-T at batch 8 has 25,088 rows
-# in stage 1, 6,272 in stage 2, 1,568 in stage 3 and 392 in stage 4.
+# Rows (tokens in the batch) from which oneDNN beats MKL (`benchmark.py --linear-kernels`); Swin-T at batch 8
+# has 25,088 rows in stage 1, 6,272 in stage 2, 1,568 in stage 3 and 392 in stage 4.
 ONEDNN_MIN_ROWS = 4096
 
 

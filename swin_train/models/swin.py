@@ -76,8 +76,7 @@ class _GatherTokens(torch.autograd.Function):
     """out[:, i] = x[:, order[i]] for a permutation `order` of the tokens; its gradient is the inverse gather.
 
     Why our own: `x[:, order]` would back-propagate through index_put with accumulation (a scatter-add), and
-    roll + permute-copy takes three passes over the map; one index_select each way is the cheapest (stage 1
-    of Swin-T at batch 8: 4.4 ms against 28 ms for roll + window_partition on 2 CPU cores)."""
+    roll + permute-copy takes three passes over the map; one index_select each way is the cheapest."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -193,9 +192,8 @@ class WindowAttention(nn.Module):
                 out = sdpa_windows(q, k, v, bias, dropout)
             else:
                 # On CPU, SDPA with a float bias falls back to its generic math path with extra copies; the
-                # same math written out is faster for 49-token windows (inference ~1.7x, training ~1.05x on
-                # the attention alone, measured with torch 2.14 on 2 cores). (B, num_windows, heads, N, ...)
-                # views: the bias broadcasts over the images without a copy.
+                # same math written out is faster for small windows (README, Performance).
+                # (B, num_windows, heads, N, ...) views: the bias broadcasts over the images without a copy.
                 q, k, v = (t.view(B_ // num_windows, num_windows, heads, N, head_dim) for t in (q, k, v))
                 attn = (q * head_dim**-0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)
                 attn = F.dropout(attn.softmax(dim=-1), dropout, self.training)
