@@ -11,7 +11,8 @@ and reported as the median of those pairwise ratios, so slow drifts of the machi
 
 Data mode (`--data-loader DIR`): decode + the official train transform over the images under DIR, in a
 DataLoader with each of `--workers` worker counts; prints img/s per worker, i.e. how many CPU cores a
-GPU needs to be fed at a given training speed.
+GPU needs to be fed at a given training speed. `--data-shards OUT` (OUT from `swin-data pack DIR OUT`)
+times the same images read from shards and prints the file opens per epoch of each.
 
 Peak memory: on CUDA, max_memory_allocated over a round minus what was allocated before it, plus what
 the implementation keeps resident (weights, buffers, AdamW state for training, the input batch), i.e.
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-loader", metavar="DIR", help="time decode + train transform over DIR instead")
     data.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts")
     data.add_argument("--data-images", type=int, default=256, help="images timed per measurement")
+    data.add_argument("--data-shards", metavar="DIR",
+                      help="also time the same images packed as shards (swin-data pack DIR): img/s and file opens")  # fmt: skip
     p.add_argument(
         "--linear-kernels", action="store_true",
         help="time each Linear shape of --model at --batch-size on CPU: F.linear (MKL) against the oneDNN\n"
@@ -834,6 +837,32 @@ def time_loader(dataset: ImageFiles, workers: int, batch_size: int, images: int)
     return counted / (time.perf_counter() - start)
 
 
+def time_shard_loader(
+    root: Path, transform: Callable, workers: int, batch_size: int, images: int
+) -> tuple[float, int]:
+    """(img/s, shard files opened) of swin-train's shard reader over the train split of `root`, excluding
+    start-up as in time_loader; it reads whole epochs until `images` images were timed."""
+    from swin_train.data import shards
+
+    split = shards.resolve_split(str(root), "train")
+    dataset = shards.ShardTrainDataset(split, transform, batch_size=batch_size, num_workers=workers)
+    loader = shards.build_shard_loader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=False,
+                                       drop_last=True)  # fmt: skip
+    warm, counted, seconds, epoch = max(workers, 1), 0, 0.0, 0
+    while counted < images:  # workers start anew each epoch: each epoch's clock starts after its warm-up
+        dataset.set_epoch(epoch)
+        start = None
+        for i, (batch, _) in enumerate(loader):
+            if i == warm - 1:
+                start = time.perf_counter()
+            elif i >= warm:
+                counted += batch.shape[0]
+        seconds += time.perf_counter() - start
+        epoch += 1
+    # each shard is opened once per epoch (tests/test_shards.py counts the opens)
+    return counted / seconds, len(split.shards)
+
+
 def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     from swin_train.config import AugConfig, DataConfig
     from swin_train.data.transforms import build_train_transform
@@ -851,6 +880,14 @@ def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     for _ in range(repeats):
         for workers in args.workers:
             rounds[workers].append(time_loader(dataset, workers, batch_size, args.data_images))
+    shard_rounds: dict[int, list[float]] = {w: [] for w in args.workers}
+    shard_opens = 0
+    if args.data_shards:
+        for _ in range(repeats):
+            for workers in args.workers:
+                img_s, shard_opens = time_shard_loader(Path(args.data_shards), transform, workers, batch_size,
+                                                       args.data_images)  # fmt: skip
+                shard_rounds[workers].append(img_s)
     results = {}
     for workers, img_s in rounds.items():
         median = statistics.median(img_s)
@@ -858,7 +895,13 @@ def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             "img_s": img_s,
             "median_img_s": median,
             "per_worker_img_s": median / max(workers, 1),
+            "file_opens_per_epoch": len(paths),  # one open per image
         }
+        if args.data_shards:
+            shard_median = statistics.median(shard_rounds[workers])
+            results[str(workers)]["shards"] = {"img_s": shard_rounds[workers], "median_img_s": shard_median,
+                                               "per_worker_img_s": shard_median / max(workers, 1),
+                                               "file_opens_per_epoch": shard_opens}  # fmt: skip
     return {
         "mode": "data-loader",
         "config": {
@@ -891,7 +934,12 @@ def format_data_table(report: dict) -> str:
         f"{'workers':>7} {'img/s':>9} {'img/s per worker':>17}",
     ]
     for workers, res in report["results"].items():
-        lines.append(f"{workers:>7} {res['median_img_s']:>9.1f} {res['per_worker_img_s']:>17.1f}")
+        lines.append(f"{workers:>7} {res['median_img_s']:>9.1f} {res['per_worker_img_s']:>17.1f}   folder: "
+                     f"{res['file_opens_per_epoch']} file opens per epoch")  # fmt: skip
+        if "shards" in res:
+            sh = res["shards"]
+            lines.append(f"{workers:>7} {sh['median_img_s']:>9.1f} {sh['per_worker_img_s']:>17.1f}   shards: "
+                         f"{sh['file_opens_per_epoch']} file opens per epoch")  # fmt: skip
     best = max(res["per_worker_img_s"] for res in report["results"].values())
     lines.append(
         f"a GPU training at N img/s needs about N / {best:.0f} loader cores (plus one for the main process)"

@@ -520,8 +520,8 @@ def pair_order(pairs: int, trainers: Sequence[str]) -> list[tuple[int, str]]:
 
 
 def compare(results: Sequence[RunResult]) -> dict:
-    """Medians per trainer and, over complete pairs, the median ratios timm / swin-train (> 1: swin-train
-    is faster or smaller) and the top-1 difference."""
+    """Medians per trainer and, over complete pairs (both runs without error), the median of the pairwise
+    ratios: speed as timm / swin-train time, memory as swin-train / timm peak, and the top-1 difference."""
     by_trainer: dict[str, list[RunResult]] = {}
     for r in results:
         if r.error is None:
@@ -546,17 +546,18 @@ def compare(results: Sequence[RunResult]) -> dict:
     ratios = {}
     if complete:
 
-        def ratio(get) -> float:
-            values = [get(p["timm"]) / get(p["swin"]) for p in complete if get(p["swin"]) > 0]
+        def median_ratio(get, numerator: str, denominator: str) -> float:
+            values = [get(p[numerator]) / get(p[denominator]) for p in complete if get(p[denominator]) > 0]
             return statistics.median(values) if values else float("nan")
 
         ratios = {
             "pairs": len(complete),
-            "speedup_wall": ratio(lambda r: r.measurement.wall_s),
-            "speedup_cpu": ratio(lambda r: r.measurement.cpu_s),
-            # memory: swin-train / timm (< 1: swin-train uses less)
-            "memory_tree_pss": 1 / ratio(lambda r: r.measurement.peak_tree_pss_mib),
-            "memory_rss": 1 / ratio(lambda r: r.measurement.peak_rss_mib),
+            # timm / swin-train: > 1 when swin-train is faster
+            "speedup_wall": median_ratio(lambda r: r.measurement.wall_s, "timm", "swin"),
+            "speedup_cpu": median_ratio(lambda r: r.measurement.cpu_s, "timm", "swin"),
+            # swin-train / timm: < 1 when swin-train uses less memory
+            "memory_tree_pss": median_ratio(lambda r: r.measurement.peak_tree_pss_mib, "swin", "timm"),
+            "memory_rss": median_ratio(lambda r: r.measurement.peak_rss_mib, "swin", "timm"),
             "top1_difference": statistics.median(p["swin"].best_top1 - p["timm"].best_top1 for p in complete),
         }
     return {"medians": medians, "ratios": ratios}
@@ -663,6 +664,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     recipe.check()
     if args.pairs < 1:
         raise ConfigError(f"--pairs must be >= 1, got {args.pairs}")
+    if (args.threads is not None and args.threads < 1) or args.timeout <= 0:
+        raise ConfigError(f"--threads must be >= 1 and --timeout > 0, got {args.threads}, {args.timeout}")
     trainers = [t for t in TRAINERS if t in args.trainers]
     timm_train = None
     if "timm" in trainers:

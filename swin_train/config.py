@@ -36,7 +36,7 @@ ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depths", "num_heads", "wi
 
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 AMP_ALIASES = {"fp32": "none", "float32": "none", "off": "none", "bfloat16": "bf16", "float16": "fp16"}
-DATASETS = ("imagefolder", "shapes")
+DATASETS = ("imagefolder", "shapes", "wds", "hf")  # an imagefolder path holding shards or a HF dataset is read as such
 BEST_ON = ("raw", "ema")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")  # timm's PIL names
 MIXUP_MODES = ("batch", "pair", "elem")  # timm.data.Mixup
@@ -160,14 +160,12 @@ class DataConfig:
     image_column: str = "image"  # Hugging Face dataset columns
     label_column: str = "label"
 
-    # DATASETS plus the sources the data package detects from data_path
-    SOURCES = (*DATASETS, "wds", "hf")
-
     def check(self, r: Rules) -> None:
-        r.choice("data.dataset", self.dataset, self.SOURCES)
+        r.choice("data.dataset", self.dataset, DATASETS)
         r.require("data.shuffle_buffer", self.shuffle_buffer, _non_negative, ">= 0")
+        named = lambda v: isinstance(v, str) and v.strip() != ""
         for key in ("train_split", "val_split", "image_column", "label_column"):
-            r.require(f"data.{key}", getattr(self, key), lambda v: isinstance(v, str) and v.strip() != "", "a non-empty name")
+            r.require(f"data.{key}", getattr(self, key), named, "a non-empty name")
         r.choice("data.interpolation", self.interpolation, INTERPOLATIONS)
         r.require("data.img_size", self.img_size, _at_least_one, ">= 1")
         r.require("data.batch_size", self.batch_size, _at_least_one, ">= 1")

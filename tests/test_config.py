@@ -291,7 +291,7 @@ def test_unknown_model_name_suggests():
     "override, expected",
     [
         ("amp=fp32", "amp must be one of 'auto', 'bf16', 'fp16', 'none', got 'fp32'; did you mean 'none'?"),
-        ("data.dataset=imagenet", "data.dataset must be one of 'imagefolder', 'shapes', got 'imagenet'"),
+        ("data.dataset=imagenet", "data.dataset must be one of 'imagefolder', 'shapes', 'wds', 'hf', got 'imagenet'"),
         ("train.best_on=emma", "train.best_on must be one of 'raw', 'ema', got 'emma'; did you mean 'ema'?"),
         ("data.interpolation=cubic", "data.interpolation must be one of 'bicubic', 'bilinear'"),
         ("aug.mixup_mode=batches", "aug.mixup_mode must be one of 'batch', 'pair', 'elem', got 'batches'"),

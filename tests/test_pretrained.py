@@ -116,7 +116,8 @@ def test_head_is_reinitialised_when_the_classes_differ(micro_arch):
     assert sorted(report.reinitialised) == ["head.bias", "head.weight"] and not report.head_mapped
     assert torch.equal(target.head.weight, head_before)  # the model's own initialisation, untouched
     _assert_equal_except(target, source.state_dict(), skip=("head.weight", "head.bias"))
-    with pytest.raises(CheckpointError, match="2 tensors missing from state dict"):
+    # strict (evaluation): the head cannot be re-initialised, and the message names the setting to pass
+    with pytest.raises(CheckpointError, match="has 10 classes, the model 5: pass model.num_classes=10"):
         load_pretrained(_micro(micro_arch, num_classes=5), source.state_dict(), strict=True)
 
 

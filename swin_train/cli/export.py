@@ -73,7 +73,7 @@ def _check_out(out: Path, fmt: str) -> None:
     """Loaders go by the suffix: refuse a name that another tool would misread."""
     suffix = {"safetensors": ".safetensors", "onnx": ".onnx"}.get(fmt)
     if suffix and out.suffix != suffix:
-        raise ConfigError(f"--out {out} for --format {fmt}: use a name ending in {suffix}")
+        raise ConfigError(f"--out {out} for --format {fmt}: use a {suffix} name (loaders go by the suffix)")
     if suffix is None and fmt != "hf" and out.suffix in (".safetensors", ".onnx"):
         raise ConfigError(f"--out {out} for --format {fmt}: use a name not ending in {out.suffix}")
     if not out.parent.is_dir():

@@ -14,7 +14,8 @@ def build_parser() -> ArgumentParser:
         "srun swin-train ... (see scripts/slurm/train.sbatch)",
     )
     parser.add_argument("--config", help="YAML config (may inherit with _base_)")
-    parser.add_argument("--data-path", help="ImageFolder root with train/ and val/")
+    parser.add_argument("--data-path", help="ImageFolder root with train/ and val/, a webdataset shard folder, "
+                        "brace pattern or pipe: URL, or a Hugging Face dataset")
     parser.add_argument("--output", help="output folder (checkpoints, logs); re-running resumes from it")
     parser.add_argument("--batch-size", type=int, help="per-process batch size (data.batch_size)")
     parser.add_argument("--resume", help="resume from this checkpoint instead of the output folder's latest")

@@ -3,6 +3,7 @@ loaders and (on CUDA) the device half of the input pipeline."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,17 +14,21 @@ from swin_train.data.folder import build_datasets, build_eval_dataset, check_roo
 from swin_train.data.loader import build_loader, usable_workers
 from swin_train.data.prefetch import DeviceTransform
 from swin_train.data.samplers import ExactEvalSampler, ResumableTrainSampler
+from swin_train.data.shards import ShardTrainDataset
 from swin_train.data.synthetic import SyntheticDataset
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
 from swin_train.distributed import DistEnv, barrier
 from swin_train.errors import DataError
+
+log = logging.getLogger("swin_train")
 
 
 @dataclass
 class Data:
     train_loader: DataLoader
     val_loader: DataLoader
-    train_sampler: ResumableTrainSampler
+    # the loop's handle on the order (set_epoch, set_start): a sampler, or the shard dataset itself
+    train_sampler: ResumableTrainSampler | ShardTrainDataset
     class_names: list[str]
     num_train: int
     num_val: int
@@ -35,13 +40,67 @@ class Data:
         return len(self.class_names)
 
 
+def data_source(cfg: Config) -> str:
+    """What `data.data_path` holds: `data.dataset`, except that an "imagefolder" path holding webdataset
+    shards (a folder with an index or .tar files, a brace pattern, a pipe: URL) is "wds" and one holding
+    a saved or parquet Hugging Face dataset is "hf"."""
+    d = cfg.data
+    if d.dataset != "imagefolder" or not d.data_path:
+        return d.dataset
+    from swin_train.data.hf_dataset import is_hf_source
+    from swin_train.data.shards import is_shard_source
+
+    if is_shard_source(d.data_path):
+        return "wds"
+    if is_hf_source(d.data_path):
+        return "hf"
+    return "imagefolder"
+
+
 def check_data_path(cfg: Config) -> None:
     """Fail before anything is written when the data cannot exist (the shapes set is generated later)."""
     if cfg.data.synthetic or cfg.data.dataset == "shapes":
         return
     if not cfg.data.data_path:
-        raise DataError("no data path: pass --data-path DIR (a folder with train/ and val/ ImageFolders)")
-    check_root(cfg.data.data_path, ())
+        raise DataError(
+            "no data path: pass --data-path DIR (a folder with train/ and val/ ImageFolders, webdataset shards "
+            "or a Hugging Face dataset)"
+        )
+    source = data_source(cfg)
+    if source == "wds":
+        shard_splits(cfg)
+    elif source == "hf":
+        if not Path(cfg.data.data_path).expanduser().exists():
+            raise DataError(f"data path {cfg.data.data_path} does not exist")
+    else:
+        check_root(cfg.data.data_path, ())
+
+
+def shard_splits(cfg: Config, *, train: bool = True):
+    """(train split or None, val split) of a shard source: a folder's index names both; a brace pattern
+    or pipe: URL is the train split and `data.val_path` the val split."""
+    from swin_train.data.shards import resolve_split
+
+    d = cfg.data
+    is_folder = not d.data_path.startswith("pipe:") and Path(d.data_path).expanduser().is_dir()
+    if is_folder:
+        val = resolve_split(d.val_path or d.data_path, d.val_split, info_path=d.shard_info)
+        return (resolve_split(d.data_path, d.train_split, info_path=d.shard_info) if train else None), val
+    if not d.val_path:
+        raise DataError(
+            f"data path {d.data_path} names one split's shards; set data.val_path to the val shards "
+            "(a brace pattern or pipe: URL) or point data.data_path at the folder with the _info.json"
+        )
+    val = resolve_split(d.val_path, d.val_split, info_path=d.shard_info)
+    return (resolve_split(d.data_path, d.train_split, info_path=d.shard_info) if train else None), val
+
+
+def shard_class_names(cfg: Config, names: tuple[str, ...] | None) -> list[str]:
+    """The index's class names; without them (timm's Hub index has none), model.num_classes numbered classes."""
+    if names:
+        return list(names)
+    log.info("the shard index names no classes: using model.num_classes=%d numbered classes", cfg.model.num_classes)
+    return [str(i) for i in range(cfg.model.num_classes)]
 
 
 def data_root(cfg: Config, env: DistEnv) -> Path:
@@ -71,20 +130,26 @@ def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> D
     """Datasets and loaders. `device_pipeline`: the workers return uint8 images and normalisation and
     random erasing run on `env.device` (`Data.device_transform`); otherwise the workers do all of it."""
     d = cfg.data
-    device_transform = None
-    if d.synthetic:  # random tensors: measures the loop without decoding
+    train_transform = build_train_transform(d, cfg.aug, uint8=device_pipeline)
+    eval_transform = build_eval_transform(Preprocess.from_config(cfg), uint8=device_pipeline)
+    device_transform = device_transform_for(cfg, env, train=True) if device_pipeline and not d.synthetic else None
+    source = "synthetic" if d.synthetic else data_source(cfg)
+    if source == "wds":
+        return build_shard_data(cfg, env, train_transform, eval_transform, device_transform)
+    if source == "synthetic":  # random tensors: measures the loop without decoding
         classes = [f"class_{i}" for i in range(cfg.model.num_classes)]
         train_set = SyntheticDataset(50 * d.batch_size * env.world_size, len(classes), d.img_size, seed=cfg.seed)
         val_set = SyntheticDataset(4 * d.batch_size * env.world_size, len(classes), d.img_size, seed=cfg.seed + 1)
+    elif source == "hf":
+        from swin_train.data.hf_dataset import build_hf_split
+
+        columns = dict(image_column=d.image_column, label_column=d.label_column)
+        train_set = build_hf_split(d.data_path, d.train_split, train_transform, **columns)
+        val_set = build_hf_split(d.data_path, d.val_split, eval_transform, **columns)
+        classes = train_set.classes
     else:
-        train_set, val_set, classes = build_datasets(
-            data_root(cfg, env),
-            train_transform=build_train_transform(d, cfg.aug, uint8=device_pipeline),
-            eval_transform=build_eval_transform(Preprocess.from_config(cfg), uint8=device_pipeline),
-            skip_bad_images=d.skip_bad_images,
-        )
-        if device_pipeline:
-            device_transform = device_transform_for(cfg, env, train=True)
+        train_set, val_set, classes = build_datasets(data_root(cfg, env), train_transform=train_transform,
+                                                     eval_transform=eval_transform, skip_bad_images=d.skip_bad_images)  # fmt: skip
     train_sampler = ResumableTrainSampler(len(train_set), num_replicas=env.world_size, rank=env.rank, seed=cfg.seed)
     workers = usable_workers(d.num_workers)
     common = dict(num_workers=workers, pin_memory=d.pin_memory, seed=cfg.seed, rank=env.rank)
@@ -94,14 +159,56 @@ def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> D
     return Data(train_loader, val_loader, train_sampler, list(classes), len(train_set), len(val_set), device_transform)
 
 
+def build_shard_data(cfg: Config, env: DistEnv, train_transform, eval_transform, device_transform) -> Data:
+    """Train and val loaders over webdataset shards (see shards.py for the order and what is exact)."""
+    from swin_train.data.shards import ShardEvalDataset, build_shard_loader
+
+    d = cfg.data
+    train_split, val_split = shard_splits(cfg)
+    workers = usable_workers(d.num_workers)
+    # every process reads at least one shard per worker: fewer workers when the shards are few
+    train_workers = min(workers, max(1, len(train_split.shards) // env.world_size))
+    if train_workers < workers:
+        log.info("train split: %d shards for %d processes: %d loader workers per process instead of %d",
+                 len(train_split.shards), env.world_size, train_workers, workers)  # fmt: skip
+    train_set = ShardTrainDataset(train_split, train_transform, batch_size=d.batch_size, seed=cfg.seed, rank=env.rank,
+                                  world_size=env.world_size, num_workers=train_workers, shuffle_buffer=d.shuffle_buffer)  # fmt: skip
+    if train_set.dropped_per_epoch:
+        log.info("train shards: %d of %d samples sit out each epoch (a different few each epoch), so that every "
+                 "one of %d processes x %d workers reads %d samples", train_set.dropped_per_epoch,
+                 train_split.num_samples, env.world_size, max(1, train_workers), train_set.samples_per_stream)  # fmt: skip
+    val_set = ShardEvalDataset(val_split, eval_transform, rank=env.rank, world_size=env.world_size, num_workers=workers)
+    common = dict(pin_memory=d.pin_memory, seed=cfg.seed, rank=env.rank)
+    train_loader = build_shard_loader(train_set, batch_size=d.batch_size, num_workers=train_workers, drop_last=True, **common)
+    val_loader = build_shard_loader(val_set, batch_size=cfg.eval_batch_size, num_workers=workers, drop_last=False, **common)
+    classes = shard_class_names(cfg, train_split.class_names)
+    return Data(train_loader, val_loader, train_set, classes, train_split.num_samples, val_split.num_samples,
+                device_transform)  # fmt: skip
+
+
 def build_eval_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> tuple[DataLoader, list[str]]:
     """The val split alone, for `swin-eval`: an exact (non-padding) loader and the class names."""
-    dataset, classes = build_eval_dataset(
-        data_root(cfg, env),
-        build_eval_transform(Preprocess.from_config(cfg), uint8=device_pipeline),
-        skip_bad_images=cfg.data.skip_bad_images,
-    )
+    d = cfg.data
+    transform = build_eval_transform(Preprocess.from_config(cfg), uint8=device_pipeline)
+    workers = usable_workers(d.num_workers)
+    source = data_source(cfg)
+    if source == "wds":
+        from swin_train.data.shards import ShardEvalDataset, build_shard_loader
+
+        _, split = shard_splits(cfg, train=False)
+        dataset = ShardEvalDataset(split, transform, rank=env.rank, world_size=env.world_size, num_workers=workers)
+        loader = build_shard_loader(dataset, batch_size=cfg.eval_batch_size, num_workers=workers,
+                                    pin_memory=d.pin_memory, drop_last=False)  # fmt: skip
+        return loader, shard_class_names(cfg, split.class_names)
+    if source == "hf":
+        from swin_train.data.hf_dataset import build_hf_split
+
+        dataset = build_hf_split(d.data_path, d.val_split, transform, image_column=d.image_column,
+                                 label_column=d.label_column)  # fmt: skip
+        classes = dataset.classes
+    else:
+        dataset, classes = build_eval_dataset(data_root(cfg, env), transform, skip_bad_images=d.skip_bad_images)
     loader = build_loader(dataset, batch_size=cfg.eval_batch_size,
                           sampler=ExactEvalSampler(len(dataset), env.world_size, env.rank),
-                          num_workers=usable_workers(cfg.data.num_workers), pin_memory=cfg.data.pin_memory)  # fmt: skip
+                          num_workers=workers, pin_memory=d.pin_memory)  # fmt: skip
     return loader, classes

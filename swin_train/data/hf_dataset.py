@@ -24,7 +24,9 @@ def _datasets():
     try:
         import datasets
     except ImportError:
-        raise DataError("reading Hugging Face datasets needs the `datasets` package: pip install 'swin-train[hf]'") from None
+        raise DataError(
+            "reading Hugging Face datasets needs the `datasets` package: pip install 'swin-train[hf]'"
+        ) from None
     return datasets
 
 
@@ -35,13 +37,23 @@ def is_hf_source(path: str) -> bool:
         return p.suffix == ".parquet"
     if not p.is_dir():
         return False
-    return any((p / m).is_file() for m in SAVED_MARKERS) or any(p.glob("*.parquet")) or any(p.glob("*/*.parquet"))
+    return (
+        any((p / m).is_file() for m in SAVED_MARKERS)
+        or any(p.glob("*.parquet"))
+        or any(p.glob("*/*.parquet"))
+    )
 
 
 def parquet_files(root: Path, split: str) -> list[str]:
     """The parquet files of `split` under `root`: `split-*.parquet` or `split/*.parquet`, one level down
     or at the top (the Hub puts them under `data/`)."""
-    patterns = (f"{split}-*.parquet", f"{split}/*.parquet", f"*/{split}-*.parquet", f"*/{split}/*.parquet", f"{split}.parquet")
+    patterns = (
+        f"{split}-*.parquet",
+        f"{split}/*.parquet",
+        f"*/{split}-*.parquet",
+        f"*/{split}/*.parquet",
+        f"{split}.parquet",
+    )
     return sorted({str(f) for pattern in patterns for f in root.glob(pattern)})
 
 
@@ -74,7 +86,9 @@ def load_split(path: str, split: str):
     try:
         return ds_lib.load_dataset("parquet", data_files={split: files}, split=split)
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read the parquet files of split '{split}' under {root} ({' '.join(str(e).split())})") from None
+        raise DataError(
+            f"cannot read the parquet files of split '{split}' under {root} ({' '.join(str(e).split())})"
+        ) from None
 
 
 def class_names_of(dataset, label_column: str) -> list[str]:
@@ -115,10 +129,14 @@ class HFImageDataset(Dataset):
             if isinstance(image, dict):  # an undecoded Image feature: {'bytes': ..., 'path': ...}
                 image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
             if not isinstance(image, Image.Image):
-                raise DataError(f"column '{self.image_column}' of {self.where} does not hold images; set data.image_column")
+                raise DataError(
+                    f"column '{self.image_column}' of {self.where} does not hold images; set data.image_column"
+                )
             return image.convert("RGB"), int(row[self.label_column])
         except DECODE_ERRORS as e:
-            raise DataError(f"cannot decode the image of row {index} of {self.where} ({decode_error_reason(e)})") from None
+            raise DataError(
+                f"cannot decode the image of row {index} of {self.where} ({decode_error_reason(e)})"
+            ) from None
 
     def __getitem__(self, key: int | SampleKey) -> tuple[object, int]:
         index, seed = split_key(key)

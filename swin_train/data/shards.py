@@ -43,7 +43,7 @@ from swin_train.errors import DataError
 log = logging.getLogger("swin_train")
 
 INFO_NAMES = ("_info.json", "_info.yaml", "_info.yml")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 LABEL_EXTENSION = "cls"
 DEFAULT_SHUFFLE_BUFFER = 2000
 
@@ -118,9 +118,13 @@ def load_info(path: str | os.PathLike) -> dict:
 
             info = yaml.safe_load(text)
     except FileNotFoundError:
-        raise DataError(f"shard index {path} does not exist; set data.shard_info to the _info.json of the shards") from None
+        raise DataError(
+            f"shard index {path} does not exist; set data.shard_info to the _info.json of the shards"
+        ) from None
     except (OSError, ValueError, Exception) as e:  # yaml.YAMLError, json.JSONDecodeError, unreadable file
-        raise DataError(f"cannot read shard index {path} ({' '.join(str(e).split())}); fix or re-create it") from None
+        raise DataError(
+            f"cannot read shard index {path} ({' '.join(str(e).split())}); fix or re-create it"
+        ) from None
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
         raise DataError(f"shard index {path} has no 'splits' mapping; expected timm's _info.json layout")
     for name, entry in info["splits"].items():
@@ -168,7 +172,9 @@ def resolve_split(source: str, split: str, *, info_path: str | None = None) -> S
         for name, count in zip(entry["filenames"], entry["shard_lengths"]):
             path = folder / name
             if not path.is_file():
-                raise DataError(f"shard {path} is listed in {info_file} but missing; re-download or re-pack it")
+                raise DataError(
+                    f"shard {path} is listed in {info_file} but missing; re-download or re-pack it"
+                )
             shards.append(Shard(str(path), Path(name).name, int(count)))
         return ShardSplit(split, tuple(shards), class_names_from(info))
     urls = expand_urls(source)
@@ -190,7 +196,9 @@ def resolve_split(source: str, split: str, *, info_path: str | None = None) -> S
     for url in urls:
         name = shard_name(url)
         if name not in counts:
-            raise DataError(f"shard {name} ({url}) is not in the shard index {info_file}; re-create the index")
+            raise DataError(
+                f"shard {name} ({url}) is not in the shard index {info_file}; re-create the index"
+            )
         if not url.startswith("pipe:") and not Path(url).expanduser().is_file():
             raise DataError(f"shard {url} does not exist; check data.data_path / data.val_path")
         shards.append(Shard(url, name, counts[name]))
@@ -217,7 +225,9 @@ def samples_per_stream(counts: Sequence[int], num_streams: int, batch_size: int)
     return fewest // batch_size * batch_size
 
 
-def buffer_shuffle_order(num_samples: int, buffer_size: int, key: Sequence[int], limit: int | None = None) -> np.ndarray:
+def buffer_shuffle_order(
+    num_samples: int, buffer_size: int, key: Sequence[int], limit: int | None = None
+) -> np.ndarray:
     """Which input position a shuffle buffer of `buffer_size` emits at each output position: fill the
     buffer, then repeatedly emit a random slot and refill it with the next input. The draws come from
     `key` alone, never from the data, so the buffer at any position is known without reading."""
@@ -250,7 +260,9 @@ def _shard_error(shard: Shard, e: BaseException) -> DataError:
     reason = " ".join(str(e.args[0] if e.args else e).split())
     if shard.url.startswith("pipe:"):
         return DataError(f"the command of {shard.url} failed ({reason}); run it by hand to see why")
-    return DataError(f"cannot read shard {shard.url} ({reason}): it is truncated or damaged; re-download or re-pack it")
+    return DataError(
+        f"cannot read shard {shard.url} ({reason}): it is truncated or damaged; re-download or re-pack it"
+    )
 
 
 def read_shard(shard: Shard, *, stop_after: int | None = None) -> Iterator[dict]:
@@ -383,9 +395,11 @@ class ShardTrainDataset(IterableDataset):
         return self.split.num_samples - self.samples_per_stream * self.num_streams
 
     def __iter__(self) -> Iterator[tuple[object, int]]:
-        worker, workers = _worker()
+        loader_worker, workers = _worker()
         if workers != self.streams_per_rank and not (workers == 1 and self.num_workers == 0):
             raise RuntimeError(f"built for {self.num_workers} loader workers, run by {workers}")
+        # The loader takes its first batch from worker 0: after k batches, the stream whose turn is next.
+        worker = (loader_worker + self.start_batch) % self.streams_per_rank
         stream = self.rank * self.streams_per_rank + worker
         start = batches_before(self.start_batch, worker, self.streams_per_rank) * self.batch_size
         for shard_index, member, sample in self.stream_samples(stream, start):
@@ -396,7 +410,9 @@ class ShardTrainDataset(IterableDataset):
     def stream_samples(self, stream: int, start: int = 0) -> Iterator[tuple[int, int, dict]]:
         """(shard index, member index, raw sample) of `stream` in this epoch's order from position `start`;
         shards before the first needed sample are not opened, members not needed are not decoded."""
-        shard_ids = stream_shards(epoch_shard_order(len(self.split.shards), self.seed, self.epoch), stream, self.num_streams)
+        shard_ids = stream_shards(
+            epoch_shard_order(len(self.split.shards), self.seed, self.epoch), stream, self.num_streams
+        )
         counts = [self.split.shards[i].num_samples for i in shard_ids]
         total = sum(counts)
         key = (_BUFFER_KEY, self.seed, self.epoch, stream)
@@ -413,17 +429,17 @@ class ShardTrainDataset(IterableDataset):
                 offset += count
                 continue
             stop = min(count, last - offset + 1)
-            members = enumerate(read_shard(self.split.shards[shard_id], stop_after=stop))
-            inputs = ((offset + m, shard_id, m, s) for m, s in members)
-            offset += count
-            for index, sid, member, sample in inputs:
-                if index in needed:
-                    held[index] = (sid, member, sample)
+            for member, sample in enumerate(read_shard(self.split.shards[shard_id], stop_after=stop)):
+                if offset + member in needed:
+                    held[offset + member] = (shard_id, member, sample)
                 while position < len(order) and int(order[position]) in held:
                     yield held.pop(int(order[position]))
                     position += 1
+            offset += count
         if position != len(order):
-            raise DataError(f"split '{self.split.name}': the shards ended before the stream did; re-create the index")
+            raise DataError(
+                f"split '{self.split.name}': the shards ended before the stream did; re-create the index"
+            )
 
 
 class ShardEvalDataset(IterableDataset):
@@ -438,7 +454,11 @@ class ShardEvalDataset(IterableDataset):
 
     def rank_shards(self) -> list[int]:
         first = self.rank * self.streams_per_rank
-        return [i for w in range(self.streams_per_rank) for i in stream_shards(range(len(self.split.shards)), first + w, self.num_streams)]
+        return [
+            i
+            for w in range(self.streams_per_rank)
+            for i in stream_shards(range(len(self.split.shards)), first + w, self.num_streams)
+        ]
 
     def __len__(self) -> int:
         return sum(self.split.shards[i].num_samples for i in self.rank_shards())
@@ -499,7 +519,9 @@ def write_index(folder: str | os.PathLike, *, classes: Sequence[str] | None = No
         match = re.fullmatch(r".*-([A-Za-z0-9]+)-\d+\.tar", path.name)
         if match is None:
             raise DataError(f"{path.name}: cannot tell its split; shards are named NAME-SPLIT-NNNN.tar")
-        entry = splits.setdefault(match.group(1), {"name": match.group(1), "filenames": [], "shard_lengths": []})
+        entry = splits.setdefault(
+            match.group(1), {"name": match.group(1), "filenames": [], "shard_lengths": []}
+        )
         entry["filenames"].append(path.name)
         entry["shard_lengths"].append(count_samples(str(path)))
     if not splits:

@@ -32,6 +32,7 @@ cannot run such a model. model.attention ("auto"/"flex") only picks kernels: the
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -49,7 +50,13 @@ from safetensors import SafetensorError
 from swin_train.checkpoint import write_atomically
 from swin_train.errors import CheckpointError, ConfigError
 from swin_train.models.convert import check_fits, convert_state_dict, infer_arch, table_window
-from swin_train.models.swin import BLOCK_KEY, DOWNSAMPLE_KEY, SwinTransformer, relative_position_index
+from swin_train.models.swin import (
+    BLOCK_KEY,
+    DOWNSAMPLE_KEY,
+    BlockSpec,
+    SwinTransformer,
+    relative_position_index,
+)
 
 log = logging.getLogger("swin_train")
 
@@ -120,7 +127,8 @@ def _renamed(name: str, table: Mapping[str, str]) -> str | None:
 def with_defaults(arch: Mapping) -> dict:
     """`arch` completed with SwinTransformer's own defaults (in_chans, num_classes, mlp_ratio, qkv_bias, ...)."""
     params = inspect.signature(SwinTransformer.__init__).parameters.values()
-    return {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **arch}
+    block = {f.name: f.default for f in dataclasses.fields(BlockSpec)}  # SwinTransformer(**block_settings)
+    return {**block, **{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **arch}
 
 
 def model_arch(model: SwinTransformer) -> dict:
