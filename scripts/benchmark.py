@@ -129,18 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
-        "--compile", nargs="*", choices=IMPLS, metavar="IMPL",
+        "--compile",
+        nargs="*",
+        choices=IMPLS,
+        metavar="IMPL",
         help="torch.compile each model (compile time reported); with names, only those\n"
         "(e.g. --compile ours: ours compiled against timm eager, in one run)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--attention", choices=ATTENTION_BACKENDS, default="auto",
+        "--attention",
+        choices=ATTENTION_BACKENDS,
+        default="auto",
         help="our window attention: auto (SDPA on CUDA, written out on CPU) or flex (FlexAttention, CUDA)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--grad-checkpointing", action="store_true",
+        "--grad-checkpointing",
+        action="store_true",
         help="activation checkpointing per block in ours and timm (torchvision has none)",
-    )  # fmt: skip
+    )
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls for fp32 on CUDA")
     p.add_argument(
         "--impls", nargs="+", choices=IMPLS, help="default: ours timm (+torchvision for T/S/B 224)"
@@ -150,15 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, help="iterations per timed round")
     p.add_argument("--threads", type=int, help="torch intra-op threads; default: the usable CPU cores")
     p.add_argument(
-        "--system-malloc", action="store_true",
+        "--system-malloc",
+        action="store_true",
         help="keep glibc's malloc defaults; by default the process keeps freed memory as swin-train does\n"
         "(swin_train/allocator.py), which speeds up every implementation alike on CPU",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--peak-tflops", type=float,
+        "--peak-tflops",
+        type=float,
         help="device peak for MFU; default: looked up by GPU name on CUDA, measured on CPU\n"
         f"(the fastest of {CPU_PEAK_REPEATS} {CPU_PEAK_SIZE}x{CPU_PEAK_SIZE} matrix products in --dtype)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory"
     )
@@ -168,13 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-loader", metavar="DIR", help="time decode + train transform over DIR instead")
     data.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts")
     data.add_argument("--data-images", type=int, default=256, help="images timed per measurement")
-    data.add_argument("--data-shards", metavar="DIR",
-                      help="also time the same images packed as shards (swin-data pack DIR): img/s and file opens")  # fmt: skip
+    data.add_argument(
+        "--data-shards",
+        metavar="DIR",
+        help="also time the same images packed as shards (swin-data pack DIR): img/s and file opens",
+    )
     p.add_argument(
-        "--linear-kernels", action="store_true",
+        "--linear-kernels",
+        action="store_true",
         help="time each Linear shape of --model at --batch-size on CPU: F.linear (MKL) against the oneDNN\n"
         "kernel of swin_train/models/ops.py, forward and input gradient, GFLOP/s",
-    )  # fmt: skip
+    )
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one CPU memory measurement
     return p
 
@@ -319,7 +331,7 @@ def build_same_weight_models(setup: Setup) -> dict[str, nn.Module]:
     models = {
         impl: build_model(
             impl, setup.arch, setup.num_classes, setup.drop_path, setup.grad_checkpointing, setup.attention
-        )  # fmt: skip
+        )
         for impl in setup.impls
     }
     ours_sd = convert_state_dict(models["timm"].state_dict()) if "timm" in models else None
@@ -510,8 +522,13 @@ def memory_probe(spec: dict) -> dict:
     if before is None:
         return {"infer": None, "train": None}
     torch.manual_seed(0)
-    model = build_model(spec["impl"], spec["arch"], spec["num_classes"], spec["drop_path"],
-                        spec.get("grad_checkpointing", False))  # fmt: skip
+    model = build_model(
+        spec["impl"],
+        spec["arch"],
+        spec["num_classes"],
+        spec["drop_path"],
+        spec.get("grad_checkpointing", False),
+    )
     runner = Runner(spec["impl"], model, torch.device("cpu"), spec["dtype"])
     size = spec["arch"]["img_size"]
     x = torch.randn(spec["batch_size"], 3, size, size)
@@ -533,10 +550,17 @@ def cpu_memory(setup: Setup, malloc: str) -> dict[str, dict]:
     procs = {}
     for impl in setup.impls:
         spec = dict(
-            impl=impl, arch=setup.arch, num_classes=setup.num_classes, drop_path=setup.drop_path,
-            batch_size=setup.batch_size, dtype=setup.dtype, threads=setup.threads, steps=2, malloc=malloc,
+            impl=impl,
+            arch=setup.arch,
+            num_classes=setup.num_classes,
+            drop_path=setup.drop_path,
+            batch_size=setup.batch_size,
+            dtype=setup.dtype,
+            threads=setup.threads,
+            steps=2,
+            malloc=malloc,
             grad_checkpointing=setup.grad_checkpointing,
-        )  # fmt: skip
+        )
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", json.dumps(spec)]
         procs[impl] = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -655,10 +679,15 @@ def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> d
                 if extra is not None:
                     alone = extra + runner.resident_bytes(train=mode == "train") + input_bytes
                     cuda_peak[impl][mode] = max(cuda_peak[impl][mode], alone)
-        log(f"  round {r + 1}/{setup.repeats}: " + "  ".join(
-            f"{impl} {setup.batch_size * setup.iters / seconds[impl]['train'][-1]:.2f}/"
-            f"{setup.batch_size * setup.iters / seconds[impl]['infer'][-1]:.2f}" for impl in runners
-        ) + " img/s (train/infer)")  # fmt: skip
+        log(
+            f"  round {r + 1}/{setup.repeats}: "
+            + "  ".join(
+                f"{impl} {setup.batch_size * setup.iters / seconds[impl]['train'][-1]:.2f}/"
+                f"{setup.batch_size * setup.iters / seconds[impl]['infer'][-1]:.2f}"
+                for impl in runners
+            )
+            + " img/s (train/infer)"
+        )
 
     peak, peak_source = resolve_peak(args, setup, env["device_name"])
     results = {}
@@ -846,8 +875,9 @@ def time_shard_loader(
 
     split = shards.resolve_split(str(root), "train")
     dataset = shards.ShardTrainDataset(split, transform, batch_size=batch_size, num_workers=workers)
-    loader = shards.build_shard_loader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=False,
-                                       drop_last=True)  # fmt: skip
+    loader = shards.build_shard_loader(
+        dataset, batch_size=batch_size, num_workers=workers, pin_memory=False, drop_last=True
+    )
     warm, counted, seconds, epoch = max(workers, 1), 0, 0.0, 0
     while counted < images:  # workers start anew each epoch: each epoch's clock starts after its warm-up
         dataset.set_epoch(epoch)
@@ -873,7 +903,9 @@ def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     batch_size = args.batch_size or 32
     img_size = args.img_size or variant_arch(args.model)["img_size"]
     paths = find_images(Path(args.data_loader))
-    transform = build_train_transform(DataConfig(img_size=img_size), AugConfig())  # the official recipe: rand-m9-mstd0.5-inc1, jitter 0.4, ...
+    transform = build_train_transform(
+        DataConfig(img_size=img_size), AugConfig()
+    )  # the official recipe: rand-m9-mstd0.5-inc1, jitter 0.4, ...
     dataset = ImageFiles(paths, transform)
     log(f"{len(paths)} images, workers {args.workers}, {repeats} rounds of {args.data_images} images")
     rounds: dict[int, list[float]] = {w: [] for w in args.workers}
@@ -885,8 +917,9 @@ def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     if args.data_shards:
         for _ in range(repeats):
             for workers in args.workers:
-                img_s, shard_opens = time_shard_loader(Path(args.data_shards), transform, workers, batch_size,
-                                                       args.data_images)  # fmt: skip
+                img_s, shard_opens = time_shard_loader(
+                    Path(args.data_shards), transform, workers, batch_size, args.data_images
+                )
                 shard_rounds[workers].append(img_s)
     results = {}
     for workers, img_s in rounds.items():
@@ -899,9 +932,12 @@ def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         }
         if args.data_shards:
             shard_median = statistics.median(shard_rounds[workers])
-            results[str(workers)]["shards"] = {"img_s": shard_rounds[workers], "median_img_s": shard_median,
-                                               "per_worker_img_s": shard_median / max(workers, 1),
-                                               "file_opens_per_epoch": shard_opens}  # fmt: skip
+            results[str(workers)]["shards"] = {
+                "img_s": shard_rounds[workers],
+                "median_img_s": shard_median,
+                "per_worker_img_s": shard_median / max(workers, 1),
+                "file_opens_per_epoch": shard_opens,
+            }
     return {
         "mode": "data-loader",
         "config": {
@@ -934,12 +970,16 @@ def format_data_table(report: dict) -> str:
         f"{'workers':>7} {'img/s':>9} {'img/s per worker':>17}",
     ]
     for workers, res in report["results"].items():
-        lines.append(f"{workers:>7} {res['median_img_s']:>9.1f} {res['per_worker_img_s']:>17.1f}   folder: "
-                     f"{res['file_opens_per_epoch']} file opens per epoch")  # fmt: skip
+        lines.append(
+            f"{workers:>7} {res['median_img_s']:>9.1f} {res['per_worker_img_s']:>17.1f}   folder: "
+            f"{res['file_opens_per_epoch']} file opens per epoch"
+        )
         if "shards" in res:
             sh = res["shards"]
-            lines.append(f"{workers:>7} {sh['median_img_s']:>9.1f} {sh['per_worker_img_s']:>17.1f}   shards: "
-                         f"{sh['file_opens_per_epoch']} file opens per epoch")  # fmt: skip
+            lines.append(
+                f"{workers:>7} {sh['median_img_s']:>9.1f} {sh['per_worker_img_s']:>17.1f}   shards: "
+                f"{sh['file_opens_per_epoch']} file opens per epoch"
+            )
     best = max(res["per_worker_img_s"] for res in report["results"].values())
     lines.append(
         f"a GPU training at N img/s needs about N / {best:.0f} loader cores (plus one for the main process)"
@@ -1003,9 +1043,17 @@ def run_linear_kernels(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         log(f"  {rows} x {k} -> {n}: " + ", ".join(f"{m} {v:.0f}" for m, v in gflops.items()))
     env = environment(setup, argv)
     env["malloc"] = malloc
-    return {"config": {"model": setup.name, "batch_size": setup.batch_size, "repeats": setup.repeats,
-                       "iters": setup.iters, "onednn_min_rows": ops.ONEDNN_MIN_ROWS},
-            "env": env, "results": results}  # fmt: skip
+    return {
+        "config": {
+            "model": setup.name,
+            "batch_size": setup.batch_size,
+            "repeats": setup.repeats,
+            "iters": setup.iters,
+            "onednn_min_rows": ops.ONEDNN_MIN_ROWS,
+        },
+        "env": env,
+        "results": results,
+    }
 
 
 def format_kernel_table(report: dict) -> str:

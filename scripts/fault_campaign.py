@@ -61,12 +61,26 @@ CONFIG_KEYS_THAT_MAY_DIFFER = (("output",), ("data", "num_workers"))
 # label smoothing), stochastic depth and EMA, so that every random stream and every piece of state that a
 # resume must restore is exercised. One line per step (print_freq=1): the campaign follows progress there.
 RECIPE = [
-    "model.patch_size=4", "model.embed_dim=32", "model.depths=[2,2]", "model.num_heads=[2,4]",
-    "model.window_size=4", "model.num_classes=8", "model.drop_path_rate=0.1", "data.img_size=32",
-    "data.dataset=imagefolder", "data.batch_size=16", "eval.crop_pct=1.0", "amp=none", "train.base_lr=2e-3",
-    "train.warmup_lr=1e-5", "train.min_lr=1e-5", "train.lr_base_batch=32",
-    "train.ema=true", "train.ema_decay=0.9", "print_freq=1",
-]  # fmt: skip
+    "model.patch_size=4",
+    "model.embed_dim=32",
+    "model.depths=[2,2]",
+    "model.num_heads=[2,4]",
+    "model.window_size=4",
+    "model.num_classes=8",
+    "model.drop_path_rate=0.1",
+    "data.img_size=32",
+    "data.dataset=imagefolder",
+    "data.batch_size=16",
+    "eval.crop_pct=1.0",
+    "amp=none",
+    "train.base_lr=2e-3",
+    "train.warmup_lr=1e-5",
+    "train.min_lr=1e-5",
+    "train.lr_base_batch=32",
+    "train.ema=true",
+    "train.ema_decay=0.9",
+    "print_freq=1",
+]
 SHAPES_PER_CLASS = {"train_per_class": 16, "val_per_class": 4}  # 8 steps per epoch at batch 16
 
 # What the trainer logs (swin_train.engine / swin_train.trainer) and how its saves name temp files.
@@ -224,8 +238,11 @@ def compare_outputs(reference: Path, run: Path) -> list[Check]:
     checks = []
     if not (absent := missing("last.pth")):
         ref_last, run_last = load(reference / "last.pth"), load(run / "last.pth")
-    for name, keys in (("last.pth model", ("model",)), ("last.pth optimizer", ("optimizer",)),
-                       ("last.pth everything else", None)):  # fmt: skip
+    for name, keys in (
+        ("last.pth model", ("model",)),
+        ("last.pth optimizer", ("optimizer",)),
+        ("last.pth everything else", None),
+    ):
         checks.append(check(name, absent or checkpoint_differences(ref_last, run_last, keys)))
     absent = missing("best.pth")
     checks.append(
@@ -410,9 +427,22 @@ def update_estimates(estimates: dict, samples: dict, w: Watch, every: int) -> No
 
 def train_command(data_path: Path, out: Path, *, epochs: int, every: int, workers: int) -> list[str]:
     warmup_epochs = min(1, epochs - 1)  # the schedule needs warmup < total
-    return [sys.executable, "-m", "swin_train.cli.train", "--device", "cpu", "--data-path", str(data_path),
-            "--output", str(out), *RECIPE, f"train.epochs={epochs}", f"train.warmup_epochs={warmup_epochs}",
-            f"train.checkpoint_every_steps={every}", f"data.num_workers={workers}"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "swin_train.cli.train",
+        "--device",
+        "cpu",
+        "--data-path",
+        str(data_path),
+        "--output",
+        str(out),
+        *RECIPE,
+        f"train.epochs={epochs}",
+        f"train.warmup_epochs={warmup_epochs}",
+        f"train.checkpoint_every_steps={every}",
+        f"data.num_workers={workers}",
+    ]
 
 
 def start(cmd: list[str], log_path: Path, launcher: str):
@@ -613,8 +643,16 @@ def run_campaign(
         for phase in [*phase_schedule(kills, phases, rng), None]:  # None: the final, uninterrupted attempt
             plan = plan_kill(phase, rng, sigterm_share, checkpoint_files)
             log_path = root / f"attempt-{attempts:03d}.log"
-            w, sent_at = run_attempt(command(out, attempts), log_path, out, plan, launcher=launcher,
-                                     epochs=epochs, every=checkpoint_every, estimates=estimates)  # fmt: skip
+            w, sent_at = run_attempt(
+                command(out, attempts),
+                log_path,
+                out,
+                plan,
+                launcher=launcher,
+                epochs=epochs,
+                every=checkpoint_every,
+                estimates=estimates,
+            )
             attempts += 1
             steps_logged += w.global_steps
             steps_per_epoch = w.steps_per_epoch or steps_per_epoch
@@ -634,12 +672,25 @@ def run_campaign(
                 checks.append(Check(name, False, detail))
                 break
             resumed_at = w.resumed_at[0] if w.steps_per_epoch is not None else None
-            kill = Kill(attempts - 1, phase, signal.Signals(plan.signal).name, round(sent_at - w.started, 3),
-                        code, landed_in_phase(phase, w), resumed_at)  # fmt: skip
+            kill = Kill(
+                attempts - 1,
+                phase,
+                signal.Signals(plan.signal).name,
+                round(sent_at - w.started, 3),
+                code,
+                landed_in_phase(phase, w),
+                resumed_at,
+            )
             done_kills.append(kill)
-            echo(f"{name}: {kill.signal} in {phase}{'' if kill.confirmed else ' (landed outside it)'} after "
-                 f"{kill.seconds_after_start:.2f}s, " + ("before resuming" if resumed_at is None else
-                 f"resumed at step {resumed_at}, {len(w.global_steps)} steps trained"))  # fmt: skip
+            echo(
+                f"{name}: {kill.signal} in {phase}{'' if kill.confirmed else ' (landed outside it)'} after "
+                f"{kill.seconds_after_start:.2f}s, "
+                + (
+                    "before resuming"
+                    if resumed_at is None
+                    else f"resumed at step {resumed_at}, {len(w.global_steps)} steps trained"
+                )
+            )
         with contextlib.suppress(subprocess.TimeoutExpired):
             reference.wait(timeout=ATTEMPT_TIMEOUT_S)
     finally:
@@ -653,11 +704,18 @@ def run_campaign(
         never = sorted(set(range(1, epochs * steps_per_epoch + 1)) - set(steps_logged))
         checks.append(Check("every step trained", not never, f"never logged: {never[:10]}" if never else ""))
     return CampaignResult(
-        kills_requested=kills, kills=done_kills, attempts=attempts, total_steps=epochs * steps_per_epoch,
-        steps_trained=len(steps_logged), steps_redone=len(steps_logged) - len(set(steps_logged)),
-        seconds=round(time.monotonic() - began, 1), checks=checks, command=command(out, 0), root=str(root),
+        kills_requested=kills,
+        kills=done_kills,
+        attempts=attempts,
+        total_steps=epochs * steps_per_epoch,
+        steps_trained=len(steps_logged),
+        steps_redone=len(steps_logged) - len(set(steps_logged)),
+        seconds=round(time.monotonic() - began, 1),
+        checks=checks,
+        command=command(out, 0),
+        root=str(root),
         notes=notes,
-    )  # fmt: skip
+    )
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -671,11 +729,13 @@ def summary(result: CampaignResult) -> str:
         f"({by_signal['SIGKILL']} SIGKILL, {by_signal['SIGTERM']} SIGTERM) in {result.attempts} runs; "
         f"{result.total_steps} steps, {result.steps_trained} trained, {result.steps_redone} redone; "
         f"{minutes}m {seconds:02d}s",
-        "kills by phase: " + ", ".join(
+        "kills by phase: "
+        + ", ".join(
             f"{phase} {n} ({sum(k.confirmed for k in result.kills if k.phase == phase)} landed in it)"
-            for phase, n in result.kills_by_phase().items() if n
+            for phase, n in result.kills_by_phase().items()
+            if n
         ),
-    ]  # fmt: skip
+    ]
     lines += [
         f"{'PASS' if c.passed else 'FAIL'} {c.name}{': ' + c.detail if c.detail else ''}"
         for c in result.checks
@@ -689,13 +749,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=10, help="kills before the run may finish (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the phases and instants")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1],
-                        help="data.num_workers, cycled over the attempts (default: 0 1)")  # fmt: skip
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="data.num_workers, cycled over the attempts (default: 0 1)",
+    )
     parser.add_argument("--epochs", type=int, default=3, help="train.epochs (8 steps each; default 3)")
     parser.add_argument("--checkpoint-every", type=int, default=2, help="train.checkpoint_every_steps")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="kill phases")
-    parser.add_argument("--sigterm-share", type=float, default=0.2,
-                        help="share of step kills sent as SIGTERM (must checkpoint, exit 143)")  # fmt: skip
+    parser.add_argument(
+        "--sigterm-share",
+        type=float,
+        default=0.2,
+        help="share of step kills sent as SIGTERM (must checkpoint, exit 143)",
+    )
     parser.add_argument(
         "--checkpoint-files",
         nargs="+",
@@ -722,11 +791,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sigterm-share is a share in [0, 1]")
     root = args.root or Path(tempfile.mkdtemp(prefix="fault-campaign-"))
     echo = (lambda text: print(text, file=sys.stderr, flush=True)) if not args.json else None
-    result = run_campaign(root, kills=args.kills, seed=args.seed, workers=tuple(args.workers),
-                          epochs=args.epochs, checkpoint_every=args.checkpoint_every,
-                          phases=tuple(args.phases),
-                          sigterm_share=args.sigterm_share, checkpoint_files=tuple(args.checkpoint_files),
-                          launcher=args.launcher, data_path=args.data_path, echo=echo)  # fmt: skip
+    result = run_campaign(
+        root,
+        kills=args.kills,
+        seed=args.seed,
+        workers=tuple(args.workers),
+        epochs=args.epochs,
+        checkpoint_every=args.checkpoint_every,
+        phases=tuple(args.phases),
+        sigterm_share=args.sigterm_share,
+        checkpoint_files=tuple(args.checkpoint_files),
+        launcher=args.launcher,
+        data_path=args.data_path,
+        echo=echo,
+    )
     print(json.dumps(result.to_dict(), indent=2) if args.json else summary(result))
     if args.keep or not result.passed:
         print(f"work folder kept: {root}", file=sys.stderr)

@@ -63,9 +63,8 @@ BENCH_MODE_FLAGS = {"eager": [], "flex": ["--attention", "flex"], "compiled": ["
 BENCH_ROUNDS = ["--warmup", "3", "--repeats", "3", "--iters", "10"]
 PREEMPT_STEP = 10  # the step checkpoint after which the workers get SIGTERM
 STOP_EXIT_CODE = 143  # swin-train's exit status after a SIGTERM it checkpointed
-MIN_STEP_S = (
-    15  # no step starts with less than this left before the overall deadline (it is recorded as not run)
-)
+# no step starts with less than this left before the overall deadline (it is recorded as not run)
+MIN_STEP_S = 15
 TAIL_CHARS = 3000
 STATUSES = ("passed", "failed", "timed out", "skipped")
 
@@ -167,8 +166,9 @@ def start(step: Step, logs: Path) -> tuple[subprocess.Popen, Path, Path]:
     return proc, out_path, err_path
 
 
-def finish(step: Step, proc: subprocess.Popen, out_path: Path, err_path: Path, started: float,
-           timeout_s: float) -> StepResult:  # fmt: skip
+def finish(
+    step: Step, proc: subprocess.Popen, out_path: Path, err_path: Path, started: float, timeout_s: float
+) -> StepResult:
     """Wait for `proc` at most `timeout_s` more seconds (then kill its group) and record the result."""
     timed_out = False
     try:
@@ -176,8 +176,16 @@ def finish(step: Step, proc: subprocess.Popen, out_path: Path, err_path: Path, s
     except subprocess.TimeoutExpired:
         timed_out = True
         _kill_group(proc)
-    return StepResult(step.name, step.command, proc.returncode, time.monotonic() - started, timed_out,
-                      str(out_path), str(err_path), _tail(err_path, out_path))  # fmt: skip
+    return StepResult(
+        step.name,
+        step.command,
+        proc.returncode,
+        time.monotonic() - started,
+        timed_out,
+        str(out_path),
+        str(err_path),
+        _tail(err_path, out_path),
+    )
 
 
 def run_step(step: Step, ctx: Context) -> StepResult:
@@ -212,13 +220,26 @@ def _is_cuda_skip(decorator: ast.expr) -> bool:
     return negated and bool(re.search(r"\bCUDA\b|\bGPU\b", reason_text))
 
 
+def _marked(decorators: list[ast.expr], aliases: set[str]) -> bool:
+    return any(_is_cuda_skip(d) or (isinstance(d, ast.Name) and d.id in aliases) for d in decorators)
+
+
 def cuda_test_ids(tests_dir: Path) -> list[str]:
     """pytest node ids of the tests that skip without CUDA: test functions (or classes, or whole modules via
-    `pytestmark`) marked `skipif(not ..., reason=...CUDA/GPU...)`, relative to the repository root."""
+    `pytestmark`) marked `skipif(not ..., reason=...CUDA/GPU...)`, directly or through a module-level name
+    (`needs_cuda = pytest.mark.skipif(...)`, then `@needs_cuda`), relative to the repository root."""
     ids = []
     for path in sorted(tests_dir.glob("test_*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         rel = path.relative_to(tests_dir.parent).as_posix()
+        aliases = {
+            t.id
+            for n in tree.body
+            if isinstance(n, ast.Assign) and _is_cuda_skip(n.value)
+            for t in n.targets
+            if isinstance(t, ast.Name) and t.id != "pytestmark"
+        }
+
         module_marks = [
             n.value
             for n in tree.body
@@ -230,12 +251,16 @@ def cuda_test_ids(tests_dir: Path) -> list[str]:
             continue
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name.lower().startswith("test"):
-                if any(_is_cuda_skip(d) for d in node.decorator_list):
+                if _marked(node.decorator_list, aliases):
                     ids.append(f"{rel}::{node.name}")
                 elif isinstance(node, ast.ClassDef):
-                    ids += [f"{rel}::{node.name}::{m.name}" for m in node.body
-                            if isinstance(m, ast.FunctionDef) and m.name.startswith("test")
-                            and any(_is_cuda_skip(d) for d in m.decorator_list)]  # fmt: skip
+                    ids += [
+                        f"{rel}::{node.name}::{m.name}"
+                        for m in node.body
+                        if isinstance(m, ast.FunctionDef)
+                        and m.name.startswith("test")
+                        and _marked(m.decorator_list, aliases)
+                    ]
     return ids
 
 
@@ -279,15 +304,37 @@ def run_cuda_tests(ctx: Context, steps: list[Step]) -> tuple[str, str, dict, lis
 
 def plan_preempt_resume(ctx: Context) -> list[Step]:
     run_dir = ctx.out / "preempt_resume"
-    argv = [ctx.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ctx.num_gpus}",
-            "-m", "swin_train.cli.train", "--output", str(run_dir), "--device", "cuda",
-            "model.name=swin_tiny_patch4_window7_224", "model.num_classes=100", "data.synthetic=true",
-            "data.batch_size=128", "data.num_workers=2", "train.epochs=2", "train.warmup_epochs=0",
-            f"train.checkpoint_every_steps={PREEMPT_STEP}", "print_freq=10", "amp=bf16"]  # fmt: skip
-    note = (f"SIGTERM to every worker once {run_dir}/step-{PREEMPT_STEP:09d}.pth exists; each must exit "
-            f"{STOP_EXIT_CODE}")  # fmt: skip
-    return [Step("train_until_sigterm", argv, 150, note=note),
-            Step("resume", list(argv), 150, note="the same command: resumes and finishes (exit 0)")]  # fmt: skip
+    argv = [
+        ctx.python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ctx.num_gpus}",
+        "-m",
+        "swin_train.cli.train",
+        "--output",
+        str(run_dir),
+        "--device",
+        "cuda",
+        "model.name=swin_tiny_patch4_window7_224",
+        "model.num_classes=100",
+        "data.synthetic=true",
+        "data.batch_size=128",
+        "data.num_workers=2",
+        "train.epochs=2",
+        "train.warmup_epochs=0",
+        f"train.checkpoint_every_steps={PREEMPT_STEP}",
+        "print_freq=10",
+        "amp=bf16",
+    ]
+    note = (
+        f"SIGTERM to every worker once {run_dir}/step-{PREEMPT_STEP:09d}.pth exists; each must exit "
+        f"{STOP_EXIT_CODE}"
+    )
+    return [
+        Step("train_until_sigterm", argv, 150, note=note),
+        Step("resume", list(argv), 150, note="the same command: resumes and finishes (exit 0)"),
+    ]
 
 
 def _children(pid: int) -> list[int]:
@@ -321,8 +368,10 @@ def run_preempt_resume(ctx: Context, steps: list[Step]) -> tuple[str, str, dict,
     marker = run_dir / f"step-{PREEMPT_STEP:09d}.pth"
     timeout = min(first.budget_s, ctx.left_s())
     if ctx.left_s() < MIN_STEP_S:
-        skipped = [StepResult(s.name, s.command, None, 0.0, tail="not run: the overall --budget is spent")
-                   for s in steps]  # fmt: skip
+        skipped = [
+            StepResult(s.name, s.command, None, 0.0, tail="not run: the overall --budget is spent")
+            for s in steps
+        ]
         return "skipped", "not run: the overall --budget is spent", {}, skipped
     started = time.monotonic()
     proc, out_path, err_path = start(first, ctx.out / "logs")
@@ -342,8 +391,12 @@ def run_preempt_resume(ctx: Context, steps: list[Step]) -> tuple[str, str, dict,
     full = out_path.read_text(errors="replace") + err_path.read_text(errors="replace")
     codes = worker_exit_codes(full)
     stop_logged = "stop requested (SIGTERM)" in full
-    data = {"signalled_workers": len(signalled), "worker_exit_codes": codes, "stop_logged": stop_logged,
-            "step_checkpoints": sorted(p.name for p in run_dir.glob("step-*.pth"))}  # fmt: skip
+    data = {
+        "signalled_workers": len(signalled),
+        "worker_exit_codes": codes,
+        "stop_logged": stop_logged,
+        "step_checkpoints": sorted(p.name for p in run_dir.glob("step-*.pth")),
+    }
     problems = []
     if not signalled:
         problems.append(f"no worker was signalled ({marker.name} never appeared or the run ended first)")
@@ -368,8 +421,13 @@ def run_preempt_resume(ctx: Context, steps: list[Step]) -> tuple[str, str, dict,
         epochs = [
             json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
         ]
-    data.update({"resume_exit_code": resumed.exit_code, "resumed_from_checkpoint": "resuming from" in resumed_text,
-                 "epochs_recorded": epochs})  # fmt: skip
+    data.update(
+        {
+            "resume_exit_code": resumed.exit_code,
+            "resumed_from_checkpoint": "resuming from" in resumed_text,
+            "epochs_recorded": epochs,
+        }
+    )
     status = step_status(results[1:])
     if status != "passed":
         return (
@@ -420,7 +478,7 @@ def plan_bench(mode: str) -> Callable[[Context], list[Step]]:
                     "--json",
                 ],
                 BENCH_BUDGET_S[mode][key],
-            )  # fmt: skip
+            )
             for key in ctx.models
         ]
 
@@ -430,8 +488,11 @@ def plan_bench(mode: str) -> Callable[[Context], list[Step]]:
 def bench_row(report: dict) -> dict:
     """The numbers of one scripts/benchmark.py JSON report that go into the summary table."""
     res, ratios = report["results"], report.get("ratios", {}).get("ours/timm", {})
-    row = {"model": report["config"]["model"], "compile": report["config"]["compile"],
-           "attention": report["config"]["attention"]}  # fmt: skip
+    row = {
+        "model": report["config"]["model"],
+        "compile": report["config"]["compile"],
+        "attention": report["config"]["attention"],
+    }
     for impl in ("ours", "timm"):
         for mode in ("train", "infer"):
             r = res.get(impl, {}).get(mode, {})
@@ -462,8 +523,9 @@ def run_bench(ctx: Context, steps: list[Step]) -> tuple[str, str, dict, list[Ste
         status = "failed"
     summary = "; ".join(
         f"{row['model'].split('_')[1]} train {_fmt(row['ours_train_img_s'], '.0f')} img/s "
-        f"({_fmt(row['train_vs_timm'], '.2f')}x timm)" for row in rows
-    )  # fmt: skip
+        f"({_fmt(row['train_vs_timm'], '.2f')}x timm)"
+        for row in rows
+    )
     if problems:
         summary = "; ".join(filter(None, [summary, *problems]))
     return status, summary or "no results", {"rows": rows}, results
@@ -508,8 +570,19 @@ def default_loader_workers() -> list[int]:
 
 def plan_data_loader(ctx: Context) -> list[Step]:
     folder = ctx.out / "loader_images"
-    argv = [ctx.python, "scripts/benchmark.py", "--data-loader", str(folder), "--workers",
-            *map(str, ctx.loader_workers), "--data-images", "256", "--repeats", "2", "--json"]  # fmt: skip
+    argv = [
+        ctx.python,
+        "scripts/benchmark.py",
+        "--data-loader",
+        str(folder),
+        "--workers",
+        *map(str, ctx.loader_workers),
+        "--data-images",
+        "256",
+        "--repeats",
+        "2",
+        "--json",
+    ]
     return [Step("data_loader", argv, 90, note=f"after writing 96 JPEGs (500x375) to {folder}")]
 
 
@@ -524,10 +597,16 @@ def loader_cores(loader: dict | None, bench_parts: Sequence[PartResult], num_gpu
     for part in bench_parts:
         for row in part.data.get("rows", []):
             if row.get("ours_train_img_s"):
-                rows.append({"model": row["model"], "mode": part.name.removeprefix("bench_"),
-                             "gpu_train_img_s": row["ours_train_img_s"], "loader_img_s_per_core": per_worker,
-                             "cores_needed_per_gpu": row["ours_train_img_s"] / per_worker,
-                             "cores_per_gpu": cores / max(num_gpus, 1)})  # fmt: skip
+                rows.append(
+                    {
+                        "model": row["model"],
+                        "mode": part.name.removeprefix("bench_"),
+                        "gpu_train_img_s": row["ours_train_img_s"],
+                        "loader_img_s_per_core": per_worker,
+                        "cores_needed_per_gpu": row["ours_train_img_s"] / per_worker,
+                        "cores_per_gpu": cores / max(num_gpus, 1),
+                    }
+                )
     return rows
 
 
@@ -539,9 +618,11 @@ def run_data_loader(ctx: Context, steps: list[Step]) -> tuple[str, str, dict, li
     if r.exit_code == 0:
         try:
             report = json.loads(Path(r.stdout).read_text())
-            data = {"per_worker_img_s": {w: v["per_worker_img_s"] for w, v in report["results"].items()},
-                    "img_s": {w: v["median_img_s"] for w, v in report["results"].items()},
-                    "img_size": report["config"]["img_size"]}  # fmt: skip
+            data = {
+                "per_worker_img_s": {w: v["per_worker_img_s"] for w, v in report["results"].items()},
+                "img_s": {w: v["median_img_s"] for w, v in report["results"].items()},
+                "img_size": report["config"]["img_size"],
+            }
         except (OSError, ValueError, KeyError) as e:
             return "failed", f"unreadable JSON from scripts/benchmark.py ({type(e).__name__})", data, results
     status = step_status(results)
@@ -564,13 +645,22 @@ class Part:
 
 PARTS = (
     Part("cuda_tests", "Tests that need CUDA", plan_cuda_tests, run_cuda_tests),
-    Part("preempt_resume", "SIGTERM and resume under torchrun (synthetic data)", plan_preempt_resume,
-         run_preempt_resume),
+    Part(
+        "preempt_resume",
+        "SIGTERM and resume under torchrun (synthetic data)",
+        plan_preempt_resume,
+        run_preempt_resume,
+    ),
     Part("bench_eager", "Model benchmark, eager, against timm", plan_bench("eager"), run_bench),
     Part("data_loader", "Data loader img/s per worker, CPU cores per GPU", plan_data_loader, run_data_loader),
     Part("bench_flex", "Model benchmark, FlexAttention, against timm", plan_bench("flex"), run_bench),
-    Part("bench_compiled", "Model benchmark, ours compiled, against timm eager", plan_bench("compiled"), run_bench),
-)  # fmt: skip
+    Part(
+        "bench_compiled",
+        "Model benchmark, ours compiled, against timm eager",
+        plan_bench("compiled"),
+        run_bench,
+    ),
+)
 PART_NAMES = tuple(p.name for p in PARTS)
 
 
@@ -628,54 +718,108 @@ def render_markdown(report: dict) -> str:
     """The report as markdown: environment, a summary table of the parts, then each part's details."""
     env = report["environment"]
     gpus = ", ".join(f"{g['name']} ({g['memory_mib']} MiB)" for g in env.get("gpus", [])) or "none"
-    lines = [f"# GPU check: {env.get('host', '?')}", "",
-             f"Started {report['started']}, took {report['elapsed_s']:.0f} s of a {report['budget_s']:.0f} s budget. "
-             f"GPUs: {gpus}.", ""]  # fmt: skip
-    lines += _table(("", ""), [(k, str(v)) for k, v in env.items() if k != "gpus"])
+    lines = [
+        f"# GPU check: {env.get('host', '?')}",
+        "",
+        f"Started {report['started']}, took {report['elapsed_s']:.0f} s of a {report['budget_s']:.0f} s budget. "
+        f"GPUs: {gpus}.",
+        "",
+    ]
+    lines += _table(("environment", "value"), [(k, str(v)) for k, v in env.items() if k != "gpus"])
     lines += ["## Summary", ""]
-    lines += _table(("part", "status", "time / budget", "result"),
-                    [(p["name"], p["status"], f"{p['seconds']:.0f} s / {p['budget_s']:.0f} s", p["summary"])
-                     for p in report["parts"]])  # fmt: skip
+    lines += _table(
+        ("part", "status", "time / budget", "result"),
+        [
+            (p["name"], p["status"], f"{p['seconds']:.0f} s / {p['budget_s']:.0f} s", p["summary"])
+            for p in report["parts"]
+        ],
+    )
     for p in report["parts"]:
         lines += [f"## {p['name']}: {p['title']}", "", f"**{p['status']}**: {p['summary']}", ""]
         data = p.get("data") or {}
         if data.get("rows"):
             lines += _table(
-                ("model", "ours train img/s", "timm train img/s", "train vs timm", "ours infer img/s",
-                 "timm infer img/s", "infer vs timm", "MFU train ours / timm", "train mem ours / timm",
-                 "compile s (train, infer)"),
-                [(r["model"], _fmt(r["ours_train_img_s"], ".1f"), _fmt(r["timm_train_img_s"], ".1f"),
-                  _fmt(r["train_vs_timm"], ".3f", "x"), _fmt(r["ours_infer_img_s"], ".1f"),
-                  _fmt(r["timm_infer_img_s"], ".1f"), _fmt(r["infer_vs_timm"], ".3f", "x"),
-                  f"{_fmt(r['ours_train_mfu'] and 100 * r['ours_train_mfu'], '.1f', '%')} / "
-                  f"{_fmt(r['timm_train_mfu'] and 100 * r['timm_train_mfu'], '.1f', '%')}",
-                  f"{_fmt(r['ours_train_mem_mib'], '.0f', ' MiB')} / {_fmt(r['timm_train_mem_mib'], '.0f', ' MiB')}",
-                  ", ".join(_fmt(v, ".0f") for v in (r["ours_compile_s"] or {}).values()) or "-")
-                 for r in data["rows"]],
-            )  # fmt: skip
+                (
+                    "model",
+                    "ours train img/s",
+                    "timm train img/s",
+                    "train vs timm",
+                    "ours infer img/s",
+                    "timm infer img/s",
+                    "infer vs timm",
+                    "MFU train ours / timm",
+                    "train mem ours / timm",
+                    "compile s (train, infer)",
+                ),
+                [
+                    (
+                        r["model"],
+                        _fmt(r["ours_train_img_s"], ".1f"),
+                        _fmt(r["timm_train_img_s"], ".1f"),
+                        _fmt(r["train_vs_timm"], ".3f", "x"),
+                        _fmt(r["ours_infer_img_s"], ".1f"),
+                        _fmt(r["timm_infer_img_s"], ".1f"),
+                        _fmt(r["infer_vs_timm"], ".3f", "x"),
+                        f"{_fmt(r['ours_train_mfu'] and 100 * r['ours_train_mfu'], '.1f', '%')} / "
+                        f"{_fmt(r['timm_train_mfu'] and 100 * r['timm_train_mfu'], '.1f', '%')}",
+                        f"{_fmt(r['ours_train_mem_mib'], '.0f', ' MiB')} / {_fmt(r['timm_train_mem_mib'], '.0f', ' MiB')}",
+                        ", ".join(_fmt(v, ".0f") for v in (r["ours_compile_s"] or {}).values()) or "-",
+                    )
+                    for r in data["rows"]
+                ],
+            )
         if data.get("per_worker_img_s"):
-            lines += _table(("workers", "img/s", "img/s per worker"),
-                            [(w, _fmt(data["img_s"][w], ".0f"), _fmt(v, ".0f"))
-                             for w, v in data["per_worker_img_s"].items()])  # fmt: skip
+            lines += _table(
+                ("workers", "img/s", "img/s per worker"),
+                [
+                    (w, _fmt(data["img_s"][w], ".0f"), _fmt(v, ".0f"))
+                    for w, v in data["per_worker_img_s"].items()
+                ],
+            )
         other = {k: v for k, v in data.items() if k not in ("rows", "per_worker_img_s", "img_s")}
         if other:
-            lines += _table(("", ""), [(k, json.dumps(v)) for k, v in other.items()])
+            lines += _table(("measure", "value"), [(k, json.dumps(v)) for k, v in other.items()])
         for s in p.get("steps", []):
-            state = ("timed out" if s["timed_out"] else "not run" if s["exit_code"] is None
-                     else f"exit {s['exit_code']}")  # fmt: skip
+            state = (
+                "timed out"
+                if s["timed_out"]
+                else "not run"
+                if s["exit_code"] is None
+                else f"exit {s['exit_code']}"
+            )
             lines += [f"- `{s['name']}`: {state}, {s['seconds']:.0f} s; output `{s['stdout'] or '-'}`", ""]
             lines += _fence(s["command"])
             if p["status"] != "passed" and s["tail"]:
                 lines += ["End of its output:", ""] + _fence(s["tail"])
     if report.get("loader_cores"):
-        lines += ["## CPU cores one GPU needs", "",
-                  "The GPU's train img/s (ours) over the data loader's img/s per worker (decode + the official "
-                  "train transform at 224): how many loader cores keep one GPU busy.", ""]  # fmt: skip
-        lines += _table(("model", "mode", "GPU train img/s", "loader img/s per core", "cores needed per GPU",
-                         "cores per GPU here"),
-                        [(r["model"], r["mode"], _fmt(r["gpu_train_img_s"], ".0f"), _fmt(r["loader_img_s_per_core"], ".0f"),
-                          _fmt(r["cores_needed_per_gpu"], ".1f"), _fmt(r["cores_per_gpu"], ".1f"))
-                         for r in report["loader_cores"]])  # fmt: skip
+        lines += [
+            "## CPU cores one GPU needs",
+            "",
+            "The GPU's train img/s (ours) over the data loader's img/s per worker (decode + the official "
+            "train transform at 224): how many loader cores keep one GPU busy.",
+            "",
+        ]
+        lines += _table(
+            (
+                "model",
+                "mode",
+                "GPU train img/s",
+                "loader img/s per core",
+                "cores needed per GPU",
+                "cores per GPU here",
+            ),
+            [
+                (
+                    r["model"],
+                    r["mode"],
+                    _fmt(r["gpu_train_img_s"], ".0f"),
+                    _fmt(r["loader_img_s_per_core"], ".0f"),
+                    _fmt(r["cores_needed_per_gpu"], ".1f"),
+                    _fmt(r["cores_per_gpu"], ".1f"),
+                )
+                for r in report["loader_cores"]
+            ],
+        )
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -696,21 +840,38 @@ def environment(num_gpus: int) -> dict:
 
     gpus = []
     try:
-        query = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version",
-                                "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)  # fmt: skip
+        query = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=index,name,memory.total,driver_version",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         for line in query.stdout.strip().splitlines():
             index, name, memory, driver = (x.strip() for x in line.split(","))
             gpus.append({"index": int(index), "name": name, "memory_mib": int(memory), "driver": driver})
     except (OSError, subprocess.SubprocessError, ValueError):
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
-                                timeout=10).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return {"host": socket.gethostname(), "gpus": gpus, "visible_gpus": num_gpus, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "timm": timm.__version__, "python": platform.python_version(),
-            "cpu_cores": os.cpu_count(), "git_commit": commit or "unknown"}  # fmt: skip
+    return {
+        "host": socket.gethostname(),
+        "gpus": gpus,
+        "visible_gpus": num_gpus,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "cpu_cores": os.cpu_count(),
+        "git_commit": commit or "unknown",
+    }
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -761,12 +922,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--batch-size and --budget must be positive, got {args.batch_size}, {args.budget}")
     num_gpus = visible_gpus()
     if num_gpus == 0 and not args.dry_run:
-        raise NoGpu("no CUDA GPU visible; run this on a machine with an NVIDIA GPU (or pass --dry-run to list "
-                    "the commands)")  # fmt: skip
+        raise NoGpu(
+            "no CUDA GPU visible; run this on a machine with an NVIDIA GPU (or pass --dry-run to list "
+            "the commands)"
+        )
     out = args.out.expanduser().resolve()
-    ctx = Context(out=out, python=sys.executable, num_gpus=max(num_gpus, 1), models=args.models,
-                  batch_size=args.batch_size, loader_workers=default_loader_workers(),
-                  deadline=time.monotonic() + args.budget)  # fmt: skip
+    ctx = Context(
+        out=out,
+        python=sys.executable,
+        num_gpus=max(num_gpus, 1),
+        models=args.models,
+        batch_size=args.batch_size,
+        loader_workers=default_loader_workers(),
+        deadline=time.monotonic() + args.budget,
+    )
     parts = [p for p in PARTS if p.name in args.parts]
     if args.dry_run:
         print(dry_run(ctx, parts))

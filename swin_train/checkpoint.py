@@ -123,7 +123,12 @@ def temp_path(path: Path) -> Path:
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Write `state` to `path` atomically; an existing file at `path` stays intact on any failure."""
     ensure_plain(state)  # a programming error (TypeError), raised before anything touches the disk
-    write_atomically(Path(path), lambda tmp: torch.save(state, tmp), what="checkpoint ")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "xb") as f:  # our own file object: a failed write surfaces as its OSError
+            torch.save(state, f)
+
+    write_atomically(Path(path), write, what="checkpoint ")
 
 
 def write_atomically(path: Path, write: Callable[[Path], None], *, what: str = "") -> None:
@@ -183,7 +188,9 @@ def _load_safetensors(path: Path, map_location) -> dict:
             try:
                 state[key] = json.loads(metadata[key])
             except json.JSONDecodeError:
-                raise CheckpointError(f"{path}: its '{key}' metadata is not valid JSON; the file is damaged") from None
+                raise CheckpointError(
+                    f"{path}: its '{key}' metadata is not valid JSON; the file is damaged"
+                ) from None
     return state
 
 
@@ -428,9 +435,21 @@ def training_checkpoint(
 ) -> dict:
     """The one layout of a training checkpoint: everything a run needs to continue bitwise, and everything
     a user of the model needs (config, class names, preprocessing)."""
-    return {"format": FORMAT, "model": model, "optimizer": optimizer, "schedule": schedule, "scaler": scaler,
-            "ema": ema, "train_state": train_state, "best": best, "config": config, "rng": rng,
-            "world_size": world_size, "class_names": list(class_names), "preprocess": preprocess}  # fmt: skip
+    return {
+        "format": FORMAT,
+        "model": model,
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "scaler": scaler,
+        "ema": ema,
+        "train_state": train_state,
+        "best": best,
+        "config": config,
+        "rng": rng,
+        "world_size": world_size,
+        "class_names": list(class_names),
+        "preprocess": preprocess,
+    }
 
 
 @dataclasses.dataclass

@@ -36,7 +36,12 @@ ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depths", "num_heads", "wi
 
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 AMP_ALIASES = {"fp32": "none", "float32": "none", "off": "none", "bfloat16": "bf16", "float16": "fp16"}
-DATASETS = ("imagefolder", "shapes", "wds", "hf")  # an imagefolder path holding shards or a HF dataset is read as such
+DATASETS = (
+    "imagefolder",
+    "shapes",
+    "wds",
+    "hf",
+)  # an imagefolder path holding shards or a HF dataset is read as such
 BEST_ON = ("raw", "ema")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")  # timm's PIL names
 MIXUP_MODES = ("batch", "pair", "elem")  # timm.data.Mixup
@@ -211,7 +216,12 @@ class TrainConfig:
             r.require("train.clip_grad", self.clip_grad, _positive, "> 0 (use null to disable clipping)")
         r.require("train.accumulation_steps", self.accumulation_steps, _at_least_one, ">= 1")
         r.require("train.layer_decay", self.layer_decay, lambda x: 0 < x <= 1, "in (0, 1]")
-        r.require("train.checkpoint_every_steps", self.checkpoint_every_steps, _non_negative, ">= 0 (0: epoch ends only)")
+        r.require(
+            "train.checkpoint_every_steps",
+            self.checkpoint_every_steps,
+            _non_negative,
+            ">= 0 (0: epoch ends only)",
+        )
         r.require("train.keep_checkpoints", self.keep_checkpoints, _at_least_one, ">= 1")
         r.require("train.max_nonfinite_steps", self.max_nonfinite_steps, _at_least_one, ">= 1")
         r.require("train.ema_decay", self.ema_decay, lambda x: 0 < x < 1, "in (0, 1)")
@@ -224,7 +234,10 @@ class TrainConfig:
                 f"set train.warmup_epochs to at most {self.epochs}",
             )
         if self.min_lr > self.base_lr:
-            r.fail(("train.min_lr", "train.base_lr"), f"train.min_lr={self.min_lr} is larger than train.base_lr={self.base_lr}")
+            r.fail(
+                ("train.min_lr", "train.base_lr"),
+                f"train.min_lr={self.min_lr} is larger than train.base_lr={self.base_lr}",
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             r.fail("train.betas", f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if self.best_on == "ema" and not self.ema:
@@ -260,7 +273,10 @@ class AugConfig:
         r.require("aug.mixup_switch_prob", self.mixup_switch_prob, _probability, "in [0, 1]")
         r.require("aug.label_smoothing", self.label_smoothing, _drop_rate, "in [0, 1)")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            r.fail("aug.crop_scale", f"aug.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+            r.fail(
+                "aug.crop_scale",
+                f"aug.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}",
+            )
         if self.auto_augment is not None and not self.auto_augment.strip():
             r.fail("aug.auto_augment", "aug.auto_augment is empty; use null to disable it")
 
@@ -304,13 +320,19 @@ class Config:
             r.fail("output", "output must be a non-empty directory path")
         m = self.model
         try:
-            check_architecture(img_size=self.data.img_size, **{f: getattr(m, f) for f in ARCH_FIELDS},
-                               built_for_img_size=VARIANTS.get(m.name or "", {}).get("img_size"), name=m.name)  # fmt: skip
+            check_architecture(
+                img_size=self.data.img_size,
+                **{f: getattr(m, f) for f in ARCH_FIELDS},
+                built_for_img_size=VARIANTS.get(m.name or "", {}).get("img_size"),
+                name=m.name,
+            )
         except ArchitectureError as e:
             r.fail(e.keys, str(e))
         for key, values in (("data.mean", self.data.mean), ("data.std", self.data.std)):
             if len(values) != m.in_chans:
-                r.fail((key, "model.in_chans"), f"{key} has {len(values)} values but model.in_chans={m.in_chans}")
+                r.fail(
+                    (key, "model.in_chans"), f"{key} has {len(values)} values but model.in_chans={m.in_chans}"
+                )
 
     @property
     def eval_batch_size(self) -> int:
@@ -319,7 +341,9 @@ class Config:
     def model_kwargs(self) -> dict[str, Any]:
         """Exactly the keyword arguments of `SwinTransformer(...)` (architecture resolved from model.name)."""
         m = self.model
-        kwargs = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in _NOT_MODEL_KWARGS}
+        kwargs = {
+            f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in _NOT_MODEL_KWARGS
+        }
         return {"img_size": self.data.img_size, **kwargs, **_resolved_arch(m)}
 
 
@@ -440,7 +464,9 @@ def _read_yaml(path: str) -> tuple[dict, dict[str, str]]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file '{path}': {e}") from None
     if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file '{path}' is {len(text)} bytes; a recipe is at most {MAX_CONFIG_BYTES}")
+        raise ConfigError(
+            f"config file '{path}' is {len(text)} bytes; a recipe is at most {MAX_CONFIG_BYTES}"
+        )
     try:
         _reject_aliases(text, path)
         node = yaml.compose(text, Loader=_Loader)

@@ -78,10 +78,14 @@ def check_attention_backend(attention: str, attn_drop_rate: float, device: torch
             f"{device}); use model.attention=auto"
         )
     if attn_drop_rate > 0:
-        raise ConfigError("model.attention=flex has no attention dropout; set model.attn_drop_rate=0 or use auto")
+        raise ConfigError(
+            "model.attention=flex has no attention dropout; set model.attn_drop_rate=0 or use auto"
+        )
 
 
-def wrap_for_training(model: nn.Module, *, compile: bool, distributed: bool, device: torch.device) -> nn.Module:
+def wrap_for_training(
+    model: nn.Module, *, compile: bool, distributed: bool, device: torch.device
+) -> nn.Module:
     """The module the training step calls: compiled as one graph, then DDP, as asked."""
     if compile:
         model = torch.compile(model, fullgraph=True)

@@ -16,8 +16,16 @@ from swin_train.distributed import all_reduce_sum
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device, amp: Amp, num_classes: int,
-             show_progress: bool = False, device_transform: DeviceTransform | None = None) -> dict:  # fmt: skip
+def evaluate(
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device,
+    amp: Amp,
+    num_classes: int,
+    show_progress: bool = False,
+    device_transform: DeviceTransform | None = None,
+) -> dict:
     """Top-1, top-k (k = min(5, classes)) and mean cross-entropy over the whole set, summed over ranks.
 
     With an exact (non-padding) sampler, every image counts once whatever the number of processes.
@@ -27,8 +35,14 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, amp: Amp, num_cl
     k = min(5, num_classes)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-k hits, loss sum, count
     transform = None if device_transform is None else (lambda images, _: device_transform(images))
-    bar = tqdm(prefetch(loader, device, transform), total=len(loader), desc="eval",
-               disable=not (show_progress and sys.stderr.isatty()), leave=False, mininterval=1.0)  # fmt: skip
+    bar = tqdm(
+        prefetch(loader, device, transform),
+        total=len(loader),
+        desc="eval",
+        disable=not (show_progress and sys.stderr.isatty()),
+        leave=False,
+        mininterval=1.0,
+    )
     for images, targets in bar:
         with amp.autocast():
             logits = model(images)
@@ -43,8 +57,17 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, amp: Amp, num_cl
     return {"top1": top1 / count, "top5": topk / count, "loss": loss / count, "num_samples": count, "topk": k}
 
 
-def throughput(model: nn.Module, *, batch_size: int, in_chans: int, img_size: int, device: torch.device,
-               amp: Amp, batches: int = 10, warmup: int = 3) -> float:  # fmt: skip
+def throughput(
+    model: nn.Module,
+    *,
+    batch_size: int,
+    in_chans: int,
+    img_size: int,
+    device: torch.device,
+    amp: Amp,
+    batches: int = 10,
+    warmup: int = 3,
+) -> float:
     """Inference images per second on random input (no data, no loader)."""
     x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
     model.eval()

@@ -95,15 +95,19 @@ class StepMeter:
         return self.images / seconds if seconds > 0 else 0.0
 
 
-def step_line(epoch: int, step: int, steps: int, loss: float, lr: float, grad_norm: float, img_s: float) -> str:
+def step_line(
+    epoch: int, step: int, steps: int, loss: float, lr: float, grad_norm: float, img_s: float
+) -> str:
     return f"epoch {epoch} step {step}/{steps}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, {img_s:.1f} img/s"
 
 
 def epoch_line(r: dict, epochs: int) -> str:
     k = r["val_topk"]
-    line = (f"epoch {r['epoch'] + 1}/{epochs}: loss {r['train_loss']:.4f}, lr {r['train_lr']:.2e}, "
-            f"{r['train_img_s']:.1f} img/s, {r['train_epoch_time']:.1f}s | val top-1 {100 * r['val_top1']:.2f}%, "
-            f"top-{k} {100 * r['val_top5']:.2f}%, loss {r['val_loss']:.4f}")  # fmt: skip
+    line = (
+        f"epoch {r['epoch'] + 1}/{epochs}: loss {r['train_loss']:.4f}, lr {r['train_lr']:.2e}, "
+        f"{r['train_img_s']:.1f} img/s, {r['train_epoch_time']:.1f}s | val top-1 {100 * r['val_top1']:.2f}%, "
+        f"top-{k} {100 * r['val_top5']:.2f}%, loss {r['val_loss']:.4f}"
+    )
     if "ema_top1" in r:
         line += f" | ema top-1 {100 * r['ema_top1']:.2f}%, top-{k} {100 * r['ema_top5']:.2f}%"
     if r["train_nonfinite_steps"]:

@@ -20,7 +20,6 @@ from swin_train.models.swin import BLOCK_KEY, DOWNSAMPLE_KEY
 NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
 
-
 def _fmt(x: float) -> str:
     """5e-4 -> '5e-4', 1.25e-4 -> '1.25e-4', 0 -> '0' (short, exact to 6 significant digits)."""
     if x == 0:
@@ -169,7 +168,9 @@ def param_group_names(
     ]
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig, *, lr: float, device_type: str = "cpu") -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, train: TrainConfig, *, lr: float, device_type: str = "cpu"
+) -> torch.optim.AdamW:
     """AdamW over `param_groups` (train.weight_decay, train.layer_decay), each group starting at lr x lr_scale
     (`lr`: the scaled lr, see `scaled_lrs`); the fused kernel on CUDA and CPU, one pass over each tensor
     where foreach and the per-tensor default take several (`scripts/benchmark.py` times each trainer's own)."""
@@ -177,8 +178,9 @@ def build_optimizer(model: nn.Module, train: TrainConfig, *, lr: float, device_t
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     impl = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(train.betas), eps=train.eps,
-                             weight_decay=train.weight_decay, **impl)  # fmt: skip
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay, **impl
+    )
 
 
 class WarmupCosineSchedule:

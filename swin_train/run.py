@@ -88,14 +88,27 @@ class Run:
                 f"{cfg.data.batch_size} x {env.world_size} processes x {t.accumulation_steps} accumulation; "
                 "lower the batch size"
             )
-        self.lrs, self.lr_text = scaled_lrs(t.base_lr, t.warmup_lr, t.min_lr, global_batch=cfg.data.batch_size * env.world_size,
-                                            accumulation_steps=t.accumulation_steps, base_batch=t.lr_base_batch,
-                                            world_size=env.world_size)  # fmt: skip
+        self.lrs, self.lr_text = scaled_lrs(
+            t.base_lr,
+            t.warmup_lr,
+            t.min_lr,
+            global_batch=cfg.data.batch_size * env.world_size,
+            accumulation_steps=t.accumulation_steps,
+            base_batch=t.lr_base_batch,
+            world_size=env.world_size,
+        )
         self.optimizer = build_optimizer(self.model, t, lr=self.lrs["lr"], device_type=env.device.type)
-        self.schedule = WarmupCosineSchedule(self.optimizer, self.lrs["lr"], self.lrs["warmup_lr"], self.lrs["min_lr"],
-                                             total_steps=t.epochs * self.steps_per_epoch,
-                                             warmup_steps=t.warmup_epochs * self.steps_per_epoch)  # fmt: skip
-        self.ema = ModelEma(self.model, t.ema_decay, warmup=t.ema_warmup, every=t.ema_every) if t.ema else None
+        self.schedule = WarmupCosineSchedule(
+            self.optimizer,
+            self.lrs["lr"],
+            self.lrs["warmup_lr"],
+            self.lrs["min_lr"],
+            total_steps=t.epochs * self.steps_per_epoch,
+            warmup_steps=t.warmup_epochs * self.steps_per_epoch,
+        )
+        self.ema = (
+            ModelEma(self.model, t.ema_decay, warmup=t.ema_warmup, every=t.ema_every) if t.ema else None
+        )
         self.mixup = build_mixup(cfg.aug, self.data.num_classes)
         if self.mixup is not None and cfg.data.batch_size % 2:
             raise ConfigError(f"mixup/cutmix needs an even data.batch_size, got {cfg.data.batch_size}")
@@ -103,8 +116,9 @@ class Run:
         self.state = TrainState()
         self.best = {"top1": -1.0, "epoch": -1, "on": t.best_on}
         self.last_saved_step = 0
-        self.train_model: nn.Module = wrap_for_training(self.model, compile=t.compile, distributed=env.distributed,
-                                                        device=env.device)  # fmt: skip
+        self.train_model: nn.Module = wrap_for_training(
+            self.model, compile=t.compile, distributed=env.distributed, device=env.device
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, name: str) -> Path:
@@ -113,12 +127,19 @@ class Run:
         path = self.out / name
         if self.env.is_main:
             state = ckpt.training_checkpoint(
-                model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                schedule=self.schedule.state_dict(), scaler=self.amp.scaler.state_dict() if self.amp.scaler else None,
-                ema=self.ema.state_dict() if self.ema else None, train_state=asdict(self.state), best=dict(self.best),
-                config=config_to_dict(self.cfg), rng=rng, world_size=self.env.world_size,
-                class_names=self.data.class_names, preprocess=Preprocess.from_config(self.cfg).to_dict(),
-            )  # fmt: skip
+                model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                schedule=self.schedule.state_dict(),
+                scaler=self.amp.scaler.state_dict() if self.amp.scaler else None,
+                ema=self.ema.state_dict() if self.ema else None,
+                train_state=asdict(self.state),
+                best=dict(self.best),
+                config=config_to_dict(self.cfg),
+                rng=rng,
+                world_size=self.env.world_size,
+                class_names=self.data.class_names,
+                preprocess=Preprocess.from_config(self.cfg).to_dict(),
+            )
             ckpt.save_checkpoint(state, path)
         barrier()
         self.last_saved_step = self.state.global_step
@@ -126,7 +147,9 @@ class Run:
 
     def load(self, state: dict, path: Path) -> None:
         if not ckpt.is_training_checkpoint(state):
-            raise CheckpointError(f"{path} is not a swin-train training checkpoint; use model.pretrained for weights")
+            raise CheckpointError(
+                f"{path} is not a swin-train training checkpoint; use model.pretrained for weights"
+            )
         ckpt.load_exact_weights(self.model, state["model"], str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -143,13 +166,19 @@ class Run:
         else:
             log.warning(
                 "world size changed since %s (%s -> %d processes): random streams are re-seeded and the data "
-                "order differs (resume is not bitwise)", path, state.get("world_size"), self.env.world_size
+                "order differs (resume is not bitwise)",
+                path,
+                state.get("world_size"),
+                self.env.world_size,
             )
             seed_everything(self.cfg.seed + self.env.rank + 1000 * self.state.global_step)
         changed = config_diff(config_to_dict(config_from_dict(state["config"])), config_to_dict(self.cfg))
         if changed:
-            log.warning("the config differs from the one in %s (%s); continuing with the current config", path,
-                        "; ".join(changed))  # fmt: skip
+            log.warning(
+                "the config differs from the one in %s (%s); continuing with the current config",
+                path,
+                "; ".join(changed),
+            )
 
 
 def resume_if_possible(run: Run, resume: str | None) -> None:
@@ -172,8 +201,14 @@ def resume_if_possible(run: Run, resume: str | None) -> None:
         if bad.name == ckpt.BEST:  # its weights are gone: the next validation writes a new best.pth
             run.best = {"top1": -1.0, "epoch": -1, "on": run.cfg.train.best_on}
     s = run.state
-    log.info("resuming from %s: epoch %d, step %d of %d (global step %d)", path, s.epoch, s.step_in_epoch,
-             run.steps_per_epoch, s.global_step)  # fmt: skip
+    log.info(
+        "resuming from %s: epoch %d, step %d of %d (global step %d)",
+        path,
+        s.epoch,
+        s.step_in_epoch,
+        run.steps_per_epoch,
+        s.global_step,
+    )
 
 
 def checkpoint_bytes(model: nn.Module) -> int:

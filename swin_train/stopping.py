@@ -61,6 +61,10 @@ class Stopper:
             again = ""
             if signum == signal.SIGINT:
                 again = f"; press Ctrl-C again to abort (the last {self.steps_unsaved()} steps are lost)"
-            print(f"swin-train: {signal.Signals(signum).name} received: stopping with a checkpoint after this "
-                  f"step or validation{again}", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"swin-train: {signal.Signals(signum).name} received: stopping with a checkpoint after this "
+                f"step or validation{again}",
+                file=sys.stderr,
+                flush=True,
+            )
         self.signum = signum

@@ -1,7 +1,7 @@
 """`swin-train` end to end: the output folder, the run, and the loop that reads as what happens.
 
-    for each epoch:    for each optimizer step: train_step, maybe log, maybe stop, maybe checkpoint
-                       then: evaluate, record metrics, checkpoint last/best
+for each epoch:    for each optimizer step: train_step, maybe log, maybe stop, maybe checkpoint
+                   then: evaluate, record metrics, checkpoint last/best
 """
 
 from __future__ import annotations
@@ -44,10 +44,20 @@ def train(
     if not env.is_main:
         log.setLevel(logging.WARNING)
     if env.distributed:
-        log.info("launched by %s: rank %d of %d (rendezvous %s)", env.source, env.rank, env.world_size, env.rendezvous)
+        log.info(
+            "launched by %s: rank %d of %d (rendezvous %s)",
+            env.source,
+            env.rank,
+            env.world_size,
+            env.rendezvous,
+        )
     try:
         with output_folder(cfg, env):
-            log.info("effective config (also in %s):\n%s", Path(cfg.output) / "config.yaml", dump_config(cfg).rstrip())
+            log.info(
+                "effective config (also in %s):\n%s",
+                Path(cfg.output) / "config.yaml",
+                dump_config(cfg).rstrip(),
+            )
             run = Run(cfg, env, device_pipeline=device_pipeline)
             if env.is_main:
                 ckpt.check_output_writable(run.out, checkpoint_bytes(run.model))
@@ -88,11 +98,25 @@ def output_folder(cfg: Config, env: DistEnv):
 
 def log_run_summary(run: Run) -> None:
     env, data = run.env, run.data
-    where = ("on the device" if data.device_transform else
-             "nowhere (synthetic tensors)" if run.cfg.data.synthetic else "in the data workers")  # fmt: skip
-    log.info("device %s x %d processes, amp %s; %d train / %d val images, %d classes; %d steps per epoch; "
-             "images normalised %s", env.device, env.world_size, run.amp.name, data.num_train, data.num_val,
-             data.num_classes, run.steps_per_epoch, where)  # fmt: skip
+    where = (
+        "on the device"
+        if data.device_transform
+        else "nowhere (synthetic tensors)"
+        if run.cfg.data.synthetic
+        else "in the data workers"
+    )
+    log.info(
+        "device %s x %d processes, amp %s; %d train / %d val images, %d classes; %d steps per epoch; "
+        "images normalised %s",
+        env.device,
+        env.world_size,
+        run.amp.name,
+        data.num_train,
+        data.num_val,
+        data.num_classes,
+        run.steps_per_epoch,
+        where,
+    )
     log.info("effective lr: %s", run.lr_text)
     if data.num_classes < 5:
         log.info("only %d classes: 'top5' is reported as top-%d", data.num_classes, data.num_classes)
@@ -103,7 +127,10 @@ def train_epochs(run: Run) -> dict:
     cfg, env, t = run.cfg, run.env, run.cfg.train
     stopper = Stopper(steps_unsaved=lambda: run.state.global_step - run.last_saved_step, announce=env.is_main)
     record: dict = {}
-    with stopper, Metrics(run.out, env.is_main, epoch=run.state.epoch, global_step=run.state.global_step) as metrics:
+    with (
+        stopper,
+        Metrics(run.out, env.is_main, epoch=run.state.epoch, global_step=run.state.global_step) as metrics,
+    ):
         while run.state.epoch < t.epochs:
             s = run.state
             batches = epoch_batches(run)
@@ -127,10 +154,18 @@ def train_epochs(run: Run) -> dict:
                 stop(run, stopper)
             finish_epoch(run, record, metrics)
     if not record and run.state.epoch >= t.epochs:
-        run.save(ckpt.LAST)  # resumed a finished run (e.g. from best.pth after last.pth was damaged): rewrite it
+        run.save(
+            ckpt.LAST
+        )  # resumed a finished run (e.g. from best.pth after last.pth was damaged): rewrite it
     if record:
-        log.info("done: top-1 %.2f%%, top-%d %.2f%% on %d val images; checkpoints in %s", 100 * record["val_top1"],
-                 record["val_topk"], 100 * record["val_top5"], record["val_num_samples"], run.out)  # fmt: skip
+        log.info(
+            "done: top-1 %.2f%%, top-%d %.2f%% on %d val images; checkpoints in %s",
+            100 * record["val_top1"],
+            record["val_topk"],
+            100 * record["val_top5"],
+            record["val_num_samples"],
+            run.out,
+        )
     return record
 
 
@@ -145,9 +180,16 @@ def epoch_batches(run: Run):
     transform = None
     if data.device_transform is not None:
         epoch = s.epoch
-        transform = lambda images, i: data.device_transform(images, epoch, i)  # i: micro-batch index in the epoch
-    return prefetch(data.train_loader, run.env.device, transform, start=first,
-                    limit=run.steps_per_epoch * t.accumulation_steps - first)  # fmt: skip
+        transform = lambda images, i: data.device_transform(
+            images, epoch, i
+        )  # i: micro-batch index in the epoch
+    return prefetch(
+        data.train_loader,
+        run.env.device,
+        transform,
+        start=first,
+        limit=run.steps_per_epoch * t.accumulation_steps - first,
+    )
 
 
 def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -196,8 +238,15 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, int]:
 def progress_bar(run: Run):
     """A tqdm bar for terminals (rank 0); logs and CI get `log_step` lines instead."""
     show = run.env.is_main and sys.stderr.isatty()
-    bar = tqdm(total=run.steps_per_epoch, initial=run.state.step_in_epoch, desc=f"epoch {run.state.epoch}",
-               disable=not show, dynamic_ncols=True, mininterval=1.0, leave=False)  # fmt: skip
+    bar = tqdm(
+        total=run.steps_per_epoch,
+        initial=run.state.step_in_epoch,
+        desc=f"epoch {run.state.epoch}",
+        disable=not show,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        leave=False,
+    )
     try:
         yield bar
     finally:
@@ -208,7 +257,9 @@ def log_step(run: Run, bar, loss: torch.Tensor, grad_norm: torch.Tensor, img_s: 
     s = run.state
     lr = run.schedule.last_lr
     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
-    log.info(step_line(s.epoch, s.step_in_epoch, run.steps_per_epoch, loss.item(), lr, grad_norm.item(), img_s))
+    log.info(
+        step_line(s.epoch, s.step_in_epoch, run.steps_per_epoch, loss.item(), lr, grad_norm.item(), img_s)
+    )
 
 
 def check_nonfinite(s: TrainState, limit: int) -> None:
@@ -223,8 +274,11 @@ def check_nonfinite(s: TrainState, limit: int) -> None:
 def stop(run: Run, stopper: Stopper) -> None:
     """Checkpoint where the run stands (a step checkpoint, resumable mid-epoch) and leave with its status."""
     save_step_checkpoint(run)
-    log.info("stop requested (%s): checkpoint written at global step %d; run the same command to continue",
-             stopper.signal_name, run.state.global_step)  # fmt: skip
+    log.info(
+        "stop requested (%s): checkpoint written at global step %d; run the same command to continue",
+        stopper.signal_name,
+        run.state.global_step,
+    )
     raise TrainingStopped(stopper.exit_code)
 
 
@@ -239,16 +293,25 @@ def epoch_record(run: Run, meter: StepMeter) -> dict:
     s, t = run.state, run.cfg.train
     done = s.step_in_epoch
     finite = done - s.epoch_nonfinite
-    return {"epoch": s.epoch, "train_loss": s.epoch_loss_sum / (done * t.accumulation_steps),
-            "train_lr": run.schedule.last_lr, "train_grad_norm": s.epoch_grad_norm_sum / finite if finite else float("nan"),
-            "train_img_s": meter.rate * run.env.world_size, "train_epoch_time": meter.seconds,
-            "train_nonfinite_steps": s.epoch_nonfinite}  # fmt: skip
+    return {
+        "epoch": s.epoch,
+        "train_loss": s.epoch_loss_sum / (done * t.accumulation_steps),
+        "train_lr": run.schedule.last_lr,
+        "train_grad_norm": s.epoch_grad_norm_sum / finite if finite else float("nan"),
+        "train_img_s": meter.rate * run.env.world_size,
+        "train_epoch_time": meter.seconds,
+        "train_nonfinite_steps": s.epoch_nonfinite,
+    }
 
 
 def evaluate_run(run: Run) -> dict:
     """Validation of the model (`val_*`) and of its EMA (`ema_*`) on the whole val set."""
-    kw = dict(device=run.env.device, amp=run.amp, num_classes=run.data.num_classes,
-              device_transform=run.data.device_transform)  # fmt: skip
+    kw = dict(
+        device=run.env.device,
+        amp=run.amp,
+        num_classes=run.data.num_classes,
+        device_transform=run.data.device_transform,
+    )
     result = {f"val_{k}": v for k, v in evaluate(run.model, run.data.val_loader, **kw).items()}
     if run.ema is not None:
         result.update({f"ema_{k}": v for k, v in evaluate(run.ema.module, run.data.val_loader, **kw).items()})

@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -14,6 +16,12 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _log_records_reach_caplog():
+    """A CLI run in this process (setup_logging) stops the package logger's propagation; caplog needs it."""
+    logging.getLogger("swin_train").propagate = True
+
+
 @pytest.fixture
 def micro_arch():
     """A micro Swin: 16x16 tokens, two stages, windows of 4 (stage 1 at 8x8 still shifts)."""
@@ -25,5 +33,6 @@ def shapes_root(tmp_path_factory):
     """A small shapes set (8 classes, 32 px): 128 train / 16 val images per class."""
     from swin_train.data.shapes import ensure_shapes_dataset
 
-    return ensure_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", img_size=32, train_per_class=128,
-                                 val_per_class=16)  # fmt: skip
+    return ensure_shapes_dataset(
+        tmp_path_factory.mktemp("data") / "shapes", img_size=32, train_per_class=128, val_per_class=16
+    )

@@ -11,13 +11,31 @@ import torch
 
 # A micro Swin for the shapes set (8 classes, 32 px): 8x8 tokens, windows of 4, two stages.
 MICRO_OVERRIDES = [
-    "model.patch_size=4", "model.embed_dim=32", "model.depths=[2,2]", "model.num_heads=[2,4]",
-    "model.window_size=4", "model.num_classes=8", "model.drop_path_rate=0.1", "data.img_size=32",
-    "data.dataset=imagefolder", "aug.auto_augment=null", "aug.reprob=0", "aug.mixup=0", "aug.cutmix=0",
-    "aug.color_jitter=0", "aug.crop_scale=[0.5,1.0]", "eval.crop_pct=1.0", "amp=none",
-    "train.base_lr=2e-3", "train.warmup_lr=1e-5", "train.min_lr=1e-5", "train.lr_base_batch=32",
-    "train.warmup_epochs=0", "data.num_workers=0", "print_freq=5",
-]  # fmt: skip
+    "model.patch_size=4",
+    "model.embed_dim=32",
+    "model.depths=[2,2]",
+    "model.num_heads=[2,4]",
+    "model.window_size=4",
+    "model.num_classes=8",
+    "model.drop_path_rate=0.1",
+    "data.img_size=32",
+    "data.dataset=imagefolder",
+    "aug.auto_augment=null",
+    "aug.reprob=0",
+    "aug.mixup=0",
+    "aug.cutmix=0",
+    "aug.color_jitter=0",
+    "aug.crop_scale=[0.5,1.0]",
+    "eval.crop_pct=1.0",
+    "amp=none",
+    "train.base_lr=2e-3",
+    "train.warmup_lr=1e-5",
+    "train.min_lr=1e-5",
+    "train.lr_base_batch=32",
+    "train.warmup_epochs=0",
+    "data.num_workers=0",
+    "print_freq=5",
+]
 
 
 def env_for_subprocess(**extra: str) -> dict:
@@ -37,8 +55,17 @@ def run_cli(
 
 
 def torchrun(nproc: int, module: str, *args: str, timeout: float = 300, extra: tuple[str, ...] = ()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *extra,
-           "-m", f"swin_train.cli.{module}", *map(str, args)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        *extra,
+        "-m",
+        f"swin_train.cli.{module}",
+        *map(str, args),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env_for_subprocess())
 
 

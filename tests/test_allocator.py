@@ -28,8 +28,13 @@ print(json.dumps({"applied": applied, "faults": min(faulted[1:])}))  # the first
 
 
 def _probe(**env):
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env_for_subprocess(**env), capture_output=True,
-                         text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env=env_for_subprocess(**env),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 

@@ -18,9 +18,23 @@ from swin_train.models import create_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 MICRO_FLAGS = [
-    "--img-size", "32", "--patch-size", "2", "--embed-dim", "24", "--depths", "2", "2",
-    "--num-heads", "2", "4", "--window-size", "4", "--num-classes", "10",
-]  # fmt: skip
+    "--img-size",
+    "32",
+    "--patch-size",
+    "2",
+    "--embed-dim",
+    "24",
+    "--depths",
+    "2",
+    "2",
+    "--num-heads",
+    "2",
+    "4",
+    "--window-size",
+    "4",
+    "--num-classes",
+    "10",
+]
 MICRO = dict(img_size=32, patch_size=2, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4)
 
 

@@ -51,15 +51,38 @@ def test_recipe_maps_onto_timm_flags(bt, tmp_path):
     recipe = bt.Recipe()
     argv = bt.timm_command(recipe, tmp_path / "train.py", tmp_path / "data", tmp_path / "out", "run")
     assert flag_values(argv, "--model-kwargs") == [
-        "embed_dim=48", "depths=(2,2,2)", "num_heads=(3,6,12)", "patch_size=2", "window_size=4", "img_size=32"]  # fmt: skip
+        "embed_dim=48",
+        "depths=(2,2,2)",
+        "num_heads=(3,6,12)",
+        "patch_size=2",
+        "window_size=4",
+        "img_size=32",
+    ]
     # timm adds --warmup-prefix epochs to --epochs: 9 cosine epochs after 1 warmup epoch = swin-train's 10
     assert flag_values(argv, "--epochs") == ["9"] and flag_values(argv, "--warmup-epochs") == ["1"]
     assert "--warmup-prefix" in argv and "--sched-on-updates" in argv
-    expected = {"--lr": ["0.002"], "--warmup-lr": ["1e-05"], "--min-lr": ["1e-05"], "--weight-decay": ["0.05"],
-                "--clip-grad": ["5.0"], "--smoothing": ["0.1"], "--scale": ["0.6", "1.0"], "--batch-size": ["64"],
-                "--workers": ["1"], "--reprob": ["0"], "--mixup": ["0"], "--cutmix": ["0"], "--color-jitter": ["0"],
-                "--crop-pct": ["1.0"], "--train-interpolation": ["bicubic"], "--input-size": ["3", "32", "32"],
-                "--opt": ["adamw"], "--device": ["cpu"], "--num-classes": ["10"], "--drop-path": ["0.1"]}  # fmt: skip
+    expected = {
+        "--lr": ["0.002"],
+        "--warmup-lr": ["1e-05"],
+        "--min-lr": ["1e-05"],
+        "--weight-decay": ["0.05"],
+        "--clip-grad": ["5.0"],
+        "--smoothing": ["0.1"],
+        "--scale": ["0.6", "1.0"],
+        "--batch-size": ["64"],
+        "--workers": ["1"],
+        "--reprob": ["0"],
+        "--mixup": ["0"],
+        "--cutmix": ["0"],
+        "--color-jitter": ["0"],
+        "--crop-pct": ["1.0"],
+        "--train-interpolation": ["bicubic"],
+        "--input-size": ["3", "32", "32"],
+        "--opt": ["adamw"],
+        "--device": ["cpu"],
+        "--num-classes": ["10"],
+        "--drop-path": ["0.1"],
+    }
     for flag, values in expected.items():
         assert flag_values(argv, flag) == values, flag
     assert "--aa" not in argv and "--amp" not in argv
@@ -70,8 +93,9 @@ def test_timm_train_parses_the_flags_as_meant(bt, tmp_path):
     timm_train = load("timm_train_under_test", Path(TIMM_TRAIN))
     argv = bt.timm_command(bt.Recipe(), Path(TIMM_TRAIN), tmp_path / "data", tmp_path / "out", "run")
     args = timm_train.parser.parse_args(argv[2:])
-    assert args.model_kwargs == dict(embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12), patch_size=2,
-                                     window_size=4, img_size=32)  # fmt: skip
+    assert args.model_kwargs == dict(
+        embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12), patch_size=2, window_size=4, img_size=32
+    )
     assert (args.epochs, args.warmup_epochs, args.warmup_prefix, args.sched_on_updates) == (9, 1, True, True)
     assert (args.lr, args.warmup_lr, args.min_lr, args.weight_decay) == (2e-3, 1e-5, 1e-5, 0.05)
     assert (args.scale, args.color_jitter, args.aa, args.reprob, args.mixup, args.cutmix) == (
@@ -138,13 +162,24 @@ def test_generated_set_is_balanced_and_the_same_on_every_call(bt, tmp_path):
 
 def test_both_trainers_results_are_parsed(bt, tmp_path):
     summary = tmp_path / "summary.csv"
-    summary.write_text("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n"
-                       "0,2.3,2.2,31.25,80.0,0.002\n1,1.9,1.8,56.5,95.5,0.001\n")  # fmt: skip
+    summary.write_text(
+        "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n"
+        "0,2.3,2.2,31.25,80.0,0.002\n1,1.9,1.8,56.5,95.5,0.001\n"
+    )
     rows = bt.read_timm_summary(summary)
     assert [r["top1"] for r in rows] == [0.3125, 0.565] and rows[1]["top5"] == 0.955
     metrics = tmp_path / "metrics.jsonl"
-    records = [{"epoch": e, "train_loss": 2.0 - e, "val_loss": 1.5, "val_top1": [0.4, 0.5, 0.6][e], "val_top5": 0.9,
-                "train_img_s": 100.0 + e} for e in range(3)]  # fmt: skip
+    records = [
+        {
+            "epoch": e,
+            "train_loss": 2.0 - e,
+            "val_loss": 1.5,
+            "val_top1": [0.4, 0.5, 0.6][e],
+            "val_top5": 0.9,
+            "train_img_s": 100.0 + e,
+        }
+        for e in range(3)
+    ]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
     parsed = bt.read_swin_metrics(metrics)
     assert [r["top1"] for r in parsed] == [0.4, 0.5, 0.6] and [r["train_img_s"] for r in parsed] == [
@@ -152,9 +187,11 @@ def test_both_trainers_results_are_parsed(bt, tmp_path):
         101,
         102,
     ]
-    log = ("Train: 0 [   0/20 (  5%)]  Loss: 2.34 (2.34)  Time: 12.117s,    5.28/s  (12.117s,    5.28/s)  LR: 1e-05\n"
-           "Train: 0 [  19/20 (100%)]  Loss: 2.28 (2.38)  Time: 0.586s,  109.21/s  (0.601s,  106.49/s)  LR: 2e-03\n"
-           "Train: 1 [  19/20 (100%)]  Loss: 2.30 (2.35)  Time: 0.500s,  128.00/s  (0.512s,  125.00/s)  LR: 2e-05\n")  # fmt: skip
+    log = (
+        "Train: 0 [   0/20 (  5%)]  Loss: 2.34 (2.34)  Time: 12.117s,    5.28/s  (12.117s,    5.28/s)  LR: 1e-05\n"
+        "Train: 0 [  19/20 (100%)]  Loss: 2.28 (2.38)  Time: 0.586s,  109.21/s  (0.601s,  106.49/s)  LR: 2e-03\n"
+        "Train: 1 [  19/20 (100%)]  Loss: 2.30 (2.35)  Time: 0.500s,  128.00/s  (0.512s,  125.00/s)  LR: 2e-05\n"
+    )
     assert bt.timm_train_img_s(log) == [106.49, 125.0]
     (tmp_path / "bad.csv").write_text("epoch,loss\n0,1\n")
     with pytest.raises(DataError, match="eval_top1"):
@@ -174,12 +211,24 @@ def fake_run(bt, trainer, pair, wall, top1, *, exit_code=0, pss=1000.0):
 
 
 def test_pairs_alternate_and_ratios_are_medians_of_pairwise_ratios(bt):
-    assert bt.pair_order(3, ["swin", "timm"]) == [(0, "swin"), (0, "timm"), (1, "timm"), (1, "swin"), (2, "swin"),
-                                                  (2, "timm")]  # fmt: skip
-    runs = [fake_run(bt, "swin", 0, 100.0, 0.8), fake_run(bt, "timm", 0, 130.0, 0.7),
-            fake_run(bt, "swin", 1, 110.0, 0.8), fake_run(bt, "timm", 1, 121.0, 0.75, pss=1100.0),
-            fake_run(bt, "swin", 2, 90.0, 0.9), fake_run(bt, "timm", 2, 99.0, 0.8),
-            fake_run(bt, "swin", 3, 10.0, 0.9, exit_code=1), fake_run(bt, "timm", 3, 99.0, 0.8)]  # fmt: skip
+    assert bt.pair_order(3, ["swin", "timm"]) == [
+        (0, "swin"),
+        (0, "timm"),
+        (1, "timm"),
+        (1, "swin"),
+        (2, "swin"),
+        (2, "timm"),
+    ]
+    runs = [
+        fake_run(bt, "swin", 0, 100.0, 0.8),
+        fake_run(bt, "timm", 0, 130.0, 0.7),
+        fake_run(bt, "swin", 1, 110.0, 0.8),
+        fake_run(bt, "timm", 1, 121.0, 0.75, pss=1100.0),
+        fake_run(bt, "swin", 2, 90.0, 0.9),
+        fake_run(bt, "timm", 2, 99.0, 0.8),
+        fake_run(bt, "swin", 3, 10.0, 0.9, exit_code=1),
+        fake_run(bt, "timm", 3, 99.0, 0.8),
+    ]
     assert runs[6].error == "exit status 1" and runs[0].error is None
     assert runs[0].images_per_second == pytest.approx(2 * 1280 / 100.0)
     result = bt.compare(runs)
@@ -195,17 +244,28 @@ def test_pairs_alternate_and_ratios_are_medians_of_pairwise_ratios(bt):
 
 
 def test_a_measured_process_tree_counts_its_children(bt, tmp_path):
-    child = "import numpy as np, time; a = np.ones(300 * 2**20 // 8); t = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(0.5)"  # fmt: skip
+    child = "import numpy as np, time; a = np.ones(300 * 2**20 // 8); t = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(0.5)"
     parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}], check=True)"
-    m = bt.run_measured([sys.executable, "-c", parent], env=env_for_subprocess(), cwd=tmp_path,
-                        log_path=tmp_path / "log.txt", sample_interval=0.05)  # fmt: skip
+    m = bt.run_measured(
+        [sys.executable, "-c", parent],
+        env=env_for_subprocess(),
+        cwd=tmp_path,
+        log_path=tmp_path / "log.txt",
+        memory_interval=0.05,
+    )
     assert m.exit_code == 0 and not m.timed_out
     assert m.cpu_s >= 0.6  # the child's CPU time, reaped by the parent
     assert m.peak_rss_mib >= 300 and m.peak_tree_pss_mib >= 300
     assert m.wall_s >= 1.0
-    hung = bt.run_measured([sys.executable, "-c", "import time; time.sleep(60)"], env=env_for_subprocess(),
-                           cwd=tmp_path, log_path=tmp_path / "hung.txt", timeout=1)  # fmt: skip
-    assert hung.timed_out and hung.exit_code == -9 and hung.wall_s < 30
+    hung = bt.run_measured(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env=env_for_subprocess(),
+        cwd=tmp_path,
+        log_path=tmp_path / "hung.txt",
+        timeout=1,
+        memory_interval=0,
+    )
+    assert hung.timed_out and hung.exit_code == -9 and hung.wall_s < 30 and hung.peak_tree_pss_mib is None
 
 
 def test_user_mistakes_are_one_line_errors(bt, tmp_path, capsys):
@@ -225,8 +285,29 @@ def test_user_mistakes_are_one_line_errors(bt, tmp_path, capsys):
 @pytest.mark.slow
 def test_tiny_run_of_both_trainers_end_to_end(bt, tmp_path, capsys):
     trainers = ["swin", "timm"] if TIMM_TRAIN else ["swin"]
-    argv = ["--trainers", *trainers, "--pairs", "1", "--epochs", "1", "--warmup-epochs", "0", "--train-images", "70",
-            "--val-images", "20", "--batch-size", "32", "--threads", "1", "--work-dir", str(tmp_path), "--json"]  # fmt: skip
+    argv = [
+        "--trainers",
+        *trainers,
+        "--pairs",
+        "1",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--train-images",
+        "70",
+        "--val-images",
+        "20",
+        "--batch-size",
+        "32",
+        "--threads",
+        "1",
+        "--memory-interval",
+        "1",
+        "--work-dir",
+        str(tmp_path),
+        "--json",
+    ]
     if TIMM_TRAIN:
         argv += ["--timm-train", TIMM_TRAIN]
     report = bt.main(argv)

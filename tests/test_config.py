@@ -67,11 +67,24 @@ def test_defaults_resolve_to_swin_t_and_model_kwargs_are_exact():
         7,
     )
     assert cfg.model_kwargs() == dict(
-        img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=[2, 2, 6, 2],
-        num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0,
-        attn_drop_rate=0.0, drop_path_rate=0.1, ape=False, patch_norm=True, grad_checkpointing=False,
+        img_size=224,
+        patch_size=4,
+        in_chans=3,
+        num_classes=1000,
+        embed_dim=96,
+        depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        window_size=7,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.1,
+        ape=False,
+        patch_norm=True,
+        grad_checkpointing=False,
         attention="auto",
-    )  # fmt: skip
+    )
     assert cfg.data.mean == [0.485, 0.456, 0.406] and cfg.data.std == [0.229, 0.224, 0.225]
     assert cfg.amp == "auto" and cfg.eval.batch_size is None and cfg.train.clip_grad == 5.0
 
@@ -291,7 +304,10 @@ def test_unknown_model_name_suggests():
     "override, expected",
     [
         ("amp=fp32", "amp must be one of 'auto', 'bf16', 'fp16', 'none', got 'fp32'; did you mean 'none'?"),
-        ("data.dataset=imagenet", "data.dataset must be one of 'imagefolder', 'shapes', 'wds', 'hf', got 'imagenet'"),
+        (
+            "data.dataset=imagenet",
+            "data.dataset must be one of 'imagefolder', 'shapes', 'wds', 'hf', got 'imagenet'",
+        ),
         ("train.best_on=emma", "train.best_on must be one of 'raw', 'ema', got 'emma'; did you mean 'ema'?"),
         ("data.interpolation=cubic", "data.interpolation must be one of 'bicubic', 'bilinear'"),
         ("aug.mixup_mode=batches", "aug.mixup_mode must be one of 'batch', 'pair', 'elem', got 'batches'"),
@@ -461,8 +477,12 @@ def test_official_recipes(recipe):
     assert (t.lr_base_batch, t.clip_grad, t.betas, t.eps) == (512, 5.0, [0.9, 0.999], 1e-8)
     assert (cfg.data.batch_size, cfg.data.interpolation, cfg.data.dataset) == (128, "bicubic", "imagefolder")
     assert (a.auto_augment, a.color_jitter, a.reprob, a.remode, a.recount) == (
-        "rand-m9-mstd0.5-inc1", 0.4, 0.25, "pixel", 1,
-    )  # fmt: skip
+        "rand-m9-mstd0.5-inc1",
+        0.4,
+        0.25,
+        "pixel",
+        1,
+    )
     assert (a.mixup, a.cutmix, a.mixup_prob, a.mixup_switch_prob, a.mixup_mode) == (
         0.8,
         1.0,

@@ -39,6 +39,7 @@ def _eval_tf(img_size: int, crop_pct: float, **kw):
 def _train_tf(img_size: int, **aug):
     return build_train_transform(DataConfig(img_size=img_size), AugConfig(**aug))
 
+
 # ----------------------------------------------------------------------------------------------
 # helpers
 
@@ -259,7 +260,9 @@ def test_resumable_sampler_matches_distributed_sampler():
     n, world = 23, 3
     for rank in range(world):
         ours = ResumableTrainSampler(n, num_replicas=world, rank=rank, seed=5)
-        ref = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=True)
+        ref = DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=True
+        )
         for epoch in (0, 3):
             ours.set_epoch(epoch)
             ref.set_epoch(epoch)
@@ -392,7 +395,9 @@ def test_mixup_and_criterion_selection():
     assert torch.equal(xa, xb) and torch.equal(ta, tb)  # resumable under seeded_rng
     assert ta.shape == (4, 5) and torch.allclose(ta.sum(1), torch.ones(4))
 
-    assert isinstance(build_train_criterion(AugConfig(label_smoothing=0.1), mixup_active=True), SoftTargetCrossEntropy)
+    assert isinstance(
+        build_train_criterion(AugConfig(label_smoothing=0.1), mixup_active=True), SoftTargetCrossEntropy
+    )
     ls = build_train_criterion(AugConfig(label_smoothing=0.1), mixup_active=False)
     assert isinstance(ls, LabelSmoothingCrossEntropy) and ls.smoothing == 0.1
     assert isinstance(

@@ -113,8 +113,12 @@ def test_layouts_without_ape_or_shrunk_windows_are_refused(micro_arch):
 
 
 def _swin_train_checkpoint(tmp_path, micro_arch, ema: bool = True):
-    cfg = Config(model=ModelConfig(patch_size=2, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4,
-                                   num_classes=5), data=DataConfig(img_size=32))  # fmt: skip
+    cfg = Config(
+        model=ModelConfig(
+            patch_size=2, embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=4, num_classes=5
+        ),
+        data=DataConfig(img_size=32),
+    )
     raw = SwinTransformer(**micro_arch, num_classes=5)
     ema_model = SwinTransformer(**micro_arch, num_classes=5)
     state = {
@@ -133,8 +137,12 @@ def _swin_train_checkpoint(tmp_path, micro_arch, ema: bool = True):
 def test_cli_exports_every_format(micro_arch, tmp_path, capsys):
     ckpt, state = _swin_train_checkpoint(tmp_path, micro_arch)
     sd = state["model"]
-    for fmt, name in [("safetensors", "w.safetensors"), ("timm", "w-timm.pth"), ("torchvision", "w-tv.pth"),
-                      ("official", "w-official.pth")]:  # fmt: skip
+    for fmt, name in [
+        ("safetensors", "w.safetensors"),
+        ("timm", "w-timm.pth"),
+        ("torchvision", "w-tv.pth"),
+        ("official", "w-official.pth"),
+    ]:
         assert swin_export(["--checkpoint", str(ckpt), "--format", fmt, "--out", str(tmp_path / name)]) == 0
         assert f"({fmt}) to {tmp_path / name}" in capsys.readouterr().out
     _assert_bitwise_equal(load_checkpoint(tmp_path / "w.safetensors")["model"], sd)
@@ -149,8 +157,9 @@ def test_cli_exports_every_format(micro_arch, tmp_path, capsys):
 
     ours = SwinTransformer(**micro_arch, num_classes=5).eval()
     ours.load_state_dict(sd)
-    theirs = TorchvisionSwin(patch_size=[2, 2], embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
-                             num_classes=5).eval()  # fmt: skip
+    theirs = TorchvisionSwin(
+        patch_size=[2, 2], embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=5
+    ).eval()
     theirs.load_state_dict(torch.load(tmp_path / "w-tv.pth", weights_only=True), strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -178,16 +187,24 @@ def test_cli_exports_bare_weights_with_the_architecture_read_off_them(micro_arch
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--checkpoint", "{tmp}/missing.pth", "--format", "timm", "--out", "{tmp}/x.pth"],
-         "checkpoint {tmp}/missing.pth does not exist; check the path"),
-        (["--checkpoint", "{tmp}/no-ema.pth", "--format", "timm", "--out", "{tmp}/x.pth", "--ema"],
-         "holds no EMA weights"),
-        (["--checkpoint", "{tmp}/no-ema.pth", "--format", "safetensors", "--out", "{tmp}/x.pth"],
-         "use a .safetensors name"),
-        (["--checkpoint", "{tmp}/no-ema.pth", "--format", "timm", "--out", "{tmp}/nowhere/x.pth"],
-         "output folder {tmp}/nowhere does not exist"),
+        (
+            ["--checkpoint", "{tmp}/missing.pth", "--format", "timm", "--out", "{tmp}/x.pth"],
+            "checkpoint {tmp}/missing.pth does not exist; check the path",
+        ),
+        (
+            ["--checkpoint", "{tmp}/no-ema.pth", "--format", "timm", "--out", "{tmp}/x.pth", "--ema"],
+            "holds no EMA weights",
+        ),
+        (
+            ["--checkpoint", "{tmp}/no-ema.pth", "--format", "safetensors", "--out", "{tmp}/x.pth"],
+            "use a .safetensors name",
+        ),
+        (
+            ["--checkpoint", "{tmp}/no-ema.pth", "--format", "timm", "--out", "{tmp}/nowhere/x.pth"],
+            "output folder {tmp}/nowhere does not exist",
+        ),
     ],
-)  # fmt: skip
+)
 def test_cli_errors_are_one_line(micro_arch, tmp_path, capsys, args, message):
     _swin_train_checkpoint(tmp_path, micro_arch, ema=False)
     assert swin_export([a.format(tmp=tmp_path) for a in args]) == 2

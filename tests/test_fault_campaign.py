@@ -26,20 +26,31 @@ def campaign():
 
 def test_run_killed_in_every_phase_ends_bitwise_equal_to_an_uninterrupted_run(campaign, tmp_path):
     phases = ("checkpoint", "step", "validation", "metrics")
-    result = campaign.run_campaign(tmp_path, kills=4, seed=3, workers=(0, 1), epochs=2, phases=phases,
-                                   launcher="fork")  # fmt: skip
+    result = campaign.run_campaign(
+        tmp_path, kills=4, seed=3, workers=(0, 1), epochs=2, phases=phases, launcher="fork"
+    )
     report = campaign.summary(result)
     assert result.passed, report
     assert len(result.kills) == 4 and result.kills_by_phase() == {
-        "anytime": 0, "step": 1, "validation": 1, "checkpoint": 1, "metrics": 1,
-    }, report  # fmt: skip
+        "anytime": 0,
+        "step": 1,
+        "validation": 1,
+        "checkpoint": 1,
+        "metrics": 1,
+    }, report
     assert all(k.signal == "SIGKILL" and k.exit_code == -9 for k in result.kills), report
     checkpoint_kill = next(k for k in result.kills if k.phase == "checkpoint")
     assert checkpoint_kill.confirmed, f"the checkpoint kill landed after the save had finished:\n{report}"
     assert [c.name for c in result.checks] == [
-        "last.pth model", "last.pth optimizer", "last.pth everything else", "best.pth", "step checkpoints",
-        "metrics.jsonl", "no temp files left", "every step trained",
-    ]  # fmt: skip
+        "last.pth model",
+        "last.pth optimizer",
+        "last.pth everything else",
+        "best.pth",
+        "step checkpoints",
+        "metrics.jsonl",
+        "no temp files left",
+        "every step trained",
+    ]
     assert result.total_steps == 16 and result.steps_trained == 16 + result.steps_redone
     assert result.attempts == 5
 
@@ -51,8 +62,9 @@ class KillMissedTheBestWrite(Exception):
 def test_kill_while_best_pth_is_written_still_ends_with_the_best_weights(campaign, tmp_path):
     # One epoch, killed while its best.pth is written: best.pth is saved before last.pth, so the resumed
     # run validates the epoch again and writes it.
-    result = campaign.run_campaign(tmp_path, kills=1, epochs=1, phases=("checkpoint",),
-                                   checkpoint_files=("best.pth",), launcher="fork")  # fmt: skip
+    result = campaign.run_campaign(
+        tmp_path, kills=1, epochs=1, phases=("checkpoint",), checkpoint_files=("best.pth",), launcher="fork"
+    )
     if len(result.kills) != 1 or not result.kills[0].confirmed:
         raise KillMissedTheBestWrite(campaign.summary(result))
     assert result.passed, campaign.summary(result)
@@ -65,12 +77,14 @@ def checkpoint_like(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {
         "model": {"w": torch.randn(4, 3, generator=g), "b": torch.zeros(3)},
-        "optimizer": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.randn(4, 3, generator=g)}},
-                      "param_groups": [{"lr": 1e-3, "params": [0]}]},
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.randn(4, 3, generator=g)}},
+            "param_groups": [{"lr": 1e-3, "params": [0]}],
+        },
         "train_state": {"epoch": 1, "global_step": 8, "epoch_loss_sum": 2.5},
         "best": {"top1": float("nan"), "epoch": -1},
         "config": {"output": "/a/run", "data": {"num_workers": 0, "batch_size": 16}},
-    }  # fmt: skip
+    }
 
 
 def test_identical_checkpoints_have_no_differences_even_with_nan_and_another_output_folder(campaign):
@@ -109,8 +123,16 @@ def metrics_text(records: list[dict]) -> str:
 
 
 def test_metrics_comparison_ignores_wall_clock_fields_only(campaign):
-    rows = [{"epoch": e, "train_loss": 2.0 - e / 3, "train_img_s": 40.0, "train_epoch_time": 3.0,
-             "val_top1": 0.25} for e in range(2)]  # fmt: skip
+    rows = [
+        {
+            "epoch": e,
+            "train_loss": 2.0 - e / 3,
+            "train_img_s": 40.0,
+            "train_epoch_time": 3.0,
+            "val_top1": 0.25,
+        }
+        for e in range(2)
+    ]
     timed_differently = [{**r, "train_img_s": 99.5, "train_epoch_time": 0.1} for r in rows]
     assert campaign.metrics_differences(metrics_text(rows), metrics_text(timed_differently)) == []
     changed = [rows[0], {**rows[1], "val_top1": 0.28125}]

@@ -27,8 +27,15 @@ def gc():
 
 
 def context(gc, tmp_path, budget=60.0):
-    return gc.Context(out=tmp_path, python=sys.executable, num_gpus=2, models=["T", "B", "L"], batch_size=128,
-                      loader_workers=[1, 2], deadline=time.monotonic() + budget)  # fmt: skip
+    return gc.Context(
+        out=tmp_path,
+        python=sys.executable,
+        num_gpus=2,
+        models=["T", "B", "L"],
+        batch_size=128,
+        loader_workers=[1, 2],
+        deadline=time.monotonic() + budget,
+    )
 
 
 def test_dry_run_lists_every_part_and_the_report_path_and_runs_nothing(gc, tmp_path, monkeypatch, capsys):
@@ -88,14 +95,22 @@ def test_cuda_tests_are_found_by_their_skipif_marks(gc, tmp_path):
         "class TestGroup:\n"
         '    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")\n'
         "    def test_method(self): pass\n"
-    )  # fmt: skip
+    )
+    (tests / "test_c.py").write_text(
+        'import pytest\nneeds_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")\n\n'
+        "@needs_gpu\ndef test_aliased(): pass\n\ndef test_plain(): pass\n"
+    )
     (tests / "test_b.py").write_text(
         'import pytest, torch\npytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")]\n'
         "def test_x(): pass\n"
-    )  # fmt: skip
+    )
     (tests / "helpers.py").write_text('@pytest.mark.skipif(not CUDA, reason="CUDA")\ndef test_no(): pass\n')
-    assert gc.cuda_test_ids(tests) == ["tests/test_a.py::test_on_gpu", "tests/test_a.py::TestGroup::test_method",
-                                       "tests/test_b.py"]  # fmt: skip
+    assert gc.cuda_test_ids(tests) == [
+        "tests/test_a.py::test_on_gpu",
+        "tests/test_a.py::TestGroup::test_method",
+        "tests/test_b.py",
+        "tests/test_c.py::test_aliased",
+    ]
 
 
 def test_the_repositorys_cuda_tests_are_found(gc):
@@ -114,10 +129,13 @@ def test_torchrun_failure_report_and_pytest_summary_are_parsed(gc):
         "  exitcode  : -15 (pid: 30012)\n  error_file: <N/A>\n"
         "Root Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n"
         "  exitcode  : 143 (pid: 30011)\n"
-    )  # fmt: skip
+    )
     assert gc.worker_exit_codes(torchrun_output) == [-15, 143]
     assert gc.pytest_counts("....\n3 passed, 1 skipped, 2 deselected in 12.31s\n") == {
-        "passed": 3, "skipped": 1, "deselected": 2}  # fmt: skip
+        "passed": 3,
+        "skipped": 1,
+        "deselected": 2,
+    }
     assert gc.pytest_counts("1 failed, 2 passed in 3.0s") == {"failed": 1, "passed": 2}
     assert gc.pytest_counts("no tests ran") == {}
 
@@ -149,31 +167,94 @@ def fake_bench_report(model: str, ours: float, timm: float) -> dict:
 
     return {
         "config": {"model": model, "compile": [], "attention": "auto"},
-        "results": {"ours": {"train": mode(ours, 0.41, 20000.0), "infer": mode(3 * ours, 0.35, 4000.0), "compile_s": None},
-                    "timm": {"train": mode(timm, None, 21000.0), "infer": mode(3 * timm, 0.3, 4200.0), "compile_s": None}},
+        "results": {
+            "ours": {
+                "train": mode(ours, 0.41, 20000.0),
+                "infer": mode(3 * ours, 0.35, 4000.0),
+                "compile_s": None,
+            },
+            "timm": {
+                "train": mode(timm, None, 21000.0),
+                "infer": mode(3 * timm, 0.3, 4200.0),
+                "compile_s": None,
+            },
+        },
         "ratios": {"ours/timm": {"train": {"median": ours / timm}, "infer": {"median": 1.02}}},
-    }  # fmt: skip
+    }
 
 
 def test_report_writer_produces_valid_markdown_and_strict_json(gc, tmp_path):
     rows = [gc.bench_row(fake_bench_report("swin_tiny_patch4_window7_224", 3000.0, 2500.0))]
-    bench = gc.PartResult("bench_eager", "Model benchmark, eager", "passed", 42.0, 250, "T train 3000 img/s",
-                          [gc.StepResult("bench_eager_T", "python scripts/benchmark.py --json", 0, 40.0,
-                                         stdout="/x.out", tail="never shown: the part passed")], {"rows": rows})  # fmt: skip
-    loader = gc.PartResult("data_loader", "Data loader", "passed", 20.0, 90, "250 img/s per worker", [],
-                           {"per_worker_img_s": {"1": 250.0, "2": 240.0}, "img_s": {"1": 250.0, "2": 480.0},
-                            "img_size": 224})  # fmt: skip
-    failed = gc.PartResult("preempt_resume", "SIGTERM | resume", "failed", 60.0, 300, "worker exit codes [1]",
-                           [gc.StepResult("train_until_sigterm", "torchrun ...", 1, 55.0,
-                                          tail="Traceback\n```\nRuntimeError: NCCL | boom")],
-                           {"worker_exit_codes": [1], "ratio": math.nan})  # fmt: skip
-    skipped = gc.PartResult("bench_compiled", "Compiled", "skipped", 0.0, 600, "not run: the overall --budget is spent",
-                            [gc.StepResult("bench_compiled_T", "python ...", None, 0.0, tail="not run")])  # fmt: skip
-    report = {"tool": "gpu_check", "started": "2026-12-02T01:00:00+00:00", "elapsed_s": 300.5, "budget_s": 560,
-              "environment": {"host": "gpu-1", "gpus": [{"index": 0, "name": "NVIDIA H200", "memory_mib": 143771}],
-                              "torch": "2.14.1", "cuda": "12.8"},
-              "parts": [bench, loader, failed, skipped],
-              "loader_cores": gc.loader_cores(loader.data, [bench], num_gpus=1)}  # fmt: skip
+    bench = gc.PartResult(
+        "bench_eager",
+        "Model benchmark, eager",
+        "passed",
+        42.0,
+        250,
+        "T train 3000 img/s",
+        [
+            gc.StepResult(
+                "bench_eager_T",
+                "python scripts/benchmark.py --json",
+                0,
+                40.0,
+                stdout="/x.out",
+                tail="never shown: the part passed",
+            )
+        ],
+        {"rows": rows},
+    )
+    loader = gc.PartResult(
+        "data_loader",
+        "Data loader",
+        "passed",
+        20.0,
+        90,
+        "250 img/s per worker",
+        [],
+        {"per_worker_img_s": {"1": 250.0, "2": 240.0}, "img_s": {"1": 250.0, "2": 480.0}, "img_size": 224},
+    )
+    failed = gc.PartResult(
+        "preempt_resume",
+        "SIGTERM | resume",
+        "failed",
+        60.0,
+        300,
+        "worker exit codes [1]",
+        [
+            gc.StepResult(
+                "train_until_sigterm",
+                "torchrun ...",
+                1,
+                55.0,
+                tail="Traceback\n```\nRuntimeError: NCCL | boom",
+            )
+        ],
+        {"worker_exit_codes": [1], "ratio": math.nan},
+    )
+    skipped = gc.PartResult(
+        "bench_compiled",
+        "Compiled",
+        "skipped",
+        0.0,
+        600,
+        "not run: the overall --budget is spent",
+        [gc.StepResult("bench_compiled_T", "python ...", None, 0.0, tail="not run")],
+    )
+    report = {
+        "tool": "gpu_check",
+        "started": "2026-12-02T01:00:00+00:00",
+        "elapsed_s": 300.5,
+        "budget_s": 560,
+        "environment": {
+            "host": "gpu-1",
+            "gpus": [{"index": 0, "name": "NVIDIA H200", "memory_mib": 143771}],
+            "torch": "2.14.1",
+            "cuda": "12.8",
+        },
+        "parts": [bench, loader, failed, skipped],
+        "loader_cores": gc.loader_cores(loader.data, [bench], num_gpus=1),
+    }
     md_path, json_path = gc.write_report(report, tmp_path / "out")
 
     def no_nan(name):
@@ -235,8 +316,11 @@ def test_check_runs_parts_in_order_within_budgets_and_reports_failures(gc, tmp_p
     monkeypatch.setattr(gc, "visible_gpus", lambda: 1)
     assert gc.main(["--out", str(tmp_path), "--budget", "120"]) == 1
     data = json.loads((tmp_path / "report.json").read_text())
-    assert [(p["name"], p["status"]) for p in data["parts"]] == [("ok", "passed"), ("hangs", "timed out"),
-                                                                  ("fails", "failed")]  # fmt: skip
+    assert [(p["name"], p["status"]) for p in data["parts"]] == [
+        ("ok", "passed"),
+        ("hangs", "timed out"),
+        ("fails", "failed"),
+    ]
     assert data["parts"][1]["seconds"] < 30
     assert (tmp_path / "report.md").is_file()
     assert f"report: {tmp_path / 'report.md'}" in capsys.readouterr().out

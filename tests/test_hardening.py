@@ -51,8 +51,19 @@ def _folder(root: Path, classes=CLASSES, train: int = 8, val: int = 4) -> Path:
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
     micro = [o for o in MICRO_OVERRIDES if not o.startswith("model.num_classes")]
-    return ["--data-path", str(data), "--output", str(out), *micro, "model.num_classes=2", "data.batch_size=4",
-            "train.epochs=1", "--device", "cpu", *extra]  # fmt: skip
+    return [
+        "--data-path",
+        str(data),
+        "--output",
+        str(out),
+        *micro,
+        "model.num_classes=2",
+        "data.batch_size=4",
+        "train.epochs=1",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _error(capsys) -> str:
@@ -85,7 +96,9 @@ def test_a_symlink_loop_in_a_class_folder_neither_multiplies_nor_mislabels(tmp_p
 def test_a_second_run_in_a_busy_output_folder_fails_at_once(tmp_path):
     data, out = _folder(tmp_path / "data", train=64), tmp_path / "run"
     cmd = [sys.executable, "-m", "swin_train.cli.train", *_args(data, out, "train.epochs=50")]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env_for_subprocess())
+    first = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env_for_subprocess()
+    )
     try:
         deadline = time.time() + 120
         while not (out / "log.txt").exists():
@@ -99,8 +112,9 @@ def test_a_second_run_in_a_busy_output_folder_fails_at_once(tmp_path):
         first.kill()
         first.wait()
     # the holder was killed (-9): its lock is stale, the next run goes ahead
-    again = subprocess.run([*cmd[:-1], "train.epochs=1"], capture_output=True, text=True, env=env_for_subprocess(),
-                           timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [*cmd[:-1], "train.epochs=1"], capture_output=True, text=True, env=env_for_subprocess(), timeout=300
+    )
     assert "another swin-train" not in again.stderr
 
 
@@ -110,7 +124,10 @@ def test_a_second_run_in_a_busy_output_folder_fails_at_once(tmp_path):
 def test_yaml_alias_bomb_is_refused_with_a_short_line(tmp_path):
     bomb = tmp_path / "bomb.yaml"
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    lines += [
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]"
+        for i in range(1, 12)
+    ]
     lines += ["model:", "  name: *a11"]
     bomb.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match=r"bomb\.yaml:2: YAML aliases \(\*a0\) are not supported"):
@@ -178,15 +195,26 @@ def trained_run(tmp_path_factory):
 def test_own_safetensors_export_loads_in_eval_and_predict_with_its_metadata(trained_run, tmp_path, capsys):
     data, out = trained_run
     exported = tmp_path / "w.safetensors"
-    assert export_cli(["--checkpoint", str(out / "last.pth"), "--format", "safetensors", "--out", str(exported)]) == 0
+    assert (
+        export_cli(["--checkpoint", str(out / "last.pth"), "--format", "safetensors", "--out", str(exported)])
+        == 0
+    )
     assert stat.S_IMODE(exported.stat().st_mode) == stat.S_IMODE((out / "last.pth").stat().st_mode)
     capsys.readouterr()
     for checkpoint in (out / "last.pth", exported):
         metrics = tmp_path / f"{checkpoint.suffix}.json"
-        assert eval_cli(["--checkpoint", str(checkpoint), "--metrics-json", str(metrics), "--device", "cpu"]) == 0
-    assert json.loads((tmp_path / ".pth.json").read_text()) == json.loads((tmp_path / ".safetensors.json").read_text())
+        assert (
+            eval_cli(["--checkpoint", str(checkpoint), "--metrics-json", str(metrics), "--device", "cpu"])
+            == 0
+        )
+    assert json.loads((tmp_path / ".pth.json").read_text()) == json.loads(
+        (tmp_path / ".safetensors.json").read_text()
+    )
     capsys.readouterr()
-    assert predict_cli(["--checkpoint", str(exported), str(data / "val" / "cat"), "--json", "--device", "cpu"]) == 0
+    assert (
+        predict_cli(["--checkpoint", str(exported), str(data / "val" / "cat"), "--json", "--device", "cpu"])
+        == 0
+    )
     document = json.loads(capsys.readouterr().out)
     assert len(document["predictions"]) == 4 and document["predictions"][0]["topk"][0]["class"] in CLASSES
 
@@ -194,8 +222,17 @@ def test_own_safetensors_export_loads_in_eval_and_predict_with_its_metadata(trai
 def test_a_head_of_another_size_names_the_setting_to_pass(tmp_path, capsys):
     model = create_model("swin_tiny_patch4_window7_224", num_classes=2)
     torch.save(to_layout(model.state_dict(), "timm"), tmp_path / "timm2.pth")
-    code = eval_cli(["--checkpoint", str(tmp_path / "timm2.pth"), "--model", "swin_tiny_patch4_window7_224",
-                     "--throughput", "--device", "cpu"])  # fmt: skip
+    code = eval_cli(
+        [
+            "--checkpoint",
+            str(tmp_path / "timm2.pth"),
+            "--model",
+            "swin_tiny_patch4_window7_224",
+            "--throughput",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 2
     assert "has 2 classes, the model 1000: pass model.num_classes=2" in _error(capsys)
 

@@ -181,9 +181,15 @@ def _image(height: int, width: int) -> Image.Image:
 def _timm_eval(preprocess: dict):
     """The eval transform swin-train builds from a checkpoint's preprocessing (timm's create_transform)."""
     p = preprocess
-    return create_transform(p["img_size"], is_training=False, crop_pct=p["crop_pct"],
-                            crop_mode="squash" if p["crop_pct"] == 1.0 else "center",
-                            interpolation=p["interpolation"], mean=tuple(p["mean"]), std=tuple(p["std"]))  # fmt: skip
+    return create_transform(
+        p["img_size"],
+        is_training=False,
+        crop_pct=p["crop_pct"],
+        crop_mode="squash" if p["crop_pct"] == 1.0 else "center",
+        interpolation=p["interpolation"],
+        mean=tuple(p["mean"]),
+        std=tuple(p["std"]),
+    )
 
 
 @pytest.mark.parametrize(
@@ -216,16 +222,29 @@ def test_hf_centre_crop_starts_one_pixel_earlier_when_the_excess_is_3_mod_4(tmp_
 
 def test_hub_style_preprocessing_reads_back(tmp_path, micro_arch):
     write_hf_folder(_micro(micro_arch), tmp_path, class_names=CLASSES, preprocess=None)
-    hub_style = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
-                 "image_mean": IMAGENET["mean"], "image_std": IMAGENET["std"], "resample": 3, "size": 224}  # fmt: skip
+    hub_style = {
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "ViTFeatureExtractor",
+        "image_mean": IMAGENET["mean"],
+        "image_std": IMAGENET["std"],
+        "resample": 3,
+        "size": 224,
+    }
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(hub_style))
     assert load_hf_folder(tmp_path).preprocess == _preprocess(224, 1.0)
 
 
 def test_a_crop_ours_cannot_do_leaves_preprocessing_out_with_a_warning(tmp_path, micro_arch, caplog):
     write_hf_folder(_micro(micro_arch), tmp_path, class_names=CLASSES, preprocess=None)
-    same_side = {"size": {"shortest_edge": 32}, "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
-                 "resample": 3, "image_mean": 0.5, "image_std": 0.5}  # fmt: skip
+    same_side = {
+        "size": {"shortest_edge": 32},
+        "do_center_crop": True,
+        "crop_size": {"height": 32, "width": 32},
+        "resample": 3,
+        "image_mean": 0.5,
+        "image_std": 0.5,
+    }
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(same_side))
     assert load_hf_folder(tmp_path).preprocess is None
     assert "resizes the short side to 32 and then crops" in caplog.text

@@ -186,8 +186,11 @@ def test_drop_path_is_off_in_eval(micro_arch):
 
 def test_drop_path_rates_are_linear(micro_arch):
     model = SwinTransformer(**micro_arch, drop_path_rate=0.3)
-    rates = [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0
-             for layer in model.layers for b in layer.blocks]  # fmt: skip
+    rates = [
+        b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0
+        for layer in model.layers
+        for b in layer.blocks
+    ]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
 
 

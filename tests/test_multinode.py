@@ -34,16 +34,54 @@ def _free_port() -> int:
 def _start_nodes(shapes_root: Path, out: Path) -> list[subprocess.Popen]:
     """Two torchrun agents, one process each; node 0 hosts the rendezvous store as a head node would."""
     port, run_id = _free_port(), f"swin-{out.name}-{os.getpid()}"
-    args = ["--device", "cpu", "--data-path", str(shapes_root), "--output", str(out), *MICRO_OVERRIDES,
-            "data.batch_size=32", f"train.epochs={EPOCHS}", "train.checkpoint_every_steps=4"]  # fmt: skip
+    args = [
+        "--device",
+        "cpu",
+        "--data-path",
+        str(shapes_root),
+        "--output",
+        str(out),
+        *MICRO_OVERRIDES,
+        "data.batch_size=32",
+        f"train.epochs={EPOCHS}",
+        "train.checkpoint_every_steps=4",
+    ]
     agents = []
     for is_host in (1, 0):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
-               "--rdzv-conf", f"is_host={is_host}", "--local-addr", "127.0.0.1", "--max-restarts", "2",
-               "-m", "swin_train.cli.train", *args]  # fmt: skip
-        agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       env=env_for_subprocess(), start_new_session=True))  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv-id",
+            run_id,
+            "--rdzv-conf",
+            f"is_host={is_host}",
+            "--local-addr",
+            "127.0.0.1",
+            "--max-restarts",
+            "2",
+            "-m",
+            "swin_train.cli.train",
+            *args,
+        ]
+        agents.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env_for_subprocess(),
+                start_new_session=True,
+            )
+        )
     return agents
 
 
@@ -150,8 +188,10 @@ def test_a_restarted_group_agrees_on_a_fresh_session_whatever_the_store_holds():
 def open_session_of_an_earlier_start(store, world: int) -> str:
     """Run a complete start of `world` ranks on `store`; returns its session."""
     done: dict[int, str] = {}
-    threads = [threading.Thread(target=lambda r=r: done.__setitem__(r, open_session(store, r, world)))
-               for r in range(world)]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda r=r: done.__setitem__(r, open_session(store, r, world)))
+        for r in range(world)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

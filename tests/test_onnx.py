@@ -144,8 +144,11 @@ def test_runs_in_a_process_that_cannot_import_swin_train_or_torch(micro_export, 
     script.write_text(_WITHOUT_SWIN_TRAIN)
     result = subprocess.run(
         [sys.executable, str(script), str(path), str(tmp_path / "images.npy"), str(tmp_path / "logits.npy")],
-        capture_output=True, text=True, timeout=120, env=env_for_subprocess(),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_for_subprocess(),
+    )
     assert result.returncode == 0, result.stderr
     with torch.no_grad():
         expected = model.eval()(images).numpy()
@@ -165,8 +168,9 @@ def test_missing_onnxscript_is_a_one_line_error_naming_the_extra(monkeypatch, tm
 
 def test_a_mismatch_above_tolerance_keeps_the_old_file_and_leaves_no_temp_file(monkeypatch, tmp_path):
     # the smallest Swin (one stage, one block, one window) keeps the export short
-    model = create_model(img_size=16, patch_size=4, embed_dim=8, depths=(1,), num_heads=(1,), window_size=4,
-                         num_classes=2)  # fmt: skip
+    model = create_model(
+        img_size=16, patch_size=4, embed_dim=8, depths=(1,), num_heads=(1,), window_size=4, num_classes=2
+    )
     path = tmp_path / "m.onnx"
     path.write_bytes(b"the previous export")
     monkeypatch.setattr(swin_onnx, "max_abs_difference", lambda *args, **kwargs: 0.5)

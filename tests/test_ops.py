@@ -26,10 +26,13 @@ def _value_and_grads(fn, x, w, b, grad_out):
     return out.detach(), x.grad.clone(), w.grad.clone(), b.grad.clone()
 
 
-@pytest.mark.parametrize("fn, reference", [
-    (ops.linear, F.linear),
-    (ops.linear_gelu, lambda x, w, b: F.gelu(F.linear(x, w, b))),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "fn, reference",
+    [
+        (ops.linear, F.linear),
+        (ops.linear_gelu, lambda x, w, b: F.gelu(F.linear(x, w, b))),
+    ],
+)
 def test_same_values_and_gradients_as_torch(fn, reference):
     x, w, b = _inputs()
     assert ops.use_onednn(x)

@@ -179,7 +179,9 @@ def test_build_optimizer_applies_decay_and_lr_scale():
     torch.manual_seed(0)
     model = ToySwin((2, 3))
     lr, wd, d = 0.1, 0.5, 0.5
-    opt = build_optimizer(model, TrainConfig(weight_decay=wd, betas=[0.9, 0.999], eps=1e-8, layer_decay=d), lr=lr)
+    opt = build_optimizer(
+        model, TrainConfig(weight_decay=wd, betas=[0.9, 0.999], eps=1e-8, layer_decay=d), lr=lr
+    )
     assert isinstance(opt, torch.optim.AdamW)
     assert all(g["fused"] is True for g in opt.param_groups)  # one pass per tensor, also on CPU
     assert all(g["lr"] == lr * g["lr_scale"] for g in opt.param_groups)

@@ -80,8 +80,21 @@ def test_bad_images_fail_the_pack_or_are_skipped_and_listed(tmp_path):
     bad.write_bytes(bad.read_bytes()[:30])
     with pytest.raises(DataError, match=r"cannot decode image .*img_2.png.*--skip-bad"):
         pack(src, tmp_path / "strict", PackOptions(shard_size=4), progress=False)
-    done = subprocess.run([sys.executable, "-m", "swin_train.cli.data", "pack", str(src), str(tmp_path / "x"),
-                           "--shard-size", "4"], capture_output=True, text=True, env=env_for_subprocess())  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "swin_train.cli.data",
+            "pack",
+            str(src),
+            str(tmp_path / "x"),
+            "--shard-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env_for_subprocess(),
+    )
     assert (
         done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     )
@@ -97,8 +110,12 @@ def test_max_size_stores_resized_images(tmp_path):
     pack(src, tmp_path / "small", PackOptions(shard_size=100, max_size=32), progress=False)
     import webdataset as wds
 
-    sizes = {s[0].size for s in wds.WebDataset(str(tmp_path / "small" / "data-train-0000.tar"), shardshuffle=False)
-             .decode("pil").to_tuple("png")}  # fmt: skip
+    sizes = {
+        s[0].size
+        for s in wds.WebDataset(str(tmp_path / "small" / "data-train-0000.tar"), shardshuffle=False)
+        .decode("pil")
+        .to_tuple("png")
+    }
     assert sizes == {(32, 24)}
 
 

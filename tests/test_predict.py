@@ -67,8 +67,16 @@ def trained(tmp_path_factory):
             ys.append(label)
     x, y = torch.stack(xs), torch.tensor(ys)  # (12, 3, 32, 32), (12,)
 
-    model = SwinTransformer(img_size=32, patch_size=2, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
-                            window_size=4, num_classes=3, drop_path_rate=0.0)  # fmt: skip
+    model = SwinTransformer(
+        img_size=32,
+        patch_size=2,
+        embed_dim=24,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=4,
+        num_classes=3,
+        drop_path_rate=0.0,
+    )
     assert set(model.state_dict()) == set(SwinTransformer(**cfg.model_kwargs()).state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()

@@ -43,7 +43,9 @@ def _same_rng_states(a, b) -> bool:
 
 def _loaders(root, *, uint8: bool, workers: int = 0, start: int = 0):
     """Train (RandAugment, crops, flips; no erasing) and val loaders over `root`, epoch 1 from batch `start`."""
-    train_tf = build_train_transform(DataConfig(img_size=32), AugConfig(crop_scale=[0.3, 1.0], reprob=0.0), uint8=uint8)
+    train_tf = build_train_transform(
+        DataConfig(img_size=32), AugConfig(crop_scale=[0.3, 1.0], reprob=0.0), uint8=uint8
+    )
     eval_tf = build_eval_transform(Preprocess(32, 0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD), uint8=uint8)
     train_set, val_set, _ = build_datasets(root, train_transform=train_tf, eval_transform=eval_tf)
     sampler = ResumableTrainSampler(len(train_set), seed=4)
@@ -130,13 +132,25 @@ def _flat(optimizer_state):
 def test_training_through_the_device_path_resumes_bitwise(tiny_shapes, tmp_path, caplog):
     """CPU, uint8 workers, normalisation + random erasing + mixup/cutmix in the main process, gradient
     accumulation: a run resumed from a mid-epoch checkpoint ends bitwise where the uninterrupted run ends."""
-    overrides = [*MICRO_OVERRIDES, "data.batch_size=16", "train.accumulation_steps=2", "train.epochs=2",
-                 "aug.reprob=0.5", "aug.mixup=0.8", "aug.cutmix=1.0", "aug.auto_augment=rand-m9-mstd0.5-inc1",
-                 "train.checkpoint_every_steps=5", "train.keep_checkpoints=10"]  # fmt: skip
+    overrides = [
+        *MICRO_OVERRIDES,
+        "data.batch_size=16",
+        "train.accumulation_steps=2",
+        "train.epochs=2",
+        "aug.reprob=0.5",
+        "aug.mixup=0.8",
+        "aug.cutmix=1.0",
+        "aug.auto_augment=rand-m9-mstd0.5-inc1",
+        "train.checkpoint_every_steps=5",
+        "train.keep_checkpoints=10",
+    ]
     ref, run = tmp_path / "ref", tmp_path / "run"
     caplog.set_level(logging.INFO, logger="swin_train")  # the level; the text is read from each run's log.txt
-    train(load_config(None, overrides, data_path=str(tiny_shapes), output=str(ref)), device="cpu",
-          device_pipeline=True)  # fmt: skip
+    train(
+        load_config(None, overrides, data_path=str(tiny_shapes), output=str(ref)),
+        device="cpu",
+        device_pipeline=True,
+    )
     assert "images normalised on the device" in (ref / "log.txt").read_text()
     # 128 images / 16 per batch / 2 micro-batches = 4 steps per epoch: step 5 is mid-epoch 1, and what a
     # run killed after writing it leaves behind
@@ -144,8 +158,11 @@ def test_training_through_the_device_path_resumes_bitwise(tiny_shapes, tmp_path,
     assert (state["epoch"], state["step_in_epoch"]) == (1, 1)
     run.mkdir()
     shutil.copy(ref / "step-000000005.pth", run / "step-000000005.pth")
-    train(load_config(None, overrides, data_path=str(tiny_shapes), output=str(run)), device="cpu",
-          device_pipeline=True)  # fmt: skip
+    train(
+        load_config(None, overrides, data_path=str(tiny_shapes), output=str(run)),
+        device="cpu",
+        device_pipeline=True,
+    )
     assert (
         f"resuming from {run / 'step-000000005.pth'}: epoch 1, step 1 of 4" in (run / "log.txt").read_text()
     )
@@ -164,8 +181,15 @@ def test_training_through_the_device_path_resumes_bitwise(tiny_shapes, tmp_path,
 def test_device_path_without_erasing_trains_as_the_worker_path(tiny_shapes, tmp_path):
     """With erasing off the two pipelines feed the model the same floats: one epoch with RandAugment and
     mixup/cutmix, validation included, gives bitwise the same weights and metrics either way."""
-    overrides = [*MICRO_OVERRIDES, "data.batch_size=16", "train.epochs=1", "aug.mixup=0.8", "aug.cutmix=1.0",
-                 "aug.auto_augment=rand-m9-mstd0.5-inc1", "data.num_workers=1"]  # fmt: skip
+    overrides = [
+        *MICRO_OVERRIDES,
+        "data.batch_size=16",
+        "train.epochs=1",
+        "aug.mixup=0.8",
+        "aug.cutmix=1.0",
+        "aug.auto_augment=rand-m9-mstd0.5-inc1",
+        "data.num_workers=1",
+    ]
     for pipeline in (False, True):
         cfg = load_config(None, overrides, data_path=str(tiny_shapes), output=str(tmp_path / str(pipeline)))
         train(cfg, device="cpu", device_pipeline=pipeline)
@@ -181,8 +205,10 @@ def test_cuda_prefetch_matches_cpu_and_survives_a_slow_consumer():
     """Side-stream copies, events and record_stream: batches handed out while the consumer stream is
     still busy (a sleep kernel) hold their values; normalisation and constant-mode erasing (its boxes come
     from python's RNG) are bitwise the CPU's."""
-    host = [(torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8).pin_memory(), torch.arange(4) + i)
-            for i in range(12)]  # fmt: skip
+    host = [
+        (torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8).pin_memory(), torch.arange(4) + i)
+        for i in range(12)
+    ]
     cpu_tf = DeviceTransform("cpu", reprob=0.5, remode="const", seed=1)
     cuda_tf = DeviceTransform("cuda", reprob=0.5, remode="const", seed=1)
     expected = [(cpu_tf(x, 0, i), y) for i, (x, y) in enumerate(host)]

@@ -35,10 +35,18 @@ def _assert_equal_except(model, source_sd, skip=()):
 
 def _foreign_micro(kind: str):
     if kind == "timm":
-        return TimmSwin(img_size=32, patch_size=2, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
-                        window_size=4, num_classes=10)  # fmt: skip
-    return TorchvisionSwin(patch_size=[2, 2], embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
-                           num_classes=10)  # fmt: skip
+        return TimmSwin(
+            img_size=32,
+            patch_size=2,
+            embed_dim=24,
+            depths=(2, 2),
+            num_heads=(2, 4),
+            window_size=4,
+            num_classes=10,
+        )
+    return TorchvisionSwin(
+        patch_size=[2, 2], embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10
+    )
 
 
 @pytest.mark.parametrize("kind", ["timm", "torchvision"])
@@ -146,8 +154,12 @@ def test_class_map_selects_head_rows(micro_arch, tmp_path):
 
 def test_ema_weights_of_a_swin_train_checkpoint(micro_arch, tmp_path):
     raw, ema = _micro(micro_arch), _micro(micro_arch)
-    state = {"format": "swin-train/1", "model": raw.state_dict(), "config": {},
-             "ema": {"module": ema.state_dict(), "num_updates": 3, "calls": 3}}  # fmt: skip
+    state = {
+        "format": "swin-train/1",
+        "model": raw.state_dict(),
+        "config": {},
+        "ema": {"module": ema.state_dict(), "num_updates": 3, "calls": 3},
+    }
     save_checkpoint(state, tmp_path / "last.pth")
     model = _micro(micro_arch)
     report = load_pretrained(model, tmp_path / "last.pth", strict=True, use_ema=True)

@@ -101,9 +101,23 @@ def _worker_pids(output_dir: Path, rank: int) -> list[int]:
 
 def test_killed_rank_is_restarted_by_torchrun_and_the_run_finishes(shapes_root, tmp_path):
     out = tmp_path / "elastic"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--max-restarts=3",
-           "-m", "swin_train.cli.train", "--data-path", str(shapes_root), "--output", str(out), *MICRO_OVERRIDES,
-           "data.batch_size=16", "train.epochs=2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "--max-restarts=3",
+        "-m",
+        "swin_train.cli.train",
+        "--data-path",
+        str(shapes_root),
+        "--output",
+        str(out),
+        *MICRO_OVERRIDES,
+        "data.batch_size=16",
+        "train.epochs=2",
+    ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_subprocess()
     )
@@ -241,16 +255,28 @@ def test_skip_bad_images_logs_and_trains(tmp_path, shapes_root, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    done = run_cli("train", "--debug", "--data-path", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o"),
-                   *COMMON)  # fmt: skip
+    done = run_cli(
+        "train", "--debug", "--data-path", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o"), *COMMON
+    )
     assert done.returncode != 0 and "Traceback" in done.stderr and "DataError" in done.stderr
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shapes_root, tmp_path, capsys):
     out = tmp_path / "nan"
     # an absurd lr makes the weights blow up; every later step is non-finite
-    args = ["--data-path", str(shapes_root), "--output", str(out), *COMMON, "train.epochs=2", "train.base_lr=1e30",
-            "train.warmup_lr=1e30", "train.min_lr=1e30", "train.clip_grad=null", "train.max_nonfinite_steps=4"]  # fmt: skip
+    args = [
+        "--data-path",
+        str(shapes_root),
+        "--output",
+        str(out),
+        *COMMON,
+        "train.epochs=2",
+        "train.base_lr=1e30",
+        "train.warmup_lr=1e30",
+        "train.min_lr=1e30",
+        "train.clip_grad=null",
+        "train.max_nonfinite_steps=4",
+    ]
     assert train_cli(args) == 2
     err = capsys.readouterr().err
     assert "4 optimizer steps in a row had a non-finite loss or gradient" in err
@@ -258,10 +284,26 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shapes_root, tmp_p
 
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(shapes_root, tmp_path):
     out = tmp_path / "ddp-stop"
-    args = ["--data-path", str(shapes_root), "--output", str(out), *MICRO_OVERRIDES, "data.batch_size=16",
-            "train.epochs=2", "train.checkpoint_every_steps=5"]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
-           "swin_train.cli.train", *args]  # fmt: skip
+    args = [
+        "--data-path",
+        str(shapes_root),
+        "--output",
+        str(out),
+        *MICRO_OVERRIDES,
+        "data.batch_size=16",
+        "train.epochs=2",
+        "train.checkpoint_every_steps=5",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "swin_train.cli.train",
+        *args,
+    ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_subprocess()
     )

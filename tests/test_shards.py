@@ -26,8 +26,9 @@ def small_shapes(tmp_path_factory):
     """256 train / 64 val images of the shapes set (8 classes, 32 px)."""
     from swin_train.data.shapes import ensure_shapes_dataset
 
-    return ensure_shapes_dataset(tmp_path_factory.mktemp("small") / "shapes", img_size=32, train_per_class=32,
-                                 val_per_class=8)  # fmt: skip
+    return ensure_shapes_dataset(
+        tmp_path_factory.mktemp("small") / "shapes", img_size=32, train_per_class=32, val_per_class=8
+    )
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +168,14 @@ def _hub_layout(src: Path, out: Path) -> None:
             for i, (path, label) in enumerate(samples[:: 2 if split == "train" else 1]):
                 jpeg = io.BytesIO()
                 Image.open(path).convert("RGB").save(jpeg, format="JPEG")
-                sink.write({"__key__": f"{split}_{i:06d}", "jpg": jpeg.getvalue(), "cls": label,
-                            "json": {"label": label}})  # fmt: skip
+                sink.write(
+                    {
+                        "__key__": f"{split}_{i:06d}",
+                        "jpg": jpeg.getvalue(),
+                        "cls": label,
+                        "json": {"label": label},
+                    }
+                )
         files = sorted(p.name for p in out.glob(f"imagenet1k-{split}-*.tar"))
         lengths = [S.count_samples(str(out / f)) for f in files]
         info["splits"][split] = {
@@ -186,9 +193,17 @@ def test_hub_layout_shards_written_by_webdataset_train_by_brace_pattern(small_sh
     split = S.resolve_split(str(hub / "imagenet1k-train-{0000..0006}.tar"), "train")
     assert [s.name for s in split.shards] == [f"imagenet1k-train-{i:04d}.tar" for i in range(7)]
     assert split.num_samples == 128 and split.class_names is None
-    done = run_cli("train", "--data-path", hub / "imagenet1k-train-{0000..0006}.tar", "--output", tmp_path / "run",
-                   *TRAIN_ARGS, f"data.val_path={hub}/imagenet1k-validation-{{0000..0003}}.tar", "data.num_workers=2",
-                   "data.val_split=validation")  # fmt: skip
+    done = run_cli(
+        "train",
+        "--data-path",
+        hub / "imagenet1k-train-{0000..0006}.tar",
+        "--output",
+        tmp_path / "run",
+        *TRAIN_ARGS,
+        f"data.val_path={hub}/imagenet1k-validation-{{0000..0003}}.tar",
+        "data.num_workers=2",
+        "data.val_split=validation",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "128 train / 64 val images, 8 classes" in done.stdout
     assert "on 64 val images" in done.stdout
@@ -205,8 +220,16 @@ def test_shards_train_the_same_samples_per_epoch_and_evaluate_as_the_folder(smal
     results = {}
     # the folder on 2 processes is test_train's business: its exactness is proven there
     for name, path, procs in (("folder", small_shapes, 1), ("shards", packed, 1), ("shards", packed, 2)):
-        args = ("--checkpoint", out / "last.pth", "--data-path", path, "--num-workers", "2",
-                "--metrics-json", tmp_path / f"{name}{procs}.json")  # fmt: skip
+        args = (
+            "--checkpoint",
+            out / "last.pth",
+            "--data-path",
+            path,
+            "--num-workers",
+            "2",
+            "--metrics-json",
+            tmp_path / f"{name}{procs}.json",
+        )
         ran = run_cli("eval", *args) if procs == 1 else torchrun(2, "eval", *args)
         assert ran.returncode == 0, ran.stderr[-2000:]
         results[name, procs] = json.loads((tmp_path / f"{name}{procs}.json").read_text())
@@ -266,19 +289,39 @@ def _eval_error(tmp_path, data_path, *extra):
 
     ckpt = tmp_path / "weights.pth"
     if not ckpt.exists():
-        model = SwinTransformer(img_size=32, patch_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
-                                num_classes=8)  # fmt: skip
+        model = SwinTransformer(
+            img_size=32,
+            patch_size=4,
+            embed_dim=32,
+            depths=(2, 2),
+            num_heads=(2, 4),
+            window_size=4,
+            num_classes=8,
+        )
         torch.save({"model": model.state_dict()}, ckpt)
         (tmp_path / "config.yaml").write_text("seed: 0\n")
-    return cli(["--checkpoint", str(ckpt), "--config", str(tmp_path / "config.yaml"), "--data-path", str(data_path),
-                *MICRO_OVERRIDES, *extra])  # fmt: skip
+    return cli(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--config",
+            str(tmp_path / "config.yaml"),
+            "--data-path",
+            str(data_path),
+            *MICRO_OVERRIDES,
+            *extra,
+        ]
+    )
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("missing_index", "no shard index (_info.json or _info.yaml)"),
-    ("truncated", "is truncated"),
-    ("corrupt_image", "cannot decode image"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing_index", "no shard index (_info.json or _info.yaml)"),
+        ("truncated", "is truncated"),
+        ("corrupt_image", "cannot decode image"),
+    ],
+)
 def test_bad_shards_are_one_line_errors(packed, tmp_path, capsys, damage, message):
     bad = _copy_packed(packed, tmp_path / "bad")
     shard = bad / "data-validation-0003.tar"
@@ -306,8 +349,13 @@ def test_bad_shards_are_one_line_errors(packed, tmp_path, capsys, damage, messag
 
 def test_a_failing_pipe_command_is_a_one_line_error(packed, tmp_path, capsys):
     pattern = f"pipe:cat {packed}/missing/data-validation-{{0000..0007}}.tar"
-    bad = _eval_error(tmp_path, f"pipe:cat {packed}/data-train-{{0000..0031}}.tar", f"data.val_path={pattern}",
-                      f"data.shard_info={packed}/_info.json", "data.num_workers=0")  # fmt: skip
+    bad = _eval_error(
+        tmp_path,
+        f"pipe:cat {packed}/data-train-{{0000..0031}}.tar",
+        f"data.val_path={pattern}",
+        f"data.shard_info={packed}/_info.json",
+        "data.num_workers=0",
+    )
     err = capsys.readouterr().err.strip()
     assert bad == 2 and len(err.splitlines()) == 1 and "the command of pipe:cat" in err and "failed" in err, (
         err

@@ -88,8 +88,14 @@ SRUN_TASK = {
     "SLURM_NODEID": "0",
     "SLURM_STEP_ID": "0",
 }
-TORCHRUN_WORKER = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node0",
-                   "MASTER_PORT": "29500", "TORCHELASTIC_RESTART_COUNT": "2"}  # fmt: skip
+TORCHRUN_WORKER = {
+    "RANK": "3",
+    "WORLD_SIZE": "8",
+    "LOCAL_RANK": "1",
+    "MASTER_ADDR": "node0",
+    "MASTER_PORT": "29500",
+    "TORCHELASTIC_RESTART_COUNT": "2",
+}
 
 
 def test_no_launcher_is_a_single_process():
@@ -132,8 +138,14 @@ def test_slurm_port_is_the_same_for_every_task_and_in_the_unprivileged_range():
 def test_batch_script_without_srun_is_a_single_process():
     # the batch step of `sbatch --nodes 2 --ntasks-per-node 8` has SLURM_PROCID=0 and the job's 16 tasks but
     # no SLURM_STEP_NUM_TASKS: it is one process, not rank 0 of 16 waiting for 15 others
-    batch = {"SLURM_JOB_ID": "4711", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "16",
-             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
+    batch = {
+        "SLURM_JOB_ID": "4711",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_NTASKS": "16",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
     assert launch_env(batch) == LaunchEnv()
     salloc_shell = {"SLURM_JOB_ID": "4711", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "16"}
     assert launch_env(salloc_shell) == LaunchEnv()
@@ -195,8 +207,15 @@ def _free_port_in(low: int, high: int) -> int:
     pytest.skip(f"no free port in [{low}, {high})")
 
 
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                      "MASTER_PORT")  # fmt: skip
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def _srun_task_env(rank: int, ntasks: int, job_id: int) -> dict:
@@ -207,9 +226,17 @@ def _srun_task_env(rank: int, ntasks: int, job_id: int) -> dict:
         for k, v in inherited
         if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in TORCHRUN_VARIABLES
     }
-    env.update(SLURM_JOB_ID=str(job_id), SLURM_JOB_NODELIST="localhost", SLURM_STEP_NODELIST="localhost",
-               SLURM_NTASKS=str(ntasks), SLURM_STEP_NUM_TASKS=str(ntasks), SLURM_PROCID=str(rank),
-               SLURM_LOCALID=str(rank), SLURM_NODEID="0", SLURM_STEP_ID="0")  # fmt: skip
+    env.update(
+        SLURM_JOB_ID=str(job_id),
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_STEP_NODELIST="localhost",
+        SLURM_NTASKS=str(ntasks),
+        SLURM_STEP_NUM_TASKS=str(ntasks),
+        SLURM_PROCID=str(rank),
+        SLURM_LOCALID=str(rank),
+        SLURM_NODEID="0",
+        SLURM_STEP_ID="0",
+    )
     return env
 
 
@@ -238,8 +265,15 @@ def test_two_srun_tasks_train_exactly_and_equal_torchrun_bitwise(shapes_root, tm
         + _free_port_in(SLURM_PORT_BASE, SLURM_PORT_BASE + SLURM_PORT_SPAN)
         - SLURM_PORT_BASE
     )
-    common = ["--device", "cpu", "--data-path", str(shapes_root), *MICRO_OVERRIDES, "data.batch_size=32",
-              "train.epochs=1"]  # fmt: skip
+    common = [
+        "--device",
+        "cpu",
+        "--data-path",
+        str(shapes_root),
+        *MICRO_OVERRIDES,
+        "data.batch_size=32",
+        "train.epochs=1",
+    ]
     out = tmp_path / "slurm"
     (rank0, output0), (rank1, output1) = _srun(["--output", str(out), *common], ntasks=2, job_id=job_id)
     assert rank0 == 0 and rank1 == 0, (output0 + output1)[-3000:]
@@ -295,17 +329,30 @@ def _run_batch_script(tmp_path: Path, srun_status: int) -> tuple[subprocess.Comp
         record = f'echo "{tool} SRUN_CPUS_PER_TASK=$SRUN_CPUS_PER_TASK $*" >> {calls}'
         (bin_dir / tool).write_text(f"#!/bin/bash\n{record}\nexit {status}\n")
         (bin_dir / tool).chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "4711", "SLURM_JOB_NODELIST": "gpu[07-08]",
-           "SLURM_NTASKS": "16", "SLURM_CPUS_PER_TASK": "10"}  # fmt: skip
-    done = subprocess.run(["bash", str(SBATCH_SCRIPT), "cfg.yaml", "out/run", "--data-path", "/data/in"],
-                          capture_output=True, text=True, env=env, timeout=30)  # fmt: skip
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "SLURM_JOB_ID": "4711",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_NTASKS": "16",
+        "SLURM_CPUS_PER_TASK": "10",
+    }
+    done = subprocess.run(
+        ["bash", str(SBATCH_SCRIPT), "cfg.yaml", "out/run", "--data-path", "/data/in"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
     return done, calls
 
 
 def test_sbatch_script_is_valid_bash_and_asks_for_the_signal_and_requeue():
     assert subprocess.run(["bash", "-n", str(SBATCH_SCRIPT)]).returncode == 0
-    directives = [line.split("#")[1].split()[1] for line in SBATCH_SCRIPT.read_text().splitlines()
-                  if line.startswith("#SBATCH")]  # fmt: skip
+    directives = [
+        line.split("#")[1].split()[1]
+        for line in SBATCH_SCRIPT.read_text().splitlines()
+        if line.startswith("#SBATCH")
+    ]
     assert {"--signal=USR1@120", "--requeue", "--open-mode=append", "--ntasks-per-node=8"} <= set(directives)
 
 

@@ -66,8 +66,9 @@ def test_short_run_learns_and_writes_its_outputs(shapes_root, tmp_path, capsys):
 
 def test_bf16_autocast_and_accumulation_on_cpu(shapes_root, tmp_path, capsys):
     out = tmp_path / "bf16"
-    args = _train_args(shapes_root, out, "train.epochs=1", "amp=bf16", "train.accumulation_steps=2",
-                       "data.batch_size=16")  # fmt: skip
+    args = _train_args(
+        shapes_root, out, "train.epochs=1", "amp=bf16", "train.accumulation_steps=2", "data.batch_size=16"
+    )
     assert train_cli(args) == 0
     (record,) = _records(out)
     assert record["train_nonfinite_steps"] == 0
@@ -226,8 +227,16 @@ def test_quickstart_config_end_to_end(tmp_path):
     """The README's first command (cut to two epochs for CI time), then swin-eval on its checkpoint."""
     env = env_for_subprocess(SWIN_TRAIN_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "qs"
-    done = run_cli("train", "--config", Path(__file__).parents[1] / "configs" / "quickstart.yaml", "--output", out, "train.epochs=2",
-                   env=env, timeout=600)  # fmt: skip
+    done = run_cli(
+        "train",
+        "--config",
+        Path(__file__).parents[1] / "configs" / "quickstart.yaml",
+        "--output",
+        out,
+        "train.epochs=2",
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done: top-1" in done.stdout
     first, record = _records(out)
@@ -241,8 +250,15 @@ def test_quickstart_config_end_to_end(tmp_path):
 
 def test_torchrun_resume_after_kill_9_is_bitwise(shapes_root, tmp_path):
     """Two processes, killed (the whole group, as a lost node would be) mid-epoch, then relaunched."""
-    args = [*_train_args(shapes_root, tmp_path / "ref", "train.epochs=2", "data.batch_size=16",
-                         "train.checkpoint_every_steps=10")]  # fmt: skip
+    args = [
+        *_train_args(
+            shapes_root,
+            tmp_path / "ref",
+            "train.epochs=2",
+            "data.batch_size=16",
+            "train.checkpoint_every_steps=10",
+        )
+    ]
     done = torchrun(2, "train", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "run"
@@ -251,10 +267,24 @@ def test_torchrun_resume_after_kill_9_is_bitwise(shapes_root, tmp_path):
             shapes_root, out, "train.epochs=2", "data.batch_size=16", "train.checkpoint_every_steps=10"
         )
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
-           "swin_train.cli.train", *args]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env_for_subprocess(), start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "swin_train.cli.train",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env_for_subprocess(),
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while not (out / "step-000000040.pth").exists():  # epoch 1, step 8 of 32
         assert proc.poll() is None and time.time() < deadline, "run ended before the checkpoint appeared"

@@ -26,11 +26,19 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     raw, ema = SwinTransformer(**cfg.model_kwargs()), SwinTransformer(**cfg.model_kwargs())
     state = training_checkpoint(
-        model=raw.state_dict(), optimizer={}, schedule={"step": 0}, scaler=None,
-        ema={"module": ema.state_dict(), "num_updates": 1, "calls": 1}, train_state={}, best={}, rng=[],
-        config=config_to_dict(cfg), world_size=1, class_names=[f"c{i}" for i in range(8)],
+        model=raw.state_dict(),
+        optimizer={},
+        schedule={"step": 0},
+        scaler=None,
+        ema={"module": ema.state_dict(), "num_updates": 1, "calls": 1},
+        train_state={},
+        best={},
+        rng=[],
+        config=config_to_dict(cfg),
+        world_size=1,
+        class_names=[f"c{i}" for i in range(8)],
         preprocess=Preprocess.from_config(cfg).to_dict(),
-    )  # fmt: skip
+    )
     path = tmp_path_factory.mktemp("trained") / "best.pth"
     save_checkpoint(state, path)
     return path
@@ -51,7 +59,12 @@ def test_every_command_loads_the_same_model(checkpoint, tmp_path, ema):
     reference = _logits(load_trained_model(checkpoint, ema=ema).model, x)
     exported = tmp_path / "w.safetensors"
     flags = ["--ema"] if ema else []
-    assert export_cli(["--checkpoint", str(checkpoint), "--format", "safetensors", "--out", str(exported), *flags]) == 0
+    assert (
+        export_cli(
+            ["--checkpoint", str(checkpoint), "--format", "safetensors", "--out", str(exported), *flags]
+        )
+        == 0
+    )
     loaded = {
         "swin-predict": Predictor.from_checkpoint(checkpoint, device="cpu", ema=ema).model,
         "swin-eval": load_model_and_config(_eval_args(checkpoint, ema))[0],

@@ -14,8 +14,11 @@ from swin_train.cli.common import ArgumentParser, add_debug_flag, run_cli, setup
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="swin-data", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    p = commands.add_parser("pack", help="write webdataset shards (NAME-train-0000.tar, ..., _info.json)",
-                            epilog="Example: swin-data pack /data/imagenet /data/imagenet-wds --workers 16")  # fmt: skip
+    p = commands.add_parser(
+        "pack",
+        help="write webdataset shards (NAME-train-0000.tar, ..., _info.json)",
+        epilog="Example: swin-data pack /data/imagenet /data/imagenet-wds --workers 16",
+    )
     p.add_argument(
         "src", help="a folder with train/ and val/ ImageFolders, or train.zip + train_map.txt (+ val)"
     )
@@ -44,8 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pack":
         from swin_train.data.pack import PackOptions, pack
 
-        options = PackOptions(shard_size=args.shard_size, max_size=args.max_size, skip_bad=args.skip_bad,
-                              seed=args.seed, name=args.name)  # fmt: skip
+        options = PackOptions(
+            shard_size=args.shard_size,
+            max_size=args.max_size,
+            skip_bad=args.skip_bad,
+            seed=args.seed,
+            name=args.name,
+        )
         pack(
             args.src,
             args.out,

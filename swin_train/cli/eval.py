@@ -107,11 +107,18 @@ def _hf_model_and_config(args):
         )
     hf = load_hf_folder(args.checkpoint)
     arch = dict(hf.arch)
-    overrides = [f"data.img_size={arch.pop('img_size')}", *(f"model.{k}={json.dumps(v)}" for k, v in arch.items())]
+    overrides = [
+        f"data.img_size={arch.pop('img_size')}",
+        *(f"model.{k}={json.dumps(v)}" for k, v in arch.items()),
+    ]
     if hf.preprocess:
         p = hf.preprocess
-        overrides += [f"eval.crop_pct={p['crop_pct']}", f"data.interpolation={p['interpolation']}",
-                      f"data.mean={json.dumps(p['mean'])}", f"data.std={json.dumps(p['std'])}"]  # fmt: skip
+        overrides += [
+            f"eval.crop_pct={p['crop_pct']}",
+            f"data.interpolation={p['interpolation']}",
+            f"data.mean={json.dumps(p['mean'])}",
+            f"data.std={json.dumps(p['std'])}",
+        ]
     cfg = load_config(args.config, [*overrides, *args.overrides])
     model = SwinTransformer(**cfg.model_kwargs())
     load_exact_weights(model, hf.state_dict, str(args.checkpoint))
@@ -141,9 +148,21 @@ def main(argv: list[str] | None = None) -> int:
         model.to(env.device)
         amp = resolve_amp(cfg.amp, env.device)
         if args.throughput:
-            img_s = throughput(model, batch_size=cfg.eval_batch_size, in_chans=cfg.model.in_chans,
-                               img_size=cfg.data.img_size, device=env.device, amp=amp)  # fmt: skip
-            log.info("throughput: %.1f img/s (batch %d, %s, amp %s)", img_s, cfg.eval_batch_size, env.device, amp.name)
+            img_s = throughput(
+                model,
+                batch_size=cfg.eval_batch_size,
+                in_chans=cfg.model.in_chans,
+                img_size=cfg.data.img_size,
+                device=env.device,
+                amp=amp,
+            )
+            log.info(
+                "throughput: %.1f img/s (batch %d, %s, amp %s)",
+                img_s,
+                cfg.eval_batch_size,
+                env.device,
+                amp.name,
+            )
             return 0
         # on CUDA, as in training: uint8 batches from the workers, normalised on the GPU (prefetch.py)
         on_device = env.device.type == "cuda"
@@ -153,13 +172,22 @@ def main(argv: list[str] | None = None) -> int:
         if expected_classes and list(expected_classes) != list(classes):
             raise DataError("the val/ class folders differ from the class names stored in the checkpoint")
         device_transform = device_transform_for(cfg, env, train=False) if on_device else None
-        m = evaluate(model, loader, device=env.device, amp=amp, num_classes=model.num_classes,
-                     show_progress=env.is_main, device_transform=device_transform)  # fmt: skip
+        m = evaluate(
+            model,
+            loader,
+            device=env.device,
+            amp=amp,
+            num_classes=model.num_classes,
+            show_progress=env.is_main,
+            device_transform=device_transform,
+        )
         if env.is_main:
             k = m["topk"]
             note = f" (only {model.num_classes} classes: top-{k})" if k < 5 else ""
-            print(f"top-1 {100 * m['top1']:.3f}% | top-5 {100 * m['top5']:.3f}%{note} | loss {m['loss']:.4f} | "
-                  f"{m['num_samples']} images, {env.world_size} process(es)")  # fmt: skip
+            print(
+                f"top-1 {100 * m['top1']:.3f}% | top-5 {100 * m['top5']:.3f}%{note} | loss {m['loss']:.4f} | "
+                f"{m['num_samples']} images, {env.world_size} process(es)"
+            )
             if args.metrics_json:
                 out = {key: m[key] for key in ("top1", "top5", "loss", "num_samples")}
                 Path(args.metrics_json).write_text(json.dumps(out, indent=2) + "\n")

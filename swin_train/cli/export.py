@@ -31,8 +31,12 @@ def build_parser() -> ArgumentParser:
         prog="swin-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", required=True, help="swin-train checkpoint, or weights in any Swin layout")
-    p.add_argument("--format", required=True, choices=(*EXPORT_FORMATS, *RUNNABLE_FORMATS), help="what to write")
-    p.add_argument("--out", required=True, help="file to write (.safetensors, .onnx), or the folder for --format hf")
+    p.add_argument(
+        "--format", required=True, choices=(*EXPORT_FORMATS, *RUNNABLE_FORMATS), help="what to write"
+    )
+    p.add_argument(
+        "--out", required=True, help="file to write (.safetensors, .onnx), or the folder for --format hf"
+    )
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
     p.add_argument(
         "--img-size",
@@ -99,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     bare = not (is_training_checkpoint(state) or all(k in state for k in EXPORT_METADATA_KEYS))
     if not bare:
         if args.img_size is not None:
-            raise ConfigError("--img-size is only for bare weights; this checkpoint's config fixes the image size")
+            raise ConfigError(
+                "--img-size is only for bare weights; this checkpoint's config fixes the image size"
+            )
         trained = load_trained_model(state, ema=args.ema)
         model, sd = trained.model, trained.model.state_dict()
         class_names, preprocess = trained.class_names, trained.preprocess.to_dict()

@@ -21,16 +21,46 @@ def _g(flops: int) -> str:
 def format_table(title: str, d: dict) -> str:
     rows = [("module", "input", "dim", "heads", "window", "depth", "params", "FLOPs")]
     pe = d["patch_embed"]
-    rows.append(("PatchEmbed", f"{d['img_size']}x{d['img_size']}", str(d["embed_dim"]), "", "", "",
-                 _n(pe["params"]), _g(pe["flops"])))  # fmt: skip
+    rows.append(
+        (
+            "PatchEmbed",
+            f"{d['img_size']}x{d['img_size']}",
+            str(d["embed_dim"]),
+            "",
+            "",
+            "",
+            _n(pe["params"]),
+            _g(pe["flops"]),
+        )
+    )
     for layer in d["layers"]:
         res = "x".join(map(str, layer["resolution"]))
-        rows.append((f"Layer {layer['index']}", res, str(layer["dim"]), str(layer["heads"]), str(layer["window"]),
-                     str(layer["depth"]), _n(layer["params"]), _g(layer["flops"])))  # fmt: skip
+        rows.append(
+            (
+                f"Layer {layer['index']}",
+                res,
+                str(layer["dim"]),
+                str(layer["heads"]),
+                str(layer["window"]),
+                str(layer["depth"]),
+                _n(layer["params"]),
+                _g(layer["flops"]),
+            )
+        )
         for block in layer["blocks"]:
             kind = block["type"] + (f" (shift {block['shift']})" if block["shift"] else "")
-            rows.append((f"  Block {block['index']} {kind}", "", "", "", "", "", _n(block["params"]),
-                         _g(block["flops"])))  # fmt: skip
+            rows.append(
+                (
+                    f"  Block {block['index']} {kind}",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    _n(block["params"]),
+                    _g(block["flops"]),
+                )
+            )
         if layer["downsample"]:
             ds = layer["downsample"]
             rows.append(
@@ -71,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
 
         name = args.model or DEFAULT_VARIANT
         try:
-
             kwargs = variant_arch(name)
         except KeyError as e:
             raise ConfigError(str(e).strip("'\"") + "; pass --model with a known name") from None

@@ -14,8 +14,11 @@ def build_parser() -> ArgumentParser:
         "srun swin-train ... (see scripts/slurm/train.sbatch)",
     )
     parser.add_argument("--config", help="YAML config (may inherit with _base_)")
-    parser.add_argument("--data-path", help="ImageFolder root with train/ and val/, a webdataset shard folder, "
-                        "brace pattern or pipe: URL, or a Hugging Face dataset")
+    parser.add_argument(
+        "--data-path",
+        help="ImageFolder root with train/ and val/, a webdataset shard folder, "
+        "brace pattern or pipe: URL, or a Hugging Face dataset",
+    )
     parser.add_argument("--output", help="output folder (checkpoints, logs); re-running resumes from it")
     parser.add_argument("--batch-size", type=int, help="per-process batch size (data.batch_size)")
     parser.add_argument("--resume", help="resume from this checkpoint instead of the output folder's latest")
@@ -34,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from swin_train.stopping import TrainingStopped
     from swin_train.trainer import train
 
-    cfg = load_config(args.config, args.overrides, data_path=args.data_path, output=args.output,
-                      batch_size=args.batch_size)  # fmt: skip
+    cfg = load_config(
+        args.config, args.overrides, data_path=args.data_path, output=args.output, batch_size=args.batch_size
+    )
     try:
         train(cfg, resume=args.resume, device=args.device)
     except TrainingStopped as stop:

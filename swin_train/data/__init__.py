@@ -1,14 +1,14 @@
 """Data: where images come from and how they become batches.
 
-    folder.py      ImageFolder scanning and decoding (the file rules swin-predict shares)
-    transforms.py  timm's train recipe and the eval resize/crop (`Preprocess`, stored in checkpoints)
-    samplers.py    a train order that resumes mid-epoch bitwise; an eval split that never pads
-    loader.py      DataLoaders whose output does not depend on workers
-    seeding.py     seeds derived from (seed, rank, epoch, index) keys
-    prefetch.py    batches to the device; uint8 normalisation and seeded erasing there
-    synthetic.py   random tensors (benchmarks); shapes.py: the generated quick-start set
-    shards.py      webdataset shards (folders, brace patterns, pipe: URLs): exact eval, resumable order
-    pack.py        `swin-data pack`: ImageFolder or the official zip layout -> shards
-    hf_dataset.py  Hugging Face datasets (save_to_disk folders, parquet), map-style
-    build.py       all of the above for a run, from a Config
+folder.py      ImageFolder scanning and decoding (the file rules swin-predict shares)
+transforms.py  timm's train recipe and the eval resize/crop (`Preprocess`, stored in checkpoints)
+samplers.py    a train order that resumes mid-epoch bitwise; an eval split that never pads
+loader.py      DataLoaders whose output does not depend on workers
+seeding.py     seeds derived from (seed, rank, epoch, index) keys
+prefetch.py    batches to the device; uint8 normalisation and seeded erasing there
+synthetic.py   random tensors (benchmarks); shapes.py: the generated quick-start set
+shards.py      webdataset shards (folders, brace patterns, pipe: URLs): exact eval, resumable order
+pack.py        `swin-data pack`: ImageFolder or the official zip layout -> shards
+hf_dataset.py  Hugging Face datasets (save_to_disk folders, parquet), map-style
+build.py       all of the above for a run, from a Config
 """

@@ -99,7 +99,9 @@ def shard_class_names(cfg: Config, names: tuple[str, ...] | None) -> list[str]:
     """The index's class names; without them (timm's Hub index has none), model.num_classes numbered classes."""
     if names:
         return list(names)
-    log.info("the shard index names no classes: using model.num_classes=%d numbered classes", cfg.model.num_classes)
+    log.info(
+        "the shard index names no classes: using model.num_classes=%d numbered classes", cfg.model.num_classes
+    )
     return [str(i) for i in range(cfg.model.num_classes)]
 
 
@@ -122,8 +124,16 @@ def device_transform_for(cfg: Config, env: DistEnv, *, train: bool) -> DeviceTra
     d, a = cfg.data, cfg.aug
     if not train:
         return DeviceTransform(env.device, d.mean, d.std)
-    return DeviceTransform(env.device, d.mean, d.std, reprob=a.reprob, remode=a.remode, recount=a.recount,
-                           seed=cfg.seed, rank=env.rank)  # fmt: skip
+    return DeviceTransform(
+        env.device,
+        d.mean,
+        d.std,
+        reprob=a.reprob,
+        remode=a.remode,
+        recount=a.recount,
+        seed=cfg.seed,
+        rank=env.rank,
+    )
 
 
 def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> Data:
@@ -132,14 +142,20 @@ def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> D
     d = cfg.data
     train_transform = build_train_transform(d, cfg.aug, uint8=device_pipeline)
     eval_transform = build_eval_transform(Preprocess.from_config(cfg), uint8=device_pipeline)
-    device_transform = device_transform_for(cfg, env, train=True) if device_pipeline and not d.synthetic else None
+    device_transform = (
+        device_transform_for(cfg, env, train=True) if device_pipeline and not d.synthetic else None
+    )
     source = "synthetic" if d.synthetic else data_source(cfg)
     if source == "wds":
         return build_shard_data(cfg, env, train_transform, eval_transform, device_transform)
     if source == "synthetic":  # random tensors: measures the loop without decoding
         classes = [f"class_{i}" for i in range(cfg.model.num_classes)]
-        train_set = SyntheticDataset(50 * d.batch_size * env.world_size, len(classes), d.img_size, seed=cfg.seed)
-        val_set = SyntheticDataset(4 * d.batch_size * env.world_size, len(classes), d.img_size, seed=cfg.seed + 1)
+        train_set = SyntheticDataset(
+            50 * d.batch_size * env.world_size, len(classes), d.img_size, seed=cfg.seed
+        )
+        val_set = SyntheticDataset(
+            4 * d.batch_size * env.world_size, len(classes), d.img_size, seed=cfg.seed + 1
+        )
     elif source == "hf":
         from swin_train.data.hf_dataset import build_hf_split
 
@@ -148,15 +164,25 @@ def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> D
         val_set = build_hf_split(d.data_path, d.val_split, eval_transform, **columns)
         classes = train_set.classes
     else:
-        train_set, val_set, classes = build_datasets(data_root(cfg, env), train_transform=train_transform,
-                                                     eval_transform=eval_transform, skip_bad_images=d.skip_bad_images)  # fmt: skip
-    train_sampler = ResumableTrainSampler(len(train_set), num_replicas=env.world_size, rank=env.rank, seed=cfg.seed)
+        train_set, val_set, classes = build_datasets(
+            data_root(cfg, env),
+            train_transform=train_transform,
+            eval_transform=eval_transform,
+            skip_bad_images=d.skip_bad_images,
+        )
+    train_sampler = ResumableTrainSampler(
+        len(train_set), num_replicas=env.world_size, rank=env.rank, seed=cfg.seed
+    )
     workers = usable_workers(d.num_workers)
     common = dict(num_workers=workers, pin_memory=d.pin_memory, seed=cfg.seed, rank=env.rank)
-    train_loader = build_loader(train_set, batch_size=d.batch_size, sampler=train_sampler, drop_last=True, **common)
+    train_loader = build_loader(
+        train_set, batch_size=d.batch_size, sampler=train_sampler, drop_last=True, **common
+    )
     val_sampler = ExactEvalSampler(len(val_set), env.world_size, env.rank)
     val_loader = build_loader(val_set, batch_size=cfg.eval_batch_size, sampler=val_sampler, **common)
-    return Data(train_loader, val_loader, train_sampler, list(classes), len(train_set), len(val_set), device_transform)
+    return Data(
+        train_loader, val_loader, train_sampler, list(classes), len(train_set), len(val_set), device_transform
+    )
 
 
 def build_shard_data(cfg: Config, env: DistEnv, train_transform, eval_transform, device_transform) -> Data:
@@ -169,24 +195,58 @@ def build_shard_data(cfg: Config, env: DistEnv, train_transform, eval_transform,
     # every process reads at least one shard per worker: fewer workers when the shards are few
     train_workers = min(workers, max(1, len(train_split.shards) // env.world_size))
     if train_workers < workers:
-        log.info("train split: %d shards for %d processes: %d loader workers per process instead of %d",
-                 len(train_split.shards), env.world_size, train_workers, workers)  # fmt: skip
-    train_set = ShardTrainDataset(train_split, train_transform, batch_size=d.batch_size, seed=cfg.seed, rank=env.rank,
-                                  world_size=env.world_size, num_workers=train_workers, shuffle_buffer=d.shuffle_buffer)  # fmt: skip
+        log.info(
+            "train split: %d shards for %d processes: %d loader workers per process instead of %d",
+            len(train_split.shards),
+            env.world_size,
+            train_workers,
+            workers,
+        )
+    train_set = ShardTrainDataset(
+        train_split,
+        train_transform,
+        batch_size=d.batch_size,
+        seed=cfg.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_workers=train_workers,
+        shuffle_buffer=d.shuffle_buffer,
+    )
     if train_set.dropped_per_epoch:
-        log.info("train shards: %d of %d samples sit out each epoch (a different few each epoch), so that every "
-                 "one of %d processes x %d workers reads %d samples", train_set.dropped_per_epoch,
-                 train_split.num_samples, env.world_size, max(1, train_workers), train_set.samples_per_stream)  # fmt: skip
-    val_set = ShardEvalDataset(val_split, eval_transform, rank=env.rank, world_size=env.world_size, num_workers=workers)
+        log.info(
+            "train shards: %d of %d samples sit out each epoch (a different few each epoch), so that every "
+            "one of %d processes x %d workers reads %d samples",
+            train_set.dropped_per_epoch,
+            train_split.num_samples,
+            env.world_size,
+            max(1, train_workers),
+            train_set.samples_per_stream,
+        )
+    val_set = ShardEvalDataset(
+        val_split, eval_transform, rank=env.rank, world_size=env.world_size, num_workers=workers
+    )
     common = dict(pin_memory=d.pin_memory, seed=cfg.seed, rank=env.rank)
-    train_loader = build_shard_loader(train_set, batch_size=d.batch_size, num_workers=train_workers, drop_last=True, **common)
-    val_loader = build_shard_loader(val_set, batch_size=cfg.eval_batch_size, num_workers=workers, drop_last=False, **common)
+    train_loader = build_shard_loader(
+        train_set, batch_size=d.batch_size, num_workers=train_workers, drop_last=True, **common
+    )
+    val_loader = build_shard_loader(
+        val_set, batch_size=cfg.eval_batch_size, num_workers=workers, drop_last=False, **common
+    )
     classes = shard_class_names(cfg, train_split.class_names)
-    return Data(train_loader, val_loader, train_set, classes, train_split.num_samples, val_split.num_samples,
-                device_transform)  # fmt: skip
+    return Data(
+        train_loader,
+        val_loader,
+        train_set,
+        classes,
+        train_split.num_samples,
+        val_split.num_samples,
+        device_transform,
+    )
 
 
-def build_eval_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> tuple[DataLoader, list[str]]:
+def build_eval_data(
+    cfg: Config, env: DistEnv, *, device_pipeline: bool = False
+) -> tuple[DataLoader, list[str]]:
     """The val split alone, for `swin-eval`: an exact (non-padding) loader and the class names."""
     d = cfg.data
     transform = build_eval_transform(Preprocess.from_config(cfg), uint8=device_pipeline)
@@ -196,19 +256,33 @@ def build_eval_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False)
         from swin_train.data.shards import ShardEvalDataset, build_shard_loader
 
         _, split = shard_splits(cfg, train=False)
-        dataset = ShardEvalDataset(split, transform, rank=env.rank, world_size=env.world_size, num_workers=workers)
-        loader = build_shard_loader(dataset, batch_size=cfg.eval_batch_size, num_workers=workers,
-                                    pin_memory=d.pin_memory, drop_last=False)  # fmt: skip
+        dataset = ShardEvalDataset(
+            split, transform, rank=env.rank, world_size=env.world_size, num_workers=workers
+        )
+        loader = build_shard_loader(
+            dataset,
+            batch_size=cfg.eval_batch_size,
+            num_workers=workers,
+            pin_memory=d.pin_memory,
+            drop_last=False,
+        )
         return loader, shard_class_names(cfg, split.class_names)
     if source == "hf":
         from swin_train.data.hf_dataset import build_hf_split
 
-        dataset = build_hf_split(d.data_path, d.val_split, transform, image_column=d.image_column,
-                                 label_column=d.label_column)  # fmt: skip
+        dataset = build_hf_split(
+            d.data_path, d.val_split, transform, image_column=d.image_column, label_column=d.label_column
+        )
         classes = dataset.classes
     else:
-        dataset, classes = build_eval_dataset(data_root(cfg, env), transform, skip_bad_images=d.skip_bad_images)
-    loader = build_loader(dataset, batch_size=cfg.eval_batch_size,
-                          sampler=ExactEvalSampler(len(dataset), env.world_size, env.rank),
-                          num_workers=workers, pin_memory=d.pin_memory)  # fmt: skip
+        dataset, classes = build_eval_dataset(
+            data_root(cfg, env), transform, skip_bad_images=d.skip_bad_images
+        )
+    loader = build_loader(
+        dataset,
+        batch_size=cfg.eval_batch_size,
+        sampler=ExactEvalSampler(len(dataset), env.world_size, env.rank),
+        num_workers=workers,
+        pin_memory=d.pin_memory,
+    )
     return loader, classes

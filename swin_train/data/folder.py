@@ -102,7 +102,9 @@ def scan_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]
             )
         samples += [(path, label) for path in found]
     for link in skipped_links:
-        log.warning("skipped directory link %s: it leads back into the data set (a loop or a duplicate)", link)
+        log.warning(
+            "skipped directory link %s: it leads back into the data set (a loop or a duplicate)", link
+        )
     return classes, samples
 
 

@@ -107,8 +107,15 @@ class HFImageDataset(Dataset):
     """(image, label) rows of a `datasets.Dataset`; keys may be ints or `SampleKey`s, whose seed makes the
     augmentation a pure function of the key, as in `ImageFolderDataset`."""
 
-    def __init__(self, dataset, transform: Callable | None, *, image_column: str = "image",
-                 label_column: str = "label", where: str = "") -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset,
+        transform: Callable | None,
+        *,
+        image_column: str = "image",
+        label_column: str = "label",
+        where: str = "",
+    ) -> None:
         missing = [c for c in (image_column, label_column) if c not in dataset.column_names]
         if missing:
             raise DataError(
@@ -150,7 +157,13 @@ class HFImageDataset(Dataset):
         return image, label
 
 
-def build_hf_split(path: str, split: str, transform: Callable | None, *, image_column: str,
-                   label_column: str) -> HFImageDataset:  # fmt: skip
-    return HFImageDataset(load_split(path, split), transform, image_column=image_column, label_column=label_column,
-                          where=f"{path} (split '{split}')")  # fmt: skip
+def build_hf_split(
+    path: str, split: str, transform: Callable | None, *, image_column: str, label_column: str
+) -> HFImageDataset:
+    return HFImageDataset(
+        load_split(path, split),
+        transform,
+        image_column=image_column,
+        label_column=label_column,
+        where=f"{path} (split '{split}')",
+    )

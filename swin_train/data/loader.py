@@ -20,7 +20,9 @@ def usable_workers(requested: int) -> int:
     time and memory; PyTorch itself warns about them). The output does not depend on the count."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if requested > cpus:
-        log.info("data.num_workers=%d but this process may use %d CPUs: using %d workers", requested, cpus, cpus)
+        log.info(
+            "data.num_workers=%d but this process may use %d CPUs: using %d workers", requested, cpus, cpus
+        )
         return cpus
     return requested
 

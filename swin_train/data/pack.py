@@ -195,8 +195,14 @@ def write_shard(task: ShardTask) -> tuple[str, int, list[str]]:
             continue
         rel = os.path.relpath(item.path, task.source_root) if item.archive is None else item.path
         meta = {"path": rel, "label": item.label, "class": task.class_names[item.label]}
-        samples.append({"__key__": sample_key(task.split, task.first + offset), ext: data,
-                        "cls": str(item.label).encode(), "json": json.dumps(meta, sort_keys=True).encode()})  # fmt: skip
+        samples.append(
+            {
+                "__key__": sample_key(task.split, task.first + offset),
+                ext: data,
+                "cls": str(item.label).encode(),
+                "json": json.dumps(meta, sort_keys=True).encode(),
+            }
+        )
     payload = tar_bytes(samples)
     write_atomically(Path(task.path), lambda tmp: tmp.write_bytes(payload), what="shard ")
     return Path(task.path).name, len(samples), bad
@@ -232,7 +238,7 @@ def plan_tasks(src: Path, out: Path, found: dict, options: PackOptions) -> dict[
                 tuple(classes),
                 str(src),
                 options,
-            )  # fmt: skip
+            )
             for i in range(count)
         ]
     return tasks
@@ -254,8 +260,14 @@ def check_plan(out: Path, plan: dict) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text), what="pack plan ")
 
 
-def pack(src: str | os.PathLike, out: str | os.PathLike, options: PackOptions = PackOptions(), *,
-         workers: int = 1, progress: bool = True) -> Path:  # fmt: skip
+def pack(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    options: PackOptions = PackOptions(),
+    *,
+    workers: int = 1,
+    progress: bool = True,
+) -> Path:
     """Pack `src` into shards under `out` (see the module doc); returns the `_info.json` written."""
     from tqdm import tqdm
 
@@ -278,8 +290,14 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, options: PackOptions = 
     for path in remove_stale_temp_files(out):
         log.info("removed %s, left by a pack that was killed", path.name)
     tasks = plan_tasks(src, out, found, options)
-    check_plan(out, {"source": str(src), "options": asdict(options),
-                     "images": {s: len(items) for s, (_, items) in found.items()}})  # fmt: skip
+    check_plan(
+        out,
+        {
+            "source": str(src),
+            "options": asdict(options),
+            "images": {s: len(items) for s, (_, items) in found.items()},
+        },
+    )
     todo = [t for split_tasks in tasks.values() for t in split_tasks if not Path(t.path).is_file()]
     done = sum(len(t) for t in tasks.values()) - len(todo)
     if done:
@@ -314,8 +332,12 @@ def write_pack_info(out: Path, tasks: dict[str, list[ShardTask]], found: dict) -
             for offset, item in enumerate(task.items):
                 if sample_key(split, task.first + offset) not in keys:
                     skipped.append(item.path if item.archive is None else f"{item.archive}:{item.path}")
-        splits[split] = {"name": split, "num_samples": sum(lengths), "shard_lengths": lengths,
-                         "filenames": [Path(t.path).name for t in split_tasks]}  # fmt: skip
+        splits[split] = {
+            "name": split,
+            "num_samples": sum(lengths),
+            "shard_lengths": lengths,
+            "filenames": [Path(t.path).name for t in split_tasks],
+        }
     classes = found["train"][0]
     info = {
         "splits": splits,

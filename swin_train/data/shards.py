@@ -355,9 +355,18 @@ class ShardTrainDataset(IterableDataset):
     loader must not keep its workers between epochs: each epoch's workers get the epoch and start.
     """
 
-    def __init__(self, split: ShardSplit, transform: Callable | None, *, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> None:  # fmt: skip
+    def __init__(
+        self,
+        split: ShardSplit,
+        transform: Callable | None,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    ) -> None:
         self.split, self.transform, self.batch_size, self.seed = split, transform, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.streams_per_rank = max(1, num_workers)
@@ -446,8 +455,15 @@ class ShardEvalDataset(IterableDataset):
     """An evaluation split from shards: shard i is read, whole and in order, by stream i mod (processes x
     workers) only, so every sample is evaluated exactly once; counts are summed over ranks."""
 
-    def __init__(self, split: ShardSplit, transform: Callable | None, *, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        split: ShardSplit,
+        transform: Callable | None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
         self.split, self.transform = split, transform
         self.rank, self.streams_per_rank = rank, max(1, num_workers)
         self.num_streams = world_size * self.streams_per_rank
@@ -477,8 +493,16 @@ def _init_worker(seed: int, rank: int, worker_id: int) -> None:
     seed_globals_from(seed, rank, worker_id)
 
 
-def build_shard_loader(dataset: ShardTrainDataset | ShardEvalDataset, *, batch_size: int, num_workers: int,
-                       pin_memory: bool, drop_last: bool, seed: int = 0, rank: int = 0) -> DataLoader:  # fmt: skip
+def build_shard_loader(
+    dataset: ShardTrainDataset | ShardEvalDataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    drop_last: bool,
+    seed: int = 0,
+    rank: int = 0,
+) -> DataLoader:
     """A DataLoader over a shard dataset. Workers are started per epoch (not persistent): each epoch's
     workers receive the dataset as the loop left it (epoch, start batch)."""
     return DataLoader(

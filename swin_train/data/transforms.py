@@ -42,10 +42,17 @@ class Preprocess:
         """Read a stored `to_dict()`; CheckpointError when it is damaged."""
         keys = tuple(cls.__dataclass_fields__)
         if not isinstance(d, Mapping) or not set(keys) <= d.keys():
-            raise CheckpointError(f"{where}: 'preprocess' must hold {', '.join(keys)}; the checkpoint is damaged")
+            raise CheckpointError(
+                f"{where}: 'preprocess' must hold {', '.join(keys)}; the checkpoint is damaged"
+            )
         try:
-            pre = cls(int(d["img_size"]), float(d["crop_pct"]), str(d["interpolation"]),
-                      tuple(float(x) for x in d["mean"]), tuple(float(x) for x in d["std"]))  # fmt: skip
+            pre = cls(
+                int(d["img_size"]),
+                float(d["crop_pct"]),
+                str(d["interpolation"]),
+                tuple(float(x) for x in d["mean"]),
+                tuple(float(x) for x in d["std"]),
+            )
             build_eval_transform(pre)  # rejects an impossible crop or interpolation
         except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"{where}: invalid preprocessing {dict(d)} ({e})") from None

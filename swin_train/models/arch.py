@@ -40,12 +40,18 @@ def check_architecture(
 ) -> None:
     """Raise ArchitectureError when Swin cannot be built this way. `built_for_img_size`: the image size
     the named variant `name` is built for, to say so when another size breaks its window."""
-    for key, value in (("patch_size", patch_size), ("in_chans", in_chans), ("embed_dim", embed_dim),
-                       ("window_size", window_size)):  # fmt: skip
+    for key, value in (
+        ("patch_size", patch_size),
+        ("in_chans", in_chans),
+        ("embed_dim", embed_dim),
+        ("window_size", window_size),
+    ):
         if value < 1:
             raise ArchitectureError((f"model.{key}", "model.name"), f"model.{key} must be >= 1, got {value}")
     if not depths or any(d < 1 for d in depths):
-        raise ArchitectureError(("model.depths",), f"model.depths must be a non-empty list of ints >= 1, got {depths}")
+        raise ArchitectureError(
+            ("model.depths",), f"model.depths must be a non-empty list of ints >= 1, got {depths}"
+        )
     if any(h < 1 for h in num_heads):
         raise ArchitectureError(("model.num_heads",), f"model.num_heads must be ints >= 1, got {num_heads}")
     if len(depths) != len(num_heads):

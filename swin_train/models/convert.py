@@ -245,9 +245,7 @@ def infer_arch(sd: Mapping[str, torch.Tensor]) -> dict:
     """
     try:
         embed_dim, in_chans, patch_size, _ = sd["patch_embed.proj.weight"].shape
-        blocks = sorted(
-            {(int(m[1]), int(m[2])) for k in sd if (m := BLOCK_KEY.match(k))}
-        )
+        blocks = sorted({(int(m[1]), int(m[2])) for k in sd if (m := BLOCK_KEY.match(k))})
         num_stages = blocks[-1][0] + 1 if blocks else 0
         depths = [1 + max((j for i, j in blocks if i == stage), default=-1) for stage in range(num_stages)]
         if not num_stages or 0 in depths:

@@ -76,10 +76,19 @@ _LAYER_NORM_EPS = 1e-5
 _HIDDEN_ACT = "gelu"
 # SwinConfig's defaults: transformers 4.x leaves values equal to them out of config.json.
 _SWIN_CONFIG_DEFAULTS = dict(
-    image_size=224, patch_size=4, num_channels=3, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
-    window_size=7, mlp_ratio=4.0, qkv_bias=True, use_absolute_embeddings=False, hidden_act=_HIDDEN_ACT,
+    image_size=224,
+    patch_size=4,
+    num_channels=3,
+    embed_dim=96,
+    depths=[2, 2, 6, 2],
+    num_heads=[3, 6, 12, 24],
+    window_size=7,
+    mlp_ratio=4.0,
+    qkv_bias=True,
+    use_absolute_embeddings=False,
+    hidden_act=_HIDDEN_ACT,
     layer_norm_eps=_LAYER_NORM_EPS,
-)  # fmt: skip
+)
 
 # PIL resampling codes (PIL.Image.Resampling), as preprocessor_config.json stores them, by timm's names.
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -128,7 +137,11 @@ def with_defaults(arch: Mapping) -> dict:
     """`arch` completed with SwinTransformer's own defaults (in_chans, num_classes, mlp_ratio, qkv_bias, ...)."""
     params = inspect.signature(SwinTransformer.__init__).parameters.values()
     block = {f.name: f.default for f in dataclasses.fields(BlockSpec)}  # SwinTransformer(**block_settings)
-    return {**block, **{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **arch}
+    return {
+        **block,
+        **{p.name: p.default for p in params if p.default is not inspect.Parameter.empty},
+        **arch,
+    }
 
 
 def model_arch(model: SwinTransformer) -> dict:
@@ -388,8 +401,10 @@ def _preprocess_from_hf(cfg: Mapping, source: Path) -> dict | None:
     if not cfg.get("do_normalize", True):
         mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
     elif all(isinstance(cfg.get(k), int | float | Sequence) for k in ("image_mean", "image_std")):
-        mean, std = ([float(v)] * 3 if isinstance(v, int | float) else [float(x) for x in v]
-                     for v in (cfg["image_mean"], cfg["image_std"]))  # fmt: skip
+        mean, std = (
+            [float(v)] * 3 if isinstance(v, int | float) else [float(x) for x in v]
+            for v in (cfg["image_mean"], cfg["image_std"])
+        )
     else:
         return unsupported("it normalises without an image_mean and image_std")
     return {"img_size": img_size, "crop_pct": crop_pct, "interpolation": resample, "mean": mean, "std": std}
@@ -542,11 +557,19 @@ def _arch_from_config(config: Mapping, sd: Mapping[str, torch.Tensor], folder: P
             "the folder is inconsistent"
         )
     return dict(
-        img_size=side("image_size"), patch_size=side("patch_size"), in_chans=c["num_channels"],
-        num_classes=num_classes, embed_dim=c["embed_dim"], depths=list(c["depths"]), num_heads=list(c["num_heads"]),
-        window_size=c["window_size"], mlp_ratio=float(c["mlp_ratio"]), qkv_bias=bool(c["qkv_bias"]),
-        ape=bool(c["use_absolute_embeddings"]), patch_norm=True,
-    )  # fmt: skip
+        img_size=side("image_size"),
+        patch_size=side("patch_size"),
+        in_chans=c["num_channels"],
+        num_classes=num_classes,
+        embed_dim=c["embed_dim"],
+        depths=list(c["depths"]),
+        num_heads=list(c["num_heads"]),
+        window_size=c["window_size"],
+        mlp_ratio=float(c["mlp_ratio"]),
+        qkv_bias=bool(c["qkv_bias"]),
+        ape=bool(c["use_absolute_embeddings"]),
+        patch_norm=True,
+    )
 
 
 def _class_names(config: Mapping, num_classes: int, folder: Path) -> list[str] | None:

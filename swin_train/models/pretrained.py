@@ -203,7 +203,9 @@ def load_pretrained(
     name = str(source) if is_file else "state dict"
     if is_file and is_hf_folder(source):
         if use_ema:
-            raise CheckpointError(f"{source} is a Hugging Face folder, which holds no EMA weights; drop --ema")
+            raise CheckpointError(
+                f"{source} is a Hugging Face folder, which holds no EMA weights; drop --ema"
+            )
         obj, layout = load_hf_folder(source).state_dict, "transformers"
     else:
         obj = load_checkpoint(source) if is_file else source

@@ -182,8 +182,16 @@ class WindowAttention(nn.Module):
         # FlexAttention has no attention dropout; compiled training has checked the GPU already (trainer)
         use_flex = self.attention == "flex" and q.is_cuda and not dropout
         if use_flex and (torch.compiler.is_compiling() or _flex_runs_on(q.device)):
-            out = flex_window_attention(q, k, v, self.relative_position_bias_table, self.relative_position_index,
-                                        mask, num_windows, head_dim**-0.5)  # fmt: skip
+            out = flex_window_attention(
+                q,
+                k,
+                v,
+                self.relative_position_bias_table,
+                self.relative_position_index,
+                mask,
+                num_windows,
+                head_dim**-0.5,
+            )
         else:
             bias = self.relative_position_bias()  # (heads, N, N)
             if mask is not None:
@@ -318,10 +326,17 @@ class SwinLayer(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         drop_path = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, resolution, num_heads, window=window, shift=0 if j % 2 == 0 else window // 2, spec=spec,
-                      drop_path=drop_path[j])
+            SwinBlock(
+                dim,
+                resolution,
+                num_heads,
+                window=window,
+                shift=0 if j % 2 == 0 else window // 2,
+                spec=spec,
+                drop_path=drop_path[j],
+            )
             for j in range(depth)
-        )  # fmt: skip
+        )
         self.downsample = PatchMerging(dim, resolution) if downsample else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
