@@ -432,9 +432,11 @@ def training_checkpoint(
     world_size: int,
     class_names: list[str],
     preprocess: dict,
+    shard_streams_per_rank: int | None = None,
 ) -> dict:
     """The one layout of a training checkpoint: everything a run needs to continue bitwise, and everything
-    a user of the model needs (config, class names, preprocessing)."""
+    a user of the model needs (config, class names, preprocessing). `shard_streams_per_rank`: shard readers
+    per process when training from shards, whose data order depends on it."""
     return {
         "format": FORMAT,
         "model": model,
@@ -449,6 +451,7 @@ def training_checkpoint(
         "world_size": world_size,
         "class_names": list(class_names),
         "preprocess": preprocess,
+        "shard_streams_per_rank": shard_streams_per_rank,
     }
 
 

@@ -138,6 +138,7 @@ class Run:
                 rng=rng,
                 world_size=self.env.world_size,
                 class_names=self.data.class_names,
+                shard_streams_per_rank=getattr(self.data.train_sampler, "streams_per_rank", None),
                 preprocess=Preprocess.from_config(self.cfg).to_dict(),
             )
             ckpt.save_checkpoint(state, path)
@@ -161,6 +162,17 @@ class Run:
         self.best = dict(state["best"])
         self.last_saved_step = self.state.global_step
         rng = state["rng"]
+        streams = getattr(
+            self.data.train_sampler, "streams_per_rank", None
+        )  # shards: the order depends on it
+        if state.get("shard_streams_per_rank", streams) != streams:
+            log.warning(
+                "data layout changed since %s (%s -> %s shard readers per process): this epoch resumes in a "
+                "different order; bitwise equality holds for the same processes and workers",
+                path,
+                state.get("shard_streams_per_rank"),
+                streams,
+            )
         if state.get("world_size") == self.env.world_size and len(rng) == self.env.world_size:
             ckpt.restore_rng_state(rng[self.env.rank])
         else:
