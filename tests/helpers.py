@@ -77,3 +77,41 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def png(path: Path, seed: int, size: int = 32) -> None:
+    """A random RGB PNG at `path` (folders created)."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def image_folder(root: Path, classes=("cat", "dog"), train: int = 8, val: int = 4) -> Path:
+    """`root/{train,val}/<class>/<i>.png`: random 32 px images, different in every split and class."""
+    for c, name in enumerate(classes):
+        for i in range(train):
+            png(root / "train" / name / f"{i}.png", 100 * c + i)
+        for i in range(val):
+            png(root / "val" / name / f"{i}.png", 1000 + 100 * c + i)
+    return root
+
+
+def two_class_train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """swin-train arguments: the micro model for 2 classes, batch 4, 1 epoch, on the CPU."""
+    micro = [o for o in MICRO_OVERRIDES if not o.startswith("model.num_classes")]
+    return [
+        "--data-path",
+        str(data),
+        "--output",
+        str(out),
+        *micro,
+        "model.num_classes=2",
+        "data.batch_size=4",
+        "train.epochs=1",
+        "--device",
+        "cpu",
+        *extra,
+    ]

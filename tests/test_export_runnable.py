@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from helpers import image_folder, two_class_train_args
 from PIL import Image
-from test_hardening import _args, _folder
 from transformers import SwinForImageClassification
 
 from swin_train.checkpoint import load_trained_model
@@ -24,8 +24,8 @@ from swin_train.data.transforms import build_eval_transform
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runnable")
-    data, out = _folder(root / "data", train=16, val=8), root / "run"
-    assert train_cli(_args(data, out, "train.epochs=2")) == 0
+    data, out = image_folder(root / "data", train=16, val=8), root / "run"
+    assert train_cli(two_class_train_args(data, out, "train.epochs=2")) == 0
     return data, out
 
 

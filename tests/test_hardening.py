@@ -9,13 +9,10 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from helpers import MICRO_OVERRIDES, env_for_subprocess
-from PIL import Image
+from helpers import env_for_subprocess, image_folder, png, two_class_train_args
 
 from swin_train.cli.eval import cli as eval_cli
 from swin_train.cli.export import cli as export_cli
@@ -34,38 +31,6 @@ from swin_train.stopping import Stopper
 CLASSES = ("cat", "dog")
 
 
-def _image(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-
-
-def _folder(root: Path, classes=CLASSES, train: int = 8, val: int = 4) -> Path:
-    for c, name in enumerate(classes):
-        for i in range(train):
-            _image(root / "train" / name / f"{i}.png", 100 * c + i)
-        for i in range(val):
-            _image(root / "val" / name / f"{i}.png", 1000 + 100 * c + i)
-    return root
-
-
-def _args(data: Path, out: Path, *extra: str) -> list[str]:
-    micro = [o for o in MICRO_OVERRIDES if not o.startswith("model.num_classes")]
-    return [
-        "--data-path",
-        str(data),
-        "--output",
-        str(out),
-        *micro,
-        "model.num_classes=2",
-        "data.batch_size=4",
-        "train.epochs=1",
-        "--device",
-        "cpu",
-        *extra,
-    ]
-
-
 def _error(capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err  # one line, no traceback
@@ -76,11 +41,11 @@ def _error(capsys) -> str:
 
 
 def test_a_symlink_loop_in_a_class_folder_neither_multiplies_nor_mislabels(tmp_path, caplog):
-    root = _folder(tmp_path / "data")
+    root = image_folder(tmp_path / "data")
     (root / "train" / "cat" / "loop").symlink_to("..")  # DATA/train/cat/loop -> DATA/train
     (root / "train" / "dog" / "again").symlink_to(root / "train" / "dog")  # a link to itself: a duplicate
     outside = tmp_path / "more_cats"
-    _image(outside / "extra.png", 7)
+    png(outside / "extra.png", 7)
     (root / "train" / "cat" / "more").symlink_to(outside)  # a link out of the data set is followed
     classes, samples = scan_image_folder(root / "train")
     assert classes == list(CLASSES)
@@ -94,8 +59,8 @@ def test_a_symlink_loop_in_a_class_folder_neither_multiplies_nor_mislabels(tmp_p
 
 
 def test_a_second_run_in_a_busy_output_folder_fails_at_once(tmp_path):
-    data, out = _folder(tmp_path / "data", train=64), tmp_path / "run"
-    cmd = [sys.executable, "-m", "swin_train.cli.train", *_args(data, out, "train.epochs=50")]
+    data, out = image_folder(tmp_path / "data", train=64), tmp_path / "run"
+    cmd = [sys.executable, "-m", "swin_train.cli.train", *two_class_train_args(data, out, "train.epochs=50")]
     first = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env_for_subprocess()
     )
@@ -149,7 +114,7 @@ def test_long_values_are_cut_in_messages():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("command", [train_cli, eval_cli])
 def test_cuda_without_a_gpu_is_one_line_exit_2(command, tmp_path, capsys):
-    args = _args(_folder(tmp_path / "data"), tmp_path / "run")
+    args = two_class_train_args(image_folder(tmp_path / "data"), tmp_path / "run")
     if command is eval_cli:
         args = ["--checkpoint", str(tmp_path / "x.pth"), "--device", "cuda"]
     assert command([*args, "--device", "cuda"]) == 2
@@ -187,8 +152,8 @@ def test_flex_below_sm80_is_refused(monkeypatch):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hardening")
-    data, out = _folder(root / "data"), root / "run"
-    assert train_cli(_args(data, out)) == 0
+    data, out = image_folder(root / "data"), root / "run"
+    assert train_cli(two_class_train_args(data, out)) == 0
     return data, out
 
 
@@ -248,8 +213,8 @@ def test_eval_refuses_a_model_that_contradicts_the_checkpoint(trained_run, capsy
 
 
 def test_a_one_class_data_set_is_refused(tmp_path, capsys):
-    data = _folder(tmp_path / "data", classes=("cat",))
-    assert train_cli(_args(data, tmp_path / "run", "model.num_classes=1")) == 2
+    data = image_folder(tmp_path / "data", classes=("cat",))
+    assert train_cli(two_class_train_args(data, tmp_path / "run", "model.num_classes=1")) == 2
     assert "needs at least 2 classes" in _error(capsys)
 
 
@@ -264,7 +229,7 @@ def test_a_damaged_checkpoint_is_moved_aside_and_best_is_rewritten(trained_run, 
         (out / name).write_bytes((done / name).read_bytes())
     (out / "best.pth").write_bytes(b"garbage" * 100)
     os.utime(out / "best.pth", None)
-    assert train_cli(_args(data, out, "train.epochs=2")) == 0
+    assert train_cli(two_class_train_args(data, out, "train.epochs=2")) == 0
     logged = capsys.readouterr().out
     assert "moved" in logged and "best.pth.damaged" in logged
     assert (out / "best.pth.damaged").read_bytes() == b"garbage" * 100
@@ -302,9 +267,9 @@ def test_config_differences_are_listed_old_to_new():
 
 
 def test_zero_byte_image_error_names_the_file_not_a_file_object(tmp_path, capsys):
-    data = _folder(tmp_path / "data")
+    data = image_folder(tmp_path / "data")
     (data / "train" / "cat" / "empty.png").write_bytes(b"")
-    assert train_cli(_args(data, tmp_path / "run")) == 2
+    assert train_cli(two_class_train_args(data, tmp_path / "run")) == 2
     err = _error(capsys)
     assert "empty.png" in err and "BufferedReader" not in err and "not an image file PIL can identify" in err
 
