@@ -83,7 +83,7 @@ RECIPE = [
 ]
 SHAPES_PER_CLASS = {"train_per_class": 16, "val_per_class": 4}  # 8 steps per epoch at batch 16
 
-# What the trainer logs (swin_train.engine / swin_train.trainer) and how its saves name temp files.
+# What the trainer logs (swin_train.trainer, swin_train.run) and how its saves name temp files.
 STEP_LINE = re.compile(r"epoch (\d+) step (\d+)/(\d+): ")
 RESUME_LINE = re.compile(r"resuming from .*: epoch (\d+), step (\d+) of (\d+) \(global step (\d+)\)")
 STEPS_PER_EPOCH_LINE = re.compile(r"; (\d+) steps per epoch;")

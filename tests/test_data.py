@@ -1,4 +1,4 @@
-"""Tests for swin_train.data and swin_train.shapes: tiny folders, exact numbers, bitwise resume."""
+"""Tests for the swin_train.data package (folders, transforms, samplers, the shapes set): tiny folders, exact numbers, bitwise resume."""
 
 from __future__ import annotations
 
