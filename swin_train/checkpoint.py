@@ -418,6 +418,14 @@ def is_training_checkpoint(state: object) -> bool:
     return isinstance(state, dict) and state.get("format") == FORMAT
 
 
+def holds_trained_model(state: object) -> bool:
+    """A training checkpoint or an export with its config, class names and preprocessing: what
+    `load_trained_model` takes (anything else is bare weights)."""
+    return is_training_checkpoint(state) or (
+        isinstance(state, dict) and all(k in state for k in EXPORT_METADATA_KEYS)
+    )
+
+
 def training_checkpoint(
     *,
     model: dict,
@@ -479,7 +487,7 @@ def load_trained_model(source: str | os.PathLike | dict, *, ema: bool = False) -
 
     where = "the checkpoint" if isinstance(source, dict) else str(source)
     state = source if isinstance(source, dict) else load_checkpoint(source)
-    if not is_training_checkpoint(state) and not all(k in state for k in EXPORT_METADATA_KEYS):
+    if not holds_trained_model(state):
         raise CheckpointError(
             f"{where} is not a swin-train checkpoint or export (no config, class names and preprocessing); "
             "for bare weights of another layout pass --model NAME (swin-eval) or use model.pretrained"

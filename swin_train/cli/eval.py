@@ -39,8 +39,7 @@ def load_model_and_config(args):
     """(model with weights, config, class names or None). A swin-train checkpoint or export carries its own
     architecture, class names and preprocessing; bare weights take them from --model or --config."""
     from swin_train.checkpoint import (
-        EXPORT_METADATA_KEYS,
-        is_training_checkpoint,
+        holds_trained_model,
         load_checkpoint,
         load_trained_model,
     )
@@ -54,7 +53,7 @@ def load_model_and_config(args):
         return _hf_model_and_config(args)
     state = load_checkpoint(args.checkpoint)
     overrides = list(args.overrides)
-    if is_training_checkpoint(state) or all(k in state for k in EXPORT_METADATA_KEYS):
+    if holds_trained_model(state):
         trained = load_trained_model(state, ema=args.ema)
         own = trained.config.model_kwargs()
         if args.model:

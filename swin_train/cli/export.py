@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     log = setup_logging()
     from swin_train.checkpoint import (
         EXPORT_METADATA_KEYS,
-        is_training_checkpoint,
+        holds_trained_model,
         load_checkpoint,
         load_exact_weights,
         load_trained_model,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     _check_out(out, args.format)
     state = load_checkpoint(args.checkpoint)
-    bare = not (is_training_checkpoint(state) or all(k in state for k in EXPORT_METADATA_KEYS))
+    bare = not holds_trained_model(state)
     if not bare:
         if args.img_size is not None:
             raise ConfigError(
