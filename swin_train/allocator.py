@@ -27,15 +27,21 @@ SETTINGS = {
     M_TRIM_THRESHOLD: (1 << 31) - 1,  # never give freed heap memory back to the OS between steps
     M_TOP_PAD: 64 << 20,  # grow the heap 64 MiB at a time
 }
+# glibc raises its mmap threshold by itself, up to this (64-bit), once a block that large is freed: smaller
+# activations already come back from the heap, and SETTINGS would only hold more memory for them.
+DYNAMIC_MMAP_THRESHOLD_MAX = 32 << 20
 _applied = False
 
 
-def keep_freed_memory() -> bool:
-    """Apply SETTINGS to glibc's malloc (once per process); False where not glibc or opted out."""
+def keep_freed_memory(largest_block: int | None = None) -> bool:
+    """Apply SETTINGS to glibc's malloc (once per process); False where not glibc, opted out, or where
+    `largest_block` (bytes, the largest activation) is small enough for glibc's own threshold."""
     global _applied
     if _applied:
         return True
     if os.environ.get("SWIN_TRAIN_SYSTEM_MALLOC") == "1" or platform.libc_ver()[0] != "glibc":
+        return False
+    if largest_block is not None and largest_block <= DYNAMIC_MMAP_THRESHOLD_MAX:
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt

@@ -25,6 +25,7 @@ from swin_train.distributed import DistEnv, any_rank, barrier, init_distributed,
 from swin_train.errors import TrainingError
 from swin_train.evaluation import evaluate
 from swin_train.metrics import Metrics, StepMeter, epoch_line, step_line
+from swin_train.models.arch import largest_activation_bytes
 from swin_train.run import Run, TrainState, checkpoint_bytes, resume_if_possible
 from swin_train.stopping import Stopper, TrainingStopped
 
@@ -39,8 +40,8 @@ def train(
     resolve_device(device)  # a missing GPU is a one-line error, before any process group or file
     check_data_path(cfg)  # nothing is written for a run that cannot start
     env = init_distributed(device)
-    if env.device.type == "cpu":
-        keep_freed_memory()  # CPU steps page-fault their activations otherwise (see allocator.py)
+    if env.device.type == "cpu":  # CPU steps page-fault their large activations otherwise (see allocator.py)
+        keep_freed_memory(largest_activation_bytes(batch_size=cfg.data.batch_size, **cfg.model_kwargs()))
     if not env.is_main:
         log.setLevel(logging.WARNING)
     if env.distributed:

@@ -12,9 +12,10 @@ from tests.helpers import env_for_subprocess
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
 
 PROBE = """
-import json, resource, torch
+import json, os, resource, torch
 from swin_train.allocator import keep_freed_memory
-applied = keep_freed_memory()
+largest = int(os.environ["LARGEST"]) if os.environ.get("LARGEST") else None
+applied = keep_freed_memory(largest)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 faulted = []
@@ -46,3 +47,15 @@ def test_freed_memory_is_reused_without_page_faults():
 def test_opt_out_keeps_the_system_defaults():
     default = _probe(SWIN_TRAIN_SYSTEM_MALLOC="1")
     assert not default["applied"] and default["faults"] > 10_000
+
+
+def test_small_activations_keep_the_system_defaults():
+    """Below glibc's own largest mmap threshold the settings would only hold memory: not applied."""
+    from swin_train.allocator import DYNAMIC_MMAP_THRESHOLD_MAX
+    from swin_train.models.arch import largest_activation_bytes
+
+    micro = largest_activation_bytes(batch_size=64, img_size=32, patch_size=2, embed_dim=48, mlp_ratio=4.0)
+    swin_t = largest_activation_bytes(batch_size=8, img_size=224, patch_size=4, embed_dim=96, mlp_ratio=4.0)
+    assert micro == 64 * 16 * 16 * 192 * 4 < DYNAMIC_MMAP_THRESHOLD_MAX < swin_t == 8 * 56 * 56 * 384 * 4
+    assert not _probe(LARGEST=str(micro))["applied"]
+    assert _probe(LARGEST=str(swin_t))["applied"]

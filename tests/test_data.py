@@ -20,11 +20,11 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DistributedSampler
 
 from swin_train.config import AugConfig, DataConfig
-from swin_train.data import shapes
+from swin_train.data import seeding, shapes
 from swin_train.data.folder import build_datasets, build_eval_dataset
 from swin_train.data.loader import build_loader
 from swin_train.data.samplers import ExactEvalSampler, ResumableTrainSampler
-from swin_train.data.seeding import seeded_rng
+from swin_train.data.seeding import run_seeded, seeded_rng
 from swin_train.data.shapes import default_shapes_root, ensure_shapes_dataset
 from swin_train.data.synthetic import SyntheticDataset
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
@@ -362,6 +362,22 @@ def test_seeded_rng_is_pure_and_restores_state():
         c = (random.random(), np.random.rand(), torch.rand(1).item())
     assert a == b and all(x != y for x, y in zip(a, c))
     assert np.array_equal(np.random.get_state()[1], before)
+
+
+def test_run_seeded_restores_in_the_main_process_only(monkeypatch):
+    def draw(scale):
+        return scale * random.random(), scale * np.random.rand(), scale * torch.rand(1).item()
+
+    with seeded_rng(1, 2, 3):
+        expected = draw(2.0)
+    np.random.seed(7)
+    before = np.random.get_state()[1].copy()
+    assert run_seeded(draw, 2.0, 1, 2, 3) == expected
+    assert np.array_equal(np.random.get_state()[1], before)  # the caller's stream goes on
+    # in a loader worker: the same draws, and the generators are left seeded (no save/restore)
+    monkeypatch.setattr(seeding.torch.utils.data, "get_worker_info", lambda: object())
+    assert run_seeded(draw, 2.0, 1, 2, 3) == expected
+    assert not np.array_equal(np.random.get_state()[1], before)
 
 
 def test_build_loader_checks_and_synthetic():

@@ -11,7 +11,10 @@ pytestmark = pytest.mark.skipif(not ops._ONEDNN, reason="this torch build has no
 ROWS = ops.ONEDNN_MIN_ROWS + 8
 
 
-def _inputs(rows=ROWS, k=24, n=40):
+WIDE = ops.ONEDNN_MIN_COLS + 8  # wide enough for oneDNN
+
+
+def _inputs(rows=ROWS, k=WIDE, n=WIDE):
     x = torch.randn(2, rows // 2, k, requires_grad=True)
     w = (torch.randn(n, k) * 0.2).requires_grad_()
     b = torch.randn(n, requires_grad=True)
@@ -33,9 +36,10 @@ def _value_and_grads(fn, x, w, b, grad_out):
         (ops.linear_gelu, lambda x, w, b: F.gelu(F.linear(x, w, b))),
     ],
 )
-def test_same_values_and_gradients_as_torch(fn, reference):
-    x, w, b = _inputs()
-    assert ops.use_onednn(x)
+@pytest.mark.parametrize("k", [WIDE, 24])  # 24: the input gradient is narrow and runs on MKL
+def test_same_values_and_gradients_as_torch(fn, reference, k):
+    x, w, b = _inputs(k=k)
+    assert ops.use_onednn(x, w.shape[0])
     grad_out = torch.randn(*x.shape[:-1], w.shape[0])
     ours = _value_and_grads(fn, x, w, b, grad_out)
     theirs = _value_and_grads(reference, x, w, b, grad_out)
@@ -56,20 +60,23 @@ def test_non_contiguous_input_and_fused_gelu_in_inference():
 
 def test_onednn_only_where_it_applies():
     x, _, _ = _inputs()
-    assert ops.use_onednn(x)
-    assert not ops.use_onednn(x[:, :100])  # too few rows: MKL is as fast
-    assert not ops.use_onednn(x.double())
+    wide = ops.ONEDNN_MIN_COLS
+    assert ops.use_onednn(x, wide)
+    assert not ops.use_onednn(x[:, :100], wide)  # too few rows: MKL is as fast
+    assert not ops.use_onednn(x, wide - 1)  # narrow output: MKL is faster
+    assert not ops.use_onednn(x.double(), wide)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not ops.use_onednn(x)  # autocast must see F.linear to cast it
+        assert not ops.use_onednn(x, wide)  # autocast must see F.linear to cast it
     compiled = torch.compile(
-        lambda t: t * (2.0 if ops.use_onednn(t) else 3.0), backend="eager", fullgraph=True
+        lambda t: t * (2.0 if ops.use_onednn(t, wide) else 3.0), backend="eager", fullgraph=True
     )
     assert torch.equal(compiled(torch.ones(ROWS, 4)), torch.full((ROWS, 4), 3.0))
 
 
 def test_model_gradients_do_not_depend_on_the_kernel(monkeypatch):
     """A micro model whose first stage has 4,096+ token rows: every gradient as with F.linear."""
-    arch = dict(img_size=64, patch_size=2, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4)
+    # embed 32: qkv (96 wide) and fc1 (128) take oneDNN in stage 1, the narrower layers MKL
+    arch = dict(img_size=64, patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4)
     x = torch.randn(4, 3, 64, 64)  # 4 x 32 x 32 = 4,096 rows in stage 1
     fast = SwinTransformer(**arch, num_classes=5, drop_path_rate=0.0)
     plain = SwinTransformer(**arch, num_classes=5, drop_path_rate=0.0)

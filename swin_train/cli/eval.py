@@ -9,6 +9,7 @@ from swin_train.allocator import keep_freed_memory
 from swin_train.cli.common import ArgumentParser, add_debug_flag, run_cli, setup_logging
 from swin_train.config import ARCH_FIELDS
 from swin_train.errors import ConfigError, DataError
+from swin_train.models.arch import largest_activation_bytes
 
 # what fixes the weights' shapes: a trained checkpoint's are not changed by --config or overrides
 ARCH_KEYS = (*ARCH_FIELDS, "img_size", "num_classes", "ape", "patch_norm", "qkv_bias", "mlp_ratio")
@@ -134,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
 
     resolve_device(args.device)
     env = init_distributed(args.device)
-    if env.device.type == "cpu":
-        keep_freed_memory()
     try:
         model, cfg, expected_classes = load_model_and_config(args)
         if args.data_path:
@@ -144,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.batch_size = cfg.eval.batch_size = args.batch_size
         if args.num_workers is not None:
             cfg.data.num_workers = args.num_workers
+        if env.device.type == "cpu":
+            keep_freed_memory(largest_activation_bytes(batch_size=cfg.eval_batch_size, **cfg.model_kwargs()))
         model.to(env.device)
         amp = resolve_amp(cfg.amp, env.device)
         if args.throughput:

@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from swin_train.data.seeding import seeded_rng
+from swin_train.data.seeding import run_seeded
 from swin_train.errors import DataError
 
 log = logging.getLogger("swin_train")
@@ -110,7 +110,7 @@ def scan_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]
 
 class ImageFolderDataset(Dataset):
     """`root/<class>/**/<image>` as (image, label) pairs; keys may be ints or `SampleKey`s, whose seed
-    makes the augmentation of a sample a pure function of the key (`seeded_rng`), whichever worker
+    makes the augmentation of a sample a pure function of the key (`run_seeded`), whichever worker
     decodes it. With `skip_bad_images`, an undecodable file is logged and replaced by the next index
     (deterministic); `num_skipped` counts such replacements across all worker processes."""
 
@@ -164,8 +164,7 @@ class ImageFolderDataset(Dataset):
             if sample_seed is None:
                 img = self.transform(img)
             else:
-                with seeded_rng(sample_seed):
-                    img = self.transform(img)
+                img = run_seeded(self.transform, img, sample_seed)
         return img, label
 
 

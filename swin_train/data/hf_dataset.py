@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from swin_train.data.folder import DECODE_ERRORS, SampleKey, decode_error_reason, split_key
-from swin_train.data.seeding import seeded_rng
+from swin_train.data.seeding import run_seeded
 from swin_train.errors import DataError
 
 # Files `save_to_disk` writes (a DatasetDict, a Dataset).
@@ -152,8 +152,7 @@ class HFImageDataset(Dataset):
             if seed is None:
                 image = self.transform(image)
             else:
-                with seeded_rng(seed):
-                    image = self.transform(image)
+                image = run_seeded(self.transform, image, seed)
         return image, label
 
 

@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from swin_train.data.folder import DECODE_ERRORS, decode_error_reason
-from swin_train.data.seeding import derive_seed, seed_generator, seed_globals_from, seeded_rng
+from swin_train.data.seeding import derive_seed, run_seeded, seed_generator, seed_globals_from
 from swin_train.errors import DataError
 
 log = logging.getLogger("swin_train")
@@ -343,8 +343,7 @@ def _transformed(transform: Callable | None, image: Image.Image, seed: int | Non
         return image
     if seed is None:
         return transform(image)
-    with seeded_rng(seed):
-        return transform(image)
+    return run_seeded(transform, image, seed)
 
 
 class ShardTrainDataset(IterableDataset):

@@ -95,3 +95,12 @@ def check_architecture(
                 f"model.window_size={window_size} does not tile stage {i} (resolution {r}x{r} for "
                 f"data.img_size={img_size}, model.patch_size={patch_size}); {hint}",
             )
+
+
+def largest_activation_bytes(
+    *, batch_size: int, img_size: int, patch_size: int, embed_dim: int, mlp_ratio: float, **_: object
+) -> int:
+    """Bytes of the largest fp32 activation of a step: stage 1's MLP hidden map (batch x tokens x
+    embed_dim x mlp_ratio), which every later stage halves. Takes `Config.model_kwargs()` whole."""
+    tokens = (img_size // patch_size) ** 2
+    return batch_size * tokens * int(embed_dim * mlp_ratio) * 4

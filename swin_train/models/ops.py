@@ -4,8 +4,9 @@ Why our own kernel choice: on CPU, `F.linear` runs MKL's sgemm. oneDNN's fp32 ma
 (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend uses) is faster for the
 token-heavy matrices of Swin's first two stages (forward and input gradient), while for the late stages'
 small matrices MKL is as fast or faster: `python scripts/benchmark.py --linear-kernels` measures every shape.
-So oneDNN takes the product and its input gradient from `ONEDNN_MIN_ROWS` rows, and the weight gradient
-stays on MKL. Both compute in fp32: the logits agree with `F.linear`'s to about 1e-6. In inference the first
+So oneDNN takes a product (the forward, or the input gradient) from `ONEDNN_MIN_ROWS` rows when it writes at
+least `ONEDNN_MIN_COLS` columns (narrow outputs, such as a 48-channel micro model's, are faster on MKL), and the
+weight gradient stays on MKL. Both compute in fp32: the logits agree with `F.linear`'s to about 1e-6. In inference the first
 MLP layer also fuses its GELU (exact erf form) into the matmul, which saves a pass over the largest
 activation. The gain in a whole step is in the README's performance section.
 
@@ -23,6 +24,8 @@ from torch import nn
 # Rows (tokens in the batch) from which oneDNN beats MKL (`benchmark.py --linear-kernels`); Swin-T at batch 8
 # has 25,088 rows in stage 1, 6,272 in stage 2, 1,568 in stage 3 and 392 in stage 4.
 ONEDNN_MIN_ROWS = 4096
+# Output columns from which it does (`--linear-kernels` on a micro model: 48 columns ran at about half MKL's speed)
+ONEDNN_MIN_COLS = 96
 
 
 def _onednn_available() -> bool:
@@ -32,14 +35,16 @@ def _onednn_available() -> bool:
 _ONEDNN = _onednn_available()
 
 
-def use_onednn(x: torch.Tensor) -> bool:
-    """Whether `x @ W.T` takes the oneDNN kernel: fp32 on CPU, eager, outside autocast, enough rows."""
+def use_onednn(x: torch.Tensor, out_features: int) -> bool:
+    """Whether `x @ W.T` (W: out_features x in) takes the oneDNN kernel: fp32 on CPU, eager, outside
+    autocast, enough rows and output columns."""
     return (
         _ONEDNN
         and not torch.compiler.is_compiling()  # first: no guard on the row count in compiled graphs
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
+        and out_features >= ONEDNN_MIN_COLS
         and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
     )
 
@@ -67,8 +72,10 @@ class _OneDnnLinear(torch.autograd.Function):
         x2d, weight = ctx.saved_tensors
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K): oneDNN takes the weight as (out, in) = W^T
+        if ctx.needs_input_grad[0] and use_onednn(grad_2d, weight.shape[1]):  # (M, N) @ (N, K), weight as W^T
             grad_x = _onednn_matmul(grad_2d, weight.t(), None).view(ctx.input_shape)
+        elif ctx.needs_input_grad[0]:
+            grad_x = (grad_2d @ weight).view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
             grad_weight = grad_2d.t() @ x2d  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -78,7 +85,7 @@ class _OneDnnLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, on oneDNN where that is faster (see the module docstring)."""
-    if use_onednn(x):
+    if use_onednn(x, weight.shape[0]):
         return _OneDnnLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -86,7 +93,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """GELU(x W^T + b); one fused oneDNN kernel when no gradient is needed."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if not needs_grad and use_onednn(x):
+    if not needs_grad and use_onednn(x, weight.shape[0]):
         out = _onednn_matmul(x.reshape(-1, x.shape[-1]), weight, bias, act="gelu")
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.gelu(linear(x, weight, bias))
