@@ -6,7 +6,6 @@ No timing assertions: the numbers depend on the machine; only how they are deriv
 import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -42,10 +41,19 @@ MICRO = dict(img_size=32, patch_size=2, embed_dim=24, depths=(2, 2), num_heads=(
 def bench():
     spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("benchmark", None)
+    return module
+
+
+# The parts of the benchmark (scripts/bench/) import once loading benchmark.py has put scripts/ on sys.path.
+@pytest.fixture(scope="module")
+def mfu_module(bench):
+    return importlib.import_module("bench.mfu")
+
+
+@pytest.fixture(scope="module")
+def timing_module(bench):
+    return importlib.import_module("bench.timing")
 
 
 def test_micro_run_reports_rounds_medians_and_pairwise_ratios(bench, capsys):
@@ -99,37 +107,39 @@ def test_micro_run_reports_rounds_medians_and_pairwise_ratios(bench, capsys):
     assert [line.split()[0] for line in table.splitlines()[5:8]] == ["ours", "timm", "torchvision"]
 
 
-def test_ratio_is_median_of_round_pairs_not_ratio_of_medians(bench):
-    pairwise, median = bench.median_pairwise_ratio([1.0, 4.0, 9.0], [1.0, 8.0, 3.0])
+def test_ratio_is_median_of_round_pairs_not_ratio_of_medians(timing_module):
+    pairwise, median = timing_module.median_pairwise_ratio([1.0, 4.0, 9.0], [1.0, 8.0, 3.0])
     assert pairwise == [1.0, 0.5, 3.0] and median == 1.0  # medians would give 4 / 3
 
 
-def test_peak_lookup_and_mfu(bench):
-    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bf16", tf32=False) == 989.4
-    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "fp32", tf32=True) == 494.7
-    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "fp32", tf32=False) == 67.0
-    assert bench.peak_tflops("NVIDIA H100 PCIe", "fp16", tf32=False) == 756.0
-    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "bf16", tf32=False) == 312.0
-    assert bench.peak_tflops("NVIDIA H200", "bf16", tf32=False) == 989.4
-    assert bench.peak_tflops("NVIDIA H100 NVL", "bf16", tf32=False) is None  # not in the table
+def test_peak_lookup_and_mfu(mfu_module):
+    assert mfu_module.peak_tflops("NVIDIA H100 80GB HBM3", "bf16", tf32=False) == 989.4
+    assert mfu_module.peak_tflops("NVIDIA H100 80GB HBM3", "fp32", tf32=True) == 494.7
+    assert mfu_module.peak_tflops("NVIDIA H100 80GB HBM3", "fp32", tf32=False) == 67.0
+    assert mfu_module.peak_tflops("NVIDIA H100 PCIe", "fp16", tf32=False) == 756.0
+    assert mfu_module.peak_tflops("NVIDIA A100-SXM4-80GB", "bf16", tf32=False) == 312.0
+    assert mfu_module.peak_tflops("NVIDIA H200", "bf16", tf32=False) == 989.4
+    assert mfu_module.peak_tflops("NVIDIA H100 NVL", "bf16", tf32=False) is None  # not in the table
     # Swin-T training at 1000 img/s on 989.4 TFLOP/s: 6 x 4.494 GMAC x 1000 / 989.4e12
-    assert bench.mfu(4_494_000_000, 1000.0, 989.4, train=True) == pytest.approx(0.027253, rel=1e-4)
-    assert bench.mfu(4_494_000_000, 1000.0, 989.4, train=False) == pytest.approx(0.027253 / 3, rel=1e-4)
-    assert bench.mfu(4_494_000_000, 1000.0, None, train=True) is None
+    assert mfu_module.mfu(4_494_000_000, 1000.0, 989.4, train=True) == pytest.approx(0.027253, rel=1e-4)
+    assert mfu_module.mfu(4_494_000_000, 1000.0, 989.4, train=False) == pytest.approx(0.027253 / 3, rel=1e-4)
+    assert mfu_module.mfu(4_494_000_000, 1000.0, None, train=True) is None
 
 
-def test_cpu_peak_is_measured_and_gpu_peak_looked_up(bench, monkeypatch):
-    tflops = bench.measured_matmul_tflops("fp32", size=128, repeats=2)
+def test_cpu_peak_is_measured_and_gpu_peak_looked_up(bench, mfu_module, monkeypatch):
+    tflops = mfu_module.measured_matmul_tflops("fp32", size=128, repeats=2)
     assert 0 < tflops < 100  # a 2-core CPU does tens of GFLOP/s, far below 100 TFLOP/s
-    monkeypatch.setattr(bench, "measured_matmul_tflops", lambda dtype: {"fp32": 0.15, "bf16": 0.3}[dtype])
+    monkeypatch.setattr(
+        mfu_module, "measured_matmul_tflops", lambda dtype: {"fp32": 0.15, "bf16": 0.3}[dtype]
+    )
     parse = bench.build_parser().parse_args
     setup = bench.resolve(parse(MICRO_FLAGS))
-    peak, source = bench.resolve_peak(parse(MICRO_FLAGS), setup, "AMD EPYC")
+    peak, source = mfu_module.resolve_peak(parse(MICRO_FLAGS), setup, "AMD EPYC")
     assert peak == 0.15 and source.startswith("measured: fastest of 3 fp32 4096x4096")
     setup = bench.resolve(parse(MICRO_FLAGS + ["--dtype", "bf16"]))
-    assert bench.resolve_peak(parse(MICRO_FLAGS + ["--dtype", "bf16"]), setup, "AMD EPYC")[0] == 0.3
+    assert mfu_module.resolve_peak(parse(MICRO_FLAGS + ["--dtype", "bf16"]), setup, "AMD EPYC")[0] == 0.3
     args = parse(MICRO_FLAGS + ["--peak-tflops", "2.5"])
-    assert bench.resolve_peak(args, bench.resolve(args), "AMD EPYC") == (2.5, "--peak-tflops")
+    assert mfu_module.resolve_peak(args, bench.resolve(args), "AMD EPYC") == (2.5, "--peak-tflops")
 
 
 def test_memory_probe_reports_train_and_infer_peaks(bench):
@@ -202,3 +212,4 @@ def test_linear_kernel_mode_times_every_block_shape(bench, capsys):
     assert shapes[5:] == [(128, 48, 144), (128, 48, 48), (128, 48, 192), (128, 192, 48)]
     assert all(v > 0 for r in report["results"] for k, v in r.items() if k.endswith("_gflops"))
     assert "fwd oneDNN" in capsys.readouterr().out
+    assert {r["forward_uses"] for r in report["results"]} == {"MKL"}  # 512 rows: too few for oneDNN

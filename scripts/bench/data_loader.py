@@ -1,0 +1,151 @@
+"""--data-loader mode: decode + the official train transform in a DataLoader per worker count, img/s per
+worker; with --data-shards also the same images read from shards, and the file opens per epoch of each."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from bench.common import DEFAULTS, log, usable_cores
+from bench.report import command_line, loadavg, versions
+from swin_train.errors import ConfigError, DataError
+from swin_train.models.registry import variant_arch
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The images under a folder (an ImageFolder tree or a flat folder), decoded to RGB and transformed."""
+
+    def __init__(self, paths: list[Path], transform: Callable):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.paths[index]) as img:
+            return self.transform(img.convert("RGB"))
+
+
+def find_images(root: Path) -> list[Path]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if not root.is_dir():
+        raise DataError(f"--data-loader {root} is not a directory; pass an ImageFolder or a folder of images")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
+    paths = [p for p in paths if not p.name.startswith(".")]
+    if not paths:
+        raise DataError(f"no JPEG/PNG images under {root}; pass an ImageFolder or a folder of images")
+    return paths
+
+
+def time_loader(dataset: ImageFiles, workers: int, batch_size: int, images: int) -> float:
+    """img/s of a DataLoader with `workers` workers, excluding start-up: the clock starts once every
+    worker has delivered its first batch."""
+    warm = max(workers, 1)
+    batches = warm + math.ceil(images / batch_size)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batches * batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
+    counted, start = 0, None
+    for i, batch in enumerate(loader):
+        if i == warm - 1:
+            start = time.perf_counter()
+        elif i >= warm:
+            counted += batch.shape[0]
+    return counted / (time.perf_counter() - start)
+
+
+def time_shard_loader(
+    root: Path, transform: Callable, workers: int, batch_size: int, images: int
+) -> tuple[float, int]:
+    """(img/s, shard files opened) of swin-train's shard reader over the train split of `root`, excluding
+    start-up as in time_loader; it reads whole epochs until `images` images were timed."""
+    from swin_train.data import shards
+
+    split = shards.resolve_split(str(root), "train")
+    dataset = shards.ShardTrainDataset(split, transform, batch_size=batch_size, num_workers=workers)
+    loader = shards.build_shard_loader(
+        dataset, batch_size=batch_size, num_workers=workers, pin_memory=False, drop_last=True
+    )
+    warm, counted, seconds, epoch = max(workers, 1), 0, 0.0, 0
+    while counted < images:  # workers start anew each epoch: each epoch's clock starts after its warm-up
+        dataset.set_epoch(epoch)
+        start = None
+        for i, (batch, _) in enumerate(loader):
+            if i == warm - 1:
+                start = time.perf_counter()
+            elif i >= warm:
+                counted += batch.shape[0]
+        seconds += time.perf_counter() - start
+        epoch += 1
+    # each shard is opened once per epoch (tests/test_shards.py counts the opens)
+    return counted / seconds, len(split.shards)
+
+
+def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    from swin_train.config import AugConfig, DataConfig
+    from swin_train.data.transforms import build_train_transform
+
+    if any(w < 0 for w in args.workers) or args.data_images < 1:
+        raise ConfigError("--workers must be >= 0 and --data-images >= 1")
+    repeats = args.repeats or DEFAULTS["cpu"]["repeats"]
+    batch_size = args.batch_size or 32
+    img_size = args.img_size or variant_arch(args.model)["img_size"]
+    paths = find_images(Path(args.data_loader))
+    transform = build_train_transform(
+        DataConfig(img_size=img_size), AugConfig()
+    )  # the official recipe: rand-m9-mstd0.5-inc1, jitter 0.4, ...
+    dataset = ImageFiles(paths, transform)
+    log(f"{len(paths)} images, workers {args.workers}, {repeats} rounds of {args.data_images} images")
+    rounds: dict[int, list[float]] = {w: [] for w in args.workers}
+    for _ in range(repeats):
+        for workers in args.workers:
+            rounds[workers].append(time_loader(dataset, workers, batch_size, args.data_images))
+    shard_rounds: dict[int, list[float]] = {w: [] for w in args.workers}
+    shard_opens = 0
+    if args.data_shards:
+        for _ in range(repeats):
+            for workers in args.workers:
+                img_s, shard_opens = time_shard_loader(
+                    Path(args.data_shards), transform, workers, batch_size, args.data_images
+                )
+                shard_rounds[workers].append(img_s)
+    results = {}
+    for workers, img_s in rounds.items():
+        median = statistics.median(img_s)
+        results[str(workers)] = {
+            "img_s": img_s,
+            "median_img_s": median,
+            "per_worker_img_s": median / max(workers, 1),
+            "file_opens_per_epoch": len(paths),  # one open per image
+        }
+        if args.data_shards:
+            shard_median = statistics.median(shard_rounds[workers])
+            results[str(workers)]["shards"] = {
+                "img_s": shard_rounds[workers],
+                "median_img_s": shard_median,
+                "per_worker_img_s": shard_median / max(workers, 1),
+                "file_opens_per_epoch": shard_opens,
+            }
+    return {
+        "mode": "data-loader",
+        "config": {
+            "dir": str(args.data_loader),
+            "num_images": len(paths),
+            "img_size": img_size,
+            "batch_size": batch_size,
+            "workers": args.workers,
+            "repeats": repeats,
+            "images_per_round": args.data_images,
+            "transform": repr(transform),
+        },
+        "env": {**versions(), "cores": usable_cores(), "command": command_line(argv), "loadavg": loadavg()},
+        "results": results,
+    }

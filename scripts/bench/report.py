@@ -1,0 +1,168 @@
+"""Reports: what they record about where they ran (versions, device, threads, load, the command), and the
+tables each mode prints instead of its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+import torchvision
+
+from bench.common import Setup, usable_cores
+
+
+def loadavg() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return shlex.join(["scripts/benchmark.py", *argv])
+
+
+def versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__}
+
+
+def environment(setup: Setup, argv: Sequence[str], malloc: str) -> dict:
+    """The "env" of a model or kernel report, taken after this process's threads and malloc are set."""
+    if setup.device.type == "cuda":
+        device_name = torch.cuda.get_device_name(setup.device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        m = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+        device_name = m.group(1).strip() if m else platform.processor() or "cpu"
+    return {
+        **versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device_name": device_name,
+        "cuda": torch.version.cuda if setup.device.type == "cuda" else None,
+        "cores": usable_cores(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "command": command_line(argv),
+        "loadavg_start": loadavg(),
+        "malloc": malloc,
+    }
+
+
+def format_table(report: dict) -> str:
+    """The human-readable summary of a model benchmark report."""
+    cfg, env, results, ratios = report["config"], report["env"], report["results"], report["ratios"]
+
+    def num(v: float | None, fmt: str, unit: str = "") -> str:
+        return "n/a" if v is None else format(v, fmt) + unit
+
+    def pct(v: float | None) -> str:
+        return num(None if v is None else 100 * v, ".1f", "%")
+
+    def vs_timm(impl: str, mode: str) -> str:
+        if impl == "timm":
+            return "1.000x"
+        r = ratios.get(f"{impl}/timm")
+        return num(r and r[mode]["median"], ".3f", "x")
+
+    arch = cfg["model"] or "custom " + json.dumps(cfg["arch"])
+    lines = [
+        f"{arch} | {cfg['device']} {env['device_name']} | {cfg['dtype']} | batch {cfg['batch_size']} | "
+        f"img {cfg['arch']['img_size']} | compiled: {' '.join(cfg['compile']) or 'none'} | "
+        f"grad checkpointing {cfg['grad_checkpointing']} | threads {env['threads']} | "
+        f"{cfg['repeats']} rounds x {cfg['iters']} iters, medians | malloc: {env.get('malloc')}",
+        "optimizers: each as its own training script builds it (ours fused AdamW; timm create_optimizer_v2; "
+        "torchvision torch.optim.AdamW defaults)",
+        "logits max abs diff vs ours: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in report["logits_max_abs_diff"].items()),
+        "",
+        f"{'impl':<12} {'train img/s':>11} {'infer img/s':>11} {'train mem':>10} {'infer mem':>10} "
+        f"{'MFU train':>9} {'MFU infer':>9} {'train vs timm':>13} {'infer vs timm':>13}",
+    ]
+    for impl, res in results.items():
+        train, infer = res["train"], res["infer"]
+        lines.append(
+            f"{impl:<12} {train['median_img_s']:>11.2f} {infer['median_img_s']:>11.2f} "
+            f"{num(train['peak_mem_mib'], '.0f', ' MiB'):>10} {num(infer['peak_mem_mib'], '.0f', ' MiB'):>10} "
+            f"{pct(train['mfu']):>9} {pct(infer['mfu']):>9} "
+            f"{vs_timm(impl, 'train'):>13} {vs_timm(impl, 'infer'):>13}"
+        )
+    if "ours/torchvision" in ratios:
+        r = ratios["ours/torchvision"]
+        lines.append(
+            f"ours vs torchvision: train {r['train']['median']:.3f}x, infer {r['infer']['median']:.3f}x"
+        )
+    for impl, res in results.items():
+        if res["compile_s"]:
+            lines.append(
+                f"compile {impl}: train {res['compile_s']['train']:.1f} s, infer {res['compile_s']['infer']:.1f} s"
+            )
+    lines.append("ratios: median over rounds of (round i of impl) / (round i of timm); higher is faster")
+    if cfg["peak_tflops"] is not None:
+        lines.append(
+            f"MFU: 2 x multiply-adds per image (x3 for a train step) x img/s / {cfg['peak_tflops'] * 1e3:.1f} "
+            f"GFLOP/s ({cfg['peak_source']})"
+        )
+        if "timm" in results:  # the fastest any implementation could be: every FLOP at the peak
+            lines.append(
+                f"ceiling vs timm (a step at 100% MFU): train {1 / results['timm']['train']['mfu']:.2f}x, "
+                f"infer {1 / results['timm']['infer']['mfu']:.2f}x"
+            )
+    lines.append(
+        "minor page faults per step (train/infer): "
+        + ", ".join(
+            f"{impl} {res['train']['minor_faults_per_step']:.0f}/{res['infer']['minor_faults_per_step']:.0f}"
+            for impl, res in results.items()
+        )
+    )
+    lines.append(f"memory: {report['memory_note']}")
+    lines.append(f"load average at start / end: {env['loadavg_start']} / {env['loadavg_end']}")
+    return "\n".join(lines)
+
+
+def format_data_table(report: dict) -> str:
+    cfg = report["config"]
+    lines = [
+        f"decode + official train transform, img {cfg['img_size']}, {cfg['num_images']} images, "
+        f"{report['env']['cores']} cores, {cfg['repeats']} rounds, medians",
+        f"{'workers':>7} {'img/s':>9} {'img/s per worker':>17}",
+    ]
+    for workers, res in report["results"].items():
+        lines.append(
+            f"{workers:>7} {res['median_img_s']:>9.1f} {res['per_worker_img_s']:>17.1f}   folder: "
+            f"{res['file_opens_per_epoch']} file opens per epoch"
+        )
+        if "shards" in res:
+            sh = res["shards"]
+            lines.append(
+                f"{workers:>7} {sh['median_img_s']:>9.1f} {sh['per_worker_img_s']:>17.1f}   shards: "
+                f"{sh['file_opens_per_epoch']} file opens per epoch"
+            )
+    best = max(res["per_worker_img_s"] for res in report["results"].values())
+    lines.append(
+        f"a GPU training at N img/s needs about N / {best:.0f} loader cores (plus one for the main process)"
+    )
+    return "\n".join(lines)
+
+
+def format_kernel_table(report: dict) -> str:
+    cfg, env = report["config"], report["env"]
+    lines = [
+        f"Linear kernels of {cfg['model']} at batch {cfg['batch_size']}, GFLOP/s, best of {cfg['repeats']} "
+        f"rounds x {cfg['iters']} | {env['device_name']} | threads {env['threads']} | malloc: {env['malloc']}",
+        f"{'rows':>6} {'in':>5} {'out':>5} {'fwd MKL':>8} {'fwd oneDNN':>10} {'dX MKL':>7} {'dX oneDNN':>9}  "
+        "swin-train uses (fwd, dX)",
+    ]
+    for r in report["results"]:
+        used = f"{r['forward_uses']}, {r['grad_input_uses']}"
+        lines.append(
+            f"{r['rows']:>6} {r['in']:>5} {r['out']:>5} {r['forward_mkl_gflops']:>8.0f} "
+            f"{r['forward_onednn_gflops']:>10.0f} {r['grad_input_mkl_gflops']:>7.0f} "
+            f"{r['grad_input_onednn_gflops']:>9.0f}  {used}"
+        )
+    return "\n".join(lines)
