@@ -186,9 +186,32 @@ def test_data_loader_mode_reports_img_s_per_worker(bench, tmp_path, capsys):
     for workers, res in report["results"].items():
         assert len(res["img_s"]) == 2 and res["median_img_s"] == statistics.median(res["img_s"])
         assert res["per_worker_img_s"] == res["median_img_s"] / max(int(workers), 1)
+        assert res["cpu_ms_per_image"] > 0
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no JPEG/PNG images"):
         bench.main(["--data-loader", str(tmp_path / "empty"), "--workers", "0"])
+
+
+def test_data_loader_mode_compares_the_folder_with_its_shards(bench, tmp_path, capsys):
+    from swin_train.data.pack import PackOptions, pack
+
+    for split, count in (("train", 4), ("val", 2)):
+        for name in ("a", "b"):
+            (tmp_path / "src" / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (48, 40), (60 * i, 90, 200)).save(
+                    tmp_path / "src" / split / name / f"{i}.jpg"
+                )
+    pack(tmp_path / "src", tmp_path / "wds", PackOptions(shard_size=2), progress=False)
+    argv = ["--data-loader", str(tmp_path / "src" / "train"), "--data-shards", str(tmp_path / "wds")]
+    report = bench.main(
+        argv + ["--workers", "0", "2", "--repeats", "1", "--data-images", "4", "--batch-size", "2"]
+    )
+    for res in report["results"].values():
+        assert res["file_opens_per_epoch"] == 8 and res["shards"]["file_opens_per_epoch"] == 4
+        assert res["cpu_ms_per_image"] > 0 and res["shards"]["cpu_ms_per_image"] > 0
+    table = capsys.readouterr().out
+    assert "CPU ms/img" in table and "shards: 4 file opens per epoch" in table
 
 
 def test_compile_subset_and_grad_checkpointing_settings(bench):

@@ -257,8 +257,23 @@ def test_kill_9_mid_epoch_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(pa
     _kill_when(proc, run / "step-000000005.pth")
     resumed = run_cli("train", "--data-path", packed, "--output", run, *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "data layout changed" not in resumed.stdout
     assert_bitwise_equal(weights(ref / "last.pth"), weights(run / "last.pth"))
+    # another worker count reads the shards in other streams: the resume says its order differs
+    other = run_cli(
+        "train",
+        "--data-path",
+        packed,
+        "--output",
+        tmp_path / "other",
+        *args,
+        "data.num_workers=1",
+        "--resume",
+        ref / "step-000000015.pth",
+    )
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "data layout changed since" in other.stdout
+    assert "(2 -> 1 shard readers per process)" in other.stdout
 
 
 def _kill_when(proc, path, timeout=240):
@@ -345,6 +360,15 @@ def test_bad_shards_are_one_line_errors(packed, tmp_path, capsys, damage, messag
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert "Traceback" not in err
+
+
+def test_skip_bad_images_says_that_shards_have_no_fallback(packed, tmp_path, capsys):
+    bad = _copy_packed(packed, tmp_path / "bad")
+    shard = bad / "data-validation-0003.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert _eval_error(tmp_path, bad, "data.num_workers=0", "data.skip_bad_images=true") == 2
+    out = capsys.readouterr().out
+    assert "data.skip_bad_images applies to image folders only" in out and "swin-data pack --skip-bad" in out
 
 
 def test_a_failing_pipe_command_is_a_one_line_error(packed, tmp_path, capsys):

@@ -1,10 +1,12 @@
 """--data-loader mode: decode + the official train transform in a DataLoader per worker count, img/s per
-worker; with --data-shards also the same images read from shards, and the file opens per epoch of each."""
+worker and CPU ms per image (loader process + workers); with --data-shards also the same images read from
+shards, and the file opens per epoch of each."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +21,8 @@ from swin_train.models.registry import variant_arch
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """The images under a folder (an ImageFolder tree or a flat folder), decoded to RGB and transformed."""
+    """The images under a folder (an ImageFolder tree or a flat folder), decoded to RGB and transformed
+    under a per-sample seed, as swin-train's folder and shard datasets do."""
 
     def __init__(self, paths: list[Path], transform: Callable):
         self.paths, self.transform = paths, transform
@@ -30,8 +33,17 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         from PIL import Image
 
+        from swin_train.data.seeding import run_seeded
+
         with Image.open(self.paths[index]) as img:
-            return self.transform(img.convert("RGB"))
+            return run_seeded(self.transform, img.convert("RGB"), index)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process and of its finished children (the loader's workers, which exit
+    when the loader's iteration ends)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def find_images(root: Path) -> list[Path]:
@@ -46,27 +58,30 @@ def find_images(root: Path) -> list[Path]:
     return paths
 
 
-def time_loader(dataset: ImageFiles, workers: int, batch_size: int, images: int) -> float:
-    """img/s of a DataLoader with `workers` workers, excluding start-up: the clock starts once every
-    worker has delivered its first batch."""
+def time_loader(dataset: ImageFiles, workers: int, batch_size: int, images: int) -> tuple[float, float]:
+    """(img/s, CPU ms per image) of a DataLoader with `workers` workers. img/s excludes start-up (the
+    clock starts once every worker has delivered its first batch); CPU covers every image and start-up."""
     warm = max(workers, 1)
     batches = warm + math.ceil(images / batch_size)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batches * batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
-    counted, start = 0, None
+    counted, delivered, start, cpu = 0, 0, None, cpu_seconds()
     for i, batch in enumerate(loader):
+        delivered += batch.shape[0]
         if i == warm - 1:
             start = time.perf_counter()
         elif i >= warm:
             counted += batch.shape[0]
-    return counted / (time.perf_counter() - start)
+    img_s = counted / (time.perf_counter() - start)
+    # the workers were joined when the iteration ended (not persistent), so their CPU time is counted
+    return img_s, 1000 * (cpu_seconds() - cpu) / delivered
 
 
 def time_shard_loader(
     root: Path, transform: Callable, workers: int, batch_size: int, images: int
-) -> tuple[float, int]:
-    """(img/s, shard files opened) of swin-train's shard reader over the train split of `root`, excluding
-    start-up as in time_loader; it reads whole epochs until `images` images were timed."""
+) -> tuple[float, float, int]:
+    """(img/s, CPU ms per image, shard files opened per epoch) of swin-train's shard reader over the train
+    split of `root`, measured as in time_loader; it reads whole epochs until `images` images were timed."""
     from swin_train.data import shards
 
     split = shards.resolve_split(str(root), "train")
@@ -74,19 +89,21 @@ def time_shard_loader(
     loader = shards.build_shard_loader(
         dataset, batch_size=batch_size, num_workers=workers, pin_memory=False, drop_last=True
     )
-    warm, counted, seconds, epoch = max(workers, 1), 0, 0.0, 0
+    warm, counted, delivered, seconds, epoch, cpu = max(workers, 1), 0, 0, 0.0, 0, cpu_seconds()
     while counted < images:  # workers start anew each epoch: each epoch's clock starts after its warm-up
         dataset.set_epoch(epoch)
         start = None
         for i, (batch, _) in enumerate(loader):
+            delivered += batch.shape[0]
             if i == warm - 1:
                 start = time.perf_counter()
             elif i >= warm:
                 counted += batch.shape[0]
         seconds += time.perf_counter() - start
         epoch += 1
+    cpu_ms = 1000 * (cpu_seconds() - cpu) / delivered  # this loader keeps no workers between epochs
     # each shard is opened once per epoch (tests/test_shards.py counts the opens)
-    return counted / seconds, len(split.shards)
+    return counted / seconds, cpu_ms, len(split.shards)
 
 
 def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
@@ -104,36 +121,34 @@ def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     )  # the official recipe: rand-m9-mstd0.5-inc1, jitter 0.4, ...
     dataset = ImageFiles(paths, transform)
     log(f"{len(paths)} images, workers {args.workers}, {repeats} rounds of {args.data_images} images")
-    rounds: dict[int, list[float]] = {w: [] for w in args.workers}
+    # (img/s, CPU ms per image) per round; folder and shard rounds alternate, so drifts hit both alike
+    rounds: dict[int, list[tuple[float, float]]] = {w: [] for w in args.workers}
+    shard_rounds: dict[int, list[tuple[float, float]]] = {w: [] for w in args.workers}
+    shard_opens = 0
     for _ in range(repeats):
         for workers in args.workers:
             rounds[workers].append(time_loader(dataset, workers, batch_size, args.data_images))
-    shard_rounds: dict[int, list[float]] = {w: [] for w in args.workers}
-    shard_opens = 0
-    if args.data_shards:
-        for _ in range(repeats):
-            for workers in args.workers:
-                img_s, shard_opens = time_shard_loader(
+            if args.data_shards:
+                *measured, shard_opens = time_shard_loader(
                     Path(args.data_shards), transform, workers, batch_size, args.data_images
                 )
-                shard_rounds[workers].append(img_s)
-    results = {}
-    for workers, img_s in rounds.items():
-        median = statistics.median(img_s)
-        results[str(workers)] = {
-            "img_s": img_s,
+                shard_rounds[workers].append(tuple(measured))
+
+    def summary(measured: list[tuple[float, float]], workers: int, opens: int) -> dict:
+        median = statistics.median(img_s for img_s, _ in measured)
+        return {
+            "img_s": [img_s for img_s, _ in measured],
             "median_img_s": median,
             "per_worker_img_s": median / max(workers, 1),
-            "file_opens_per_epoch": len(paths),  # one open per image
+            "cpu_ms_per_image": statistics.median(ms for _, ms in measured),
+            "file_opens_per_epoch": opens,
         }
+
+    results = {}
+    for workers, measured in rounds.items():
+        results[str(workers)] = summary(measured, workers, len(paths))  # one open per image
         if args.data_shards:
-            shard_median = statistics.median(shard_rounds[workers])
-            results[str(workers)]["shards"] = {
-                "img_s": shard_rounds[workers],
-                "median_img_s": shard_median,
-                "per_worker_img_s": shard_median / max(workers, 1),
-                "file_opens_per_epoch": shard_opens,
-            }
+            results[str(workers)]["shards"] = summary(shard_rounds[workers], workers, shard_opens)
     return {
         "mode": "data-loader",
         "config": {

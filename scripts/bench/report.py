@@ -130,19 +130,15 @@ def format_data_table(report: dict) -> str:
     lines = [
         f"decode + official train transform, img {cfg['img_size']}, {cfg['num_images']} images, "
         f"{report['env']['cores']} cores, {cfg['repeats']} rounds, medians",
-        f"{'workers':>7} {'img/s':>9} {'img/s per worker':>17}",
+        f"{'workers':>7} {'img/s':>9} {'img/s per worker':>17} {'CPU ms/img':>11}",
     ]
     for workers, res in report["results"].items():
-        lines.append(
-            f"{workers:>7} {res['median_img_s']:>9.1f} {res['per_worker_img_s']:>17.1f}   folder: "
-            f"{res['file_opens_per_epoch']} file opens per epoch"
-        )
-        if "shards" in res:
-            sh = res["shards"]
-            lines.append(
-                f"{workers:>7} {sh['median_img_s']:>9.1f} {sh['per_worker_img_s']:>17.1f}   shards: "
-                f"{sh['file_opens_per_epoch']} file opens per epoch"
-            )
+        for source, r in (("folder", res), ("shards", res.get("shards"))):
+            if r is not None:
+                lines.append(
+                    f"{workers:>7} {r['median_img_s']:>9.1f} {r['per_worker_img_s']:>17.1f} "
+                    f"{r['cpu_ms_per_image']:>11.2f}   {source}: {r['file_opens_per_epoch']} file opens per epoch"
+                )
     best = max(res["per_worker_img_s"] for res in report["results"].values())
     lines.append(
         f"a GPU training at N img/s needs about N / {best:.0f} loader cores (plus one for the main process)"

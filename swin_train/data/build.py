@@ -40,6 +40,19 @@ class Data:
         return len(self.class_names)
 
 
+def warn_if_skip_bad_images_unused(cfg: Config, source: str) -> None:
+    """data.skip_bad_images replaces undecodable files of an image folder; shards and HF datasets have no
+    such fallback (a replacement would break their exact counts), so say that it does nothing there."""
+    if cfg.data.skip_bad_images and source in ("wds", "hf"):
+        fix = "repack with `swin-data pack --skip-bad`" if source == "wds" else "filter the dataset"
+        log.warning(
+            "data.skip_bad_images applies to image folders only: a bad image in %s stops the run; "
+            "%s to leave such images out",
+            "a shard" if source == "wds" else "a Hugging Face dataset",
+            fix,
+        )
+
+
 def data_source(cfg: Config) -> str:
     """What `data.data_path` holds: `data.dataset`, except that an "imagefolder" path holding webdataset
     shards (a folder with an index or .tar files, a brace pattern, a pipe: URL) is "wds" and one holding
@@ -146,6 +159,7 @@ def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> D
         device_transform_for(cfg, env, train=True) if device_pipeline and not d.synthetic else None
     )
     source = "synthetic" if d.synthetic else data_source(cfg)
+    warn_if_skip_bad_images_unused(cfg, source)
     if source == "wds":
         return build_shard_data(cfg, env, train_transform, eval_transform, device_transform)
     if source == "synthetic":  # random tensors: measures the loop without decoding
@@ -252,6 +266,7 @@ def build_eval_data(
     transform = build_eval_transform(Preprocess.from_config(cfg), uint8=device_pipeline)
     workers = usable_workers(d.num_workers)
     source = data_source(cfg)
+    warn_if_skip_bad_images_unused(cfg, source)
     if source == "wds":
         from swin_train.data.shards import ShardEvalDataset, build_shard_loader
 
