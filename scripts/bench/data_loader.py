@@ -5,7 +5,6 @@ shards, and the file opens per epoch of each."""
 from __future__ import annotations
 
 import argparse
-import math
 import resource
 import statistics
 import time
@@ -40,10 +39,38 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def cpu_seconds() -> float:
-    """User + system CPU of this process and of its finished children (the loader's workers, which exit
-    when the loader's iteration ends)."""
+    """User + system CPU of this process and of its finished children (loader workers, which exit when
+    an epoch's iteration ends)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed_epochs(
+    loader, images: int, workers: int, before_epoch: Callable[[int], None]
+) -> tuple[float, float]:
+    """(img/s, CPU ms per image) over whole epochs of `loader` until `images` images were timed. The
+    workers start anew each epoch (as the shard loader's do); img/s excludes each epoch's start-up (its
+    clock starts once every worker has delivered its first batch), CPU counts everything, start-up and
+    main process included, per image delivered."""
+    warm, counted, delivered, seconds, epoch, cpu = max(workers, 1), 0, 0, 0.0, 0, cpu_seconds()
+    while counted < images:
+        before_epoch(epoch)
+        start = None
+        for i, batch in enumerate(loader):
+            size = len(batch[1]) if isinstance(batch, list | tuple) else batch.shape[0]
+            delivered += size
+            if i == warm - 1:
+                start = time.perf_counter()
+            elif i >= warm:
+                counted += size
+        if start is None or i < warm:
+            raise ConfigError(
+                f"an epoch has {i + 1} batches, too few to time after {warm} warm-up batches; "
+                "use more images or a smaller --batch-size"
+            )
+        seconds += time.perf_counter() - start
+        epoch += 1
+    return counted / seconds, 1000 * (cpu_seconds() - cpu) / delivered
 
 
 def find_images(root: Path) -> list[Path]:
@@ -59,29 +86,16 @@ def find_images(root: Path) -> list[Path]:
 
 
 def time_loader(dataset: ImageFiles, workers: int, batch_size: int, images: int) -> tuple[float, float]:
-    """(img/s, CPU ms per image) of a DataLoader with `workers` workers. img/s excludes start-up (the
-    clock starts once every worker has delivered its first batch); CPU covers every image and start-up."""
-    warm = max(workers, 1)
-    batches = warm + math.ceil(images / batch_size)
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batches * batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
-    counted, delivered, start, cpu = 0, 0, None, cpu_seconds()
-    for i, batch in enumerate(loader):
-        delivered += batch.shape[0]
-        if i == warm - 1:
-            start = time.perf_counter()
-        elif i >= warm:
-            counted += batch.shape[0]
-    img_s = counted / (time.perf_counter() - start)
-    # the workers were joined when the iteration ended (not persistent), so their CPU time is counted
-    return img_s, 1000 * (cpu_seconds() - cpu) / delivered
+    """(img/s, CPU ms per image) of a DataLoader with `workers` workers over `dataset` in random order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
+    return timed_epochs(loader, images, workers, lambda epoch: None)
 
 
 def time_shard_loader(
     root: Path, transform: Callable, workers: int, batch_size: int, images: int
 ) -> tuple[float, float, int]:
     """(img/s, CPU ms per image, shard files opened per epoch) of swin-train's shard reader over the train
-    split of `root`, measured as in time_loader; it reads whole epochs until `images` images were timed."""
+    split of `root`, measured as the folder is."""
     from swin_train.data import shards
 
     split = shards.resolve_split(str(root), "train")
@@ -89,21 +103,9 @@ def time_shard_loader(
     loader = shards.build_shard_loader(
         dataset, batch_size=batch_size, num_workers=workers, pin_memory=False, drop_last=True
     )
-    warm, counted, delivered, seconds, epoch, cpu = max(workers, 1), 0, 0, 0.0, 0, cpu_seconds()
-    while counted < images:  # workers start anew each epoch: each epoch's clock starts after its warm-up
-        dataset.set_epoch(epoch)
-        start = None
-        for i, (batch, _) in enumerate(loader):
-            delivered += batch.shape[0]
-            if i == warm - 1:
-                start = time.perf_counter()
-            elif i >= warm:
-                counted += batch.shape[0]
-        seconds += time.perf_counter() - start
-        epoch += 1
-    cpu_ms = 1000 * (cpu_seconds() - cpu) / delivered  # this loader keeps no workers between epochs
+    img_s, cpu_ms = timed_epochs(loader, images, workers, dataset.set_epoch)
     # each shard is opened once per epoch (tests/test_shards.py counts the opens)
-    return counted / seconds, cpu_ms, len(split.shards)
+    return img_s, cpu_ms, len(split.shards)
 
 
 def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
@@ -136,11 +138,12 @@ def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
 
     def summary(measured: list[tuple[float, float]], workers: int, opens: int) -> dict:
         median = statistics.median(img_s for img_s, _ in measured)
+        cpu_ms = [ms for _, ms in measured]
         return {
             "img_s": [img_s for img_s, _ in measured],
             "median_img_s": median,
             "per_worker_img_s": median / max(workers, 1),
-            "cpu_ms_per_image": statistics.median(ms for _, ms in measured),
+            "cpu_ms_per_image": statistics.median(cpu_ms),
             "file_opens_per_epoch": opens,
         }
 
