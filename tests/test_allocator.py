@@ -40,7 +40,7 @@ def _probe(**env):
 
 
 def test_freed_memory_is_reused_without_page_faults():
-    tuned = _probe()
+    tuned = _probe(LARGEST=str(100_000_000))  # a 100 MB activation, as the probe allocates
     assert tuned["applied"] and tuned["faults"] < 1_000  # 100 MB is ~24,000 pages of 4 KiB
 
 
@@ -49,13 +49,19 @@ def test_opt_out_keeps_the_system_defaults():
     assert not default["applied"] and default["faults"] > 10_000
 
 
-def test_small_activations_keep_the_system_defaults():
+def test_small_activations_keep_the_system_defaults(monkeypatch):
     """Below glibc's own largest mmap threshold the settings would only hold memory: not applied."""
-    from swin_train.allocator import DYNAMIC_MMAP_THRESHOLD_MAX
+    from swin_train import allocator
     from swin_train.models.arch import largest_activation_bytes
 
     micro = largest_activation_bytes(batch_size=64, img_size=32, patch_size=2, embed_dim=48, mlp_ratio=4.0)
     swin_t = largest_activation_bytes(batch_size=8, img_size=224, patch_size=4, embed_dim=96, mlp_ratio=4.0)
-    assert micro == 64 * 16 * 16 * 192 * 4 < DYNAMIC_MMAP_THRESHOLD_MAX < swin_t == 8 * 56 * 56 * 384 * 4
-    assert not _probe(LARGEST=str(micro))["applied"]
-    assert _probe(LARGEST=str(swin_t))["applied"]
+    assert (
+        micro
+        == 64 * 16 * 16 * 192 * 4
+        < allocator.DYNAMIC_MMAP_THRESHOLD_MAX
+        < swin_t
+        == 8 * 56 * 56 * 384 * 4
+    )
+    monkeypatch.setattr(allocator, "_applied", False)  # as in a fresh process
+    assert not allocator.keep_freed_memory(micro) and not allocator._applied

@@ -403,3 +403,18 @@ def test_swin_data_index_counts_the_shards_of_every_split(packed, tmp_path):
     for split in ("train", "validation"):
         for key in ("filenames", "shard_lengths", "num_samples"):
             assert written["splits"][split][key] == original["splits"][split][key]
+
+
+def test_without_the_webdataset_package_shards_and_pack_say_how_to_install_it(
+    packed, small_shapes, tmp_path, capsys, monkeypatch
+):
+    from swin_train.cli.data import cli as data_cli
+
+    for module in ("webdataset", "webdataset.gopen", "webdataset.tariterators"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import webdataset...` now raises ImportError
+    assert _eval_error(tmp_path, packed, "data.num_workers=0") == 2
+    assert data_cli(["pack", str(small_shapes), str(tmp_path / "out")]) == 2
+    assert data_cli(["index", str(packed)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all("pip install 'swin-train[wds]'" in e for e in errors), errors
+    assert not (tmp_path / "out").exists()  # nothing written before the error

@@ -8,6 +8,7 @@ seeding.py     seeds derived from (seed, rank, epoch, index) keys
 prefetch.py    batches to the device; uint8 normalisation and seeded erasing there
 synthetic.py   random tensors (benchmarks); shapes.py: the generated quick-start set
 shards.py      webdataset shards (folders, brace patterns, pipe: URLs): exact eval, resumable order
+tar_stream.py  the files of a tar stream, read faster than tarfile does
 pack.py        `swin-data pack`: ImageFolder or the official zip layout -> shards
 hf_dataset.py  Hugging Face datasets (save_to_disk folders, parquet), map-style
 build.py       all of the above for a run, from a Config

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from swin_train.data.folder import DECODE_ERRORS, decode_error_reason, scan_image_folder
+from swin_train.data.shards import require_webdataset
 from swin_train.errors import DataError
 
 log = logging.getLogger("swin_train")
@@ -281,6 +282,7 @@ def pack(
         raise DataError(
             f"--name must be letters, digits or _ (it becomes NAME-SPLIT-NNNN.tar), got {options.name!r}"
         )
+    require_webdataset()  # before anything is written
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser()
     found = scan_source(src)
     try:

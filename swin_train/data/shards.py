@@ -3,7 +3,8 @@
 
 Sources: a folder with `_info.json`/`_info.yaml` (timm's `imagenet-1k-wds` layout and what
 `swin-data pack` writes), a brace pattern (`imagenet1k-train-{0000..1023}.tar`) or `pipe:COMMAND`
-URLs. The `webdataset` package opens (`gopen`: files, `pipe:`), reads and groups tar members. What it
+URLs. The `webdataset` package opens shards (`gopen`: files, `pipe:`) and groups tar members into samples;
+the members are read by `tar_stream.py` (faster than `tarfile`, which webdataset uses). What webdataset
 does not guarantee is written here: its `split_by_node`/`split_by_worker` and `shuffle` give neither
 exact evaluation (every sample once) nor a mid-epoch resume, because the order depends on how far
 each worker got, not on the position in the epoch. Here the order is a pure function:
@@ -38,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from swin_train.data.folder import DECODE_ERRORS, decode_error_reason
 from swin_train.data.seeding import derive_seed, run_seeded, seed_generator, seed_globals_from
+from swin_train.data.tar_stream import iter_tar_files
 from swin_train.errors import DataError
 
 log = logging.getLogger("swin_train")
@@ -154,9 +156,22 @@ def class_names_from(info: dict) -> tuple[str, ...] | None:
     return None
 
 
+def require_webdataset() -> None:
+    """Import the webdataset parts we use in this process, so that loader workers forked from it do not
+    import them again every epoch; or say how to install the package."""
+    try:
+        import webdataset.gopen  # noqa: F401
+        import webdataset.tariterators  # noqa: F401
+    except ImportError:
+        raise DataError(
+            "webdataset shards need the `webdataset` package: pip install 'swin-train[wds]'"
+        ) from None
+
+
 def resolve_split(source: str, split: str, *, info_path: str | None = None) -> ShardSplit:
     """The shards of `split`: from a folder's index (its `split` entry), or the shards a pattern / `pipe:`
     URL expands to, counted by file name in the index (`info_path`, or the `_info` beside local shards)."""
+    require_webdataset()
     folder = Path(source).expanduser()
     is_pattern = source.startswith("pipe:") or not folder.is_dir()
     if not is_pattern:
@@ -265,11 +280,20 @@ def _shard_error(shard: Shard, e: BaseException) -> DataError:
     )
 
 
+def tar_samples(stream, url: str) -> Iterator[dict]:
+    """webdataset's samples (files grouped by key) of a tar stream, read by our tar reader (tar_stream.py
+    says why it is ours)."""
+    from webdataset.tariterators import group_by_keys
+
+    return group_by_keys(
+        {"fname": name, "data": data, "__url__": url} for name, data in iter_tar_files(stream)
+    )
+
+
 def read_shard(shard: Shard, *, stop_after: int | None = None) -> Iterator[dict]:
     """The samples of a shard as webdataset dicts (`__key__`, extensions -> raw bytes), in tar order,
     checked against the index count. `stop_after`: stop (and close the stream) after that many samples."""
     from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     wanted = shard.num_samples if stop_after is None else min(stop_after, shard.num_samples)
     count = 0
@@ -280,8 +304,7 @@ def read_shard(shard: Shard, *, stop_after: int | None = None) -> Iterator[dict]
     finished = False
     try:
         if wanted > 0:
-            samples = group_by_keys(tar_file_expander([{"url": shard.url, "stream": stream}]))
-            for sample in samples:
+            for sample in tar_samples(stream, shard.url):
                 count += 1
                 if count > shard.num_samples:
                     raise DataError(
@@ -524,12 +547,11 @@ def build_shard_loader(
 def count_samples(url: str) -> int:
     """Samples in one shard, by reading its tar headers and grouping member names (nothing decoded)."""
     from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     shard = Shard(url, shard_name(url), -1)
     try:
         with gopen(url, "rb") as stream:
-            return sum(1 for _ in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])))
+            return sum(1 for _ in tar_samples(stream, url))
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
         raise _shard_error(shard, e) from None
 
@@ -539,6 +561,7 @@ def write_index(folder: str | os.PathLike, *, classes: Sequence[str] | None = No
     the one-time index that exact evaluation and resume need for shards that came without one."""
     import re
 
+    require_webdataset()
     from swin_train.checkpoint import write_atomically
 
     folder = Path(folder).expanduser()
