@@ -76,11 +76,10 @@ def test_a_second_run_in_a_busy_output_folder_fails_at_once(tmp_path):
     finally:
         first.kill()
         first.wait()
-    # the holder was killed (-9): its lock is stale, the next run goes ahead
-    again = subprocess.run(
-        [*cmd[:-1], "train.epochs=1"], capture_output=True, text=True, env=env_for_subprocess(), timeout=300
-    )
-    assert "another swin-train" not in again.stderr
+    # the holder was killed (-9): its lock is stale, the next run takes it (a whole run: test_runlock.py)
+    from swin_train.runlock import acquire_output_lock
+
+    acquire_output_lock(out).release()
 
 
 # 3. YAML aliases

@@ -351,7 +351,7 @@ def decode_sample(sample: dict, shard: Shard) -> tuple[Image.Image, int]:
     return image, label
 
 
-@lru_cache(maxsize=64)  # the shards whose samples a shuffle buffer can hold at once
+@lru_cache(maxsize=64)  # the shards a shuffle buffer draws from at once (more are recomputed: pure)
 def shard_sample_seeds(seed: int, epoch: int, shard_index: int, count: int) -> np.ndarray:
     """The augmentation seeds of a shard's `count` members in an epoch: each a function of the sample and
     the epoch, like the folder path's; drawn for the whole shard at once (one seed derivation per shard
