@@ -315,6 +315,9 @@ def read_shard(shard: Shard, *, stop_after: int | None = None) -> Iterator[dict]
                 if stop_after is not None and count >= wanted:
                     break
         if count < wanted:
+            # a failed command ends its output early: its exit status, read on close, says so
+            if shard.url.startswith("pipe:"):
+                stream.close()
             raise DataError(
                 f"shard {shard.url} ended after {count} samples but its index says {shard.num_samples}: "
                 "the shard is truncated or the index is stale; re-download or re-pack it"
