@@ -54,8 +54,9 @@ def run_cli(
     )
 
 
-def torchrun(nproc: int, module: str, *args: str, timeout: float = 300, extra: tuple[str, ...] = ()):
-    cmd = [
+def torchrun_command(nproc: int, module: str, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """`torchrun --standalone` of `swin_train.cli.<module>` on `nproc` local processes."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -66,6 +67,10 @@ def torchrun(nproc: int, module: str, *args: str, timeout: float = 300, extra: t
         f"swin_train.cli.{module}",
         *map(str, args),
     ]
+
+
+def torchrun(nproc: int, module: str, *args: str, timeout: float = 300, extra: tuple[str, ...] = ()):
+    cmd = torchrun_command(nproc, module, *args, extra=extra)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env_for_subprocess())
 
 

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MICRO_OVERRIDES, assert_bitwise_equal, env_for_subprocess, run_cli, weights
+from helpers import (
+    MICRO_OVERRIDES,
+    assert_bitwise_equal,
+    env_for_subprocess,
+    run_cli,
+    torchrun_command,
+    weights,
+)
 
 from swin_train.cli.eval import cli as eval_cli
 from swin_train.cli.train import cli as train_cli
@@ -101,23 +108,18 @@ def _worker_pids(output_dir: Path, rank: int) -> list[int]:
 
 def test_killed_rank_is_restarted_by_torchrun_and_the_run_finishes(shapes_root, tmp_path):
     out = tmp_path / "elastic"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        "--max-restarts=3",
-        "-m",
-        "swin_train.cli.train",
+    cmd = torchrun_command(
+        2,
+        "train",
         "--data-path",
-        str(shapes_root),
+        shapes_root,
         "--output",
-        str(out),
+        out,
         *MICRO_OVERRIDES,
         "data.batch_size=16",
         "train.epochs=2",
-    ]
+        extra=("--max-restarts=3",),
+    )
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_subprocess()
     )
@@ -294,16 +296,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(shapes_root, t
         "train.epochs=2",
         "train.checkpoint_every_steps=5",
     ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        "-m",
-        "swin_train.cli.train",
-        *args,
-    ]
+    cmd = torchrun_command(2, "train", *args)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_subprocess()
     )

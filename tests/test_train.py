@@ -18,6 +18,7 @@ from helpers import (
     env_for_subprocess,
     run_cli,
     torchrun,
+    torchrun_command,
     weights,
 )
 
@@ -270,16 +271,7 @@ def test_torchrun_resume_after_kill_9_is_bitwise(shapes_root, tmp_path):
             shapes_root, out, "train.epochs=2", "data.batch_size=16", "train.checkpoint_every_steps=10"
         )
     ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        "-m",
-        "swin_train.cli.train",
-        *args,
-    ]
+    cmd = torchrun_command(2, "train", *args)
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
