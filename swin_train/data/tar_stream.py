@@ -77,8 +77,10 @@ def _check(header: bytes) -> None:
         raise TarStreamError("damaged tar header (its checksum is not a number)") from None
     # the checksum counts its own 8 bytes as spaces; some writers sum signed bytes (tarfile accepts both)
     unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    if stored == unsigned:  # the usual case: no per-byte pass for the signed sum
+        return
     signed = unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127)
-    if stored not in (unsigned, signed):
+    if stored != signed:
         raise TarStreamError("damaged tar header (checksum mismatch)")
 
 
