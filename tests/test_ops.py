@@ -47,6 +47,24 @@ def test_same_values_and_gradients_as_torch(fn, reference, k):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("k, n, kernels", [(WIDE, 24, ["grad_input"]), (24, WIDE, ["forward"])])
+def test_each_product_takes_its_own_kernel(monkeypatch, k, n, kernels):
+    """A narrow output with a wide input (a micro model's fc2): forward on MKL, input gradient on oneDNN;
+    and the other way round. Values and gradients stay F.linear's."""
+    x, w, b = _inputs(k=k, n=n)
+    calls = []
+    onednn = ops._onednn_matmul
+    monkeypatch.setattr(
+        ops, "_onednn_matmul", lambda a, weight, *r: calls.append(a.shape[1]) or onednn(a, weight, *r)
+    )
+    grad_out = torch.randn(*x.shape[:-1], n)
+    ours = _value_and_grads(ops.linear, x, w, b, grad_out)
+    assert calls == [{"forward": k, "grad_input": n}[kernel] for kernel in kernels]
+    theirs = _value_and_grads(F.linear, x, w, b, grad_out)
+    for name, a, e in zip(("out", "grad x", "grad w", "grad b"), ours, theirs):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_non_contiguous_input_and_fused_gelu_in_inference():
     x, w, b = _inputs()
     x_t = x.detach().transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides

@@ -56,7 +56,8 @@ def _onednn_matmul(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """y = x W^T + b with the forward and input gradient on oneDNN, the weight gradient on MKL."""
+    """y = x W^T + b with the forward and the input gradient each on oneDNN where `use_onednn` says so (MKL
+    otherwise), the weight gradient on MKL."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -64,7 +65,9 @@ class _OneDnnLinear(torch.autograd.Function):
         ctx.save_for_backward(x2d, weight)
         ctx.input_shape = x.shape
         ctx.has_bias = bias is not None
-        return _onednn_matmul(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        if use_onednn(x2d, weight.shape[0]):
+            return _onednn_matmul(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return F.linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -84,8 +87,10 @@ class _OneDnnLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, on oneDNN where that is faster (see the module docstring)."""
-    if use_onednn(x, weight.shape[0]):
+    """F.linear, with the forward or the input gradient on oneDNN where that is faster (module docstring)."""
+    out_features, in_features = weight.shape
+    grad_input = x.requires_grad and torch.is_grad_enabled()
+    if use_onednn(x, out_features) or (grad_input and use_onednn(x, in_features)):
         return _OneDnnLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
