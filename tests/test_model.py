@@ -11,6 +11,7 @@ from swin_train.models import SwinTransformer, convert_state_dict, create_model
 from swin_train.models.convert import detect_layout, official_buffers
 from swin_train.models.registry import VARIANTS
 from swin_train.models.swin import (
+    Residual,
     SwinBlock,
     _GatherTokens,
     relative_position_index,
@@ -184,6 +185,64 @@ def test_drop_path_is_off_in_eval(micro_arch):
         assert not torch.equal(model(x), plain(x))  # stochastic depth active in training
 
 
+def _rowwise_branch(seen: list[int]):
+    """A branch whose every sample is computed on its own (as in a Swin block); records the batch sizes it saw."""
+    layer = torch.nn.Linear(6, 6)
+
+    def branch(t):
+        seen.append(t.shape[0])
+        return torch.nn.functional.gelu(layer(t))
+
+    return branch, layer
+
+
+@pytest.mark.parametrize("drop_prob", [0.3, 0.9])
+def test_stochastic_depth_skips_dropped_samples_with_timm_numbers(drop_prob):
+    """Residual = x + timm's DropPath(branch(x)) with the same random draws, values and gradients; the
+    branch runs on the kept samples only."""
+    seen = []
+    branch, layer = _rowwise_branch(seen)
+    x = torch.randn(16, 3, 3, 6, requires_grad=True)
+    residual = Residual(drop_prob).train()
+    torch.manual_seed(1)
+    out = residual(x, branch)
+    out.square().sum().backward()
+    ours = out.detach(), x.grad.clone(), layer.weight.grad.clone()
+    x.grad = layer.weight.grad = None
+    torch.manual_seed(1)
+    reference = x + timm.layers.DropPath(drop_prob)(branch(x))
+    reference.square().sum().backward()
+    torch.testing.assert_close(ours[0], reference.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours[1], x.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours[2], layer.weight.grad, rtol=1e-5, atol=1e-6)
+    kept = int((ours[0] != x.detach()).flatten(1).any(1).sum())
+    assert 0 < seen[0] < 16 and seen[0] == kept and seen[1] == 16  # ours on the kept, timm on all
+
+
+def test_stochastic_depth_runs_the_branch_when_all_are_dropped():
+    """No sample kept: the branch still runs (so that data-parallel ranks all see its parameters used)."""
+    seen = []
+    branch, layer = _rowwise_branch(seen)
+    x = torch.randn(4, 6)
+    out = Residual(0.999999).train()(x, branch)
+    out.sum().backward()
+    assert seen == [4] and torch.equal(out, x) and torch.equal(layer.weight.grad, torch.zeros(6, 6))
+    assert torch.equal(Residual(0.999999).eval()(x, branch), x + branch(x))  # off in evaluation
+
+
+def test_stochastic_depth_compiles_without_a_graph_break():
+    """Compiled, the mask multiplies the branch (fixed shapes): one graph, timm's numbers."""
+    seen = []
+    branch, _ = _rowwise_branch(seen)
+    x = torch.randn(8, 6)
+    compiled = torch.compile(lambda t: Residual(0.5).train()(t, branch), fullgraph=True, backend="eager")
+    torch.manual_seed(3)
+    out = compiled(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(out, x + timm.layers.DropPath(0.5)(branch(x)), rtol=1e-6, atol=1e-6)
+    assert seen[-2:] == [8, 8]
+
+
 def test_drop_path_rates_are_linear(micro_arch):
     model = SwinTransformer(**micro_arch, drop_path_rate=0.3)
     rates = [
@@ -194,12 +253,17 @@ def test_drop_path_rates_are_linear(micro_arch):
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(micro_arch):
-    plain = SwinTransformer(**micro_arch, drop_path_rate=0.0, num_classes=7)
-    ckpt = SwinTransformer(**micro_arch, drop_path_rate=0.0, num_classes=7, grad_checkpointing=True)
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.5])
+def test_gradient_checkpointing_gives_the_same_gradients(micro_arch, drop_path_rate):
+    """Recomputed in the backward, a block draws the same stochastic-depth mask and skips the same samples."""
+    plain = SwinTransformer(**micro_arch, drop_path_rate=drop_path_rate, num_classes=7)
+    ckpt = SwinTransformer(
+        **micro_arch, drop_path_rate=drop_path_rate, num_classes=7, grad_checkpointing=True
+    )
     ckpt.load_state_dict(plain.state_dict())
-    x = torch.randn(3, 3, 32, 32)
+    x = torch.randn(6, 3, 32, 32)
     for model in (plain, ckpt):
+        torch.manual_seed(0)
         model(x).square().mean().backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import nn
 
 from .flex import flex_attention_available, flex_window_attention
@@ -225,6 +225,37 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(hidden)))
 
 
+class Residual(nn.Module):
+    """x + DropPath(branch(x)): a residual branch with per-sample stochastic depth (Huang et al., 2016).
+
+    Why not timm's DropPath: it runs the branch on every sample and multiplies the dropped ones by zero. Here,
+    on CPU in eager mode, the branch runs on the kept samples only, which saves the dropped share of the work
+    (drop_path_rate / 2 on average over a model whose rates grow linearly from 0). The mask is drawn as timm
+    draws it (one Bernoulli(1 - drop_prob) per sample from the same generator) and kept samples are scaled by
+    1 / (1 - drop_prob). Elsewhere (CUDA, where reading the mask would wait for the device; compiled graphs,
+    which want fixed shapes) the mask multiplies the branch as in timm."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor, branch) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x + branch(x)
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, ...)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            kept = mask.view(-1).nonzero().squeeze(1)
+            if (
+                0 < len(kept) < len(x)
+            ):  # none kept: the branch still runs, so that its parameters get gradients
+                return x.index_add(0, kept, branch(x.index_select(0, kept)), alpha=1.0 / keep)
+        return x + branch(x) * (mask / keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
 class SwinBlock(nn.Module):
     """One Swin block: (shifted) window attention and an MLP, each a pre-norm residual branch.
 
@@ -250,7 +281,7 @@ class SwinBlock(nn.Module):
         self.window, self.shift = window, shift
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window, num_heads, spec)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = Residual(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * spec.mlp_ratio), spec.drop_rate)
         mask = shifted_window_mask(*resolution, window, shift) if shift else None
@@ -261,16 +292,23 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
+        x = self.drop_path(x, self.attention_branch)
+        return self.drop_path(x, self.mlp_branch)
+
+    def attention_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """(Shifted) window attention of LN(x), back in map layout: (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
-        shortcut = x
         tokens = self.norm1(x).view(B, H * W, C)
         # cyclic shift by -shift and window partition: (B, H*W, C) in window order = (B*nW, N, C)
         windows = _GatherTokens.apply(tokens, self.token_order, self.token_order_inverse)
         windows = self.attn(windows.view(-1, self.window * self.window, C), self.attn_mask)  # (B*nW, N, C)
         # window reverse and the shift back, again one gather
-        x = _GatherTokens.apply(windows.view(B, H * W, C), self.token_order_inverse, self.token_order)
-        x = shortcut + self.drop_path(x.view(B, H, W, C))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return _GatherTokens.apply(
+            windows.view(B, H * W, C), self.token_order_inverse, self.token_order
+        ).view(B, H, W, C)
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm2(x))
 
     def flops(self) -> int:
         """Multiply-adds, counted as the official repository does (norms, attention, MLP)."""
