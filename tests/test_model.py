@@ -199,24 +199,25 @@ def _rowwise_branch(seen: list[int]):
 @pytest.mark.parametrize("drop_prob", [0.3, 0.9])
 def test_stochastic_depth_skips_dropped_samples_with_timm_numbers(drop_prob):
     """Residual = x + timm's DropPath(branch(x)) with the same random draws, values and gradients; the
-    branch runs on the kept samples only."""
+    branch runs on the kept samples only (their count rounded up to a multiple of batch / 8)."""
     seen = []
     branch, layer = _rowwise_branch(seen)
     x = torch.randn(16, 3, 3, 6, requires_grad=True)
     residual = Residual(drop_prob).train()
-    torch.manual_seed(1)
+    torch.manual_seed(7)  # 10 of 16 kept at 0.3; 3 at 0.9, computed as 4 (a multiple of 16 / 8)
     out = residual(x, branch)
     out.square().sum().backward()
     ours = out.detach(), x.grad.clone(), layer.weight.grad.clone()
     x.grad = layer.weight.grad = None
-    torch.manual_seed(1)
+    torch.manual_seed(7)
     reference = x + timm.layers.DropPath(drop_prob)(branch(x))
     reference.square().sum().backward()
-    torch.testing.assert_close(ours[0], reference.detach(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(ours[1], x.grad, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(ours[2], layer.weight.grad, rtol=1e-5, atol=1e-6)
+    # fp32: x * (1 / keep) here, x / keep * mask in timm
+    torch.testing.assert_close(ours[0], reference.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[2], layer.weight.grad, rtol=1e-5, atol=1e-5)
     kept = int((ours[0] != x.detach()).flatten(1).any(1).sum())
-    assert 0 < seen[0] < 16 and seen[0] == kept and seen[1] == 16  # ours on the kept, timm on all
+    assert 0 < kept < 15 and seen[0] == kept + kept % 2 and seen[1] == 16  # ours on the kept, timm on all
 
 
 def test_stochastic_depth_runs_the_branch_when_all_are_dropped():

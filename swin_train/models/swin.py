@@ -235,6 +235,11 @@ class Residual(nn.Module):
     1 / (1 - drop_prob). Elsewhere (CUDA, where reading the mask would wait for the device; compiled graphs,
     which want fixed shapes) the mask multiplies the branch as in timm."""
 
+    # The branch's batch is rounded up to a multiple of batch / SIZES (the rest filled with dropped samples,
+    # whose outputs are discarded). With every possible kept count, the varying activation sizes fragmented
+    # glibc's heap: a micro model's peak RSS grew by 100 MB over 60 steps; with at most 8 sizes it did not.
+    SIZES = 8
+
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
         self.drop_prob = drop_prob
@@ -246,10 +251,14 @@ class Residual(nn.Module):
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, ...)
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
             kept = mask.view(-1).nonzero().squeeze(1)
-            if (
-                0 < len(kept) < len(x)
-            ):  # none kept: the branch still runs, so that its parameters get gradients
-                return x.index_add(0, kept, branch(x.index_select(0, kept)), alpha=1.0 / keep)
+            granule = max(1, len(x) // self.SIZES)
+            rows = -(-len(kept) // granule) * granule  # kept count rounded up to a multiple of the granule
+            if 0 < len(kept) and rows < len(
+                x
+            ):  # none kept: the branch still runs, so its parameters get gradients
+                dropped = (mask.view(-1) == 0).nonzero().squeeze(1)
+                computed = branch(x.index_select(0, torch.cat([kept, dropped[: rows - len(kept)]])))
+                return x.index_add(0, kept, computed[: len(kept)], alpha=1.0 / keep)
         return x + branch(x) * (mask / keep)
 
     def extra_repr(self) -> str:
