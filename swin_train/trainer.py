@@ -36,7 +36,7 @@ def train(
     cfg: Config, *, resume: str | None = None, device: str | None = None, device_pipeline: bool | None = None
 ) -> dict:
     """Train as `cfg` says; returns the last epoch's record. Raises TrainingStopped after SIGTERM/SIGINT/
-    SIGUSR1. `device_pipeline`: see `Run` (None: on CUDA only)."""
+    SIGUSR1. `device_pipeline`: see `Run` (None: True)."""
     resolve_device(device)  # a missing GPU is a one-line error, before any process group or file
     check_data_path(cfg)  # nothing is written for a run that cannot start
     env = init_distributed(device)

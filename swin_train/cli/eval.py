@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 amp.name,
             )
             return 0
-        # on CUDA, as in training: uint8 batches from the workers, normalised on the GPU (prefetch.py)
+        # on CUDA: uint8 batches from the workers, normalised on the GPU (prefetch.py); training does this on CPU too
         on_device = env.device.type == "cuda"
         loader, classes = build_eval_data(cfg, env, device_pipeline=on_device)
         if len(classes) != model.num_classes:
