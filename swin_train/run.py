@@ -63,14 +63,13 @@ def build_model(cfg: Config, num_classes: int) -> SwinTransformer:
 class Run:
     """Everything a training run holds, and how it is saved and restored.
 
-    `device_pipeline` (None: True) sends uint8 batches to the device and normalises and erases them there
+    `device_pipeline` sends uint8 batches to the device and normalises and erases them there
     (`data.prefetch.DeviceTransform`), on CPU too: float batches from the workers made a whole CPU run slower
-    (the micro recipe of `scripts/benchmark_trainer.py`: 92-95 s against 74-78 s with uint8 batches, two
-    alternating pairs) although the workers normalise in parallel. Not a config option: the tests set it
-    both ways.
+    although the workers normalise in parallel (README, whole runs against timm). Not a config option: the
+    tests set it both ways.
     """
 
-    def __init__(self, cfg: Config, env: DistEnv, *, device_pipeline: bool | None = None):
+    def __init__(self, cfg: Config, env: DistEnv, *, device_pipeline: bool = True):
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.output)
         t = cfg.train
@@ -79,8 +78,6 @@ class Run:
         if env.device.type == "cuda":  # TF32 tensor cores for the fp32 matmuls/convs left outside autocast
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.seed + env.rank)
-        if device_pipeline is None:
-            device_pipeline = True
         self.data: Data = build_data(cfg, env, device_pipeline=device_pipeline)
         self.model = build_model(cfg, self.data.num_classes).to(env.device)
         self.steps_per_epoch = len(self.data.train_loader) // t.accumulation_steps

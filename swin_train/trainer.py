@@ -33,10 +33,10 @@ log = logging.getLogger("swin_train")
 
 
 def train(
-    cfg: Config, *, resume: str | None = None, device: str | None = None, device_pipeline: bool | None = None
+    cfg: Config, *, resume: str | None = None, device: str | None = None, device_pipeline: bool = True
 ) -> dict:
     """Train as `cfg` says; returns the last epoch's record. Raises TrainingStopped after SIGTERM/SIGINT/
-    SIGUSR1. `device_pipeline`: see `Run` (None: True)."""
+    SIGUSR1. `device_pipeline`: see `Run`."""
     resolve_device(device)  # a missing GPU is a one-line error, before any process group or file
     check_data_path(cfg)  # nothing is written for a run that cannot start
     env = init_distributed(device)

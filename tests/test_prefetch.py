@@ -146,23 +146,15 @@ def test_training_through_the_device_path_resumes_bitwise(tiny_shapes, tmp_path,
     ]
     ref, run = tmp_path / "ref", tmp_path / "run"
     caplog.set_level(logging.INFO, logger="swin_train")  # the level; the text is read from each run's log.txt
-    train(
-        load_config(None, overrides, data_path=str(tiny_shapes), output=str(ref)),
-        device="cpu",
-        device_pipeline=True,
-    )
-    assert "images normalised on the device" in (ref / "log.txt").read_text()
+    train(load_config(None, overrides, data_path=str(tiny_shapes), output=str(ref)), device="cpu")
+    assert "images normalised on the device" in (ref / "log.txt").read_text()  # the default on CPU too
     # 128 images / 16 per batch / 2 micro-batches = 4 steps per epoch: step 5 is mid-epoch 1, and what a
     # run killed after writing it leaves behind
     state = torch.load(ref / "step-000000005.pth", weights_only=True)["train_state"]
     assert (state["epoch"], state["step_in_epoch"]) == (1, 1)
     run.mkdir()
     shutil.copy(ref / "step-000000005.pth", run / "step-000000005.pth")
-    train(
-        load_config(None, overrides, data_path=str(tiny_shapes), output=str(run)),
-        device="cpu",
-        device_pipeline=True,
-    )
+    train(load_config(None, overrides, data_path=str(tiny_shapes), output=str(run)), device="cpu")
     assert (
         f"resuming from {run / 'step-000000005.pth'}: epoch 1, step 1 of 4" in (run / "log.txt").read_text()
     )

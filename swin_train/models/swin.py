@@ -250,13 +250,13 @@ class Residual(nn.Module):
         keep = 1.0 - self.drop_prob
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, ...)
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            kept = mask.view(-1).nonzero().squeeze(1)
+            flat = mask.view(-1)
+            kept = flat.nonzero().squeeze(1)
             granule = max(1, len(x) // self.SIZES)
             rows = -(-len(kept) // granule) * granule  # kept count rounded up to a multiple of the granule
-            if 0 < len(kept) and rows < len(
-                x
-            ):  # none kept: the branch still runs, so its parameters get gradients
-                dropped = (mask.view(-1) == 0).nonzero().squeeze(1)
+            # none kept: the branch still runs on all (below), so that its parameters get gradients
+            if 0 < len(kept) and rows < len(x):
+                dropped = (flat == 0).nonzero().squeeze(1)
                 computed = branch(x.index_select(0, torch.cat([kept, dropped[: rows - len(kept)]])))
                 return x.index_add(0, kept, computed[: len(kept)], alpha=1.0 / keep)
         return x + branch(x) * (mask / keep)
