@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from swin_train.cpu_split import CpuSplit, choose_parts
 from swin_train.errors import ConfigError
 from swin_train.models.flex import flex_attention_available
 from swin_train.models.registry import variant_arch
@@ -117,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, help="iterations per timed round")
     p.add_argument("--threads", type=int, help="torch intra-op threads; default: the usable CPU cores")
     p.add_argument(
+        "--cpu-split",
+        type=int,
+        default=1,
+        metavar="N",
+        help="ours' train step with each batch in N parts at once on N threads, as swin-train's\n"
+        "train.cpu_split runs it on CPU (swin_train/cpu_split.py); 1: off (the model's own step).\n"
+        "Timed only: peak memory is measured without it",
+    )
+    p.add_argument(
         "--system-malloc",
         action="store_true",
         help="keep glibc's malloc defaults; by default the process keeps freed memory as swin-train does\n"
@@ -195,6 +205,17 @@ def resolve(args: argparse.Namespace) -> Setup:
     compiled = () if args.compile is None else tuple(args.compile or impls)
     if set(compiled) - set(impls):
         raise ConfigError(f"--compile {' '.join(compiled)}: only implementations in --impls can be compiled")
+    threads = args.threads or usable_cores()
+    cpu_split, _ = choose_parts(
+        args.cpu_split,
+        device_type=args.device,
+        distributed=False,
+        compiled="ours" in compiled,
+        grad_checkpointing=args.grad_checkpointing,
+        dropout=False,
+        batch_size=args.batch_size,
+        threads=threads,
+    )
     return Setup(
         name=name,
         arch=arch,
@@ -210,7 +231,8 @@ def resolve(args: argparse.Namespace) -> Setup:
         warmup=args.warmup,
         repeats=args.repeats,
         iters=args.iters,
-        threads=args.threads or usable_cores(),
+        threads=threads,
+        cpu_split=cpu_split,
     )
 
 
@@ -257,7 +279,16 @@ def run_models(setup: Setup, argv: Sequence[str], args: argparse.Namespace) -> d
     log("logits max abs diff vs ours (fp32, eval): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     cpu_mem, memory_note = peak_memory(setup, args.memory, malloc)
     runners = {
-        impl: Runner(impl, m, setup.device, setup.dtype, compile=impl in setup.compile)
+        impl: Runner(
+            impl,
+            m,
+            setup.device,
+            setup.dtype,
+            compile=impl in setup.compile,
+            cpu_split=CpuSplit(setup.cpu_split, setup.threads)
+            if impl == "ours" and setup.cpu_split > 1
+            else None,
+        )
         for impl, m in models.items()
     }
     compile_s = compile_and_warm_up(runners, x, y, setup)

@@ -197,6 +197,9 @@ class TrainConfig:
     keep_checkpoints: int = 3  # step checkpoints kept
     max_nonfinite_steps: int = 25  # this many skipped steps in a row stop the run
     compile: bool = False
+    # CPU, one process: run each micro-batch as this many parts at once, one thread each (cpu_split.py);
+    # 0: auto (one part per intra-op thread, at least 16 images each), 1: off
+    cpu_split: int = 0
     ema: bool = False
     ema_decay: float = 0.9998
     ema_warmup: bool = False
@@ -224,6 +227,7 @@ class TrainConfig:
         )
         r.require("train.keep_checkpoints", self.keep_checkpoints, _at_least_one, ">= 1")
         r.require("train.max_nonfinite_steps", self.max_nonfinite_steps, _at_least_one, ">= 1")
+        r.require("train.cpu_split", self.cpu_split, _non_negative, ">= 0 (0: auto, 1: off)")
         r.require("train.ema_decay", self.ema_decay, lambda x: 0 < x < 1, "in (0, 1)")
         r.require("train.ema_every", self.ema_every, _at_least_one, ">= 1")
         r.choice("train.best_on", self.best_on, BEST_ON)

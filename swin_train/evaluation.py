@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from swin_train.cpu_split import CpuSplit
 from swin_train.data.prefetch import DeviceTransform, prefetch
 from swin_train.device import Amp
 from swin_train.distributed import all_reduce_sum
@@ -25,11 +26,13 @@ def evaluate(
     num_classes: int,
     show_progress: bool = False,
     device_transform: DeviceTransform | None = None,
+    cpu_split: CpuSplit | None = None,
 ) -> dict:
     """Top-1, top-k (k = min(5, classes)) and mean cross-entropy over the whole set, summed over ranks.
 
     With an exact (non-padding) sampler, every image counts once whatever the number of processes.
-    `device_transform` normalises uint8 batches on the device (no erasing in evaluation).
+    `device_transform` normalises uint8 batches on the device (no erasing in evaluation). `cpu_split` runs
+    each batch's forward in parts at once, one thread each (cpu_split.py).
     """
     model.eval()
     k = min(5, num_classes)
@@ -43,9 +46,13 @@ def evaluate(
         leave=False,
         mininterval=1.0,
     )
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), amp.autocast():  # both are per thread: set again in cpu_split's threads
+            return model(images)
+
     for images, targets in bar:
-        with amp.autocast():
-            logits = model(images)
+        logits = torch.cat(cpu_split.map(forward, images)) if cpu_split is not None else forward(images)
         hits = logits.topk(k, dim=-1).indices == targets[:, None]  # (B, k)
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
         count = torch.tensor(len(targets), device=device)

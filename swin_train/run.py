@@ -12,6 +12,7 @@ from torch import nn
 
 from swin_train import checkpoint as ckpt
 from swin_train.config import Config, config_diff, config_from_dict, config_to_dict
+from swin_train.cpu_split import CpuSplit, choose_parts, eval_parts
 from swin_train.data.build import Data, build_data
 from swin_train.data.seeding import seed_everything
 from swin_train.data.transforms import Preprocess
@@ -118,6 +119,33 @@ class Run:
         self.train_model: nn.Module = wrap_for_training(
             self.model, compile=t.compile, distributed=env.distributed, device=env.device
         )
+        threads = torch.get_num_threads()
+        parts, self.cpu_split_text = choose_parts(
+            t.cpu_split,
+            device_type=env.device.type,
+            distributed=env.distributed,
+            compiled=t.compile,
+            grad_checkpointing=cfg.model.grad_checkpointing,
+            dropout=cfg.model.drop_rate > 0 or cfg.model.attn_drop_rate > 0,
+            batch_size=cfg.data.batch_size,
+            threads=threads,
+        )
+        val_parts = eval_parts(
+            t.cpu_split,
+            device_type=env.device.type,
+            distributed=env.distributed,
+            batch_size=cfg.eval_batch_size,
+            threads=threads,
+        )
+        self.cpu_split = CpuSplit(parts, threads) if parts > 1 else None
+        self.eval_split = (
+            self.cpu_split if parts == val_parts else CpuSplit(val_parts, threads) if val_parts > 1 else None
+        )
+
+    def close(self) -> None:
+        """Stop the threads the run started (the data loaders' workers stop with their iterators)."""
+        for split in {self.cpu_split, self.eval_split} - {None}:
+            split.close()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, name: str) -> Path:

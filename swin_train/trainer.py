@@ -60,11 +60,14 @@ def train(
                 dump_config(cfg).rstrip(),
             )
             run = Run(cfg, env, device_pipeline=device_pipeline)
-            if env.is_main:
-                ckpt.check_output_writable(run.out, checkpoint_bytes(run.model))
-            resume_if_possible(run, resume)
-            log_run_summary(run)
-            return train_epochs(run)
+            try:
+                if env.is_main:
+                    ckpt.check_output_writable(run.out, checkpoint_bytes(run.model))
+                resume_if_possible(run, resume)
+                log_run_summary(run)
+                return train_epochs(run)
+            finally:
+                run.close()
     finally:
         shutdown()
 
@@ -119,6 +122,11 @@ def log_run_summary(run: Run) -> None:
         where,
     )
     log.info("effective lr: %s", run.lr_text)
+    if env.device.type == "cpu":
+        evaluation = f"{run.eval_split.parts} parts" if run.eval_split else "off"
+        log.info(
+            "CPU threads: train step %s; evaluation %s (train.cpu_split)", run.cpu_split_text, evaluation
+        )
     if data.num_classes < 5:
         log.info("only %d classes: 'top5' is reported as top-%d", data.num_classes, data.num_classes)
 
@@ -199,17 +207,25 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, int]:
     model, t, amp, s = run.train_model, run.cfg.train, run.amp, run.state
     step_loss = torch.zeros((), device=run.env.device)
     images_seen = 0
+
+    def forward_backward(images, targets, share: float = 1.0) -> torch.Tensor:
+        with amp.autocast():
+            loss = run.criterion(model(images), targets)
+        scaled = loss * (share / t.accumulation_steps)
+        (amp.scaler.scale(scaled) if amp.scaler else scaled).backward()
+        return loss.detach().float()
+
     for micro in range(t.accumulation_steps):
         images, targets = next(batches)
         if run.mixup is not None:
             images, targets = run.mixup(images, targets)
         last = micro == t.accumulation_steps - 1
         with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():  # DDP: sync once
-            with amp.autocast():
-                loss = run.criterion(model(images), targets)
-            scaled = loss / t.accumulation_steps
-            (amp.scaler.scale(scaled) if amp.scaler else scaled).backward()
-        step_loss += loss.detach().float()
+            if run.cpu_split is not None:  # parts of the batch at once, one thread each (cpu_split.py)
+                loss = run.cpu_split.run(forward_backward, images, targets)
+            else:
+                loss = forward_backward(images, targets)
+        step_loss += loss
         images_seen += images.shape[0]
     if amp.scaler:
         amp.scaler.unscale_(run.optimizer)
@@ -312,6 +328,7 @@ def evaluate_run(run: Run) -> dict:
         amp=run.amp,
         num_classes=run.data.num_classes,
         device_transform=run.data.device_transform,
+        cpu_split=run.eval_split,
     )
     result = {f"val_{k}": v for k, v in evaluate(run.model, run.data.val_loader, **kw).items()}
     if run.ema is not None:

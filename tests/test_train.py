@@ -96,6 +96,15 @@ def test_data_and_model_class_counts_must_agree(shapes_root, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_a_cpu_split_the_model_cannot_take_is_one_line_and_nothing_is_trained(shapes_root, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert train_cli(_train_args(shapes_root, out, "train.cpu_split=2", "model.drop_rate=0.1")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "train.cpu_split=2 cannot apply: dropout draws from the generator the threads share" in err
+    assert not (out / "last.pth").exists()
+
+
 def _kill_when(proc, path, timeout=240):
     """kill -9 `proc` as soon as `path` exists; fails if the run ended first (the test would prove nothing)."""
     deadline = time.time() + timeout
@@ -125,6 +134,7 @@ def test_resume_after_kill_9_is_bitwise(shapes_root, tmp_path, kill_at, extra):
         "aug.cutmix=1.0",
         "train.ema=true",
         "train.ema_decay=0.9",
+        "train.cpu_split=2",  # stochastic depth in two threads at once (cpu_split.py), on any core count
         *extra,
     ]
     ref, run = tmp_path / "ref", tmp_path / "run"

@@ -45,6 +45,7 @@ class Setup:
     repeats: int
     iters: int
     threads: int
+    cpu_split: int = 1  # ours' train step in this many parts on threads (1: off)
 
     def config(self) -> dict:
         """These settings as the model report's "config" records them (threads are under "env")."""
@@ -58,6 +59,7 @@ class Setup:
             "device": self.device.type,
             "compile": list(self.compile),
             "grad_checkpointing": self.grad_checkpointing,
+            "cpu_split": self.cpu_split,
             "attention": self.attention,
             "impls": list(self.impls),
             "warmup": self.warmup,

@@ -16,6 +16,7 @@ from torch import nn
 
 from bench.common import DTYPES, Setup, log
 from swin_train.config import TrainConfig
+from swin_train.cpu_split import CpuSplit
 from swin_train.optim import build_optimizer
 
 try:
@@ -51,8 +52,17 @@ def build_trainer_optimizer(impl: str, model: nn.Module, device: torch.device) -
 class Runner:
     """One implementation: its (optionally compiled) model, AdamW, loss scaler, and its two step kinds."""
 
-    def __init__(self, impl: str, model: nn.Module, device: torch.device, dtype: str, compile: bool = False):
+    def __init__(
+        self,
+        impl: str,
+        model: nn.Module,
+        device: torch.device,
+        dtype: str,
+        compile: bool = False,
+        cpu_split: CpuSplit | None = None,
+    ):
         self.model = model.to(device)
+        self.cpu_split = cpu_split  # the train step's batch in parts on threads, as swin-train runs it on CPU
         self.run_model = torch.compile(model) if compile else model
         self.optimizer = build_trainer_optimizer(impl, model, device)
         autocast_dtype = DTYPES[dtype]
@@ -63,16 +73,22 @@ class Runner:
         )
         self.scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.run_model.train()
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, share: float = 1.0) -> torch.Tensor:
         with self.autocast():
             loss = F.cross_entropy(self.run_model(x), y)
+        (self.scaler.scale(loss * share) if self.scaler is not None else loss * share).backward()
+        return loss.detach()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.run_model.train()
+        if self.cpu_split is not None:
+            self.cpu_split.run(self.forward_backward, x, y)
+        else:
+            self.forward_backward(x, y)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

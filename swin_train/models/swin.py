@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -225,6 +227,22 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(hidden)))
 
 
+_thread_rng = threading.local()
+
+
+@contextmanager
+def stochastic_depth_generator(generator: torch.Generator):
+    """Draw this thread's stochastic-depth masks from `generator` for the duration. Threads that run parts of
+    one batch at once (`swin_train.cpu_split`) each need their own: draws from the shared default generator
+    would come in whichever order the threads reach them, and a run would not repeat."""
+    previous = getattr(_thread_rng, "generator", None)
+    _thread_rng.generator = generator
+    try:
+        yield
+    finally:
+        _thread_rng.generator = previous
+
+
 class Residual(nn.Module):
     """x + DropPath(branch(x)): a residual branch with per-sample stochastic depth (Huang et al., 2016).
 
@@ -248,7 +266,10 @@ class Residual(nn.Module):
         if not self.training or self.drop_prob == 0.0:
             return x + branch(x)
         keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, ...)
+        generator = getattr(_thread_rng, "generator", None)  # None: the default generator
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(
+            keep, generator=generator
+        )  # (B, 1, ...)
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
             flat = mask.view(-1)
             kept = flat.nonzero().squeeze(1)
