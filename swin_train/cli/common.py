@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from swin_train.errors import SwinTrainError
 
@@ -71,3 +74,17 @@ def run_cli(prog: str, main: Callable[[list[str] | None], int | None], argv: lis
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a console command with `code` once its output is out: atexit handlers run (logging, multiprocessing
+    children) and stdout/stderr are flushed, then the process exits without tearing down the interpreter.
+    Why: freeing the thousands of modules torch, torchvision and timm load took 1-2 s after every command,
+    while every file a command writes is closed (checkpoints fsynced) before it returns."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said there
+            pass
+    os._exit(code)

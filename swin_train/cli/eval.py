@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from swin_train.allocator import keep_freed_memory
-from swin_train.cli.common import ArgumentParser, add_debug_flag, run_cli, setup_logging
+from swin_train.cli.common import ArgumentParser, add_debug_flag, exit_process, run_cli, setup_logging
 from swin_train.config import ARCH_FIELDS
 from swin_train.errors import ConfigError, DataError
 from swin_train.models.arch import largest_activation_bytes
@@ -217,5 +217,10 @@ def cli(argv: list[str] | None = None) -> int:
     return run_cli("swin-eval", main, argv)
 
 
+def console() -> None:
+    """The console script: `cli()`, then `exit_process` (common.py)."""
+    exit_process(cli())
+
+
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    console()

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from swin_train.cli.common import ArgumentParser, add_debug_flag, run_cli, setup_logging
+from swin_train.cli.common import ArgumentParser, add_debug_flag, exit_process, run_cli, setup_logging
 from swin_train.errors import CheckpointError, ConfigError
 from swin_train.models.convert import EXPORT_FORMATS
 
@@ -138,5 +138,10 @@ def cli(argv: list[str] | None = None) -> int:
     return run_cli("swin-export", main, argv)
 
 
+def console() -> None:
+    """The console script: `cli()`, then `exit_process` (common.py)."""
+    exit_process(cli())
+
+
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    console()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from swin_train.cli.common import ArgumentParser, add_debug_flag, run_cli
+from swin_train.cli.common import ArgumentParser, add_debug_flag, exit_process, run_cli
 from swin_train.errors import ConfigError
 from swin_train.models.registry import create_model, variant_names
 from swin_train.models.summary import describe_model
@@ -120,5 +120,10 @@ def cli(argv: list[str] | None = None) -> int:
     return run_cli("swin-model", main, argv)
 
 
+def console() -> None:
+    """The console script: `cli()`, then `exit_process` (common.py)."""
+    exit_process(cli())
+
+
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    console()

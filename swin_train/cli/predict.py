@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from swin_train.cli.common import ArgumentParser, add_debug_flag, run_cli
+from swin_train.cli.common import ArgumentParser, add_debug_flag, exit_process, run_cli
 
 
 def _positive_int(text: str) -> int:
@@ -85,5 +85,10 @@ def cli(argv: list[str] | None = None) -> int:
     return run_cli("swin-predict", main, argv)
 
 
+def console() -> None:
+    """The console script: `cli()`, then `exit_process` (common.py)."""
+    exit_process(cli())
+
+
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    console()

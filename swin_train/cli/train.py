@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from swin_train.cli.common import ArgumentParser, add_debug_flag, run_cli, setup_logging
+from swin_train.cli.common import ArgumentParser, add_debug_flag, exit_process, run_cli, setup_logging
 
 
 def build_parser() -> ArgumentParser:
@@ -51,5 +51,10 @@ def cli(argv: list[str] | None = None) -> int:
     return run_cli("swin-train", main, argv)
 
 
+def console() -> None:
+    """The console script: `cli()`, then `exit_process` (common.py)."""
+    exit_process(cli())
+
+
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    console()
