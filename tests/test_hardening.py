@@ -310,3 +310,22 @@ def test_a_cut_off_metrics_line_is_dropped_on_resume_not_fatal(tmp_path):
         pass
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 0, "val_top1": 0.5}\n'
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_a_console_command_exits_with_its_code_after_atexit_handlers_and_buffered_output():
+    """exit_process skips the interpreter's teardown, not what a command still has to say or flush."""
+    code = (
+        "import atexit, logging, sys\n"
+        "from swin_train.cli.common import exit_process, setup_logging\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "setup_logging().info('logged')\n"
+        "sys.stdout.write('buffered, no newline')\n"
+        "sys.stderr.write('to stderr')\n"
+        "exit_process(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env_for_subprocess(), timeout=120
+    )
+    assert done.returncode == 3
+    assert done.stdout.splitlines() == ["logged", "buffered, no newlineatexit ran"]
+    assert done.stderr == "to stderr"
