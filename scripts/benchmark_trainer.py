@@ -51,8 +51,10 @@ The recipe and how each setting maps onto both trainers (swin-train key / timm t
                 (last.pth.tar and checkpoint-N.pth.tar every epoch, model_best.pth.tar)
     logging     a line every 50 steps: print_freq / --log-interval 50
 
-Differences that stay: timm normalises in its PrefetchLoader in the main process (uint8 from the
-workers), swin-train in the workers; the models are initialised from different random streams.
+Both normalise in the main process (uint8 batches from the workers). Differences that stay: swin-train runs
+each CPU batch as parts on threads (train.cpu_split, its default; timm's train.py has no such setting) and
+seeds every sample's augmentation for bitwise resume; the models are initialised from different random
+streams.
 """
 
 from __future__ import annotations

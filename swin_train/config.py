@@ -157,6 +157,9 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
     skip_bad_images: bool = False  # replace an undecodable image by the next one (logged) instead of failing
+    # an ImageFolder split whose decoded images fit in this many MiB is decoded once per process and kept in
+    # memory, not decoded again every epoch (0: never); each data worker holds its own copy
+    decoded_cache_mib: int = 256
     val_path: str | None = None  # shards of the val split when data_path is a brace pattern or pipe: URL
     shard_info: str | None = None  # the shards' _info.json/_info.yaml when not beside them (pipe: URLs)
     train_split: str = "train"  # split names in a shard index or a Hugging Face dataset (not ImageFolder)
@@ -175,6 +178,7 @@ class DataConfig:
         r.require("data.img_size", self.img_size, _at_least_one, ">= 1")
         r.require("data.batch_size", self.batch_size, _at_least_one, ">= 1")
         r.require("data.num_workers", self.num_workers, _non_negative, ">= 0")
+        r.require("data.decoded_cache_mib", self.decoded_cache_mib, _non_negative, ">= 0 (0: never)")
         if not all(s > 0 for s in self.std):
             r.fail("data.std", f"data.std values must be > 0, got {self.std}")
 

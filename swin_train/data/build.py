@@ -183,6 +183,7 @@ def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> D
             train_transform=train_transform,
             eval_transform=eval_transform,
             skip_bad_images=d.skip_bad_images,
+            cache_bytes=d.decoded_cache_mib << 20,
         )
     train_sampler = ResumableTrainSampler(
         len(train_set), num_replicas=env.world_size, rank=env.rank, seed=cfg.seed

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -108,11 +109,43 @@ def scan_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]
     return classes, samples
 
 
+class DecodedCache:
+    """Decoded images kept by the process that decoded them, for a data set whose decoded images fit in
+    `budget` bytes. Why our own: ImageFolder decodes every file again every epoch; for a small set that is
+    most of a data worker's work, and on a machine where the workers share cores with the training threads
+    every step waits for it. Nothing changes but where the pixels come from (the same RGB array, so
+    augmentations and batches are bitwise the same). The first decoded image decides: if the set would not
+    fit at its size, nothing is kept; nor is anything beyond `budget` bytes. Each data worker has its own."""
+
+    def __init__(self, budget: int, num_images: int):
+        self.budget, self.num_images = budget, num_images
+        self.images: dict[int, np.ndarray] = {}
+        self.bytes = 0
+        self.filling = budget > 0
+
+    def get(self, index: int) -> Image.Image | None:
+        pixels = self.images.get(index)
+        return None if pixels is None else Image.fromarray(pixels)  # a new image (RGB arrays are copied)
+
+    def add(self, index: int, image: Image.Image) -> None:
+        if not self.filling:
+            return
+        pixels = np.asarray(image)  # (H, W, 3) uint8
+        if not self.images and pixels.nbytes * self.num_images > self.budget:
+            self.filling = False  # the set would not fit: do not hold part of it
+        elif self.bytes + pixels.nbytes > self.budget:
+            self.filling = False
+        else:
+            self.images[index] = pixels
+            self.bytes += pixels.nbytes
+
+
 class ImageFolderDataset(Dataset):
     """`root/<class>/**/<image>` as (image, label) pairs; keys may be ints or `SampleKey`s, whose seed
     makes the augmentation of a sample a pure function of the key (`run_seeded`), whichever worker
     decodes it. With `skip_bad_images`, an undecodable file is logged and replaced by the next index
-    (deterministic); `num_skipped` counts such replacements across all worker processes."""
+    (deterministic); `num_skipped` counts such replacements across all worker processes. `cache_bytes` > 0
+    keeps decoded images in memory when the set fits (DecodedCache)."""
 
     def __init__(
         self,
@@ -121,6 +154,7 @@ class ImageFolderDataset(Dataset):
         *,
         skip_bad_images: bool = False,
         scanned: tuple[list[str], list[tuple[str, int]]] | None = None,
+        cache_bytes: int = 0,
     ) -> None:
         self.root = Path(split_dir)
         self.classes, self.samples = scanned if scanned is not None else scan_image_folder(self.root)
@@ -130,6 +164,7 @@ class ImageFolderDataset(Dataset):
         # shared memory: workers are separate processes, a plain int would count per worker
         self._skipped = multiprocessing.Value("q", 0)
         self._warned: set[str] = set()
+        self.cache = DecodedCache(cache_bytes, len(self.samples))
 
     @property
     def num_skipped(self) -> int:
@@ -141,9 +176,15 @@ class ImageFolderDataset(Dataset):
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
         for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
+            i = (index + offset) % len(self.samples)
+            path, label = self.samples[i]
+            cached = self.cache.get(i)
+            if cached is not None:
+                return cached, label
             try:
-                return decode_image(path), label
+                image = decode_image(path)
+                self.cache.add(i, image)
+                return image, label
             except DECODE_ERRORS as e:
                 if not self.skip_bad_images:
                     raise DataError(
@@ -188,8 +229,10 @@ def build_datasets(
     train_transform: Callable | None,
     eval_transform: Callable | None,
     skip_bad_images: bool = False,
+    cache_bytes: int = 0,
 ) -> tuple[ImageFolderDataset, ImageFolderDataset, list[str]]:
-    """Train and val datasets from `root/train` and `root/val`, with the same class list (at least 2)."""
+    """Train and val datasets from `root/train` and `root/val`, with the same class list (at least 2);
+    `cache_bytes`: see DecodedCache."""
     root = check_root(root, ("train", "val"))
     train_scan = scan_image_folder(root / "train")
     val_scan = scan_image_folder(root / "val")
@@ -205,10 +248,9 @@ def build_datasets(
             f"{root / 'train'} has {len(train_scan[0])} class folder ({few(train_scan[0])}); a classifier "
             "needs at least 2 classes: add a folder per class"
         )
-    train = ImageFolderDataset(
-        root / "train", train_transform, skip_bad_images=skip_bad_images, scanned=train_scan
-    )
-    val = ImageFolderDataset(root / "val", eval_transform, skip_bad_images=skip_bad_images, scanned=val_scan)
+    common = dict(skip_bad_images=skip_bad_images, cache_bytes=cache_bytes)
+    train = ImageFolderDataset(root / "train", train_transform, scanned=train_scan, **common)
+    val = ImageFolderDataset(root / "val", eval_transform, scanned=val_scan, **common)
     return train, val, list(train.classes)
 
 
