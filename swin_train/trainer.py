@@ -211,7 +211,7 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, int]:
     def forward_backward(images, targets, share: float = 1.0) -> torch.Tensor:
         with amp.autocast():
             loss = run.criterion(model(images), targets)
-        scaled = loss * (share / t.accumulation_steps)
+        scaled = loss * share / t.accumulation_steps  # share 1: loss / accumulation_steps, bitwise as before
         (amp.scaler.scale(scaled) if amp.scaler else scaled).backward()
         return loss.detach().float()
 
