@@ -260,6 +260,7 @@ def test_quickstart_config_end_to_end(tmp_path):
     evaluated = run_cli("eval", "--checkpoint", out / "best.pth", env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"top-1 {100 * record['val_top1']:.3f}%" in evaluated.stdout
+    assert f"loss {record['val_loss']:.4f}" in evaluated.stdout  # the same pixels and parts as the trainer
 
 
 def test_torchrun_resume_after_kill_9_is_bitwise(shapes_root, tmp_path):

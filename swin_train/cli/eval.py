@@ -167,14 +167,14 @@ def main(argv: list[str] | None = None) -> int:
                 amp.name,
             )
             return 0
-        # on CUDA: uint8 batches from the workers, normalised on the GPU (prefetch.py); training does this on CPU too
-        on_device = env.device.type == "cuda"
-        loader, classes = build_eval_data(cfg, env, device_pipeline=on_device)
+        # uint8 batches from the workers, normalised on the device (prefetch.py) on every device, as the trainer's
+        # evaluation does: the same input values, so a checkpoint's numbers are those its training run logged
+        loader, classes = build_eval_data(cfg, env, device_pipeline=True)
         if len(classes) != model.num_classes:
             raise DataError(f"the data has {len(classes)} classes but the model has {model.num_classes}")
         if expected_classes and list(expected_classes) != list(classes):
             raise DataError("the val/ class folders differ from the class names stored in the checkpoint")
-        device_transform = device_transform_for(cfg, env, train=False) if on_device else None
+        device_transform = device_transform_for(cfg, env, train=False)
         threads = torch.get_num_threads()
         parts = eval_parts(
             cfg.train.cpu_split,
