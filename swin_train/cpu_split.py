@@ -4,10 +4,11 @@ Why our own: torch runs a CPU step as one op after another, each spread over the
 model's ops are too short for that to pay: the threads meet at a barrier after every op, and a busy data
 worker stalls them all. Here the batch is cut into `parts` slices and each slice's forward and backward runs
 on its own thread with `threads // parts` intra-op threads (torch releases the GIL inside every op, and the
-autograd engine runs a CPU backward on the thread that calls it). Every thread adds its gradients into the
-same `.grad` (autograd's accumulation is locked per parameter; with two parts the order does not change the
-sum), so the optimizer sees the gradient of the whole batch. `python scripts/benchmark.py --cpu-split`
-measures a step both ways; README has the numbers.
+autograd engine runs a CPU backward on the thread that calls it). Each part's gradients come back to the
+main thread (`torch.autograd.grad`), which adds them into `.grad` in part order: threads adding into `.grad`
+themselves would sum in whichever order they finish, and float sums in another order differ in the last
+bits, so a run would not repeat. `python scripts/benchmark.py --cpu-split N` times a step with N parts;
+README has the numbers.
 
 What it changes: the losses are per-sample means, so the whole batch's loss is the parts' losses weighted
 by their share of the batch. Stochastic depth draws each part's masks from a generator of its own, seeded
@@ -102,22 +103,33 @@ class CpuSplit:
         ready.wait()
 
     def run(
-        self, fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor], images, targets
+        self,
+        fn: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]],
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        params: list[torch.Tensor],
     ) -> torch.Tensor:
-        """sum over parts of share * fn(part's images, part's targets, share), share = part size / batch
-        size: the batch's loss when `fn` returns a per-sample mean (and backpropagates it times `share`)."""
+        """Forward and backward of a batch in parts. `fn(images, targets, share)` -> (loss, what to
+        backpropagate) for one part, share = part size / batch size; the gradients of the latter with respect
+        to `params` are added into their `.grad` in part order. Returns sum over parts of share * loss: the
+        batch's loss when `fn`'s loss is a per-sample mean."""
         n = min(self.parts, len(images))
         seeds = torch.randint(2**62, (n,)).tolist()  # from the default generator: restored on resume
         batch = len(images)
 
-        def part(i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def part(i: int, x: torch.Tensor, y: torch.Tensor):
             with stochastic_depth_generator(torch.Generator().manual_seed(seeds[i])):
                 share = len(x) / batch
-                return fn(x, y, share) * share
+                loss, objective = fn(x, y, share)
+                return loss * share, torch.autograd.grad(objective, params, allow_unused=True)
 
         parts = zip(images.tensor_split(n), targets.tensor_split(n))
-        losses = self._results([self._pool.submit(part, i, x, y) for i, (x, y) in enumerate(parts)])
-        return torch.stack(losses).sum()
+        results = self._results([self._pool.submit(part, i, x, y) for i, (x, y) in enumerate(parts)])
+        for _, grads in results:  # in part order, whatever order the threads finished in
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+        return torch.stack([loss for loss, _ in results]).sum()
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> list[torch.Tensor]:
         """[fn(part) for each part of `images`], the parts run at once (evaluation)."""

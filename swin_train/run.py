@@ -138,6 +138,7 @@ class Run:
             threads=threads,
         )
         self.cpu_split = CpuSplit(parts, threads) if parts > 1 else None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.eval_split = (
             self.cpu_split if parts == val_parts else CpuSplit(val_parts, threads) if val_parts > 1 else None
         )

@@ -208,12 +208,12 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, int]:
     step_loss = torch.zeros((), device=run.env.device)
     images_seen = 0
 
-    def forward_backward(images, targets, share: float = 1.0) -> torch.Tensor:
+    def forward(images, targets, share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss, what to backpropagate: the loss scaled for accumulation, a part's share and AMP)"""
         with amp.autocast():
             loss = run.criterion(model(images), targets)
         scaled = loss * share / t.accumulation_steps  # share 1: loss / accumulation_steps, bitwise as before
-        (amp.scaler.scale(scaled) if amp.scaler else scaled).backward()
-        return loss.detach().float()
+        return loss.detach().float(), amp.scaler.scale(scaled) if amp.scaler else scaled
 
     for micro in range(t.accumulation_steps):
         images, targets = next(batches)
@@ -222,9 +222,10 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, int]:
         last = micro == t.accumulation_steps - 1
         with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():  # DDP: sync once
             if run.cpu_split is not None:  # parts of the batch at once, one thread each (cpu_split.py)
-                loss = run.cpu_split.run(forward_backward, images, targets)
+                loss = run.cpu_split.run(forward, images, targets, run.trainable)
             else:
-                loss = forward_backward(images, targets)
+                loss, objective = forward(images, targets)
+                objective.backward()
         step_loss += loss
         images_seen += images.shape[0]
     if amp.scaler:

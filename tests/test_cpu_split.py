@@ -73,12 +73,13 @@ def test_each_part_thread_has_its_share_of_intra_op_threads_and_the_main_thread_
     try:
         split = CpuSplit(2, threads=4)
         seen = []
+        w = torch.zeros(1, requires_grad=True)
 
         def fn(x, y, share):
             seen.append((threading.current_thread().name, torch.get_num_threads(), len(x), share))
-            return x.sum() * 0
+            return x.sum(), (x * w).sum()
 
-        split.run(fn, torch.zeros(6, 1), torch.zeros(6))
+        split.run(fn, torch.zeros(6, 1), torch.zeros(6), [w])
         split.close()
         assert torch.get_num_threads() == 4
     finally:
@@ -92,12 +93,15 @@ def _step_grads(model, images, targets, split: CpuSplit | None):
     model.zero_grad(set_to_none=True)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
-    def forward_backward(x, y, share=1.0):
+    def forward(x, y, share=1.0):
         loss = loss_fn(model(x), y)
-        (loss * share).backward()
-        return loss.detach()
+        return loss.detach(), loss * share
 
-    loss = split.run(forward_backward, images, targets) if split else forward_backward(images, targets)
+    if split is not None:
+        loss = split.run(forward, images, targets, list(model.parameters()))
+    else:
+        loss, objective = forward(images, targets)
+        objective.backward()
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -156,18 +160,19 @@ def test_a_threads_stochastic_depth_masks_come_from_its_own_generator():
 def test_an_error_in_a_part_reaches_the_caller_after_every_part_has_finished():
     split = CpuSplit(2, threads=2)
     finished = []
+    w = torch.ones(1, requires_grad=True)
 
     def fn(x, y, share):
         if x[0, 0] == 0:
             raise ValueError("bad part")
         threading.Event().wait(0.2)
         finished.append(True)
-        return x.sum()
+        return x.sum(), (x * w).sum()
 
     try:
         with pytest.raises(ValueError, match="bad part"):
-            split.run(fn, torch.tensor([[0.0], [1.0]]), torch.zeros(2))
-        assert finished == [True]
+            split.run(fn, torch.tensor([[0.0], [1.0]]), torch.zeros(2), [w])
+        assert finished == [True] and w.grad is None  # nothing added from a batch that failed
     finally:
         split.close()
 
@@ -196,3 +201,27 @@ def test_split_evaluation_counts_every_image_once_with_the_same_hits_and_loss():
     assert parts["num_samples"] == whole["num_samples"] == 37
     assert (parts["top1"], parts["top5"]) == (whole["top1"], whole["top5"])
     assert parts["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+
+
+def test_gradients_are_added_in_part_order_whichever_part_finishes_first():
+    """Float sums depend on their order: threads adding into .grad as they finish would not repeat."""
+    torch.manual_seed(0)
+    w = torch.randn(1000, requires_grad=True)
+    x = torch.randn(3, 1000)
+    w.grad = torch.randn(1000)  # an earlier micro-batch's gradient (accumulation)
+    expected = w.grad.clone()
+
+    def fn(xp, yp, share):
+        if torch.equal(xp, x[:1]):
+            threading.Event().wait(0.3)  # the first part finishes last
+        objective = (xp * w).sin().sum() * share
+        return objective.detach(), objective
+
+    split = CpuSplit(3, threads=3)
+    try:
+        split.run(fn, x, torch.zeros(3), [w])
+    finally:
+        split.close()
+    for i in range(3):
+        expected = expected + torch.autograd.grad((x[i : i + 1] * w).sin().sum() * (1 / 3), [w])[0]
+    assert torch.equal(w.grad, expected)

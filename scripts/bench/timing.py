@@ -73,18 +73,18 @@ class Runner:
         )
         self.scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, share: float = 1.0):
+        """(loss, what to backpropagate), as swin-train's train step computes them"""
         with self.autocast():
             loss = F.cross_entropy(self.run_model(x), y)
-        (self.scaler.scale(loss * share) if self.scaler is not None else loss * share).backward()
-        return loss.detach()
+        return loss.detach(), self.scaler.scale(loss * share) if self.scaler is not None else loss * share
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.run_model.train()
         if self.cpu_split is not None:
-            self.cpu_split.run(self.forward_backward, x, y)
+            self.cpu_split.run(self.forward, x, y, [p for p in self.model.parameters() if p.requires_grad])
         else:
-            self.forward_backward(x, y)
+            self.forward(x, y)[1].backward()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
