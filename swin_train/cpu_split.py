@@ -82,6 +82,20 @@ def eval_parts(requested: int, *, device_type: str, distributed: bool, batch_siz
     return choose_parts(min(requested, batch_size), **free, **kw)[0] if requested != 1 else 1
 
 
+def evaluation_split(
+    requested: int, *, device_type: str, distributed: bool, batch_size: int, reuse: CpuSplit | None = None
+) -> CpuSplit | None:
+    """The split evaluation runs with (None: whole batches): `eval_parts` over torch's intra-op threads, `reuse`
+    when it has that many parts. One rule for the trainer's evaluation and swin-eval, so their numbers agree."""
+    threads = torch.get_num_threads()
+    parts = eval_parts(
+        requested, device_type=device_type, distributed=distributed, batch_size=batch_size, threads=threads
+    )
+    if parts == 1:
+        return None
+    return reuse if reuse is not None and reuse.parts == parts else CpuSplit(parts, threads)
+
+
 class CpuSplit:
     """A pool of `parts` threads, each with `threads // parts` intra-op threads (at least one), that runs
     `fn(images, targets, share)` on slices of a batch at once (module docstring)."""

@@ -12,7 +12,7 @@ from torch import nn
 
 from swin_train import checkpoint as ckpt
 from swin_train.config import Config, config_diff, config_from_dict, config_to_dict
-from swin_train.cpu_split import CpuSplit, choose_parts, eval_parts
+from swin_train.cpu_split import CpuSplit, choose_parts, evaluation_split
 from swin_train.data.build import Data, build_data
 from swin_train.data.seeding import seed_everything
 from swin_train.data.transforms import Preprocess
@@ -130,17 +130,14 @@ class Run:
             batch_size=cfg.data.batch_size,
             threads=threads,
         )
-        val_parts = eval_parts(
+        self.cpu_split = CpuSplit(parts, threads) if parts > 1 else None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.eval_split = evaluation_split(
             t.cpu_split,
             device_type=env.device.type,
             distributed=env.distributed,
             batch_size=cfg.eval_batch_size,
-            threads=threads,
-        )
-        self.cpu_split = CpuSplit(parts, threads) if parts > 1 else None
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.eval_split = (
-            self.cpu_split if parts == val_parts else CpuSplit(val_parts, threads) if val_parts > 1 else None
+            reuse=self.cpu_split,
         )
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from swin_train.cpu_split import CpuSplit, choose_parts, eval_parts
+from swin_train.cpu_split import CpuSplit, choose_parts, eval_parts, evaluation_split
 from swin_train.device import resolve_amp
 from swin_train.errors import ConfigError
 from swin_train.evaluation import evaluate
@@ -225,3 +225,19 @@ def test_gradients_are_added_in_part_order_whichever_part_finishes_first():
     for i in range(3):
         expected = expected + torch.autograd.grad((x[i : i + 1] * w).sin().sum() * (1 / 3), [w])[0]
     assert torch.equal(w.grad, expected)
+
+
+def test_evaluation_reuses_the_training_split_when_it_has_as_many_parts():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    train_split = CpuSplit(2, threads=2)
+    try:
+        kw = dict(device_type="cpu", distributed=False, batch_size=64)
+        assert evaluation_split(0, **kw, reuse=train_split) is train_split
+        assert evaluation_split(1, **kw, reuse=train_split) is None
+        own = evaluation_split(0, **kw)
+        assert own is not train_split and own.parts == 2
+        own.close()
+    finally:
+        train_split.close()
+        torch.set_num_threads(before)

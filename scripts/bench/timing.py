@@ -63,6 +63,7 @@ class Runner:
     ):
         self.model = model.to(device)
         self.cpu_split = cpu_split  # the train step's batch in parts on threads, as swin-train runs it on CPU
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.run_model = torch.compile(model) if compile else model
         self.optimizer = build_trainer_optimizer(impl, model, device)
         autocast_dtype = DTYPES[dtype]
@@ -82,7 +83,7 @@ class Runner:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.run_model.train()
         if self.cpu_split is not None:
-            self.cpu_split.run(self.forward, x, y, [p for p in self.model.parameters() if p.requires_grad])
+            self.cpu_split.run(self.forward, x, y, self.trainable)
         else:
             self.forward(x, y)[1].backward()
         if self.scaler is not None:

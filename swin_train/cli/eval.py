@@ -128,9 +128,7 @@ def _hf_model_and_config(args):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     log = setup_logging()
-    import torch
-
-    from swin_train.cpu_split import CpuSplit, eval_parts
+    from swin_train.cpu_split import evaluation_split
     from swin_train.data.build import build_eval_data, device_transform_for
     from swin_train.device import resolve_amp, resolve_device
     from swin_train.distributed import init_distributed, shutdown
@@ -175,15 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         if expected_classes and list(expected_classes) != list(classes):
             raise DataError("the val/ class folders differ from the class names stored in the checkpoint")
         device_transform = device_transform_for(cfg, env, train=False)
-        threads = torch.get_num_threads()
-        parts = eval_parts(
+        cpu_split = evaluation_split(  # as the trainer's evaluation splits
             cfg.train.cpu_split,
             device_type=env.device.type,
             distributed=env.distributed,
             batch_size=cfg.eval_batch_size,
-            threads=threads,
         )
-        cpu_split = CpuSplit(parts, threads) if parts > 1 else None  # as the trainer's evaluation splits
         try:
             m = evaluate(
                 model,
