@@ -20,8 +20,9 @@ generator, which the threads share, so they turn the split off (as do DDP, torch
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 
 import torch
 
@@ -115,6 +116,21 @@ class CpuSplit:
         torch.get_num_threads()  # torch sets a thread's count on its first parallel op: do that first
         torch.set_num_threads(self.threads_per_part)
         ready.wait()
+
+    @contextmanager
+    def main_thread_share(self) -> Iterator[None]:
+        """Inside, the calling thread runs its own ops with a part's intra-op threads (restored on the way out).
+
+        What the main thread runs between the parts (normalising the next batch, adding the parts' gradients,
+        the optimizer step, the evaluation's top-k) is short elementwise work. Spread over more threads, each
+        of those ops waits at a barrier for a thread that a data worker may have pushed off its core, which
+        made them ten times slower in a whole run (README, Performance)."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads_per_part)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def run(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +52,13 @@ def evaluate(
         with torch.no_grad(), amp.autocast():  # both are per thread: set again in cpu_split's threads
             return model(images)
 
-    for images, targets in bar:
-        logits = torch.cat(cpu_split.map(forward, images)) if cpu_split is not None else forward(images)
-        hits = logits.topk(k, dim=-1).indices == targets[:, None]  # (B, k)
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        count = torch.tensor(len(targets), device=device)
-        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum(), loss, count]).to(totals.dtype)
+    with cpu_split.main_thread_share() if cpu_split is not None else nullcontext():
+        for images, targets in bar:
+            logits = torch.cat(cpu_split.map(forward, images)) if cpu_split is not None else forward(images)
+            hits = logits.topk(k, dim=-1).indices == targets[:, None]  # (B, k)
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+            count = torch.tensor(len(targets), device=device)
+            totals += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum(), loss, count]).to(totals.dtype)
     top1, topk, loss, count = all_reduce_sum(totals).tolist()
     count = int(count)
     if count == 0:

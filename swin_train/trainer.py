@@ -139,6 +139,7 @@ def train_epochs(run: Run) -> dict:
     with (
         stopper,
         Metrics(run.out, env.is_main, epoch=run.state.epoch, global_step=run.state.global_step) as metrics,
+        run.cpu_split.main_thread_share() if run.cpu_split is not None else nullcontext(),
     ):
         while run.state.epoch < t.epochs:
             s = run.state

@@ -241,3 +241,54 @@ def test_evaluation_reuses_the_training_split_when_it_has_as_many_parts():
     finally:
         train_split.close()
         torch.set_num_threads(before)
+
+
+def test_the_main_thread_runs_with_a_parts_share_of_threads_inside_and_its_own_after():
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    split = CpuSplit(2, threads=4)
+    try:
+        with split.main_thread_share():
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 4
+        with pytest.raises(RuntimeError, match="boom"), split.main_thread_share():
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 4
+    finally:
+        split.close()
+        torch.set_num_threads(before)
+
+
+def test_training_and_evaluation_between_the_parts_run_on_a_parts_share_of_threads(
+    shapes_root, tmp_path, monkeypatch
+):
+    # what the main thread runs between the parts (optimizer, top-k) gets a part's threads, not the process's
+    from helpers import MICRO_OVERRIDES
+
+    import swin_train.evaluation
+    import swin_train.trainer
+    from swin_train.cli.train import cli as train_cli
+
+    seen = {"step": set(), "eval": set()}
+    step, prefetch = swin_train.trainer.train_step, swin_train.evaluation.prefetch
+
+    def counting_step(*args, **kwargs):
+        seen["step"].add(torch.get_num_threads())
+        return step(*args, **kwargs)
+
+    def counting_prefetch(*args, **kwargs):  # evaluation's batches, each taken inside its loop
+        for batch in prefetch(*args, **kwargs):
+            seen["eval"].add(torch.get_num_threads())
+            yield batch
+
+    monkeypatch.setattr(swin_train.trainer, "train_step", counting_step)
+    monkeypatch.setattr(swin_train.evaluation, "prefetch", counting_prefetch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        args = ["--data-path", str(shapes_root), "--output", str(tmp_path / "run"), *MICRO_OVERRIDES]
+        assert train_cli([*args, "data.batch_size=32", "train.epochs=1", "train.cpu_split=2"]) == 0
+        assert torch.get_num_threads() == 2  # restored after the run
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"step": {1}, "eval": {1}}
