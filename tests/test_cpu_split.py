@@ -74,9 +74,11 @@ def test_each_part_thread_has_its_share_of_intra_op_threads_and_the_main_thread_
         split = CpuSplit(2, threads=4)
         seen = []
         w = torch.zeros(1, requires_grad=True)
+        together = threading.Barrier(2)  # a thread that finished one part could otherwise take the other too
 
         def fn(x, y, share):
             seen.append((threading.current_thread().name, torch.get_num_threads(), len(x), share))
+            together.wait(timeout=30)
             return x.sum(), (x * w).sum()
 
         split.run(fn, torch.zeros(6, 1), torch.zeros(6), [w])
