@@ -123,8 +123,8 @@ class CpuSplit:
 
         What the main thread runs between the parts (normalising the next batch, adding the parts' gradients,
         the optimizer step, the evaluation's top-k) is short elementwise work. Spread over more threads, each
-        of those ops waits at a barrier for a thread that a data worker may have pushed off its core, which
-        made them ten times slower in a whole run (README, Performance)."""
+        of those ops waits at a barrier for a thread that a data worker may have pushed off its core, and the
+        wait is longer than the op (README, Performance)."""
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads_per_part)
         try:

@@ -139,14 +139,14 @@ def train_epochs(run: Run) -> dict:
     with (
         stopper,
         Metrics(run.out, env.is_main, epoch=run.state.epoch, global_step=run.state.global_step) as metrics,
-        run.cpu_split.main_thread_share() if run.cpu_split is not None else nullcontext(),
     ):
         while run.state.epoch < t.epochs:
             s = run.state
             batches = epoch_batches(run)
             run.train_model.train()
             meter = StepMeter()
-            with progress_bar(run) as bar:
+            split_share = run.cpu_split.main_thread_share() if run.cpu_split else nullcontext()
+            with progress_bar(run) as bar, split_share:  # evaluation below takes its own split's share
                 while s.step_in_epoch < run.steps_per_epoch:
                     loss, grad_norm, images = train_step(run, batches)
                     meter.add(images)

@@ -261,8 +261,15 @@ def test_the_main_thread_runs_with_a_parts_share_of_threads_inside_and_its_own_a
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize(
+    "split_args, eval_threads",
+    [
+        (["train.cpu_split=2"], 1),  # evaluation split too: its parts' share
+        (["train.cpu_split=0", "eval.batch_size=16"], 2),  # 16 images: evaluation not split, every thread
+    ],
+)
 def test_training_and_evaluation_between_the_parts_run_on_a_parts_share_of_threads(
-    shapes_root, tmp_path, monkeypatch
+    shapes_root, tmp_path, monkeypatch, split_args, eval_threads
 ):
     # what the main thread runs between the parts (optimizer, top-k) gets a part's threads, not the process's
     from helpers import MICRO_OVERRIDES
@@ -289,8 +296,8 @@ def test_training_and_evaluation_between_the_parts_run_on_a_parts_share_of_threa
     torch.set_num_threads(2)
     try:
         args = ["--data-path", str(shapes_root), "--output", str(tmp_path / "run"), *MICRO_OVERRIDES]
-        assert train_cli([*args, "data.batch_size=32", "train.epochs=1", "train.cpu_split=2"]) == 0
+        assert train_cli([*args, "data.batch_size=32", "train.epochs=1", *split_args]) == 0
         assert torch.get_num_threads() == 2  # restored after the run
     finally:
         torch.set_num_threads(before)
-    assert seen == {"step": {1}, "eval": {1}}
+    assert seen == {"step": {1}, "eval": {eval_threads}}
