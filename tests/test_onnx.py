@@ -67,7 +67,6 @@ def micro_export(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(ops, "ONEDNN_MIN_ROWS", 1)
-            patch.setattr(ops, "ONEDNN_MIN_COLS", 1)
             difference = export_onnx(model, path, class_names=CLASSES, preprocess=PREPROCESS)
     finally:
         os.umask(old_umask)

@@ -9,9 +9,7 @@ from swin_train.models import SwinTransformer, ops
 pytestmark = pytest.mark.skipif(not ops._ONEDNN, reason="this torch build has no oneDNN linear kernel")
 
 ROWS = ops.ONEDNN_MIN_ROWS + 8
-
-
-WIDE = ops.ONEDNN_MIN_COLS + 8  # wide enough for oneDNN
+WIDE = 104
 
 
 def _inputs(rows=ROWS, k=WIDE, n=WIDE):
@@ -36,10 +34,10 @@ def _value_and_grads(fn, x, w, b, grad_out):
         (ops.linear_gelu, lambda x, w, b: F.gelu(F.linear(x, w, b))),
     ],
 )
-@pytest.mark.parametrize("k", [WIDE, 24])  # 24: the input gradient is narrow and runs on MKL
+@pytest.mark.parametrize("k", [WIDE, 24])  # 24: a narrow input gradient, on oneDNN as well
 def test_same_values_and_gradients_as_torch(fn, reference, k):
     x, w, b = _inputs(k=k)
-    assert ops.use_onednn(x, w.shape[0])
+    assert ops.use_onednn(x)
     grad_out = torch.randn(*x.shape[:-1], w.shape[0])
     ours = _value_and_grads(fn, x, w, b, grad_out)
     theirs = _value_and_grads(reference, x, w, b, grad_out)
@@ -47,10 +45,10 @@ def test_same_values_and_gradients_as_torch(fn, reference, k):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("k, n, kernels", [(WIDE, 24, ["grad_input"]), (24, WIDE, ["forward"])])
-def test_each_product_takes_its_own_kernel(monkeypatch, k, n, kernels):
-    """A narrow output with a wide input (a micro model's fc2): forward on MKL, input gradient on oneDNN;
-    and the other way round. Values and gradients stay F.linear's."""
+@pytest.mark.parametrize("k, n", [(WIDE, 24), (24, WIDE), (48, 48)])
+def test_forward_and_input_gradient_take_onednn_at_any_width(monkeypatch, k, n):
+    """Narrow outputs or inputs (a micro model's fc2, fc1) as wide ones: the forward and the input gradient on
+    oneDNN, the weight gradient on MKL. Values and gradients stay F.linear's."""
     x, w, b = _inputs(k=k, n=n)
     calls = []
     onednn = ops._onednn_matmul
@@ -59,7 +57,7 @@ def test_each_product_takes_its_own_kernel(monkeypatch, k, n, kernels):
     )
     grad_out = torch.randn(*x.shape[:-1], n)
     ours = _value_and_grads(ops.linear, x, w, b, grad_out)
-    assert calls == [{"forward": k, "grad_input": n}[kernel] for kernel in kernels]
+    assert calls == [k, n]  # forward: (M, K) x W^T; input gradient: (M, N) x W
     theirs = _value_and_grads(F.linear, x, w, b, grad_out)
     for name, a, e in zip(("out", "grad x", "grad w", "grad b"), ours, theirs):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=name)
@@ -78,22 +76,20 @@ def test_non_contiguous_input_and_fused_gelu_in_inference():
 
 def test_onednn_only_where_it_applies():
     x, _, _ = _inputs()
-    wide = ops.ONEDNN_MIN_COLS
-    assert ops.use_onednn(x, wide)
-    assert not ops.use_onednn(x[:, :100], wide)  # too few rows: MKL is as fast
-    assert not ops.use_onednn(x, wide - 1)  # narrow output: MKL is faster
-    assert not ops.use_onednn(x.double(), wide)
+    assert ops.use_onednn(x)
+    assert not ops.use_onednn(x[:, :100])  # too few rows: MKL is as fast
+    assert not ops.use_onednn(x.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not ops.use_onednn(x, wide)  # autocast must see F.linear to cast it
+        assert not ops.use_onednn(x)  # autocast must see F.linear to cast it
     compiled = torch.compile(
-        lambda t: t * (2.0 if ops.use_onednn(t, wide) else 3.0), backend="eager", fullgraph=True
+        lambda t: t * (2.0 if ops.use_onednn(t) else 3.0), backend="eager", fullgraph=True
     )
     assert torch.equal(compiled(torch.ones(ROWS, 4)), torch.full((ROWS, 4), 3.0))
 
 
 def test_model_gradients_do_not_depend_on_the_kernel(monkeypatch):
     """A micro model whose first stage has 4,096+ token rows: every gradient as with F.linear."""
-    # embed 32: qkv (96 wide) and fc1 (128) take oneDNN in stage 1, the narrower layers MKL
+    # every Linear of stage 1 takes oneDNN (4,096 rows), stage 2's (1,024 rows) MKL
     arch = dict(img_size=64, patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4)
     x = torch.randn(4, 3, 64, 64)  # 4 x 32 x 32 = 4,096 rows in stage 1
     fast = SwinTransformer(**arch, num_classes=5, drop_path_rate=0.0)

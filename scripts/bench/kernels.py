@@ -69,10 +69,8 @@ def run_linear_kernels(setup: Setup, args: argparse.Namespace, argv: Sequence[st
     results = []
     for rows, k, n in linear_shapes(setup.arch, setup.batch_size):
         gflops = time_linear_kernels(rows, k, n, setup.repeats, setup.iters)
-        uses = {  # which kernel swin-train's layers take for this product (ops.use_onednn)
-            f"{product}_uses": "oneDNN" if ops.use_onednn(torch.empty(rows, width), cols) else "MKL"
-            for product, width, cols in (("forward", k, n), ("grad_input", n, k))
-        }
+        kernel = "oneDNN" if ops.use_onednn(torch.empty(rows, k)) else "MKL"  # swin-train's, both products
+        uses = {"forward_uses": kernel, "grad_input_uses": kernel}
         results.append({"rows": rows, "in": k, "out": n, **gflops, **uses})
         log(f"  {rows} x {k} -> {n}: " + ", ".join(f"{m} {v:.0f}" for m, v in gflops.items()))
     return {
@@ -82,7 +80,6 @@ def run_linear_kernels(setup: Setup, args: argparse.Namespace, argv: Sequence[st
             "repeats": setup.repeats,
             "iters": setup.iters,
             "onednn_min_rows": ops.ONEDNN_MIN_ROWS,
-            "onednn_min_cols": ops.ONEDNN_MIN_COLS,
         },
         "env": environment(setup, argv, malloc),
         "results": results,

@@ -2,15 +2,14 @@
 
 Why our own kernel choice: on CPU, `F.linear` runs MKL's sgemm. oneDNN's fp32 matmul
 (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend uses) is faster for the
-token-heavy matrices of Swin's first two stages (forward and input gradient), while for the late stages'
-small matrices MKL is as fast or faster: `python scripts/benchmark.py --linear-kernels` measures every shape.
-So oneDNN takes a product (the forward, or the input gradient) from `ONEDNN_MIN_ROWS` rows when it writes at
-least `ONEDNN_MIN_COLS` columns (narrow outputs, such as a 48-channel micro model's, are faster on MKL), and the
-weight gradient stays on MKL. Both compute in fp32: the logits agree with `F.linear`'s to about 1e-6. In inference the first
-MLP layer also fuses its GELU (exact erf form) into the matmul, which saves a pass over the largest
+token-heavy matrices of Swin's early stages, in the forward and in the input gradient and whatever their width,
+while for the last stages' few rows MKL is as fast or faster: `python scripts/benchmark.py --linear-kernels`
+measures every shape. So a Linear takes oneDNN for both products from `ONEDNN_MIN_ROWS` rows, and the weight
+gradient stays on MKL. Both compute in fp32: the logits agree with `F.linear`'s to about 1e-6. In inference the
+first MLP layer also fuses its GELU (exact erf form) into the matmul, which saves a pass over the largest
 activation. The gain in a whole step is in the README's performance section.
 
-Everything else (CUDA, autocast, torch.compile tracing, small matrices, a torch build without oneDNN) takes
+Everything else (CUDA, autocast, torch.compile tracing, few rows, a torch build without oneDNN) takes
 `F.linear`, so the parameters, their names and the numerics are those of `nn.Linear`. Unlike `F.linear`, the
 oneDNN path has no double backward (`create_graph=True` through it raises); nothing here needs one.
 """
@@ -21,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows (tokens in the batch) from which oneDNN beats MKL (`benchmark.py --linear-kernels`); Swin-T at batch 8
-# has 25,088 rows in stage 1, 6,272 in stage 2, 1,568 in stage 3 and 392 in stage 4.
-ONEDNN_MIN_ROWS = 4096
-# Output columns from which it does (`--linear-kernels` on a micro model: 48 columns ran at about half MKL's speed)
-ONEDNN_MIN_COLS = 96
+# Rows (tokens in the batch) from which oneDNN is at least as fast as MKL in both products, at any width
+# (`benchmark.py --linear-kernels`, README); Swin-T at batch 8 has 25,088 rows in stage 1, 6,272 in stage 2,
+# 1,568 in stage 3 and 392 in stage 4.
+ONEDNN_MIN_ROWS = 2048
 
 
 def _onednn_available() -> bool:
@@ -35,16 +33,15 @@ def _onednn_available() -> bool:
 _ONEDNN = _onednn_available()
 
 
-def use_onednn(x: torch.Tensor, out_features: int) -> bool:
-    """Whether `x @ W.T` (W: out_features x in) takes the oneDNN kernel: fp32 on CPU, eager, outside
-    autocast, enough rows and output columns."""
+def use_onednn(x: torch.Tensor) -> bool:
+    """Whether a Linear of `x` (..., in_features) takes the oneDNN kernels: fp32 on CPU, eager, outside
+    autocast, enough rows."""
     return (
         _ONEDNN
         and not torch.compiler.is_compiling()  # first: no guard on the row count in compiled graphs
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and out_features >= ONEDNN_MIN_COLS
         and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
     )
 
@@ -56,8 +53,7 @@ def _onednn_matmul(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """y = x W^T + b with the forward and the input gradient each on oneDNN where `use_onednn` says so (MKL
-    otherwise), the weight gradient on MKL."""
+    """y = x W^T + b with the forward and the input gradient on oneDNN, the weight gradient on MKL."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -65,9 +61,7 @@ class _OneDnnLinear(torch.autograd.Function):
         ctx.save_for_backward(x2d, weight)
         ctx.input_shape = x.shape
         ctx.has_bias = bias is not None
-        if use_onednn(x2d, weight.shape[0]):
-            return _onednn_matmul(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
-        return F.linear(x, weight, bias)
+        return _onednn_matmul(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -75,10 +69,8 @@ class _OneDnnLinear(torch.autograd.Function):
         x2d, weight = ctx.saved_tensors
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0] and use_onednn(grad_2d, weight.shape[1]):  # (M, N) @ (N, K), weight as W^T
+        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K), weight as W^T
             grad_x = _onednn_matmul(grad_2d, weight.t(), None).view(ctx.input_shape)
-        elif ctx.needs_input_grad[0]:
-            grad_x = (grad_2d @ weight).view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
             grad_weight = grad_2d.t() @ x2d  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -87,18 +79,14 @@ class _OneDnnLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the forward or the input gradient on oneDNN where that is faster (module docstring)."""
-    out_features, in_features = weight.shape
-    grad_input = x.requires_grad and torch.is_grad_enabled()
-    if use_onednn(x, out_features) or (grad_input and use_onednn(x, in_features)):
-        return _OneDnnLinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
+    """F.linear, with the forward and the input gradient on oneDNN where that is faster (module docstring)."""
+    return _OneDnnLinear.apply(x, weight, bias) if use_onednn(x) else F.linear(x, weight, bias)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """GELU(x W^T + b); one fused oneDNN kernel when no gradient is needed."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if not needs_grad and use_onednn(x, weight.shape[0]):
+    if not needs_grad and use_onednn(x):
         out = _onednn_matmul(x.reshape(-1, x.shape[-1]), weight, bias, act="gelu")
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.gelu(linear(x, weight, bias))
