@@ -1,5 +1,6 @@
-"""Checkpoints: the training-checkpoint format and the one way to load a trained model; atomic save, safe
-load, auto-resume from a run's output folder, RNG state.
+"""Checkpoint files: the training-checkpoint format and file safety (atomic writes, safe loads, finding and
+pruning a run's checkpoints, RNG state). The ground floor: it imports nothing of ours but errors and
+leftovers, so every other module may use it; turning a file into a model is `swin_train.loading`.
 
 A run's output folder holds
     last.pth                    written at epoch ends
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import errno
 import json
 import logging
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from swin_train.errors import CheckpointError
+from swin_train.errors import CheckpointError, SwinTrainError
 from swin_train.leftovers import left_by_dead_process, owner_tag
 
 _log = logging.getLogger(__name__)
@@ -136,8 +136,6 @@ def write_atomically(path: Path, write: Callable[[Path], None], *, what: str = "
     (0666 less the umask; some writers create 0600), rename it over `path`, fsync the folder: `path` is the
     old file or the whole new one, never a part. A user error raised by `write` (e.g. an export that fails
     its own check) passes through; a failed write becomes a one-line CheckpointError."""
-    from swin_train.errors import SwinTrainError
-
     tmp = temp_path(path)
     try:
         write(tmp)
@@ -461,59 +459,3 @@ def training_checkpoint(
         "preprocess": preprocess,
         "shard_streams_per_rank": shard_streams_per_rank,
     }
-
-
-@dataclasses.dataclass
-class TrainedModel:
-    """A trained model ready to run: eval mode, on the CPU, with what it was trained on."""
-
-    model: torch.nn.Module
-    config: object  # swin_train.config.Config
-    class_names: list[str]
-    preprocess: object  # swin_train.data.transforms.Preprocess
-    source: str
-
-
-def load_trained_model(source: str | os.PathLike | dict, *, ema: bool = False) -> TrainedModel:
-    """The one way to load a trained model: from a training checkpoint (`ema`: its EMA weights) or a
-    safetensors export that carries its config, class names and preprocessing. Used by swin-eval,
-    swin-predict, swin-export and `create_model(checkpoint=...)`; a run's resume loads the same weights
-    through the same checks."""
-    from swin_train.config import config_from_dict
-    from swin_train.data.transforms import Preprocess
-    from swin_train.errors import SwinTrainError
-    from swin_train.models.pretrained import select_weights
-    from swin_train.models.swin import SwinTransformer
-
-    where = "the checkpoint" if isinstance(source, dict) else str(source)
-    state = source if isinstance(source, dict) else load_checkpoint(source)
-    if not holds_trained_model(state):
-        raise CheckpointError(
-            f"{where} is not a swin-train checkpoint or export (no config, class names and preprocessing); "
-            "for bare weights of another layout pass --model NAME (swin-eval) or use model.pretrained"
-        )
-    absent = [k for k in ("model", *EXPORT_METADATA_KEYS) if k not in state]
-    if absent:
-        raise CheckpointError(f"swin-train checkpoint {where} lacks {', '.join(absent)}; it is damaged")
-    try:
-        cfg = config_from_dict(state["config"])
-    except SwinTrainError as e:
-        raise CheckpointError(f"the config stored in {where} is invalid: {e}") from None
-    class_names = [str(c) for c in state["class_names"]]
-    if len(class_names) != cfg.model.num_classes:
-        raise CheckpointError(
-            f"{where} names {len(class_names)} classes but its model has {cfg.model.num_classes}; it is damaged"
-        )
-    weights = select_weights(state, True, where) if ema else state["model"]
-    model = SwinTransformer(**cfg.model_kwargs() | {"grad_checkpointing": False})
-    load_exact_weights(model, weights, where)
-    preprocess = Preprocess.from_dict(state["preprocess"], where)
-    return TrainedModel(model.eval(), cfg, class_names, preprocess, where + (" (EMA)" if ema else ""))
-
-
-def load_exact_weights(model: torch.nn.Module, weights: dict, where: str) -> None:
-    """Load weights that must fit `model` exactly (our layout, every key and shape), naming the first misfit."""
-    from swin_train.models.convert import check_fits
-
-    check_fits(weights, model, where)
-    model.load_state_dict(weights)

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from swin_train.checkpoint import load_trained_model
 from swin_train.data.folder import DECODE_ERRORS, decode_error_reason, decode_image, is_image_file
 from swin_train.data.transforms import build_eval_transform
 from swin_train.device import resolve_device
 from swin_train.errors import DataError
+from swin_train.loading import load_trained_model
 
 # ----------------------------------------------------------------------------------------------
 # Results
@@ -127,7 +127,7 @@ class Predictor:
     def from_checkpoint(
         cls, path: str | os.PathLike, *, device: str | None = None, ema: bool = False
     ) -> Predictor:
-        """Build from a swin-train checkpoint or export (`checkpoint.load_trained_model`); `ema` takes
+        """Build from a swin-train checkpoint or export (`loading.load_trained_model`); `ema` takes
         the EMA weights."""
         dev = resolve_device(device)
         trained = load_trained_model(path, ema=ema)

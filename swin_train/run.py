@@ -20,8 +20,8 @@ from swin_train.device import Amp, check_attention_backend, resolve_amp, wrap_fo
 from swin_train.distributed import DistEnv, all_gather_objects, barrier
 from swin_train.ema import ModelEma
 from swin_train.errors import CheckpointError, ConfigError, DataError
+from swin_train.loading import load_exact_weights, load_pretrained
 from swin_train.losses import build_mixup, build_train_criterion
-from swin_train.models.pretrained import load_pretrained
 from swin_train.models.swin import SwinTransformer
 from swin_train.optim import WarmupCosineSchedule, build_optimizer, scaled_lrs
 
@@ -176,7 +176,7 @@ class Run:
             raise CheckpointError(
                 f"{path} is not a swin-train training checkpoint; use model.pretrained for weights"
             )
-        ckpt.load_exact_weights(self.model, state["model"], str(path))
+        load_exact_weights(self.model, state["model"], str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.amp.scaler and state.get("scaler"):

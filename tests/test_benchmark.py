@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from swin_train import create_model
 from swin_train.errors import ConfigError, DataError
-from swin_train.models import create_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 MICRO_FLAGS = [

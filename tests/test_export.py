@@ -8,13 +8,13 @@ from safetensors import safe_open
 from torchvision.models.swin_transformer import ShiftedWindowAttention
 from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin
 
+from swin_train import create_model
 from swin_train.checkpoint import load_checkpoint, save_checkpoint
 from swin_train.cli.export import cli as swin_export
 from swin_train.config import Config, DataConfig, ModelConfig, config_to_dict
 from swin_train.data.transforms import Preprocess
 from swin_train.errors import CheckpointError
 from swin_train.models.convert import convert_state_dict, detect_layout, save_weights, to_layout
-from swin_train.models.registry import create_model
 from swin_train.models.swin import SwinTransformer
 
 

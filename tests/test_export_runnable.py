@@ -13,12 +13,12 @@ from helpers import image_folder, two_class_train_args
 from PIL import Image
 from transformers import SwinForImageClassification
 
-from swin_train.checkpoint import load_trained_model
 from swin_train.cli.eval import cli as eval_cli
 from swin_train.cli.export import cli as export_cli
 from swin_train.cli.train import cli as train_cli
 from swin_train.data.folder import build_eval_dataset
 from swin_train.data.transforms import build_eval_transform
+from swin_train.loading import load_trained_model
 
 
 @pytest.fixture(scope="module")

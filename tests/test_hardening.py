@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import env_for_subprocess, image_folder, png, two_class_train_args
 
+from swin_train import create_model
 from swin_train.cli.eval import cli as eval_cli
 from swin_train.cli.export import cli as export_cli
 from swin_train.cli.predict import cli as predict_cli
@@ -25,7 +26,6 @@ from swin_train.device import resolve_amp
 from swin_train.errors import ConfigError
 from swin_train.metrics import StepMeter
 from swin_train.models.convert import to_layout
-from swin_train.models.registry import create_model
 from swin_train.stopping import Stopper
 
 CLASSES = ("cat", "dog")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from timm.data import create_transform
 from transformers import AutoImageProcessor, SwinConfig, SwinForImageClassification
 
+from swin_train import create_model
 from swin_train.errors import CheckpointError, ConfigError
 from swin_train.models.convert import convert_state_dict, to_layout
 from swin_train.models.hf import (
@@ -26,7 +27,6 @@ from swin_train.models.hf import (
     to_hf_state_dict,
     write_hf_folder,
 )
-from swin_train.models.registry import create_model
 
 CLASSES = ["cat", "dog", "fish", "bird", "frog"]
 IMAGENET = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])

@@ -5,9 +5,9 @@ import timm
 import torch
 import torchvision
 
+from swin_train import SwinTransformer, convert_state_dict, create_model
 from swin_train.cli.model import cli as swin_model_cli
 from swin_train.errors import CheckpointError
-from swin_train.models import SwinTransformer, convert_state_dict, create_model
 from swin_train.models.convert import detect_layout, official_buffers
 from swin_train.models.registry import VARIANTS
 from swin_train.models.swin import (

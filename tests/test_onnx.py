@@ -16,11 +16,11 @@ import torch
 from conftest import MICRO
 from helpers import env_for_subprocess
 
+from swin_train import create_model
 from swin_train.errors import ConfigError, ExportError
 from swin_train.models import onnx as swin_onnx
 from swin_train.models import ops
 from swin_train.models.onnx import export_onnx, max_abs_difference
-from swin_train.models.registry import create_model
 
 CLASSES = ["cat", "dog", "fish", "bird", "frog"]
 PREPROCESS = {

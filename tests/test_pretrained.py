@@ -4,11 +4,11 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
 from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin
 
+from swin_train import create_model
 from swin_train.checkpoint import save_checkpoint
 from swin_train.errors import CheckpointError
+from swin_train.loading import LoadReport, adapt_state_dict, load_pretrained
 from swin_train.models.convert import official_buffers
-from swin_train.models.pretrained import LoadReport, adapt_state_dict, load_pretrained
-from swin_train.models.registry import create_model
 from swin_train.models.swin import SwinTransformer
 
 TABLE = "relative_position_bias_table"

@@ -9,12 +9,13 @@ import torch
 from helpers import MICRO_OVERRIDES
 
 from swin_train import create_model
-from swin_train.checkpoint import FORMAT, load_trained_model, save_checkpoint, training_checkpoint
+from swin_train.checkpoint import FORMAT, save_checkpoint, training_checkpoint
 from swin_train.cli.eval import load_model_and_config
 from swin_train.cli.export import cli as export_cli
 from swin_train.config import config_to_dict, load_config
 from swin_train.data.transforms import Preprocess
 from swin_train.errors import CheckpointError
+from swin_train.loading import load_trained_model
 from swin_train.models.swin import SwinTransformer
 from swin_train.predict import Predictor
 

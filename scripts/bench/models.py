@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin
 
 from bench.common import Setup
-from swin_train.models import convert_state_dict, create_model
+from swin_train import convert_state_dict, create_model
 from swin_train.models.convert import to_layout
 
 IMPLS = ("ours", "timm", "torchvision")

@@ -39,14 +39,10 @@ def build_parser() -> ArgumentParser:
 def load_model_and_config(args):
     """(model with weights, config, class names or None). A swin-train checkpoint or export carries its own
     architecture, class names and preprocessing; bare weights take them from --model or --config."""
-    from swin_train.checkpoint import (
-        holds_trained_model,
-        load_checkpoint,
-        load_trained_model,
-    )
+    from swin_train.checkpoint import holds_trained_model, load_checkpoint
     from swin_train.config import config_to_dict, load_config
+    from swin_train.loading import load_pretrained, load_trained_model
     from swin_train.models.hf import is_hf_folder
-    from swin_train.models.pretrained import load_pretrained
     from swin_train.models.registry import variant_arch
     from swin_train.models.swin import SwinTransformer
 
@@ -95,8 +91,8 @@ def load_model_and_config(args):
 def _hf_model_and_config(args):
     """A transformers Swin folder: architecture from config.json, eval transform from preprocessor_config.json,
     class names from id2label (None for transformers' LABEL_i placeholders)."""
-    from swin_train.checkpoint import load_exact_weights
     from swin_train.config import load_config
+    from swin_train.loading import load_exact_weights
     from swin_train.models.hf import load_hf_folder
     from swin_train.models.swin import SwinTransformer
 

@@ -87,15 +87,9 @@ def _check_out(out: Path, fmt: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = setup_logging()
-    from swin_train.checkpoint import (
-        EXPORT_METADATA_KEYS,
-        holds_trained_model,
-        load_checkpoint,
-        load_exact_weights,
-        load_trained_model,
-    )
+    from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, load_checkpoint
+    from swin_train.loading import load_exact_weights, load_trained_model, select_weights
     from swin_train.models.convert import convert_state_dict, save_weights
-    from swin_train.models.pretrained import select_weights
 
     out = Path(args.out)
     _check_out(out, args.format)

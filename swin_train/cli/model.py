@@ -6,7 +6,7 @@ import json
 
 from swin_train.cli.common import ArgumentParser, add_debug_flag, exit_process, run_cli
 from swin_train.errors import ConfigError
-from swin_train.models.registry import create_model, variant_names
+from swin_train.models.registry import build_model, variant_names
 from swin_train.models.summary import describe_model
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         title = name
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
-    model = create_model(**kwargs)
+    model = build_model(**kwargs)
     summary = describe_model(model)
     if args.json:
         print(json.dumps({"model": title, **summary}, indent=2))

@@ -1,4 +1,4 @@
-"""Named Swin variants: one entry per official model name, holding its architecture only.
+"""Named Swin variants: one entry per official model name, holding its architecture only (it loads no files).
 
 Training hyper-parameters (drop path, lr, ...) belong to recipes in `configs/`, not here.
 """
@@ -36,26 +36,12 @@ def variant_arch(name: str) -> dict:
     return dict(VARIANTS[name])
 
 
-def create_model(name: str | None = None, *, checkpoint: str | None = None, **overrides):
-    """Build a Swin Transformer from a variant name and/or explicit architecture fields, or load a trained one.
-
-    `create_model("swin_tiny_patch4_window7_224", num_classes=10, drop_path_rate=0.2)`;
-    `create_model(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`;
-    `create_model(checkpoint="output/run/best.pth")`: a swin-train checkpoint or export, with its own
-    architecture (`swin_train.checkpoint.load_trained_model`); with a name or fields, `checkpoint` may hold
-    weights of any supported layout, adapted to that architecture (`models.pretrained.load_pretrained`).
-    """
+def build_model(name: str | None = None, **overrides):
+    """A Swin Transformer (random weights) from a variant name and/or explicit architecture fields:
+    `build_model("swin_tiny_patch4_window7_224", num_classes=10)`, `build_model(embed_dim=32, depths=(2, 2),
+    num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`. Loading weights is `swin_train.loading`."""
     from swin_train.models.swin import SwinTransformer
 
-    if checkpoint is not None and name is None and not overrides:
-        from swin_train.checkpoint import load_trained_model
-
-        return load_trained_model(checkpoint).model
     arch = variant_arch(name) if name else {}
     arch.update(overrides)
-    model = SwinTransformer(**arch)
-    if checkpoint is not None:
-        from swin_train.models.pretrained import load_pretrained
-
-        load_pretrained(model, checkpoint)
-    return model
+    return SwinTransformer(**arch)

@@ -1,7 +1,10 @@
-"""Load weights from any supported Swin checkpoint into a model that may differ in window, image size or head.
+"""Turning a file into a model: the one way to load a trained model (`load_trained_model`: a swin-train
+checkpoint or export with its config, class names and preprocessing), and loading foreign weights into a
+model that may differ in window, image size or head (`load_pretrained`). It stands above models/, config.py
+and checkpoint.py (the file format) and is what the commands, the run and `create_model(checkpoint=)` use.
 
-What it does, and reports (nothing silent):
-- converts the official / timm / torchvision layouts (`convert.py`),
+`load_pretrained` does, and reports (nothing silent):
+- converts the official / timm / torchvision / transformers layouts (`models/convert.py`, `models/hf.py`),
 - takes a swin-train checkpoint's EMA weights instead of its model weights on request (`use_ema`),
 - interpolates relative position bias tables bicubically when the window differs, table by table (each
   block's own (2w-1)x(2w-1) grid per head, align_corners=False: the official `load_pretrained` exactly),
@@ -9,13 +12,13 @@ What it does, and reports (nothing silent):
 - re-initialises the head when the number of classes differs, or selects head rows with a class map
   (22k -> 1k: one source class index per line, the official `map22kto1k.txt` format),
 - refuses any other shape mismatch, naming the first mismatching key.
-Sources: a .pth / .safetensors file in any of those layouts, or a Hugging Face transformers Swin folder.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swin_train.errors import CheckpointError
-from swin_train.models.convert import convert_state_dict, detect_layout, unwrap_state_dict
+from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, load_checkpoint
+from swin_train.config import Config, config_from_dict
+from swin_train.data.transforms import Preprocess
+from swin_train.errors import CheckpointError, SwinTrainError
+from swin_train.models.convert import check_fits, convert_state_dict, detect_layout, unwrap_state_dict
+from swin_train.models.hf import is_hf_folder, load_hf_folder
+from swin_train.models.registry import build_model
+from swin_train.models.swin import SwinTransformer
 
 log = logging.getLogger("swin_train")
 
@@ -196,9 +205,6 @@ def load_pretrained(
     strict=True (evaluation) requires every model tensor to come from the checkpoint (interpolation allowed).
     use_ema=True takes a swin-train checkpoint's EMA weights (CheckpointError if it has none).
     """
-    from swin_train.checkpoint import load_checkpoint
-    from swin_train.models.hf import is_hf_folder, load_hf_folder
-
     is_file = isinstance(source, str | Path)
     name = str(source) if is_file else "state dict"
     if is_file and is_hf_folder(source):
@@ -231,3 +237,73 @@ def load_pretrained(
     model.load_state_dict(sd, strict=False)
     log.info(report.summary())
     return report
+
+
+# -------------------------------------------------------------------------------------- trained models
+
+
+@dataclass
+class TrainedModel:
+    """A trained model ready to run: eval mode, on the CPU, with what it was trained on."""
+
+    model: torch.nn.Module
+    config: Config
+    class_names: list[str]
+    preprocess: Preprocess
+    source: str
+
+
+def load_trained_model(source: str | os.PathLike | dict, *, ema: bool = False) -> TrainedModel:
+    """The one way to load a trained model: from a training checkpoint (`ema`: its EMA weights) or a
+    safetensors export that carries its config, class names and preprocessing. Used by swin-eval,
+    swin-predict, swin-export and `create_model(checkpoint=...)`; a run's resume loads the same weights
+    through the same checks."""
+    where = "the checkpoint" if isinstance(source, dict) else str(source)
+    state = source if isinstance(source, dict) else load_checkpoint(source)
+    if not holds_trained_model(state):
+        raise CheckpointError(
+            f"{where} is not a swin-train checkpoint or export (no config, class names and preprocessing); "
+            "for bare weights of another layout pass --model NAME (swin-eval) or use model.pretrained"
+        )
+    absent = [k for k in ("model", *EXPORT_METADATA_KEYS) if k not in state]
+    if absent:
+        raise CheckpointError(f"swin-train checkpoint {where} lacks {', '.join(absent)}; it is damaged")
+    try:
+        cfg = config_from_dict(state["config"])
+    except SwinTrainError as e:
+        raise CheckpointError(f"the config stored in {where} is invalid: {e}") from None
+    class_names = [str(c) for c in state["class_names"]]
+    if len(class_names) != cfg.model.num_classes:
+        raise CheckpointError(
+            f"{where} names {len(class_names)} classes but its model has {cfg.model.num_classes}; it is damaged"
+        )
+    weights = select_weights(state, True, where) if ema else state["model"]
+    model = SwinTransformer(**cfg.model_kwargs() | {"grad_checkpointing": False})
+    load_exact_weights(model, weights, where)
+    preprocess = Preprocess.from_dict(state["preprocess"], where)
+    return TrainedModel(model.eval(), cfg, class_names, preprocess, where + (" (EMA)" if ema else ""))
+
+
+def load_exact_weights(model: torch.nn.Module, weights: dict, where: str) -> None:
+    """Load weights that must fit `model` exactly (our layout, every key and shape), naming the first misfit."""
+    check_fits(weights, model, where)
+    model.load_state_dict(weights)
+
+
+def create_model(
+    name: str | None = None, *, checkpoint: str | os.PathLike | None = None, **overrides
+) -> nn.Module:
+    """A Swin Transformer from a variant name and/or architecture fields, or a trained one from a file.
+
+    `create_model("swin_tiny_patch4_window7_224", num_classes=10, drop_path_rate=0.2)`;
+    `create_model(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`;
+    `create_model(checkpoint="output/run/best.pth")`: a swin-train checkpoint or export, with its own
+    architecture (`load_trained_model`); with a name or fields, `checkpoint` may hold weights of any
+    supported layout, adapted to that architecture (`load_pretrained`).
+    """
+    if checkpoint is not None and name is None and not overrides:
+        return load_trained_model(checkpoint).model
+    model = build_model(name, **overrides)
+    if checkpoint is not None:
+        load_pretrained(model, checkpoint)
+    return model
