@@ -1,4 +1,6 @@
-"""Typed configuration: dataclasses, YAML recipes with `_base_` inheritance, dotted overrides, validation.
+"""Typed configuration: the schema (one dataclass per section, each with its fields and their `check()`),
+architecture resolution from `model.name`, and the public API (load_config, dump_config, ...). Reading YAML
+is `config_yaml.py`; checking plain data against the annotations is `config_types.py`.
 
 Order of precedence (later wins): dataclass defaults < `_base_` files < the YAML file < CLI shortcuts
 (`data_path`, `output`, `batch_size`) < dotted overrides (`train.epochs=10`).
@@ -18,15 +20,15 @@ import difflib
 import functools
 import math
 import os
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from swin_train.config_types import all_keys as _all_keys
+from swin_train.config_types import at, build, coerce, cut, field_hints, field_type, plain
+from swin_train.config_yaml import dump_yaml, load_tree, merge, nest, parse_override, record
 from swin_train.errors import ConfigError
 from swin_train.models.arch import ArchitectureError, check_architecture
 from swin_train.models.registry import DEFAULT_VARIANT, VARIANTS, variant_arch
@@ -47,8 +49,6 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 MIXUP_MODES = ("batch", "pair", "elem")  # timm.data.Mixup
 RE_MODES = ("pixel", "rand", "const")  # timm.data.RandomErasing
 
-MAX_CONFIG_BYTES = 1 << 20
-_NON_FINITE = ("inf", "+inf", "-inf", "infinity", "-infinity", "nan")
 
 # keyword arguments of load_config -> the dotted key they set
 CLI_SHORTCUTS = {"data_path": "data.data_path", "output": "output", "batch_size": "data.batch_size"}
@@ -67,11 +67,11 @@ class Rules:
         return self.origins[max(known, key=self.order.__getitem__)] if known else None
 
     def fail(self, keys: str | tuple[str, ...], msg: str) -> typing.NoReturn:
-        raise ConfigError(_at(self.where(*([keys] if isinstance(keys, str) else keys)), msg))
+        raise ConfigError(at(self.where(*([keys] if isinstance(keys, str) else keys)), msg))
 
     def require(self, key: str, value: Any, ok: typing.Callable[[Any], bool], requirement: str) -> None:
         if not ok(value):  # also catches NaN
-            self.fail(key, f"{key} must be {requirement}, got {_cut(repr(value))}")
+            self.fail(key, f"{key} must be {requirement}, got {cut(repr(value))}")
         if isinstance(value, float) and math.isinf(value):
             self.fail(key, f"{key} must be a finite number {requirement}, got {value!r}")
 
@@ -82,7 +82,7 @@ class Rules:
         close = close or difflib.get_close_matches(value, choices, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         options = ", ".join(repr(c) for c in choices)
-        self.fail(key, f"{key} must be one of {options}, got {_cut(repr(value))}{hint}")
+        self.fail(key, f"{key} must be one of {options}, got {cut(repr(value))}{hint}")
 
 
 def _positive(x: float) -> bool:
@@ -375,18 +375,18 @@ def load_config(
     if path is None:
         data, origins = copy.deepcopy(base or {}), {}
     else:
-        data, origins = _load_tree(os.fspath(path), ())
+        data, origins = load_tree(os.fspath(path), ())
     for name, value in cli.items():
         if name not in CLI_SHORTCUTS:
             raise TypeError(f"load_config() got an unexpected keyword argument '{name}'")
         if value is not None:
             key = CLI_SHORTCUTS[name]
-            _merge(data, _nest(key, value))
-            _record(origins, key, value, f"command line {name}={_cut(repr(value))}")
+            merge(data, nest(key, value))
+            record(origins, key, value, f"command line {name}={cut(repr(value))}")
     for item in overrides:
-        key, value = _parse_override(item)
-        _merge(data, _nest(key, value))
-        _record(origins, key, value, f"override '{_cut(item)}'")
+        key, value = parse_override(item, functools.partial(field_type, Config))
+        merge(data, nest(key, value))
+        record(origins, key, value, f"override '{cut(item)}'")
     return _from_dict(data, origins)
 
 
@@ -397,12 +397,17 @@ def config_from_dict(d: dict) -> Config:
 
 def config_to_dict(cfg: Config) -> dict:
     """Plain Python types only (str/int/float/bool/None/list/dict), in field order."""
-    return _plain(dataclasses.asdict(cfg))
+    return plain(dataclasses.asdict(cfg))
 
 
 def dump_config(cfg: Config) -> str:
     """YAML text that `load_config` reads back to an equal Config."""
-    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    return dump_yaml(config_to_dict(cfg))
+
+
+def all_keys() -> list[str]:
+    """Every dotted key the schema knows, sections included (e.g. 'train', 'train.epochs')."""
+    return _all_keys(Config)
 
 
 def check_config(cfg: Config) -> Config:
@@ -412,321 +417,11 @@ def check_config(cfg: Config) -> Config:
     return cfg
 
 
-def all_keys() -> list[str]:
-    """Every dotted key the schema knows, sections included (e.g. 'train', 'train.epochs')."""
-    keys = []
-    for f in dataclasses.fields(Config):
-        keys.append(f.name)
-        if dataclasses.is_dataclass(_hints(Config)[f.name]):
-            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(_hints(Config)[f.name])]
-    return keys
-
-
-# --------------------------------------------------------------------------------------------------
-# YAML reading
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `5e-4` as a float (YAML 1.1 needs `5.0e-4`, a classic recipe trap)."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    ch: [r for r in rs if r[0] != "tag:yaml.org,2002:float"]
-    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-class _Dumper(yaml.SafeDumper):
-    """Sections as blocks, lists inline (`depths: [2, 2, 6, 2]`), like the recipes in configs/."""
-
-
-_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
-
-
-def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
-    mark = getattr(e, "problem_mark", None)
-    line = f":{mark.line + 1}" if mark is not None else ""
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    return ConfigError(f"{where}{line}: invalid YAML: {problem}")
-
-
-def _read_yaml(path: str) -> tuple[dict, dict[str, str]]:
-    """One file -> (data, origins: dotted key -> 'path:line'). Duplicate keys are errors."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: '{path}'")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file '{path}': {e}") from None
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(
-            f"config file '{path}' is {len(text)} bytes; a recipe is at most {MAX_CONFIG_BYTES}"
-        )
-    try:
-        _reject_aliases(text, path)
-        node = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise _yaml_error(path, e) from None
-    if data is None:
-        return {}, {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    origins: dict[str, str] = {}
-    _walk_marks(node, "", path, origins)
-    return data, origins
-
-
-def _reject_aliases(text: str, where: str) -> None:
-    """Refuse YAML aliases (`*name`): nested anchors expand exponentially (an "alias bomb") and a recipe
-    never needs them (`_base_` files share settings instead)."""
-    for event in yaml.parse(text, Loader=_Loader):
-        if isinstance(event, yaml.AliasEvent):
-            raise ConfigError(
-                f"{where}:{event.start_mark.line + 1}: YAML aliases (*{_cut(event.anchor, 20)}) are not "
-                "supported in configs; write the value out or share it with _base_"
-            )
-
-
-def _walk_marks(node: yaml.Node, prefix: str, path: str, origins: dict[str, str]) -> None:
-    seen = set()
-    for key_node, value_node in node.value:
-        key = prefix + str(key_node.value)
-        where = f"{path}:{key_node.start_mark.line + 1}"
-        if key in seen:
-            raise ConfigError(f"{where}: duplicate key '{key}'")
-        seen.add(key)
-        origins[key] = where
-        if isinstance(value_node, yaml.MappingNode):
-            _walk_marks(value_node, key + ".", path, origins)
-
-
-def _load_tree(path: str, stack: tuple[str, ...]) -> tuple[dict, dict[str, str]]:
-    """A file with its `_base_` files merged under it (bases first, in order)."""
-    real = os.path.realpath(path)
-    if real in stack:
-        chain = " -> ".join(os.path.basename(p) for p in (*stack, real))
-        raise ConfigError(f"{path}: _base_ inheritance cycle: {chain}")
-    data, origins = _read_yaml(path)
-    bases = data.pop("_base_", None)
-    if bases is None:
-        return data, origins
-    if isinstance(bases, str):
-        bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"{origins['_base_']}: _base_ must be a file name or a list of file names")
-    merged: dict = {}
-    merged_origins: dict[str, str] = {}
-    for base in bases:
-        base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
-        if not os.path.isfile(base_path):
-            raise ConfigError(f"{origins['_base_']}: _base_ file not found: '{base_path}'")
-        base_data, base_origins = _load_tree(base_path, (*stack, real))
-        _merge(merged, base_data)
-        _update_origins(merged_origins, base_origins)
-    _merge(merged, data)
-    _update_origins(merged_origins, origins)
-    merged_origins.pop("_base_")
-    return merged, merged_origins
-
-
-def _update_origins(dst: dict[str, str], src: dict[str, str]) -> None:
-    for k, v in src.items():
-        dst.pop(k, None)
-        dst[k] = v
-
-
-def _merge(dst: dict, src: dict) -> dict:
-    """Deep merge of mappings (sections); any other value (lists included) replaces the old one."""
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = copy.deepcopy(v)
-    return dst
-
-
-def _record(origins: dict[str, str], key: str, value: Any, label: str) -> None:
-    """Remember where `key` (and every key inside it, for a mapping value) was last set."""
-    origins.pop(key, None)  # re-insert: the order of `origins` is the order keys were last set
-    origins[key] = label
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _record(origins, f"{key}.{k}", v, label)
-
-
-def _nest(dotted: str, value: Any) -> dict:
-    out: Any = value
-    for part in reversed(dotted.split(".")):
-        out = {part: out}
-    return out
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override '{_cut(item)}' must look like key=value, e.g. train.epochs=10")
-    try:
-        _reject_aliases(text, f"override '{_cut(item)}'")
-        value = yaml.load(text, Loader=_Loader) if text.strip() else None
-    except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"override '{_cut(item)}': cannot parse the value: {problem}") from None
-    # For text fields, `output=2024` or `data.data_path=on` mean the text, not a number or a bool.
-    if isinstance(value, (bool, int, float)) and _field_type(key) in (str, str | None):
-        value = text.strip()
-    # For number fields, `inf` and `nan` are numbers (the range checks then say why they are refused).
-    if isinstance(value, str) and value.lower() in _NON_FINITE and _field_type(key) in (float, float | None):
-        value = float(value)
-    return key, value
-
-
-# --------------------------------------------------------------------------------------------------
-# Building and type checking
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _field_type(dotted: str) -> Any:
-    cls: Any = Config
-    for part in dotted.split("."):
-        hints = _hints(cls) if dataclasses.is_dataclass(cls) else {}
-        if part not in hints:
-            return None
-        cls = hints[part]
-    return cls
-
-
-def _at(where: str | None, msg: str) -> str:
-    return f"{where}: {msg}" if where else msg
-
-
-def _closest(word: str, words: list[str]) -> str | None:
-    close = difflib.get_close_matches(word, words, n=1)
-    return close[0] if close else None
-
-
-def _unknown_key(key: str) -> str:
-    """'unknown key ...' with the likeliest intended key, else the keys that exist at that level."""
-    known = all_keys()
-    top = [k for k in known if "." not in k]
-    section, _, leaf = key.rpartition(".")
-    here = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == section]
-    by_leaf = {k.rpartition(".")[2]: k for k in reversed(known)}  # leaf -> first full key with it
-
-    guess = by_leaf.get(leaf)  # the right name in the wrong place: 'epochs' -> 'train.epochs'
-    if guess is None and _closest(leaf, here):  # a misspelling at this level: 'train.epoch'
-        guess = f"{section}.{_closest(leaf, here)}" if section else _closest(leaf, here)
-    if guess is None and _closest(leaf, list(by_leaf)):  # both: 'train.batchsize' -> 'data.batch_size'
-        guess = by_leaf[_closest(leaf, list(by_leaf))]
-    if guess is None and section and section not in top:  # a misspelt section: 'trian.x' -> 'train'
-        guess = _closest(section, top)
-    if guess is not None:
-        return f"unknown key '{key}'; did you mean '{guess}'?"
-    if section in top:
-        return f"unknown key '{key}'; known keys in '{section}': {', '.join(here)}"
-    return f"unknown key '{key}'; known keys: {', '.join(top)}"
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (types.UnionType, typing.Union):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_describe(a) for a in inner) + " or null"
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
-    return {int: "an int", float: "a float", bool: "a bool", str: "a str"}[tp]
-
-
-def _coerce(value: Any, tp: Any, key: str, where: str | None) -> Any:
-    """Check `value` against the annotation `tp`; ints become floats for float fields, tuples lists."""
-    origin = typing.get_origin(tp)
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        try:
-            return _coerce(value, inner, key, where)
-        except ConfigError:
-            if typing.get_origin(inner) is list and isinstance(value, (list, tuple)):
-                raise  # a bad element: keep its precise message
-            raise ConfigError(_at(where, f"{key} must be {_describe(tp)}, got {_show(value)}")) from None
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(_at(where, f"{key} must be {_describe(tp)}, got {_show(value)}"))
-        item = typing.get_args(tp)[0]
-        return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[tp]
-    if not ok:
-        raise ConfigError(_at(where, f"{key} must be {_describe(tp)}, got {_show(value)}"))
-    return float(value) if tp is float else value
-
-
-def _show(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {_cut(repr(value))}"
-
-
-def _cut(text: str, limit: int = 80) -> str:
-    """`text` shortened for a one-line message (a value may be huge)."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _build(cls: type, data: Any, prefix: str, origins: dict[str, str]) -> Any:
-    if not isinstance(data, dict):
-        key = prefix.rstrip(".") or "the config"
-        raise ConfigError(_at(origins.get(key), f"{key} must be a mapping of keys, got {_show(data)}"))
-    hints = _hints(cls)
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if k not in hints:
-            while isinstance(v, dict) and v:  # name the full key: 'trian.epochs', not 'trian'
-                k, v = next(iter(v.items()))
-                key = f"{key}.{k}"
-            raise ConfigError(_at(origins.get(key), _unknown_key(key)))
-        if dataclasses.is_dataclass(hints[k]):
-            kwargs[k] = _build(hints[k], v, key + ".", origins)
-        else:
-            kwargs[k] = _coerce(v, hints[k], key, origins.get(key))
-    return cls(**kwargs)
-
-
 def _from_dict(data: Any, origins: dict[str, str]) -> Config:
-    cfg = _build(Config, data, "", origins)
+    cfg = build(Config, data, origins)
     _fill_architecture(cfg, origins)
     _validate(cfg, origins)
     return cfg
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -738,7 +433,7 @@ def _resolved_arch(m: ModelConfig, origins: dict[str, str] | None = None) -> dic
     try:
         src = {"in_chans": 3, **variant_arch(m.name or DEFAULT_VARIANT)}
     except KeyError as e:
-        raise ConfigError(_at((origins or {}).get("model.name"), f"model.name: {e.args[0]}")) from None
+        raise ConfigError(at((origins or {}).get("model.name"), f"model.name: {e.args[0]}")) from None
     out = {}
     for f in ARCH_FIELDS:
         v = getattr(m, f)
@@ -756,11 +451,11 @@ def _validate(cfg: Config, origins: dict[str, str]) -> None:
     r = Rules(origins)
     for section in SECTIONS:
         sub = getattr(cfg, section)
-        for f, tp in _hints(type(sub)).items():
-            setattr(sub, f, _coerce(getattr(sub, f), tp, f"{section}.{f}", r.where(f"{section}.{f}")))
-    for f, tp in _hints(Config).items():
+        for f, tp in field_hints(type(sub)).items():
+            setattr(sub, f, coerce(getattr(sub, f), tp, f"{section}.{f}", r.where(f"{section}.{f}")))
+    for f, tp in field_hints(Config).items():
         if not dataclasses.is_dataclass(tp):
-            setattr(cfg, f, _coerce(getattr(cfg, f), tp, f, r.where(f)))
+            setattr(cfg, f, coerce(getattr(cfg, f), tp, f, r.where(f)))
     cfg.check(r)
 
 
@@ -772,7 +467,7 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_diff(a, b, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key}: {_cut(repr(a), 40)} -> {_cut(repr(b), 40)}")
+            out.append(f"{prefix}{key}: {cut(repr(a), 40)} -> {cut(repr(b), 40)}")
     return out
 
 

@@ -17,15 +17,13 @@ from transformers import AutoImageProcessor, SwinConfig, SwinForImageClassificat
 from swin_train import create_model
 from swin_train.errors import CheckpointError, ConfigError
 from swin_train.models.convert import convert_state_dict, to_layout
-from swin_train.models.hf import (
+from swin_train.models.hf import is_hf_folder, load_hf_folder, write_hf_folder
+from swin_train.models.hf_layout import (
     from_hf_state_dict,
     hf_config,
     hf_preprocessor_config,
-    is_hf_folder,
-    load_hf_folder,
     model_arch,
     to_hf_state_dict,
-    write_hf_folder,
 )
 
 CLASSES = ["cat", "dog", "fish", "bird", "frog"]
