@@ -124,35 +124,24 @@ def _hf_model_and_config(args):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     log = setup_logging()
-    from swin_train.cpu_split import evaluation_split
-    from swin_train.data.build import build_eval_data, device_transform_for
     from swin_train.device import resolve_amp, resolve_device
     from swin_train.distributed import init_distributed, shutdown
-    from swin_train.evaluation import evaluate, throughput
+    from swin_train.evaluation import throughput
 
     resolve_device(args.device)
     env = init_distributed(args.device)
     try:
         model, cfg, expected_classes = load_model_and_config(args)
-        if args.data_path:
-            cfg.data.data_path = args.data_path
-        if args.batch_size:
-            cfg.data.batch_size = cfg.eval.batch_size = args.batch_size
-        if args.num_workers is not None:
-            cfg.data.num_workers = args.num_workers
+        _apply_command_line(cfg, args)
         if env.device.type == "cpu":
             keep_freed_memory(largest_activation_bytes(batch_size=cfg.eval_batch_size, **cfg.model_kwargs()))
         model.to(env.device)
         amp = resolve_amp(cfg.amp, env.device)
         if args.throughput:
-            img_s = throughput(
-                model,
-                batch_size=cfg.eval_batch_size,
-                in_chans=cfg.model.in_chans,
-                img_size=cfg.data.img_size,
-                device=env.device,
-                amp=amp,
+            shape = dict(
+                batch_size=cfg.eval_batch_size, in_chans=cfg.model.in_chans, img_size=cfg.data.img_size
             )
+            img_s = throughput(model, **shape, device=env.device, amp=amp)
             log.info(
                 "throughput: %.1f img/s (batch %d, %s, amp %s)",
                 img_s,
@@ -161,47 +150,69 @@ def main(argv: list[str] | None = None) -> int:
                 amp.name,
             )
             return 0
-        # uint8 batches from the workers, normalised on the device (prefetch.py) on every device, as the trainer's
-        # evaluation does: the same input values, so a checkpoint's numbers are those its training run logged
-        loader, classes = build_eval_data(cfg, env, device_pipeline=True)
-        if len(classes) != model.num_classes:
-            raise DataError(f"the data has {len(classes)} classes but the model has {model.num_classes}")
-        if expected_classes and list(expected_classes) != list(classes):
-            raise DataError("the val/ class folders differ from the class names stored in the checkpoint")
-        device_transform = device_transform_for(cfg, env, train=False)
-        cpu_split = evaluation_split(  # as the trainer's evaluation splits
-            cfg.train.cpu_split,
-            device_type=env.device.type,
-            distributed=env.distributed,
-            batch_size=cfg.eval_batch_size,
-        )
-        try:
-            m = evaluate(
-                model,
-                loader,
-                device=env.device,
-                amp=amp,
-                num_classes=model.num_classes,
-                show_progress=env.is_main,
-                device_transform=device_transform,
-                cpu_split=cpu_split,
-            )
-        finally:
-            if cpu_split is not None:
-                cpu_split.close()
+        m = _evaluate(model, cfg, env, amp, expected_classes)
         if env.is_main:
-            k = m["topk"]
-            note = f" (only {model.num_classes} classes: top-{k})" if k < 5 else ""
-            print(
-                f"top-1 {100 * m['top1']:.3f}% | top-5 {100 * m['top5']:.3f}%{note} | loss {m['loss']:.4f} | "
-                f"{m['num_samples']} images, {env.world_size} process(es)"
-            )
-            if args.metrics_json:
-                out = {key: m[key] for key in ("top1", "top5", "loss", "num_samples")}
-                Path(args.metrics_json).write_text(json.dumps(out, indent=2) + "\n")
+            _report(m, model.num_classes, env.world_size, args.metrics_json)
         return 0
     finally:
         shutdown()
+
+
+def _apply_command_line(cfg, args) -> None:
+    """--data-path, --batch-size and --num-workers over the checkpoint's or config's values."""
+    if args.data_path:
+        cfg.data.data_path = args.data_path
+    if args.batch_size:
+        cfg.data.batch_size = cfg.eval.batch_size = args.batch_size
+    if args.num_workers is not None:
+        cfg.data.num_workers = args.num_workers
+
+
+def _evaluate(model, cfg, env, amp, expected_classes) -> dict:
+    """Exact top-1/top-5 and loss of `model` on the config's val split, fed as the trainer's evaluation feeds
+    it: uint8 batches from the workers, normalised on the device (prefetch.py) on every device, and split on CPU
+    as the trainer splits, so a checkpoint's numbers are those its training run logged."""
+    from swin_train.cpu_split import evaluation_split
+    from swin_train.data.build import build_eval_data, device_transform_for
+    from swin_train.evaluation import evaluate
+
+    loader, classes = build_eval_data(cfg, env, device_pipeline=True)
+    if len(classes) != model.num_classes:
+        raise DataError(f"the data has {len(classes)} classes but the model has {model.num_classes}")
+    if expected_classes and list(expected_classes) != list(classes):
+        raise DataError("the val/ class folders differ from the class names stored in the checkpoint")
+    cpu_split = evaluation_split(
+        cfg.train.cpu_split,
+        device_type=env.device.type,
+        distributed=env.distributed,
+        batch_size=cfg.eval_batch_size,
+    )
+    try:
+        return evaluate(
+            model,
+            loader,
+            device=env.device,
+            amp=amp,
+            num_classes=model.num_classes,
+            show_progress=env.is_main,
+            device_transform=device_transform_for(cfg, env, train=False),
+            cpu_split=cpu_split,
+        )
+    finally:
+        if cpu_split is not None:
+            cpu_split.close()
+
+
+def _report(m: dict, num_classes: int, world_size: int, metrics_json: str | None) -> None:
+    k = m["topk"]
+    note = f" (only {num_classes} classes: top-{k})" if k < 5 else ""
+    print(
+        f"top-1 {100 * m['top1']:.3f}% | top-5 {100 * m['top5']:.3f}%{note} | loss {m['loss']:.4f} | "
+        f"{m['num_samples']} images, {world_size} process(es)"
+    )
+    if metrics_json:
+        out = {key: m[key] for key in ("top1", "top5", "loss", "num_samples")}
+        Path(metrics_json).write_text(json.dumps(out, indent=2) + "\n")
 
 
 def cli(argv: list[str] | None = None) -> int:
