@@ -1,0 +1,109 @@
+"""Part data_loader: scripts/benchmark.py --data-loader on generated photo-like JPEGs (img/s per loader
+worker), and with the benchmarks' GPU train img/s the CPU cores one GPU needs to be fed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.common import usable_cores
+
+from gpucheck.running import Context, Outcome, PartResult, Step, run_step, step_status
+
+
+def write_jpegs(folder: Path, count: int = 96, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """`count` JPEGs of ImageNet's typical size with smooth gradients, shapes and noise (decoding cost like
+    photos, unlike flat colour), once."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    if len(list(folder.glob("*.jpg"))) >= count:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(count):
+        base = (
+            rng.uniform(0, 255, 3)
+            + (xx[..., None] / w) * rng.uniform(-80, 80, 3)
+            + (yy[..., None] / h) * rng.uniform(-80, 80, 3)
+        )
+        img = Image.fromarray(np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(8):
+            x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+            box = (x0, y0, x0 + rng.uniform(20, 200), y0 + rng.uniform(20, 200))
+            colour = tuple(int(c) for c in rng.uniform(0, 255, 3))
+            (draw.ellipse if rng.uniform() < 0.5 else draw.rectangle)(box, fill=colour)
+        img.save(folder / f"{i:04d}.jpg", quality=90)
+    return folder
+
+
+def default_loader_workers() -> list[int]:
+    return sorted({w for w in (1, 2, 4, 8) if w <= max(1, usable_cores() - 1)})
+
+
+def plan_data_loader(ctx: Context) -> list[Step]:
+    folder = ctx.out / "loader_images"
+    argv = [
+        ctx.python,
+        "scripts/benchmark.py",
+        "--data-loader",
+        str(folder),
+        "--workers",
+        *map(str, ctx.loader_workers),
+        "--data-images",
+        "256",
+        "--repeats",
+        "2",
+        "--json",
+    ]
+    return [Step("data_loader", argv, 90, note=f"after writing 96 JPEGs (500x375) to {folder}")]
+
+
+def loader_cores(loader: dict | None, bench_parts: Sequence[PartResult], num_gpus: int) -> list[dict]:
+    """Per benchmarked model and mode: the GPU's train img/s (ours) over the loader's img/s per worker, i.e.
+    the CPU cores one GPU needs to be fed, beside the cores there are per GPU."""
+    if not loader or not loader.get("per_worker_img_s"):
+        return []
+    per_worker = max(loader["per_worker_img_s"].values())
+    cores = usable_cores()
+    rows = []
+    for part in bench_parts:
+        for row in part.data.get("rows", []):
+            if row.get("ours_train_img_s"):
+                rows.append(
+                    {
+                        "model": row["model"],
+                        "mode": part.name.removeprefix("bench_"),
+                        "gpu_train_img_s": row["ours_train_img_s"],
+                        "loader_img_s_per_core": per_worker,
+                        "cores_needed_per_gpu": row["ours_train_img_s"] / per_worker,
+                        "cores_per_gpu": cores / max(num_gpus, 1),
+                    }
+                )
+    return rows
+
+
+def run_data_loader(ctx: Context, steps: list[Step]) -> Outcome:
+    write_jpegs(ctx.out / "loader_images")
+    results = [run_step(steps[0], ctx)]
+    r = results[0]
+    data: dict = {}
+    if r.exit_code == 0:
+        try:
+            report = json.loads(Path(r.stdout).read_text())
+            data = {
+                "per_worker_img_s": {w: v["per_worker_img_s"] for w, v in report["results"].items()},
+                "img_s": {w: v["median_img_s"] for w, v in report["results"].items()},
+                "img_size": report["config"]["img_size"],
+            }
+        except (OSError, ValueError, KeyError) as e:
+            return "failed", f"unreadable JSON from scripts/benchmark.py ({type(e).__name__})", data, results
+    status = step_status(results)
+    if not data:
+        return status, "no result", data, results
+    best = max(data["per_worker_img_s"].values())
+    return status, f"{best:.0f} img/s per loader worker (decode + official train transform)", data, results
