@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -120,3 +122,9 @@ def two_class_train_args(data: Path, out: Path, *extra: str) -> list[str]:
         "cpu",
         *extra,
     ]
+
+
+def script_parts(package: str, *modules: str) -> SimpleNamespace:
+    """The modules of a script's package under scripts/ (scripts/gpucheck/running.py: `parts.running`),
+    importable once the script, loaded by path, has put scripts/ on sys.path."""
+    return SimpleNamespace(**{name: importlib.import_module(f"{package}.{name}") for name in modules})

@@ -5,7 +5,6 @@ timm's train.py is not part of timm's wheel: set TIMM_TRAIN=/path/to/pytorch-ima
 its argument parsing and run it in the end-to-end test; without it only the swin-train side runs.
 """
 
-import importlib
 import importlib.util
 import json
 import os
@@ -13,11 +12,10 @@ import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
-from helpers import env_for_subprocess
+from helpers import env_for_subprocess, script_parts
 
 from swin_train.errors import DataError
 
@@ -39,12 +37,9 @@ def bt():
     sys.modules.pop("benchmark_trainer", None)
 
 
-# The benchmark's parts (scripts/trainerbench/), by module, import once loading benchmark_trainer.py has put
-# scripts/ on sys.path.
 @pytest.fixture(scope="module")
-def parts(bt):
-    names = ("recipe", "shapes", "measure", "results")
-    return SimpleNamespace(**{name: importlib.import_module(f"trainerbench.{name}") for name in names})
+def trainerbench(bt):
+    return script_parts("trainerbench", "recipe", "shapes", "measure", "results")
 
 
 def flag_values(argv: list[str], flag: str) -> list[str]:
@@ -57,9 +52,9 @@ def flag_values(argv: list[str], flag: str) -> list[str]:
     return values
 
 
-def test_recipe_maps_onto_timm_flags(bt, parts, tmp_path):
+def test_recipe_maps_onto_timm_flags(bt, trainerbench, tmp_path):
     recipe = bt.Recipe()
-    argv = parts.recipe.timm_command(
+    argv = trainerbench.recipe.timm_command(
         recipe, tmp_path / "train.py", tmp_path / "data", tmp_path / "out", "run"
     )
     assert flag_values(argv, "--model-kwargs") == [
@@ -101,9 +96,9 @@ def test_recipe_maps_onto_timm_flags(bt, parts, tmp_path):
 
 
 @pytest.mark.skipif(not TIMM_TRAIN, reason="set TIMM_TRAIN to timm's train.py to check its parsing")
-def test_timm_train_parses_the_flags_as_meant(bt, parts, tmp_path):
+def test_timm_train_parses_the_flags_as_meant(bt, trainerbench, tmp_path):
     timm_train = load("timm_train_under_test", Path(TIMM_TRAIN))
-    argv = parts.recipe.timm_command(
+    argv = trainerbench.recipe.timm_command(
         bt.Recipe(), Path(TIMM_TRAIN), tmp_path / "data", tmp_path / "out", "run"
     )
     args = timm_train.parser.parse_args(argv[2:])
@@ -128,8 +123,8 @@ def test_timm_train_parses_the_flags_as_meant(bt, parts, tmp_path):
     )
 
 
-def test_swin_config_carries_the_same_recipe(bt, parts, tmp_path):
-    cfg = parts.recipe.swin_config(
+def test_swin_config_carries_the_same_recipe(bt, trainerbench, tmp_path):
+    cfg = trainerbench.recipe.swin_config(
         replace(bt.Recipe(), epochs=7, warmup_epochs=2), tmp_path / "data", tmp_path / "out"
     )
     m, d, t, a = cfg["model"], cfg["data"], cfg["train"], cfg["aug"]
@@ -158,13 +153,15 @@ def test_swin_config_carries_the_same_recipe(bt, parts, tmp_path):
     assert yaml.safe_load(yaml.safe_dump(cfg)) == cfg
 
 
-def test_generated_set_is_balanced_and_the_same_on_every_call(bt, parts, tmp_path):
-    assert parts.shapes.split_counts(497, 10) == [50] * 7 + [49] * 3
-    assert sum(parts.shapes.split_counts(1300, 10)) == 1300
+def test_generated_set_is_balanced_and_the_same_on_every_call(bt, trainerbench, tmp_path):
+    assert trainerbench.shapes.split_counts(497, 10) == [50] * 7 + [49] * 3
+    assert sum(trainerbench.shapes.split_counts(1300, 10)) == 1300
     a = bt.ensure_dataset(tmp_path / "a", train=23, val=12)
     b = bt.ensure_dataset(tmp_path / "b", train=23, val=12)
     files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
-    assert len(files) == 35 and len(list((a / "train").iterdir())) == 10 == len(parts.shapes.class_names())
+    assert len(files) == 35 and len(list((a / "train").iterdir())) == 10 == len(
+        trainerbench.shapes.class_names()
+    )
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert bt.count_images(a / "train") == 23 and bt.count_images(a / "val") == 12
     stamp = (a / "meta.json").stat().st_mtime_ns
@@ -176,13 +173,13 @@ def test_generated_set_is_balanced_and_the_same_on_every_call(bt, parts, tmp_pat
         bt.ensure_dataset(tmp_path / "mine", train=23, val=12)
 
 
-def test_both_trainers_results_are_parsed(parts, tmp_path):
+def test_both_trainers_results_are_parsed(trainerbench, tmp_path):
     summary = tmp_path / "summary.csv"
     summary.write_text(
         "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n"
         "0,2.3,2.2,31.25,80.0,0.002\n1,1.9,1.8,56.5,95.5,0.001\n"
     )
-    rows = parts.results.read_timm_summary(summary)
+    rows = trainerbench.results.read_timm_summary(summary)
     assert [r["top1"] for r in rows] == [0.3125, 0.565] and rows[1]["top5"] == 0.955
     metrics = tmp_path / "metrics.jsonl"
     records = [
@@ -197,7 +194,7 @@ def test_both_trainers_results_are_parsed(parts, tmp_path):
         for e in range(3)
     ]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
-    parsed = parts.results.read_swin_metrics(metrics)
+    parsed = trainerbench.results.read_swin_metrics(metrics)
     assert [r["top1"] for r in parsed] == [0.4, 0.5, 0.6] and [r["train_img_s"] for r in parsed] == [
         100,
         101,
@@ -208,25 +205,25 @@ def test_both_trainers_results_are_parsed(parts, tmp_path):
         "Train: 0 [  19/20 (100%)]  Loss: 2.28 (2.38)  Time: 0.586s,  109.21/s  (0.601s,  106.49/s)  LR: 2e-03\n"
         "Train: 1 [  19/20 (100%)]  Loss: 2.30 (2.35)  Time: 0.500s,  128.00/s  (0.512s,  125.00/s)  LR: 2e-05\n"
     )
-    assert parts.results.timm_train_img_s(log) == [106.49, 125.0]
+    assert trainerbench.results.timm_train_img_s(log) == [106.49, 125.0]
     (tmp_path / "bad.csv").write_text("epoch,loss\n0,1\n")
     with pytest.raises(DataError, match="eval_top1"):
-        parts.results.read_timm_summary(tmp_path / "bad.csv")
+        trainerbench.results.read_timm_summary(tmp_path / "bad.csv")
     with pytest.raises(DataError, match="cannot read swin-train's metrics"):
-        parts.results.read_swin_metrics(tmp_path / "missing.jsonl")
+        trainerbench.results.read_swin_metrics(tmp_path / "missing.jsonl")
 
 
-def fake_run(parts, trainer, pair, wall, top1, *, exit_code=0, pss=1000.0):
-    m = parts.measure.Measurement(
+def fake_run(trainerbench, trainer, pair, wall, top1, *, exit_code=0, pss=1000.0):
+    m = trainerbench.measure.Measurement(
         exit_code=exit_code, wall_s=wall, cpu_s=wall / 2, peak_tree_pss_mib=pss, peak_rss_mib=pss
     )
     epochs = [{"epoch": 0, "top1": top1 - 0.1}, {"epoch": 1, "top1": top1}]
-    return parts.results.summarize_trainer(
+    return trainerbench.results.summarize_trainer(
         trainer, pair, m, epochs, train_images=1280, epochs_planned=2, loop_img_s=[100.0]
     )
 
 
-def test_pairs_alternate_and_ratios_are_medians_of_pairwise_ratios(bt, parts):
+def test_pairs_alternate_and_ratios_are_medians_of_pairwise_ratios(bt, trainerbench):
     assert bt.pair_order(3, ["swin", "timm"]) == [
         (0, "swin"),
         (0, "timm"),
@@ -236,14 +233,14 @@ def test_pairs_alternate_and_ratios_are_medians_of_pairwise_ratios(bt, parts):
         (2, "timm"),
     ]
     runs = [
-        fake_run(parts, "swin", 0, 100.0, 0.8),
-        fake_run(parts, "timm", 0, 130.0, 0.7),
-        fake_run(parts, "swin", 1, 110.0, 0.8),
-        fake_run(parts, "timm", 1, 121.0, 0.75, pss=1100.0),
-        fake_run(parts, "swin", 2, 90.0, 0.9),
-        fake_run(parts, "timm", 2, 99.0, 0.8),
-        fake_run(parts, "swin", 3, 10.0, 0.9, exit_code=1),
-        fake_run(parts, "timm", 3, 99.0, 0.8),
+        fake_run(trainerbench, "swin", 0, 100.0, 0.8),
+        fake_run(trainerbench, "timm", 0, 130.0, 0.7),
+        fake_run(trainerbench, "swin", 1, 110.0, 0.8),
+        fake_run(trainerbench, "timm", 1, 121.0, 0.75, pss=1100.0),
+        fake_run(trainerbench, "swin", 2, 90.0, 0.9),
+        fake_run(trainerbench, "timm", 2, 99.0, 0.8),
+        fake_run(trainerbench, "swin", 3, 10.0, 0.9, exit_code=1),
+        fake_run(trainerbench, "timm", 3, 99.0, 0.8),
     ]
     assert runs[6].error == "exit status 1" and runs[0].error is None
     assert runs[0].images_per_second == pytest.approx(2 * 1280 / 100.0)
@@ -259,10 +256,10 @@ def test_pairs_alternate_and_ratios_are_medians_of_pairwise_ratios(bt, parts):
     assert "1.100x faster than timm" in table and "exit status 1" in table
 
 
-def test_a_measured_process_tree_counts_its_children(parts, tmp_path):
+def test_a_measured_process_tree_counts_its_children(trainerbench, tmp_path):
     child = "import numpy as np, time; a = np.ones(300 * 2**20 // 8); t = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(0.5)"
     parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}], check=True)"
-    m = parts.measure.run_measured(
+    m = trainerbench.measure.run_measured(
         [sys.executable, "-c", parent],
         env=env_for_subprocess(),
         cwd=tmp_path,
@@ -273,7 +270,7 @@ def test_a_measured_process_tree_counts_its_children(parts, tmp_path):
     assert m.cpu_s >= 0.6  # the child's CPU time, reaped by the parent
     assert m.peak_rss_mib >= 300 and m.peak_tree_pss_mib >= 300
     assert m.wall_s >= 1.0
-    hung = parts.measure.run_measured(
+    hung = trainerbench.measure.run_measured(
         [sys.executable, "-c", "import time; time.sleep(60)"],
         env=env_for_subprocess(),
         cwd=tmp_path,

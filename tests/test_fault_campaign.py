@@ -2,7 +2,6 @@
 writes and metrics writes) ends bitwise where an uninterrupted run ends; and the comparison it relies on
 notices a single changed bit or metric."""
 
-import importlib
 import importlib.util
 import json
 import random
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import script_parts
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fault_campaign.py"
 
@@ -25,15 +25,9 @@ def campaign():
     sys.modules.pop("fault_campaign", None)
 
 
-# The campaign's parts (scripts/faults/) import once loading fault_campaign.py has put scripts/ on sys.path.
 @pytest.fixture(scope="module")
-def compare(campaign):
-    return importlib.import_module("faults.compare")
-
-
-@pytest.fixture(scope="module")
-def plan(campaign):
-    return importlib.import_module("faults.plan")
+def faults(campaign):
+    return script_parts("faults", "compare", "plan")
 
 
 def test_run_killed_in_every_phase_ends_bitwise_equal_to_an_uninterrupted_run(campaign, tmp_path):
@@ -99,23 +93,23 @@ def checkpoint_like(seed: int = 0) -> dict:
     }
 
 
-def test_identical_checkpoints_have_no_differences_even_with_nan_and_another_output_folder(compare):
+def test_identical_checkpoints_have_no_differences_even_with_nan_and_another_output_folder(faults):
     reference, run = checkpoint_like(), checkpoint_like()
     run["config"]["output"], run["config"]["data"]["num_workers"] = "/b/other", 1
-    assert compare.checkpoint_differences(reference, run) == []
+    assert faults.compare.checkpoint_differences(reference, run) == []
 
 
-def test_one_ulp_in_one_optimizer_tensor_is_a_difference_named_by_its_path(compare):
+def test_one_ulp_in_one_optimizer_tensor_is_a_difference_named_by_its_path(faults):
     reference, run = checkpoint_like(), checkpoint_like()
     exp_avg = run["optimizer"]["state"][0]["exp_avg"]
     exp_avg[2, 1] = torch.nextafter(exp_avg[2, 1], torch.tensor(float("inf")))
-    assert compare.checkpoint_differences(reference, run, ("model",)) == []
-    assert compare.checkpoint_differences(reference, run, ("optimizer",)) == [
+    assert faults.compare.checkpoint_differences(reference, run, ("model",)) == []
+    assert faults.compare.checkpoint_differences(reference, run, ("optimizer",)) == [
         "/optimizer/state/0/exp_avg: tensors differ"
     ]
 
 
-def test_sign_of_zero_dtype_plain_values_and_other_config_entries_are_differences(compare):
+def test_sign_of_zero_dtype_plain_values_and_other_config_entries_are_differences(faults):
     reference = checkpoint_like()
     cases = [
         (("model", "b"), -torch.zeros(3)),  # -0.0 == 0.0 numerically, not bitwise
@@ -126,7 +120,7 @@ def test_sign_of_zero_dtype_plain_values_and_other_config_entries_are_difference
     for (section, key), value in cases:
         run = checkpoint_like()
         run[section][key] = value
-        diffs = compare.checkpoint_differences(reference, run)
+        diffs = faults.compare.checkpoint_differences(reference, run)
         assert len(diffs) == 1 and diffs[0].startswith(f"/{section}/{key}"), (key, diffs)
 
 
@@ -134,7 +128,7 @@ def metrics_text(records: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
 
 
-def test_metrics_comparison_ignores_wall_clock_fields_only(compare):
+def test_metrics_comparison_ignores_wall_clock_fields_only(faults):
     rows = [
         {
             "epoch": e,
@@ -146,24 +140,24 @@ def test_metrics_comparison_ignores_wall_clock_fields_only(compare):
         for e in range(2)
     ]
     timed_differently = [{**r, "train_img_s": 99.5, "train_epoch_time": 0.1} for r in rows]
-    assert compare.metrics_differences(metrics_text(rows), metrics_text(timed_differently)) == []
+    assert faults.compare.metrics_differences(metrics_text(rows), metrics_text(timed_differently)) == []
     changed = [rows[0], {**rows[1], "val_top1": 0.28125}]
-    assert compare.metrics_differences(metrics_text(rows), metrics_text(changed)) == [
+    assert faults.compare.metrics_differences(metrics_text(rows), metrics_text(changed)) == [
         "line 2/val_top1: 0.25 != 0.28125"
     ]
-    assert compare.metrics_differences(metrics_text(rows), metrics_text(rows[:1] + rows)) == [
+    assert faults.compare.metrics_differences(metrics_text(rows), metrics_text(rows[:1] + rows)) == [
         "epochs [0, 0, 1] != [0, 1] (reference)"
     ]
 
 
-def test_output_folder_comparison_names_each_broken_artefact(compare, tmp_path):
+def test_output_folder_comparison_names_each_broken_artefact(faults, tmp_path):
     reference, run = tmp_path / "reference", tmp_path / "run"
     for folder in (reference, run):
         folder.mkdir()
         for name in ("last.pth", "best.pth", "step-000000008.pth"):
             torch.save(checkpoint_like(), folder / name)
         (folder / "metrics.jsonl").write_text(metrics_text([{"epoch": 0, "train_loss": 1.5}]))
-    assert all(check.passed for check in compare.compare_outputs(reference, run))
+    assert all(check.passed for check in faults.compare.compare_outputs(reference, run))
 
     broken = checkpoint_like()
     broken["optimizer"]["state"][0]["step"] += 1
@@ -171,7 +165,9 @@ def test_output_folder_comparison_names_each_broken_artefact(compare, tmp_path):
     (run / "best.pth").unlink()
     (run / ".step-000000010.pth.tmp-host-123-abcd").write_bytes(b"half a checkpoint")
     failed = {
-        check.name: check.detail for check in compare.compare_outputs(reference, run) if not check.passed
+        check.name: check.detail
+        for check in faults.compare.compare_outputs(reference, run)
+        if not check.passed
     }
     assert failed == {
         "last.pth optimizer": "/optimizer/state/0/step: tensors differ",
@@ -181,12 +177,12 @@ def test_output_folder_comparison_names_each_broken_artefact(compare, tmp_path):
     }
 
 
-def test_phase_schedule_covers_every_phase_in_each_round(campaign, plan):
-    schedule = plan.phase_schedule(12, campaign.PHASES, random.Random(7))
+def test_phase_schedule_covers_every_phase_in_each_round(campaign, faults):
+    schedule = faults.plan.phase_schedule(12, campaign.PHASES, random.Random(7))
     assert len(schedule) == 12
     for start in range(0, 10, 5):
         assert sorted(schedule[start : start + 5]) == sorted(campaign.PHASES)
-    assert plan.phase_schedule(3, ("checkpoint",), random.Random(0)) == ["checkpoint"] * 3
+    assert faults.plan.phase_schedule(3, ("checkpoint",), random.Random(0)) == ["checkpoint"] * 3
 
 
 def test_unknown_phase_is_refused_before_anything_runs(campaign, tmp_path):

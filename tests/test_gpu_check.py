@@ -1,7 +1,6 @@
 """scripts/gpu_check.py without a GPU: the dry run, the no-GPU error, test discovery, output parsing, the
 part runner's budgets, and the report writer (valid markdown and strict JSON from fake part results)."""
 
-import importlib
 import importlib.util
 import json
 import math
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import env_for_subprocess
+from helpers import env_for_subprocess, script_parts
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
@@ -27,25 +26,9 @@ def gc():
     sys.modules.pop("gpu_check", None)
 
 
-# The check's parts (scripts/gpucheck/) import once loading gpu_check.py has put scripts/ on sys.path.
 @pytest.fixture(scope="module")
-def running(gc):
-    return importlib.import_module("gpucheck.running")
-
-
-@pytest.fixture(scope="module")
-def cuda_tests(gc):
-    return importlib.import_module("gpucheck.cuda_tests")
-
-
-@pytest.fixture(scope="module")
-def preempt_resume(gc):
-    return importlib.import_module("gpucheck.preempt_resume")
-
-
-@pytest.fixture(scope="module")
-def benchmarks(gc):
-    return importlib.import_module("gpucheck.benchmarks")
+def gpucheck(gc):
+    return script_parts("gpucheck", "running", "cuda_tests", "preempt_resume", "benchmarks")
 
 
 def context(gc, tmp_path, budget=60.0):
@@ -105,7 +88,7 @@ def test_without_a_gpu_it_prints_one_line_and_exits_2(tmp_path):
     assert not out.exists()
 
 
-def test_cuda_tests_are_found_by_their_skipif_marks(cuda_tests, tmp_path):
+def test_cuda_tests_are_found_by_their_skipif_marks(gpucheck, tmp_path):
     tests = tmp_path / "tests"
     tests.mkdir()
     (tests / "test_a.py").write_text(
@@ -127,7 +110,7 @@ def test_cuda_tests_are_found_by_their_skipif_marks(cuda_tests, tmp_path):
         "def test_x(): pass\n"
     )
     (tests / "helpers.py").write_text('@pytest.mark.skipif(not CUDA, reason="CUDA")\ndef test_no(): pass\n')
-    assert cuda_tests.cuda_test_ids(tests) == [
+    assert gpucheck.cuda_tests.cuda_test_ids(tests) == [
         "tests/test_a.py::test_on_gpu",
         "tests/test_a.py::TestGroup::test_method",
         "tests/test_b.py",
@@ -135,8 +118,8 @@ def test_cuda_tests_are_found_by_their_skipif_marks(cuda_tests, tmp_path):
     ]
 
 
-def test_the_repositorys_cuda_tests_are_found(cuda_tests):
-    ids = cuda_tests.cuda_test_ids(SCRIPT.parents[1] / "tests")
+def test_the_repositorys_cuda_tests_are_found(gpucheck):
+    ids = gpucheck.cuda_tests.cuda_test_ids(SCRIPT.parents[1] / "tests")
     assert ids
     for node in ids:
         path, _, name = node.partition("::")
@@ -144,7 +127,7 @@ def test_the_repositorys_cuda_tests_are_found(cuda_tests):
         assert not name or f"def {name.split('::')[-1]}(" in (SCRIPT.parents[1] / path).read_text()
 
 
-def test_torchrun_failure_report_and_pytest_summary_are_parsed(cuda_tests, preempt_resume):
+def test_torchrun_failure_report_and_pytest_summary_are_parsed(gpucheck):
     torchrun_output = (
         "E1202 api.py:1002] failed (exitcode: 143) local_rank: 0 (pid: 30011) of binary: python\n"
         "Failures:\n[1]:\n  time      : 2026-12-02_01:35:27\n  rank      : 1 (local_rank: 1)\n"
@@ -152,24 +135,27 @@ def test_torchrun_failure_report_and_pytest_summary_are_parsed(cuda_tests, preem
         "Root Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n"
         "  exitcode  : 143 (pid: 30011)\n"
     )
-    assert preempt_resume.worker_exit_codes(torchrun_output) == [-15, 143]
-    assert cuda_tests.pytest_counts("....\n3 passed, 1 skipped, 2 deselected in 12.31s\n") == {
+    assert gpucheck.preempt_resume.worker_exit_codes(torchrun_output) == [-15, 143]
+    assert gpucheck.cuda_tests.pytest_counts("....\n3 passed, 1 skipped, 2 deselected in 12.31s\n") == {
         "passed": 3,
         "skipped": 1,
         "deselected": 2,
     }
-    assert cuda_tests.pytest_counts("1 failed, 2 passed in 3.0s") == {"failed": 1, "passed": 2}
-    assert cuda_tests.pytest_counts("no tests ran") == {}
+    assert gpucheck.cuda_tests.pytest_counts("1 failed, 2 passed in 3.0s") == {"failed": 1, "passed": 2}
+    assert gpucheck.cuda_tests.pytest_counts("no tests ran") == {}
 
 
-def test_steps_keep_to_their_budget_and_a_failing_part_does_not_stop_the_check(gc, running, tmp_path):
+def test_steps_keep_to_their_budget_and_a_failing_part_does_not_stop_the_check(gc, gpucheck, tmp_path):
     ctx = context(gc, tmp_path)
-    quick = running.Step("quick", [sys.executable, "-c", "print('ok')"], 30)
-    slow = running.Step("slow", [sys.executable, "-c", "import time; time.sleep(60)"], 1)
-    done, late = running.run_step(quick, ctx), running.run_step(slow, ctx)
+    quick = gpucheck.running.Step("quick", [sys.executable, "-c", "print('ok')"], 30)
+    slow = gpucheck.running.Step("slow", [sys.executable, "-c", "import time; time.sleep(60)"], 1)
+    done, late = gpucheck.running.run_step(quick, ctx), gpucheck.running.run_step(slow, ctx)
     assert (done.exit_code, done.timed_out) == (0, False) and Path(done.stdout).read_text() == "ok\n"
     assert late.timed_out and late.seconds < 30
-    assert running.step_status([done]) == "passed" and running.step_status([done, late]) == "timed out"
+    assert (
+        gpucheck.running.step_status([done]) == "passed"
+        and gpucheck.running.step_status([done, late]) == "timed out"
+    )
 
     def broken(ctx, steps):
         raise RuntimeError("nvidia-smi missing")
@@ -177,10 +163,11 @@ def test_steps_keep_to_their_budget_and_a_failing_part_does_not_stop_the_check(g
     result = gc.run_part(gc.Part("broken", "A part that raises", lambda ctx: [quick], broken), ctx)
     assert result.status == "failed" and "RuntimeError: nvidia-smi missing" in result.summary
 
-    ctx.deadline = time.monotonic() + running.MIN_STEP_S / 2  # too little time left: recorded, not started
-    skipped = running.run_step(quick, ctx)
+    # too little time left: recorded, not started
+    ctx.deadline = time.monotonic() + gpucheck.running.MIN_STEP_S / 2
+    skipped = gpucheck.running.run_step(quick, ctx)
     assert skipped.exit_code is None and "budget" in skipped.tail
-    assert running.step_status([skipped]) == "skipped"
+    assert gpucheck.running.step_status([skipped]) == "skipped"
 
 
 def fake_bench_report(model: str, ours: float, timm: float) -> dict:
@@ -205,9 +192,9 @@ def fake_bench_report(model: str, ours: float, timm: float) -> dict:
     }
 
 
-def test_report_writer_produces_valid_markdown_and_strict_json(gc, running, benchmarks, tmp_path):
-    rows = [benchmarks.bench_row(fake_bench_report("swin_tiny_patch4_window7_224", 3000.0, 2500.0))]
-    bench = running.PartResult(
+def test_report_writer_produces_valid_markdown_and_strict_json(gc, gpucheck, tmp_path):
+    rows = [gpucheck.benchmarks.bench_row(fake_bench_report("swin_tiny_patch4_window7_224", 3000.0, 2500.0))]
+    bench = gpucheck.running.PartResult(
         "bench_eager",
         "Model benchmark, eager",
         "passed",
@@ -215,7 +202,7 @@ def test_report_writer_produces_valid_markdown_and_strict_json(gc, running, benc
         250,
         "T train 3000 img/s",
         [
-            running.StepResult(
+            gpucheck.running.StepResult(
                 "bench_eager_T",
                 "python scripts/benchmark.py --json",
                 0,
@@ -226,7 +213,7 @@ def test_report_writer_produces_valid_markdown_and_strict_json(gc, running, benc
         ],
         {"rows": rows},
     )
-    loader = running.PartResult(
+    loader = gpucheck.running.PartResult(
         "data_loader",
         "Data loader",
         "passed",
@@ -236,7 +223,7 @@ def test_report_writer_produces_valid_markdown_and_strict_json(gc, running, benc
         [],
         {"per_worker_img_s": {"1": 250.0, "2": 240.0}, "img_s": {"1": 250.0, "2": 480.0}, "img_size": 224},
     )
-    failed = running.PartResult(
+    failed = gpucheck.running.PartResult(
         "preempt_resume",
         "SIGTERM | resume",
         "failed",
@@ -244,7 +231,7 @@ def test_report_writer_produces_valid_markdown_and_strict_json(gc, running, benc
         300,
         "worker exit codes [1]",
         [
-            running.StepResult(
+            gpucheck.running.StepResult(
                 "train_until_sigterm",
                 "torchrun ...",
                 1,
@@ -254,14 +241,14 @@ def test_report_writer_produces_valid_markdown_and_strict_json(gc, running, benc
         ],
         {"worker_exit_codes": [1], "ratio": math.nan},
     )
-    skipped = running.PartResult(
+    skipped = gpucheck.running.PartResult(
         "bench_compiled",
         "Compiled",
         "skipped",
         0.0,
         600,
         "not run: the overall --budget is spent",
-        [running.StepResult("bench_compiled_T", "python ...", None, 0.0, tail="not run")],
+        [gpucheck.running.StepResult("bench_compiled_T", "python ...", None, 0.0, tail="not run")],
     )
     report = {
         "tool": "gpu_check",
@@ -321,14 +308,14 @@ def test_report_writer_produces_valid_markdown_and_strict_json(gc, running, benc
 
 
 def test_check_runs_parts_in_order_within_budgets_and_reports_failures(
-    gc, running, tmp_path, monkeypatch, capsys
+    gc, gpucheck, tmp_path, monkeypatch, capsys
 ):
     def plan(code, budget):
-        return lambda ctx: [running.Step("step", [sys.executable, "-c", code], budget)]
+        return lambda ctx: [gpucheck.running.Step("step", [sys.executable, "-c", code], budget)]
 
     def run(ctx, steps):
-        results = [running.run_step(s, ctx) for s in steps]
-        return running.step_status(results), "ran", {}, results
+        results = [gpucheck.running.run_step(s, ctx) for s in steps]
+        return gpucheck.running.step_status(results), "ran", {}, results
 
     parts = (
         gc.Part("ok", "Passes", plan("print(1)", 30), run),

@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from processes.proc import status_kib
 
 import swin_train
 from bench.common import Setup, log
@@ -28,15 +28,6 @@ def process_malloc(args: argparse.Namespace) -> str:
     return "system" if args.system_malloc or not keep_freed_memory() else "keep freed memory"
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    m = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
-    return int(m.group(1)) if m else None
-
-
 def memory_probe(spec: dict) -> dict:
     """Run in a fresh process: eager inference then train steps of one implementation on CPU.
 
@@ -46,7 +37,7 @@ def memory_probe(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     if spec.get("malloc") != "system":
         keep_freed_memory()
-    before = _proc_status_kib("VmRSS")
+    before = status_kib("VmRSS")
     if before is None:
         return {"infer": None, "train": None}
     torch.manual_seed(0)
@@ -65,7 +56,7 @@ def memory_probe(spec: dict) -> dict:
     for mode, step in (("infer", lambda: runner.infer_step(x)), ("train", lambda: runner.train_step(x, y))):
         for _ in range(spec["steps"]):
             step()
-        out[mode] = (_proc_status_kib("VmHWM") - before) / 1024
+        out[mode] = (status_kib("VmHWM") - before) / 1024
     return out
 
 

@@ -47,19 +47,9 @@ def default_loader_workers() -> list[int]:
 
 def plan_data_loader(ctx: Context) -> list[Step]:
     folder = ctx.out / "loader_images"
-    argv = [
-        ctx.python,
-        "scripts/benchmark.py",
-        "--data-loader",
-        str(folder),
-        "--workers",
-        *map(str, ctx.loader_workers),
-        "--data-images",
-        "256",
-        "--repeats",
-        "2",
-        "--json",
-    ]
+    workers = [str(w) for w in ctx.loader_workers]
+    argv = [ctx.python, "scripts/benchmark.py", "--data-loader", str(folder), "--workers", *workers]
+    argv += ["--data-images", "256", "--repeats", "2", "--json"]
     return [Step("data_loader", argv, 90, note=f"after writing 96 JPEGs (500x375) to {folder}")]
 
 
