@@ -14,7 +14,7 @@ PACKAGE = "swin_train"
 MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 80
 # Trees whose files and functions are held to the size limits (tests are not).
-SIZED_TREES = ("swin_train",)
+SIZED_TREES = ("swin_train", "scripts")
 
 
 def module_files() -> dict[str, Path]:
