@@ -34,7 +34,18 @@ from swin_train.models.arch import ArchitectureError, check_architecture
 from swin_train.models.registry import DEFAULT_VARIANT, VARIANTS, variant_arch
 from swin_train.models.swin import ATTENTION_BACKENDS
 
-ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depths", "num_heads", "window_size")
+ARCH_FIELDS = (
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depths",
+    "num_heads",
+    "window_size",
+    "version",
+    "pretrained_window_sizes",
+)
+# What an architecture field is when neither the config nor its named variant sets it
+_ARCH_DEFAULTS = {"in_chans": 3, "pretrained_window_sizes": None}
 
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 AMP_ALIASES = {"fp32": "none", "float32": "none", "off": "none", "bfloat16": "bf16", "float16": "fp16"}
@@ -114,6 +125,11 @@ class ModelConfig:
     depths: list[int] | None = None
     num_heads: list[int] | None = None
     window_size: int | None = None
+    # 1: Swin; 2: SwinV2 (res-post-norm, cosine attention, continuous position bias); null: model.name's
+    version: int | None = None
+    # SwinV2: each stage's window in pre-training (0: its own), which scales its position bias's offsets when
+    # fine-tuning at another window; null: model.name's (else 0 per stage); Swin V1 has none
+    pretrained_window_sizes: list[int] | None = None
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     ape: bool = False  # absolute position embedding
@@ -332,6 +348,7 @@ class Config:
                 img_size=self.data.img_size,
                 **{f: getattr(m, f) for f in ARCH_FIELDS},
                 built_for_img_size=VARIANTS.get(m.name or "", {}).get("img_size"),
+                built_for_version=VARIANTS[m.name]["version"] if m.name in VARIANTS else None,
                 name=m.name,
             )
         except ArchitectureError as e:
@@ -431,7 +448,7 @@ def _from_dict(data: Any, origins: dict[str, str]) -> Config:
 def _resolved_arch(m: ModelConfig, origins: dict[str, str] | None = None) -> dict[str, Any]:
     """Architecture fields with None taken from the named variant (or the default); does not mutate `m`."""
     try:
-        src = {"in_chans": 3, **variant_arch(m.name or DEFAULT_VARIANT)}
+        src = {**_ARCH_DEFAULTS, **variant_arch(m.name or DEFAULT_VARIANT)}
     except KeyError as e:
         raise ConfigError(at((origins or {}).get("model.name"), f"model.name: {e.args[0]}")) from None
     out = {}

@@ -75,6 +75,8 @@ def test_defaults_resolve_to_swin_t_and_model_kwargs_are_exact():
         depths=[2, 2, 6, 2],
         num_heads=[3, 6, 12, 24],
         window_size=7,
+        version=1,
+        pretrained_window_sizes=None,
         mlp_ratio=4.0,
         qkv_bias=True,
         drop_rate=0.0,
@@ -408,6 +410,47 @@ def test_window_rule():
     assert msg.endswith("(model.name 'swin_base_patch4_window12_384' is built for data.img_size=384)")
 
 
+def test_swinv2_is_chosen_by_name_or_version_and_contradictions_are_one_line_errors(tmp_path):
+    cfg = load_config(None, ["model.name=swinv2_tiny_patch4_window8_256", "data.img_size=256"])
+    assert (cfg.model.version, cfg.model.pretrained_window_sizes, cfg.model.window_size) == (2, None, 8)
+    cfg = load_config(None, ["model.version=2", "model.pretrained_window_sizes=[7, 7, 7, 7]"])
+    assert cfg.model_kwargs()["version"] == 2 and cfg.model.depths == [
+        2,
+        2,
+        6,
+        2,
+    ]  # Swin-T's shape, V2 blocks
+    assert load_config(None).model.version == 1
+    path = write(tmp_path, "v.yaml", "model:\n  name: swin_tiny_patch4_window7_224\n  version: 2\n")
+    assert error_of(load_config, path) == (
+        f"{path}:3: model.version=2 contradicts model.name 'swin_tiny_patch4_window7_224', a Swin V1 variant; "
+        "drop model.version or name a swinv2_ variant"
+    )
+    assert override_error(
+        "model.name=swinv2_tiny_patch4_window8_256", "data.img_size=256", "model.version=1"
+    ) == (
+        "override 'model.version=1': model.version=1 contradicts model.name 'swinv2_tiny_patch4_window8_256', "
+        "a Swin V2 variant; drop model.version or name a swin_ variant"
+    )
+    path = write(tmp_path, "p.yaml", "model:\n  version: 1\n  pretrained_window_sizes: [12, 12, 12, 6]\n")
+    assert error_of(load_config, path).startswith(
+        f"{path}:3: model.pretrained_window_sizes is a Swin V2 setting but this model is Swin V1"
+    )
+    msg = override_error("model.version=2", "model.pretrained_window_sizes=[12, 12, 6]")
+    assert msg.startswith(
+        "override 'model.pretrained_window_sizes=[12, 12, 6]': model.pretrained_window_sizes has 3"
+    )
+    assert "give one pre-training window per stage" in msg
+    assert "must be 0 (the stage's own window) or windows >= 2" in override_error(
+        "model.version=2", "model.pretrained_window_sizes=[12, 12, 1, 6]"
+    )
+    assert "model.version must be 1 or 2, got 3" in override_error("model.version=3")
+    assert override_error("model.pretrained_windows=[12]") == (
+        "override 'model.pretrained_windows=[12]': unknown key 'model.pretrained_windows'; "
+        "did you mean 'model.pretrained_window_sizes'?"
+    )
+
+
 def test_errors_from_files_name_the_defining_line(tmp_path):
     path = write(tmp_path, "x.yaml", "model:\n  name: swin_tiny_patch4_window7_224\n  window_size: 12\n")
     assert error_of(load_config, path).startswith(f"{path}:3: model.window_size=12 does not tile stage 0")
@@ -448,11 +491,37 @@ RECIPE_TABLE = {
     },
     "swin_base_patch4_window12_384_finetune": ("swin_base_patch4_window12_384", "finetune", 0.5),
 }
+# SwinV2 (the official configs/swinv2/; the recipe is named as the variant): schedule, drop path, image size,
+# window, pre-training windows, eval crop. The 22k pre-training differs from Swin V1's in its weight decay, 0.1.
+SCHEDULES["22k_v2"] = SCHEDULES["22k"][:-1] + (0.1,)
+V2_RECIPE_TABLE = {
+    **{
+        f"swinv2_{s}_patch4_window{w}_256": ("1k", dp, 256, w, None, 0.875)
+        for s, dp in (("tiny", 0.2), ("small", 0.3), ("base", 0.5))
+        for w in (8, 16)
+    },
+    **{
+        f"swinv2_{s}_patch4_window12_192_22k": ("22k_v2", 0.2, 192, 12, None, 0.875)
+        for s in ("base", "large")
+    },
+    **{
+        f"swinv2_{s}_patch4_window12to{w}_192to{img}_22kto1k_ft": (
+            "finetune",
+            0.2,
+            img,
+            w,
+            [12, 12, 12, 6],
+            crop,
+        )
+        for s in ("base", "large")
+        for w, img, crop in ((16, 256, 0.875), (24, 384, 1.0))
+    },
+}
 
 
 def test_every_recipe_is_listed_and_every_partial_is_used():
     names = {os.path.basename(p)[: -len(".yaml")] for p in RECIPES}
-    assert names == set(RECIPE_TABLE) | {"quickstart"}
+    assert names == set(RECIPE_TABLE) | set(V2_RECIPE_TABLE) | {"quickstart"}
     texts = "".join(open(p).read() for p in RECIPES + PARTIALS)
     for partial in PARTIALS:
         assert f"_base_: {os.path.basename(partial)}" in texts, partial
@@ -491,6 +560,21 @@ def test_official_recipes(recipe):
         "batch",
     )
     assert a.label_smoothing == 0.1 and cfg.output == f"output/{recipe}"
+
+
+@pytest.mark.parametrize("recipe", V2_RECIPE_TABLE)
+def test_official_swinv2_recipes(recipe):
+    schedule, drop_path, img_size, window, pretrained_windows, crop_pct = V2_RECIPE_TABLE[recipe]
+    cfg = load_config(os.path.join(CONFIGS, recipe + ".yaml"))
+    m, t = cfg.model, cfg.train
+    assert (m.name, m.version, cfg.data.img_size, m.window_size) == (recipe, 2, img_size, window)
+    assert m.pretrained_window_sizes == pretrained_windows and cfg.eval.crop_pct == crop_pct
+    assert (m.drop_path_rate, m.num_classes) == (drop_path, 21841 if "22k" in schedule else 1000)
+    assert (t.epochs, t.warmup_epochs, t.base_lr, t.warmup_lr, t.min_lr, t.weight_decay) == SCHEDULES[
+        schedule
+    ]
+    assert (t.lr_base_batch, t.clip_grad, cfg.aug.mixup, cfg.aug.label_smoothing) == (512, 5.0, 0.8, 0.1)
+    assert cfg.output == f"output/{recipe}"
 
 
 def test_quickstart_recipe():

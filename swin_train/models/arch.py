@@ -35,11 +35,16 @@ def check_architecture(
     depths: Sequence[int],
     num_heads: Sequence[int],
     window_size: int,
+    version: int = 1,
+    pretrained_window_sizes: Sequence[int] | None = None,
     built_for_img_size: int | None = None,
+    built_for_version: int | None = None,
     name: str | None = None,
 ) -> None:
-    """Raise ArchitectureError when Swin cannot be built this way. `built_for_img_size`: the image size
-    the named variant `name` is built for, to say so when another size breaks its window."""
+    """Raise ArchitectureError when Swin cannot be built this way. `built_for_img_size` / `built_for_version`:
+    the image size and Swin version of the named variant `name`, to say so when another size breaks its window
+    or another version contradicts it."""
+    _check_version(version, pretrained_window_sizes, len(depths), built_for_version, name)
     for key, value in (
         ("patch_size", patch_size),
         ("in_chans", in_chans),
@@ -95,6 +100,41 @@ def check_architecture(
                 f"model.window_size={window_size} does not tile stage {i} (resolution {r}x{r} for "
                 f"data.img_size={img_size}, model.patch_size={patch_size}); {hint}",
             )
+
+
+def _check_version(
+    version: int, pretrained_windows: Sequence[int] | None, stages: int, named: int | None, name: str | None
+) -> None:
+    """The version is 1 or 2, agrees with the named variant's, and only V2 has pre-training windows (one per
+    stage, each 0 for "this stage's own" or a window >= 2)."""
+    if version not in (1, 2):
+        raise ArchitectureError(("model.version",), f"model.version must be 1 or 2, got {version}")
+    if named is not None and version != named:
+        raise ArchitectureError(
+            ("model.version", "model.name"),
+            f"model.version={version} contradicts model.name '{name}', a Swin V{named} variant; "
+            f"drop model.version or name a {'swinv2_' if version == 2 else 'swin_'} variant",
+        )
+    if pretrained_windows is None:
+        return
+    if version == 1:
+        raise ArchitectureError(
+            ("model.pretrained_window_sizes", "model.version", "model.name"),
+            "model.pretrained_window_sizes is a Swin V2 setting but this model is Swin V1; "
+            "set model.version=2 (or name a swinv2_ variant) or drop model.pretrained_window_sizes",
+        )
+    if len(pretrained_windows) != stages:
+        raise ArchitectureError(
+            ("model.pretrained_window_sizes", "model.depths"),
+            f"model.pretrained_window_sizes has {len(pretrained_windows)} entries but model.depths has "
+            f"{stages} stages; give one pre-training window per stage (0: the stage's own)",
+        )
+    if any(w < 0 or w == 1 for w in pretrained_windows):
+        raise ArchitectureError(
+            ("model.pretrained_window_sizes",),
+            f"model.pretrained_window_sizes must be 0 (the stage's own window) or windows >= 2, "
+            f"got {list(pretrained_windows)}",
+        )
 
 
 def largest_activation_bytes(

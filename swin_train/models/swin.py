@@ -1,31 +1,38 @@
-"""Swin Transformer (Liu et al., 2021), written to read like the paper.
+"""Swin Transformer V1 (Liu et al., 2021) and V2 (Liu et al., 2022), written to read like the papers.
 
-Hierarchy:
+Hierarchy (both versions):
     SwinTransformer = PatchEmbed -> SwinLayer x num_stages -> LayerNorm -> average pool -> head
     SwinLayer (a stage) = SwinBlock x depth (alternating W-MSA and SW-MSA) -> optional PatchMerging
-    SwinBlock = x + DropPath(WindowAttention(LN(x))); x + DropPath(MLP(LN(x)))
+    SwinBlock V1 (pre-norm):      x + DropPath(WindowAttention(LN(x)));  x + DropPath(MLP(LN(x)))
+    SwinBlock V2 (res-post-norm): x + DropPath(LN(CosineWindowAttention(x)));  x + DropPath(LN(MLP(x)))
+    PatchMerging V1: LN(4C) -> Linear(4C, 2C);  V2: Linear(4C, 2C) -> LN(2C)
 
-Tensors between modules are channels-last feature maps (B, H, W, C). Parameter names follow the official
-repository (`layers.{i}.blocks.{j}.attn.qkv.weight`, `layers.{i}.downsample.reduction.weight`, ...), so its
-checkpoints load once their derived buffers (index tables, masks) are dropped; those buffers are rebuilt
-from the architecture here and never saved.
+The attention of each version (and what else differs there: the position bias, the qkv biases) is in
+attention.py. Tensors between modules are channels-last feature maps (B, H, W, C). Parameter names follow the
+official repository (`layers.{i}.blocks.{j}.attn.qkv.weight`, `layers.{i}.downsample.reduction.weight`, ...),
+so its checkpoints load once their derived buffers (index tables, masks, V2's coordinate tables) are dropped;
+those buffers are rebuilt from the architecture here and never saved.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 import threading
+from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .flex import flex_attention_available, flex_window_attention
+# WindowAttention, sdpa_windows, relative_position_index, ATTENTION_BACKENDS: re-exported, looked up here too
+from .attention import ATTENTION_BACKENDS as ATTENTION_BACKENDS
+from .attention import BlockSpec as BlockSpec
+from .attention import CosineWindowAttention
+from .attention import WindowAttention as WindowAttention
+from .attention import relative_position_index as relative_position_index
+from .attention import sdpa_windows as sdpa_windows
 from .ops import Linear, linear_gelu
 
 # Logit offset for token pairs that come from different image regions after the cyclic shift. The official
@@ -36,25 +43,6 @@ MASKED_LOGIT = -100.0
 # that ends a stage, `layers.{stage}.downsample.`; group 1 is the stage, group 2 the block.
 BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
 DOWNSAMPLE_KEY = re.compile(r"^layers\.(\d+)\.downsample\.")
-
-# WindowAttention's kernels: "auto" (SDPA on CUDA, the math written out on CPU) or "flex" (FlexAttention)
-ATTENTION_BACKENDS = ("auto", "flex")
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """What every block shares, handed as one object from the model down to its attention: a new block
-    setting is a field here (named as in `config.ModelConfig`) and the line that uses it."""
-
-    mlp_ratio: float = 4.0  # MLP hidden width / dim
-    qkv_bias: bool = True
-    drop_rate: float = 0.0  # dropout after attention and MLP projections (and on the embedding)
-    attn_drop_rate: float = 0.0  # dropout on attention weights
-    attention: str = "auto"  # ATTENTION_BACKENDS
-
-    def __post_init__(self):
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -91,15 +79,6 @@ class _GatherTokens(torch.autograd.Function):
         return grad.index_select(1, inverse), None, None
 
 
-def relative_position_index(window: int) -> torch.Tensor:
-    """(N, N) index into the (2w-1)^2 bias table for every pair of tokens in a window (N = w*w)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
-    coords = coords.flatten(1)  # (2, N)
-    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2), each in [-w+1, w-1]
-    relative += window - 1  # shift to [0, 2w-2]
-    return relative[..., 0] * (2 * window - 1) + relative[..., 1]
-
-
 def shifted_window_mask(H: int, W: int, window: int, shift: int) -> torch.Tensor:
     """(num_windows, N, N) additive mask for SW-MSA: 0 within a region, MASKED_LOGIT across regions.
 
@@ -127,89 +106,6 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, C, H/p, W/p)
         return self.norm(x.permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
-
-
-@functools.cache
-def _flex_runs_on(device: torch.device) -> bool:
-    """FlexAttention with gradients on `device` (a model trained with it falls back to SDPA elsewhere)."""
-    return flex_attention_available(device)
-
-
-def sdpa_windows(q, k, v, bias: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
-    """scaled_dot_product_attention over windows: q, k, v (B * num_windows, heads, N, head_dim) and an additive
-    bias (heads, N, N) or (num_windows, heads, N, N) -> (B, num_windows * heads, N, head_dim).
-
-    SDPA's fused kernels (memory-efficient / cuDNN) take an additive bias but only 4-D inputs, so the windows
-    join the head dimension and the bias broadcasts over the images as a view (no (B, ...) copy of it)."""
-    bias = bias.reshape(1, -1, *bias.shape[-2:]).to(q.dtype)  # (1, num_windows * heads, N, N)
-    B = q.shape[0] * q.shape[1] // bias.shape[1]
-    q, k, v = (t.reshape(B, bias.shape[1], *t.shape[-2:]) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-
-
-class WindowAttention(nn.Module):
-    """Multi-head self-attention inside each window, with a learned relative position bias.
-
-    The bias (and, for shifted windows, the region mask) enters scaled_dot_product_attention as one
-    additive attention bias, so torch's fused attention kernels apply where they exist.
-    """
-
-    def __init__(self, dim: int, window: int, num_heads: int, spec: BlockSpec = BlockSpec()):
-        super().__init__()
-        self.dim, self.window, self.num_heads = dim, window, num_heads
-        self.attention = spec.attention
-        self.head_dim = dim // num_heads
-        self.attn_drop = spec.attn_drop_rate
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
-        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
-        self.qkv = Linear(dim, 3 * dim, bias=spec.qkv_bias)
-        self.proj = Linear(dim, dim)
-        self.proj_drop = nn.Dropout(spec.drop_rate)
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
-
-    def relative_position_bias(self) -> torch.Tensor:
-        """(heads, N, N) bias gathered from the table."""
-        N = self.window * self.window
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, heads)
-        return bias.view(N, N, self.num_heads).permute(2, 0, 1)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B * num_windows, N, C); mask: (num_windows, N, N) or None -> (B * num_windows, N, C)."""
-        B_, N, C = x.shape
-        heads, head_dim = self.num_heads, self.head_dim
-        qkv = self.qkv(x).view(B_, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B_, heads, N, head_dim)
-        dropout = self.attn_drop if self.training else 0.0
-        num_windows = mask.shape[0] if mask is not None else 1
-        # FlexAttention has no attention dropout; compiled training has checked the GPU already (trainer)
-        use_flex = self.attention == "flex" and q.is_cuda and not dropout
-        if use_flex and (torch.compiler.is_compiling() or _flex_runs_on(q.device)):
-            out = flex_window_attention(
-                q,
-                k,
-                v,
-                self.relative_position_bias_table,
-                self.relative_position_index,
-                mask,
-                num_windows,
-                head_dim**-0.5,
-            )
-        else:
-            bias = self.relative_position_bias()  # (heads, N, N)
-            if mask is not None:
-                bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # (num_windows, heads, N, N)
-            if q.is_cuda:
-                out = sdpa_windows(q, k, v, bias, dropout)
-            else:
-                # On CPU, SDPA with a float bias falls back to its generic math path with extra copies; the
-                # same math written out is faster for small windows (README, Performance).
-                # (B, num_windows, heads, N, ...) views: the bias broadcasts over the images without a copy.
-                q, k, v = (t.view(B_ // num_windows, num_windows, heads, N, head_dim) for t in (q, k, v))
-                attn = (q * head_dim**-0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)
-                attn = F.dropout(attn.softmax(dim=-1), dropout, self.training)
-                out = attn @ v
-        out = out.reshape(B_, heads, N, head_dim).transpose(1, 2).reshape(B_, N, C)
-        return self.proj_drop(self.proj(out))
 
 
 class Mlp(nn.Module):
@@ -287,7 +183,8 @@ class Residual(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    """One Swin block: (shifted) window attention and an MLP, each a pre-norm residual branch.
+    """One Swin block: (shifted) window attention and an MLP, each a residual branch; V1 normalises a branch's
+    input (pre-norm), V2 its output (res-post-norm, which keeps activations from growing with depth).
 
     When the feature map is not larger than the window, the window shrinks to the map and no shift is used
     (as in the official code): there is then a single window and nothing to shift.
@@ -303,14 +200,19 @@ class SwinBlock(nn.Module):
         shift: int = 0,
         spec: BlockSpec = BlockSpec(),
         drop_path: float = 0.0,
+        pretrained_window: int = 0,
     ):
         super().__init__()
         self.resolution = resolution
         if min(resolution) <= window:
             window, shift = min(resolution), 0
         self.window, self.shift = window, shift
+        self.post_norm = spec.version == 2
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window, num_heads, spec)
+        if spec.version == 1:
+            self.attn = WindowAttention(dim, window, num_heads, spec)
+        else:
+            self.attn = CosineWindowAttention(dim, window, num_heads, spec, pretrained_window)
         self.drop_path = Residual(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * spec.mlp_ratio), spec.drop_rate)
@@ -326,22 +228,22 @@ class SwinBlock(nn.Module):
         return self.drop_path(x, self.mlp_branch)
 
     def attention_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """(Shifted) window attention of LN(x), back in map layout: (B, H, W, C) -> (B, H, W, C)."""
+        """(Shifted) window attention of LN(x) (V1), or LN of the attention of x (V2), back in map layout:
+        (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
-        tokens = self.norm1(x).view(B, H * W, C)
+        tokens = (x if self.post_norm else self.norm1(x)).reshape(B, H * W, C)
         # cyclic shift by -shift and window partition: (B, H*W, C) in window order = (B*nW, N, C)
         windows = _GatherTokens.apply(tokens, self.token_order, self.token_order_inverse)
         windows = self.attn(windows.view(-1, self.window * self.window, C), self.attn_mask)  # (B*nW, N, C)
         # window reverse and the shift back, again one gather
-        return _GatherTokens.apply(
-            windows.view(B, H * W, C), self.token_order_inverse, self.token_order
-        ).view(B, H, W, C)
+        out = _GatherTokens.apply(windows.view(B, H * W, C), self.token_order_inverse, self.token_order)
+        return self.norm1(out.view(B, H, W, C)) if self.post_norm else out.view(B, H, W, C)
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm2(x))
+        return self.norm2(self.mlp(x)) if self.post_norm else self.mlp(self.norm2(x))
 
     def flops(self) -> int:
-        """Multiply-adds, counted as the official repository does (norms, attention, MLP)."""
+        """Multiply-adds, counted as the official repository does (norms, attention, MLP; V2 as V1)."""
         H, W = self.resolution
         dim, N, heads = self.attn.dim, self.window * self.window, self.attn.num_heads
         num_windows = H * W // N
@@ -351,12 +253,13 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Downsample 2x: concatenate each 2x2 neighbourhood (4C), normalise, project to 2C."""
+    """Downsample 2x: concatenate each 2x2 neighbourhood (4C) and project it to 2C; V1 normalises the 4C input,
+    V2 (`norm_last`) the 2C output."""
 
-    def __init__(self, dim: int, resolution: tuple[int, int]):
+    def __init__(self, dim: int, resolution: tuple[int, int], norm_last: bool = False):
         super().__init__()
-        self.resolution = resolution
-        self.norm = nn.LayerNorm(4 * dim)
+        self.resolution, self.norm_last = resolution, norm_last
+        self.norm = nn.LayerNorm(2 * dim if norm_last else 4 * dim)
         self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,17 +267,19 @@ class PatchMerging(nn.Module):
         B, H, W, C = x.shape
         # Channel order (row, col) offsets (0,0), (1,0), (0,1), (1,1), as in the official code.
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
-        return self.reduction(self.norm(x))
+        return self.norm(self.reduction(x)) if self.norm_last else self.reduction(self.norm(x))
 
     def flops(self) -> int:
+        """The norm (over 4C, or 2C in V2) and the reduction at the merged resolution."""
         H, W = self.resolution
         dim = self.reduction.out_features // 2
-        return H * W * dim + (H // 2) * (W // 2) * 4 * dim * 2 * dim
+        return (H // 2) * (W // 2) * (self.norm.normalized_shape[0] + 4 * dim * 2 * dim)
 
 
 class SwinLayer(nn.Module):
     """One stage: `depth` blocks alternating regular (shift 0) and shifted (shift window//2) windows,
-    then optional patch merging."""
+    then optional patch merging. `pretrained_window` (V2): the window the stage was pre-trained with (0: this
+    one), which scales its position bias's offsets."""
 
     def __init__(
         self,
@@ -388,6 +293,7 @@ class SwinLayer(nn.Module):
         drop_path: list[float] | tuple[float, ...] = (),
         downsample: bool = False,
         grad_checkpointing: bool = False,
+        pretrained_window: int = 0,
     ):
         super().__init__()
         self.dim, self.resolution, self.depth = dim, resolution, depth
@@ -402,10 +308,11 @@ class SwinLayer(nn.Module):
                 shift=0 if j % 2 == 0 else window // 2,
                 spec=spec,
                 drop_path=drop_path[j],
+                pretrained_window=pretrained_window,
             )
             for j in range(depth)
         )
-        self.downsample = PatchMerging(dim, resolution) if downsample else None
+        self.downsample = PatchMerging(dim, resolution, norm_last=spec.version == 2) if downsample else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, W, C) -> (stage output (B, H, W, C), next stage input (B, H/2, W/2, 2C) or the same)."""
@@ -418,10 +325,11 @@ class SwinLayer(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-    """Swin Transformer v1 for image classification (num_classes=0 gives a feature extractor).
+    """Swin Transformer V1 or V2 (`version`) for image classification (num_classes=0: a feature extractor).
 
     The architecture is given whole (`create_model(name)` takes it from the registry); the rest are
-    training choices with the official defaults."""
+    training choices with the official defaults. `pretrained_window_sizes` (V2 only): each stage's window in
+    pre-training, 0 for this one (the default); see SwinLayer."""
 
     def __init__(
         self,
@@ -438,10 +346,21 @@ class SwinTransformer(nn.Module):
         ape: bool = False,
         patch_norm: bool = True,
         grad_checkpointing: bool = False,
+        pretrained_window_sizes: Sequence[int] | None = None,
         **block_settings,
     ):
         super().__init__()
-        spec = BlockSpec(**block_settings)  # mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, attention
+        spec = BlockSpec(
+            **block_settings
+        )  # mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, attention, version
+        if spec.version == 1 and pretrained_window_sizes is not None:
+            raise ValueError("pretrained_window_sizes is a Swin V2 setting; give version=2 or leave it None")
+        if pretrained_window_sizes is not None and len(pretrained_window_sizes) != len(depths):
+            raise ValueError(f"pretrained_window_sizes needs one window per stage ({len(depths)})")
+        self.version = spec.version
+        self.pretrained_window_sizes = (
+            None if spec.version == 1 else tuple(pretrained_window_sizes or [0] * len(depths))
+        )
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.num_classes, self.embed_dim = num_classes, embed_dim
         self.depths, self.num_heads, self.window_size = tuple(depths), tuple(num_heads), window_size
@@ -469,11 +388,20 @@ class SwinTransformer(nn.Module):
                     drop_path=rates[first : first + depth],
                     downsample=i < self.num_stages - 1,
                     grad_checkpointing=grad_checkpointing,
+                    pretrained_window=self.pretrained_window_sizes[i] if spec.version == 2 else 0,
                 )
             )
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
+        if (
+            spec.version == 2
+        ):  # each residual branch starts at zero: its post-norm's gain and bias are 0 (official)
+            for layer in self.layers:
+                for block in layer.blocks:
+                    for norm in (block.norm1, block.norm2):
+                        nn.init.zeros_(norm.weight)
+                        nn.init.zeros_(norm.bias)
         if self.absolute_pos_embed is not None:
             trunc_normal_(self.absolute_pos_embed, std=0.02)
 
