@@ -11,7 +11,9 @@ and checkpoint.py (the file format) and is what the commands, the run and `creat
   and absolute position embeddings when the patch grid differs,
 - re-initialises the head when the number of classes differs, or selects head rows with a class map
   (22k -> 1k: one source class index per line, the official `map22kto1k.txt` format),
-- refuses any other shape mismatch, naming the first mismatching key.
+- refuses any other shape mismatch, naming the first mismatching key, and Swin V1 weights for a V2 model
+  (or the reverse). Swin V2 weights need no interpolation at another window: its position bias is an MLP of
+  the offsets, which the model computes for its own window (and pre-training window).
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, loa
 from swin_train.config import Config, config_from_dict
 from swin_train.data.transforms import Preprocess
 from swin_train.errors import CheckpointError, SwinTrainError
-from swin_train.models.convert import check_fits, convert_state_dict, detect_layout, unwrap_state_dict
+from swin_train.models.convert import (
+    check_fits,
+    check_version,
+    convert_state_dict,
+    detect_layout,
+    unwrap_state_dict,
+)
 from swin_train.models.hf import is_hf_folder, load_hf_folder
 from swin_train.models.registry import build_model
 from swin_train.models.swin import SwinTransformer
@@ -219,6 +227,7 @@ def load_pretrained(
         layout = detect_layout(unwrap_state_dict(obj))
     report = LoadReport(source=name + (" (EMA)" if use_ema else ""), layout=layout)
     converted = convert_state_dict(obj)
+    check_version(converted, model, report.source)
     class_map = read_class_map(head_map) if head_map is not None else None
     sd = adapt_state_dict(converted, model, report, class_map)
     if strict and "head.weight" in report.reinitialised and "head.weight" in converted:

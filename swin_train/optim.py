@@ -17,7 +17,8 @@ from swin_train.device import unwrap_model
 from swin_train.errors import CheckpointError, ConfigError
 from swin_train.models.swin import BLOCK_KEY, DOWNSAMPLE_KEY
 
-NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+# the official no_weight_decay (+ V2's no_weight_decay_keywords: its position bias MLP and logit scales)
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "cpb_mlp", "logit_scale")
 
 
 def _fmt(x: float) -> str:

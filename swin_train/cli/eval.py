@@ -77,7 +77,7 @@ def load_model_and_config(args):
         cfg = load_config(args.config, overrides)
     elif args.model:  # bare weights of a named variant: its image size and the official eval crop
         img_size = variant_arch(args.model)["img_size"]
-        crop = 0.875 if img_size == 224 else 1.0
+        crop = 1.0 if img_size == 384 else 0.875  # the official configs crop except at 384
         cfg = load_config(None, [f"data.img_size={img_size}", f"eval.crop_pct={crop}", *overrides])
     else:
         raise ConfigError(

@@ -1,13 +1,18 @@
 """swin-export: write a checkpoint's weights in the layout another tool loads directly.
 
 safetensors  our layout, tensors only; metadata holds the config, class names and preprocessing as JSON
-timm         timm's SwinTransformer.load_state_dict(strict=True)
-torchvision  torchvision's swin_t/s/b .load_state_dict(strict=True) (with its relative_position_index)
-official     {'model': ...} with relative_position_index / attn_mask, for microsoft/Swin-Transformer
+timm         timm's SwinTransformer / SwinTransformerV2 .load_state_dict(strict=True)
+torchvision  torchvision's swin_t/s/b, swin_v2_t/s/b .load_state_dict(strict=True) (with its
+             relative_position_index; V2 also its relative_coords_table, ours: pre-training windows included)
+official     {'model': ...} with relative_position_index / attn_mask (V2: relative_coords_table), for
+             microsoft/Swin-Transformer
 onnx         an ONNX graph (dynamic batch) with class names and preprocessing in its metadata, checked against
              PyTorch with onnxruntime at export time (pip install 'swin-train[onnx]')
-hf           a folder for transformers' SwinForImageClassification.from_pretrained (config.json with id2label,
-             model.safetensors, preprocessor_config.json)
+hf           a folder for transformers' SwinForImageClassification / Swinv2ForImageClassification
+             .from_pretrained (config.json with id2label, model.safetensors, preprocessor_config.json)
+
+Bare weights carry no config: their architecture is read off them, with --model NAME giving what they do not
+hold (the image size; for Swin V2, whose weights have no bias table, the window and pre-training windows).
 """
 
 from __future__ import annotations
@@ -41,22 +46,39 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--img-size",
         type=int,
-        help="image size of bare weights (default: 224 for window 7, 384 for window 12); "
+        help="image size of bare weights (default: --model's, else 224 for window 7, 384 for window 12); "
         "a swin-train checkpoint's config already fixes it",
+    )
+    p.add_argument(
+        "--model",
+        help="variant name of bare weights, e.g. swinv2_tiny_patch4_window8_256: its window, image size and "
+        "(V2) pre-training windows, which V2 weights do not hold",
     )
     add_debug_flag(p)
     return p
 
 
-def _bare_model(sd: dict, img_size: int | None, device: str = "meta"):
-    """A model for bare weights, its architecture read off them; on the meta device by default (shapes and
-    block geometry only: checks the fit, gives the official buffers, costs no initialisation)."""
+def _bare_model(sd: dict, img_size: int | None, name: str | None, device: str = "meta"):
+    """A model for bare weights, its architecture read off them (and the variant `name`'s window, image size
+    and pre-training windows); on the meta device by default (shapes and block geometry only: checks the fit,
+    gives the official buffers, costs no initialisation)."""
     import torch
 
     from swin_train.models.convert import infer_arch
+    from swin_train.models.registry import variant_arch
     from swin_train.models.swin import SwinTransformer
 
     arch = infer_arch(sd)
+    if name is not None:
+        try:
+            arch.update(variant_arch(name))  # the weights must then fit it (check_fits names what does not)
+        except KeyError as e:
+            raise ConfigError(str(e).strip("'\"") + "; pass --model with a known name") from None
+    elif arch["version"] == 2:
+        raise ConfigError(
+            "Swin V2 weights do not hold their window (V2 has no bias table); pass --model NAME, "
+            "e.g. --model swinv2_tiny_patch4_window8_256"
+        )
     if img_size is not None:
         arch["img_size"] = img_size
     elif "img_size" not in arch:
@@ -96,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     state = load_checkpoint(args.checkpoint)
     bare = not holds_trained_model(state)
     if not bare:
-        if args.img_size is not None:
+        if args.img_size is not None or args.model is not None:
             raise ConfigError(
-                "--img-size is only for bare weights; this checkpoint's config fixes the image size"
+                "--img-size and --model are only for bare weights; this checkpoint's config fixes the model"
             )
         trained = load_trained_model(state, ema=args.ema)
         model, sd = trained.model, trained.model.state_dict()
@@ -106,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         metadata = {key: json.dumps(state[key]) for key in EXPORT_METADATA_KEYS}  # as stored, checked above
     else:
         sd = convert_state_dict(select_weights(state, args.ema, f"checkpoint {args.checkpoint}"))
-        model, class_names, preprocess, metadata = _bare_model(sd, args.img_size), None, None, {}
+        model, class_names, preprocess, metadata = _bare_model(sd, args.img_size, args.model), None, None, {}
     suffix = ", EMA" if args.ema else ""
     if args.format not in RUNNABLE_FORMATS:
         count = save_weights(sd, args.format, out, model, metadata)
         log.info("wrote %d tensors (%s%s) to %s", count, args.format, suffix, out)
         return 0
     if bare:  # a real model to run
-        model = _bare_model(sd, args.img_size, device="cpu")
+        model = _bare_model(sd, args.img_size, args.model, device="cpu")
         load_exact_weights(model, sd, args.checkpoint)
     if args.format == "onnx":
         from swin_train.models.onnx import export_onnx

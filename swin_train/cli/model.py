@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from swin_train.cli.common import ArgumentParser, add_debug_flag, exit_process, run_cli
 from swin_train.errors import ConfigError
 from swin_train.models.registry import build_model, variant_names
@@ -107,12 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         title = name
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
-    model = build_model(**kwargs)
+    with torch.device("meta"):  # shapes only: parameters and FLOPs, no memory and no initialisation
+        model = build_model(**kwargs)
     summary = describe_model(model)
     if args.json:
         print(json.dumps({"model": title, **summary}, indent=2))
     else:
-        print(format_table(f"{title}: {model.num_classes} classes, window {model.window_size}", summary))
+        pretrained = model.pretrained_window_sizes
+        windows = f" (pre-trained with {list(pretrained)})" if pretrained and any(pretrained) else ""
+        heading = f"{title}: Swin V{model.version}, {model.num_classes} classes, window {model.window_size}"
+        print(format_table(heading + windows, summary))
     return 0
 
 

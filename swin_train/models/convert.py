@@ -2,11 +2,17 @@
 in both directions (`convert_state_dict` reads any layout, `to_layout` writes one, `save_weights` a file).
 
 Our layout is the official one without its derived buffers. The differences:
-- official: `layers.{i}.downsample` ends stage i; buffers `relative_position_index`, `attn_mask` saved.
+- official: `layers.{i}.downsample` ends stage i; buffers `relative_position_index`, `attn_mask` (and V2's
+  `relative_coords_table`) saved.
 - timm: the same names, but patch merging starts the next stage (`layers.{i+1}.downsample`), `head.fc`;
-  its index/mask buffers are non-persistent (not saved).
+  its index/mask/coordinate buffers are non-persistent (not saved).
 - torchvision: `features.0.{0,2}` patch embed, `features.{2i+1}.{j}` blocks (`mlp.0`/`mlp.3`),
-  `features.{2i+2}` patch merging, flat `relative_position_index` buffers (persistent).
+  `features.{2i+2}` patch merging, flat `relative_position_index` buffers (persistent); its V2 saves
+  `relative_coords_table` too and holds one `qkv.bias` whose key third it zeroes in its forward, where ours
+  (and the official) have `q_bias` and `v_bias`.
+Swin V2 weights (any layout) are told apart by their attention's `logit_scale` and `cpb_mlp` (`swin_version`);
+they do not hold their window (V2 has no bias table), so writing a V2 layout that stores window-sized buffers
+(official, torchvision) needs the model.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 
 from swin_train.errors import CheckpointError
+from swin_train.models.attention import log_spaced_coords
 from swin_train.models.swin import (
     BLOCK_KEY,
     DOWNSAMPLE_KEY,
@@ -31,15 +38,23 @@ from swin_train.models.swin import (
 
 LAYOUTS = ("swin-train", "official", "timm", "torchvision")
 EXPORT_FORMATS = ("safetensors", "timm", "torchvision", "official")
-_BUFFER_SUFFIXES = ("relative_position_index", "attn_mask")
+_BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "relative_coords_table")
 # Key patterns of our layout; anything else is unexpected.
 _OUR_KEY = re.compile(
     r"^(patch_embed\.(proj|norm)\.(weight|bias)|absolute_pos_embed"
     r"|layers\.\d+\.blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
     r"|layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table"
+    r"|layers\.\d+\.blocks\.\d+\.attn\.(q_bias|v_bias|logit_scale|cpb_mlp\.0\.(weight|bias)|cpb_mlp\.2\.weight)"
     r"|layers\.\d+\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)"
     r"|norm\.(weight|bias)|head\.(weight|bias))$"
 )
+# What only Swin V2's attention has (any layout): its per-head logit scale and position bias MLP
+_V2_KEY = re.compile(r"attn\.(logit_scale|cpb_mlp\.)")
+
+
+def swin_version(sd: Mapping[str, torch.Tensor]) -> int:
+    """2 for Swin V2 weights (cosine attention: logit_scale, cpb_mlp), else 1."""
+    return 2 if any(_V2_KEY.search(k) for k in sd) else 1
 
 
 def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
@@ -109,10 +124,37 @@ def convert_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
         if key.endswith(_BUFFER_SUFFIXES):
             continue
         out[rename(key)] = value
+    if layout == "torchvision" and swin_version(out) == 2:
+        out = _split_qkv_bias(out)
     unexpected = [k for k in out if not _OUR_KEY.match(k)]
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")
         raise CheckpointError(f"not a Swin checkpoint in a known layout ({layout}?): unexpected keys {shown}")
+    return out
+
+
+def _split_qkv_bias(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's V2 `attn.qkv.bias` (3C) -> our `attn.q_bias` and `attn.v_bias`; its key third is unused
+    (torchvision zeroes it in the forward, as the official code has no key bias)."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith(".attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            out[key.replace(".qkv.bias", ".q_bias")], out[key.replace(".qkv.bias", ".v_bias")] = q, v
+        else:
+            out[key] = value
+    return out
+
+
+def _join_qkv_bias(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reverse of _split_qkv_bias: q_bias, zeros, v_bias as one `attn.qkv.bias`, where q_bias stood."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith(".attn.q_bias"):
+            v_bias = sd[key.replace(".q_bias", ".v_bias")]
+            out[key.replace(".q_bias", ".qkv.bias")] = torch.cat((value, torch.zeros_like(value), v_bias))
+        elif not key.endswith(".attn.v_bias"):
+            out[key] = value
     return out
 
 
@@ -142,8 +184,22 @@ def table_window(table: torch.Tensor, key: str = "relative_position_bias_table")
     return (side + 1) // 2
 
 
+def check_version(sd: Mapping[str, torch.Tensor], model: nn.Module, where: str = "the weights") -> None:
+    """CheckpointError when Swin V1 weights meet a Swin V2 model or the reverse: no tensor of one fits the
+    other's attention, so nothing is loaded partly."""
+    theirs, ours = swin_version(sd), getattr(model, "version", 1)
+    if theirs != ours:
+        hint = "a swinv2_ variant or model.version=2" if theirs == 2 else "a swin_ variant or model.version=1"
+        raise CheckpointError(
+            f"{where} holds Swin V{theirs} weights but the model is Swin V{ours}; load them into a Swin "
+            f"V{theirs} model ({hint})"
+        )
+
+
 def check_fits(sd: Mapping[str, torch.Tensor], model: nn.Module, where: str = "the weights") -> None:
-    """CheckpointError naming the first tensor whose name or shape differs from `model.state_dict()`."""
+    """CheckpointError naming the first tensor whose name or shape differs from `model.state_dict()` (or the
+    two Swin versions, when they differ)."""
+    check_version(sd, model, where)
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in sd:
@@ -158,8 +214,15 @@ def check_fits(sd: Mapping[str, torch.Tensor], model: nn.Module, where: str = "t
         raise CheckpointError(f"{where} does not fit this model: unexpected '{extra[0]}'; check the config")
 
 
-def _check_foreign(sd: Mapping[str, torch.Tensor], layout: str) -> None:
-    """timm's and torchvision's Swin v1 always normalise patches and have no absolute position embedding;
+def _block_windows(sd: Mapping[str, torch.Tensor], model: nn.Module | None) -> set[int]:
+    """The windows of the blocks: the model's, else read off V1's bias tables."""
+    if model is not None:
+        return {block.window for block in model.modules() if isinstance(block, SwinBlock)}
+    return {table_window(v, k) for k, v in sd.items() if k.endswith("relative_position_bias_table")}
+
+
+def _check_foreign(sd: Mapping[str, torch.Tensor], layout: str, model: nn.Module | None) -> None:
+    """timm's and torchvision's Swin always normalise patches and have no absolute position embedding;
     torchvision also uses one window in every stage (it pads where ours and the official code shrink it)."""
     if "absolute_pos_embed" in sd:
         raise CheckpointError(
@@ -171,29 +234,39 @@ def _check_foreign(sd: Mapping[str, torch.Tensor], layout: str) -> None:
             f"{layout}'s Swin always normalises patches; "
             "export these weights (patch_norm=False) as safetensors or official"
         )
-    if layout == "torchvision":
-        windows = {table_window(v, k) for k, v in sd.items() if k.endswith("relative_position_bias_table")}
-        if len(windows) > 1:
-            raise CheckpointError(
-                f"torchvision's Swin uses one window in every stage, these weights use {sorted(windows)} "
-                "(a feature map smaller than the window shrinks it); export them as safetensors or official"
-            )
+    if layout == "torchvision" and len(windows := _block_windows(sd, model)) > 1:
+        raise CheckpointError(
+            f"torchvision's Swin uses one window in every stage, these weights use {sorted(windows)} "
+            "(a feature map smaller than the window shrinks it); export them as safetensors or official"
+        )
 
 
-def official_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+def block_buffers(model: nn.Module, flat_index: bool = False) -> dict[str, torch.Tensor]:
     """The buffers the official model saves (ours are non-persistent): each block's (N, N)
-    `attn.relative_position_index` and, for shifted blocks, its (num_windows, N, N) `attn_mask`.
+    `attn.relative_position_index` ((N*N,) with `flat_index`, as torchvision has it), for shifted blocks its
+    (num_windows, N, N) `attn_mask`, and in V2 its (1, 2w-1, 2w-1, 2) `attn.relative_coords_table`.
 
-    Computed from each block's window, shift and resolution exactly as SwinBlock.__init__ does, so a model
-    built on the meta device (no weight initialisation, which takes seconds for Swin-L on a CPU) will do.
+    Computed from each block's window, shift, resolution and pre-training window exactly as SwinBlock.__init__
+    does, so a model built on the meta device (no weight initialisation, which takes seconds for Swin-L on a
+    CPU) will do.
     """
     out = {}
     for name, block in model.named_modules():
         if isinstance(block, SwinBlock):
-            out[f"{name}.attn.relative_position_index"] = relative_position_index(block.window)
+            index = relative_position_index(block.window)
+            out[f"{name}.attn.relative_position_index"] = index.flatten() if flat_index else index
             if block.shift:
                 out[f"{name}.attn_mask"] = shifted_window_mask(*block.resolution, block.window, block.shift)
+            if block.post_norm:  # V2
+                side = 2 * block.window - 1
+                coords = log_spaced_coords(block.window, block.attn.pretrained_window)
+                out[f"{name}.attn.relative_coords_table"] = coords.view(1, side, side, 2)
     return out
+
+
+def official_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers of the official layout (block_buffers)."""
+    return block_buffers(model)
 
 
 def to_layout(
@@ -203,10 +276,12 @@ def to_layout(
 
     - 'swin-train': our names, no buffers (also what the safetensors export holds),
     - 'timm': `layers.{i+1}.downsample`, `head.fc.*`, no buffers (timm's are non-persistent),
-    - 'torchvision': `features.*` names and a flat (N*N,) int64 `relative_position_index` per block,
-    - 'official': our names plus each block's (N, N) `relative_position_index` and, for shifted blocks, its
-      `attn_mask` (see official_buffers; masks depend on the image size, so the model is required).
-    With `model`, the weights must fit it exactly (keys and shapes). Tensors are not copied.
+    - 'torchvision': `features.*` names and a flat (N*N,) int64 `relative_position_index` per block (V2: also
+      its `relative_coords_table` and one `qkv.bias`),
+    - 'official': our names plus each block's (N, N) `relative_position_index`, for shifted blocks its
+      `attn_mask` and in V2 its `relative_coords_table` (see block_buffers; the model is required).
+    With `model`, the weights must fit it exactly (keys and shapes). Tensors are not copied. V2 weights do not
+    hold their windows, so V2's torchvision layout needs the model too.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
@@ -215,15 +290,23 @@ def to_layout(
         check_fits(sd, model)
     if layout == "swin-train":
         return sd
-    if layout == "official":
+    if layout == "official" or (layout == "torchvision" and swin_version(sd) == 2):
         if model is None:
             raise ValueError(
-                "the official layout needs the model: its attention masks depend on the image size"
+                f"the {layout} layout of these weights needs the model: its buffers depend on it"
             )
+    if layout == "official":
         return {**sd, **official_buffers(model)}
-    _check_foreign(sd, layout)
+    _check_foreign(sd, layout, model)
     if layout == "timm":
         return {_to_timm(k): v for k, v in sd.items()}
+    if swin_version(sd) == 2:
+        buffers = block_buffers(model, flat_index=True)
+        renamed = {_to_torchvision(k): v for k, v in _join_qkv_bias(sd).items()}
+        return {
+            **renamed,
+            **{_to_torchvision(k): v for k, v in buffers.items() if not k.endswith("attn_mask")},
+        }
     out = {}
     for key, value in sd.items():
         out[_to_torchvision(key)] = value
@@ -241,8 +324,10 @@ def infer_arch(sd: Mapping[str, torch.Tensor]) -> dict:
     """SwinTransformer keyword arguments read off a state dict in our layout.
 
     Everything but `img_size`, which weights fix only through an absolute position embedding (then it is
-    included); the caller supplies it otherwise.
+    included); the caller supplies it otherwise. V2 weights hold no window either (no bias table): for them
+    the caller supplies `window_size` (and `pretrained_window_sizes`) too.
     """
+    version = swin_version(sd)
     try:
         embed_dim, in_chans, patch_size, _ = sd["patch_embed.proj.weight"].shape
         blocks = sorted({(int(m[1]), int(m[2])) for k in sd if (m := BLOCK_KEY.match(k))})
@@ -250,20 +335,23 @@ def infer_arch(sd: Mapping[str, torch.Tensor]) -> dict:
         depths = [1 + max((j for i, j in blocks if i == stage), default=-1) for stage in range(num_stages)]
         if not num_stages or 0 in depths:
             raise CheckpointError("cannot tell the architecture from the weights: stages without blocks")
-        tables = [sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(num_stages)]
+        head_of = "logit_scale" if version == 2 else "relative_position_bias_table"
+        tables = [sd[f"layers.{i}.blocks.0.attn.{head_of}"] for i in range(num_stages)]
         arch = dict(
             patch_size=patch_size,
             in_chans=in_chans,
             num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
             embed_dim=embed_dim,
             depths=depths,
-            num_heads=[t.shape[1] for t in tables],
-            window_size=table_window(tables[0]),
+            num_heads=[t.shape[0 if version == 2 else 1] for t in tables],
             mlp_ratio=sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
-            qkv_bias="layers.0.blocks.0.attn.qkv.bias" in sd,
+            qkv_bias=f"layers.0.blocks.0.attn.{'q_bias' if version == 2 else 'qkv.bias'}" in sd,
             ape="absolute_pos_embed" in sd,
             patch_norm="patch_embed.norm.weight" in sd,
+            version=version,
         )
+        if version == 1:
+            arch["window_size"] = table_window(tables[0])
     except KeyError as e:
         raise CheckpointError(
             f"cannot tell the architecture from the weights: '{e.args[0]}' is missing"

@@ -1,34 +1,43 @@
-"""Hugging Face transformers' Swin v1 (`SwinForImageClassification`, `SwinConfig`, model_type "swin"): our
-weights as a folder that `from_pretrained` loads, and such folders (ours, or the Hub's microsoft/swin-*) back.
+"""Hugging Face transformers' Swin: V1 (`SwinForImageClassification`, `SwinConfig`, model_type "swin") and V2
+(`Swinv2ForImageClassification`, `Swinv2Config`, model_type "swinv2"): our weights as a folder that
+`from_pretrained` loads, and such folders (ours, or the Hub's microsoft/swin-* and microsoft/swinv2-*) back.
 This module reads and writes the folder; the name, config and preprocessing mappings are `hf_layout.py`.
 
 A folder holds config.json (the SwinConfig, id2label from the class names), model.safetensors and
 preprocessor_config.json (for AutoImageProcessor). Weights use transformers' file names, the ones its
-`save_pretrained` writes and the Hub's checkpoints hold (transformers 5 renames them to its module names when
-it loads; `from_hf_state_dict` reads both):
+`save_pretrained` writes and the Hub's checkpoints hold (transformers 5 renames V1's to its module names when
+it loads; `from_hf_state_dict` reads both). V2's are under `swinv2.` where V1's are under `swin.`:
 
     ours                                  transformers
     patch_embed.proj, patch_embed.norm    swin.embeddings.patch_embeddings.projection, swin.embeddings.norm
     absolute_pos_embed                    swin.embeddings.position_embeddings
     layers.{i}.blocks.{j}.                swin.encoder.layers.{i}.blocks.{j}.
-        norm1, norm2                          layernorm_before, layernorm_after
+        norm1, norm2                          layernorm_before, layernorm_after (V2: after the branch, as ours)
         attn.qkv (rows q, k, v)               attention.self.query, .key, .value
         attn.relative_position_bias_table     attention.self.relative_position_bias_table
+        attn.q_bias, attn.v_bias (V2)         attention.self.query.bias, .value.bias (V2 key: no bias)
+        attn.logit_scale, attn.cpb_mlp (V2)   attention.self.logit_scale, .continuous_position_bias_mlp
         attn.proj                             attention.output.dense
         mlp.fc1, mlp.fc2                      intermediate.dense, output.dense
     layers.{i}.downsample (ends stage i)  swin.encoder.layers.{i}.downsample (ends stage i too)
     norm, head                            swin.layernorm, classifier
 
-Each block also gets its (N, N) `attention.self.relative_position_index`: transformers 4.x saves it as a
-buffer, 5.x ignores it on load. transformers builds the shifted-window mask in its forward (the same -100
-regions as ours), so no mask is stored; the official layout's `attn_mask` buffers are dropped on the way in.
+Each V1 block also gets its (N, N) `attention.self.relative_position_index`: transformers 4.x saves it as a
+buffer, 5.x ignores it on load (V2's index and coordinate table are not saved; Swinv2Config's
+pretrained_window_sizes rebuilds the table). transformers builds the shifted-window mask in its forward (the
+same -100 regions as ours), so no mask is stored; the official layout's `attn_mask` buffers are dropped on the
+way in. transformers' Swinv2 (5.x) adds that mask twice (-200 where ours and the official code add -100):
+the softmax differs only where a masked logit comes within about 20 of its row's largest, which cosine logits
+(at most the head's scale, capped at 100, plus 16) allow only for a head whose scale nears the cap and whose
+masked pairs are almost parallel; the logits agree to 1e-4 at scales 10 and 100 with random weights (tested).
 
 Refused (ConfigError), because transformers' Swin would compute something else: patch_norm=False (it always
-normalises patches), an image size that is not a multiple of the patch (it pads), and a stage whose token map
-is smaller than the window (ours shrinks the window and its bias table there; transformers builds every table
-for the full window). qkv_bias=False is represented (SwinConfig.qkv_bias), and so is ape
-(use_absolute_embeddings) for transformers 5; transformers 4.27 (checked) allocates one position too many and
-cannot run such a model. model.attention ("auto"/"flex") only picks kernels: the weights are the same.
+normalises patches), an image size that is not a multiple of the patch (it pads), and in V1 a stage whose
+token map is smaller than the window (ours shrinks the window and its bias table there; transformers' Swin
+builds every table for the full window; its Swinv2 shrinks the window as ours). qkv_bias=False is represented
+(SwinConfig.qkv_bias), and so is ape (use_absolute_embeddings) for V1 in transformers 5; transformers 4.27
+(checked) and its Swinv2 allocate one position too many and cannot run such a model. model.attention
+("auto"/"flex") only picks kernels: the weights are the same.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from swin_train.checkpoint import write_atomically
 from swin_train.errors import CheckpointError, ConfigError
 from swin_train.models.convert import check_fits
 from swin_train.models.hf_layout import (
+    HF_MODEL_TYPES,
     arch_from_hf_config,
     class_names_from_hf,
     from_hf_state_dict,
@@ -195,7 +205,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_folder(path: str | os.PathLike) -> HfCheckpoint:
-    """Read a transformers Swin v1 folder (config.json with model_type "swin", model.safetensors or
+    """Read a transformers Swin folder (config.json with model_type "swin" or "swinv2", model.safetensors or
     pytorch_model.bin, optional preprocessor_config.json): weights in our layout, the architecture, class
     names and preprocessing. CheckpointError for another architecture, missing or damaged files, and weights
     that do not fit the config."""
@@ -208,11 +218,10 @@ def load_hf_folder(path: str | os.PathLike) -> HfCheckpoint:
         raise CheckpointError(f"{folder} has no {CONFIG_FILE}; it is not a Hugging Face model folder")
     config = _read_json(folder / CONFIG_FILE)
     model_type = config.get("model_type")
-    if model_type != "swin":
-        hint = " (Swin V2 is another architecture)" if model_type == "swinv2" else ""
+    if model_type not in HF_MODEL_TYPES.values():
         raise CheckpointError(
-            f"{folder} holds a Hugging Face '{model_type}' model{hint}, not a Swin Transformer (model_type "
-            "'swin'); swin-train loads only Swin v1"
+            f"{folder} holds a Hugging Face '{model_type}' model, not a Swin Transformer (model_type 'swin' "
+            "or 'swinv2')"
         )
     sd = from_hf_state_dict(_read_weights(folder))
     arch = arch_from_hf_config(config, sd, folder)

@@ -1,6 +1,7 @@
-"""transformers' Swin v1 in our terms, as pure mappings: weight names (ours <-> its file names), the
-architecture (our SwinTransformer arguments <-> its SwinConfig) and the eval preprocessing (ours <->
-preprocessor_config.json). Reading and writing the folder is `hf.py`, whose docstring tables the names.
+"""transformers' Swin (V1: SwinForImageClassification; V2: Swinv2ForImageClassification) in our terms, as
+pure mappings: weight names (ours <-> its file names), the architecture (our SwinTransformer arguments <-> its
+SwinConfig / Swinv2Config) and the eval preprocessing (ours <-> preprocessor_config.json). Reading and
+writing the folder is `hf.py`, whose docstring tables the names.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ _TOP_NAMES = {
     "norm.": "swin.layernorm.",
     "head.": "classifier.",
 }
-# Names inside `layers.{i}.blocks.{j}.`, ours -> transformers' (qkv is split, see to_hf_state_dict).
+# Names inside `layers.{i}.blocks.{j}.`, ours -> transformers' (qkv is split, see to_hf_state_dict); the last
+# four are V2's (its layernorm_before/after are our norm1/norm2 too, applied after the branch as ours).
 _BLOCK_NAMES = {
     "norm1.": "layernorm_before.",
     "norm2.": "layernorm_after.",
@@ -67,7 +69,14 @@ _BLOCK_NAMES = {
     "attn.proj.": "attention.output.dense.",
     "mlp.fc1.": "intermediate.dense.",
     "mlp.fc2.": "output.dense.",
+    "attn.q_bias": "attention.self.query.bias",
+    "attn.v_bias": "attention.self.value.bias",
+    "attn.logit_scale": "attention.self.logit_scale",
+    "attn.cpb_mlp.": "attention.self.continuous_position_bias_mlp.",
 }
+# transformers' model type, class and weight-name prefix by Swin version
+HF_MODEL_TYPES = {1: "swin", 2: "swinv2"}
+_HF_CLASSES = {1: "SwinForImageClassification", 2: "Swinv2ForImageClassification"}
 _QKV = ("query", "key", "value")  # the row blocks of our qkv, in order
 # transformers 5's module names (its state_dict()) -> its file names, inside a block.
 _V5_BLOCK_NAMES = {
@@ -100,9 +109,20 @@ def with_defaults(arch: Mapping) -> dict:
     }
 
 
+def _hf_name(name: str, version: int) -> str:
+    """transformers' name of a tensor of `_TOP_NAMES` or the encoder: under `swin.` in V1, `swinv2.` in V2."""
+    return "swinv2." + name.removeprefix("swin.") if version == 2 and name.startswith("swin.") else name
+
+
 def model_arch(model: SwinTransformer) -> dict:
-    """SwinTransformer keyword arguments of a built model: read off its weights, plus its image size."""
-    return {**infer_arch(model.state_dict()), "img_size": model.img_size}
+    """SwinTransformer keyword arguments of a built model: read off its weights, plus its image size and
+    windows (V2 weights do not hold them)."""
+    return {
+        **infer_arch(model.state_dict()),
+        "img_size": model.img_size,
+        "window_size": model.window_size,
+        "pretrained_window_sizes": model.pretrained_window_sizes and list(model.pretrained_window_sizes),
+    }
 
 
 def check_hf_compatible(arch: Mapping) -> None:
@@ -119,6 +139,13 @@ def check_hf_compatible(arch: Mapping) -> None:
             f"image size {img_size} is not a multiple of the patch size {patch}: transformers' Swin pads the "
             "image where ours drops the remainder; export it as safetensors or official instead"
         )
+    if arch["version"] == 2:
+        if arch["ape"]:
+            raise ConfigError(
+                "transformers' Swinv2 sizes its absolute position embedding for one token more than the patches "
+                "and cannot run this model (ape); export it as safetensors or official instead"
+            )
+        return  # transformers' Swinv2 shrinks a window larger than its stage, as ours does
     grid = img_size // patch
     for stage in range(len(arch["depths"])):
         side = grid // 2**stage
@@ -135,7 +162,7 @@ def check_hf_compatible(arch: Mapping) -> None:
 
 def to_hf_state_dict(sd: Mapping[str, torch.Tensor], arch: Mapping) -> dict[str, torch.Tensor]:
     """A Swin state dict (ours, or any layout convert_state_dict reads) -> transformers' file layout (see
-    the module docstring), with each block's relative_position_index.
+    the module docstring), with each V1 block's relative_position_index (V2's index is not saved).
 
     `arch`: the SwinTransformer keyword arguments of these weights; ConfigError when transformers' Swin cannot
     compute that model as ours does. The q/k/v tensors are copies (safetensors refuses shared storage); the
@@ -143,17 +170,18 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], arch: Mapping) -> dict[str,
     """
     arch = with_defaults(arch)
     check_hf_compatible(arch)
+    version = arch["version"]
     out = {}
     for key, value in convert_state_dict(sd).items():
         if DOWNSAMPLE_KEY.match(key):
-            out[f"swin.encoder.{key}"] = value  # merging ends stage i in both layouts
+            out[_hf_name(f"swin.encoder.{key}", version)] = value  # merging ends stage i in both layouts
             continue
         if (block := BLOCK_KEY.match(key)) is None:
-            out[_renamed(key, _TOP_NAMES)] = value  # convert_state_dict let only our names through
+            out[_hf_name(_renamed(key, _TOP_NAMES), version)] = value  # only our names got this far
             continue
-        prefix, part = f"swin.encoder.{block[0]}", key[block.end() :]
+        prefix, part = _hf_name(f"swin.encoder.{block[0]}", version), key[block.end() :]
         if part.startswith("attn.qkv."):
-            kind = part.removeprefix("attn.qkv.")  # weight or bias
+            kind = part.removeprefix("attn.qkv.")  # weight, or V1's bias
             for name, rows in zip(_QKV, value.chunk(3)):
                 out[f"{prefix}attention.self.{name}.{kind}"] = rows.clone()
             continue
@@ -170,27 +198,29 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], arch: Mapping) -> dict[str,
 
 
 def from_hf_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' Swin weights -> our layout.
+    """transformers' Swin or Swinv2 weights -> our layout.
 
     Reads its file names (the Hub's, `save_pretrained`'s) and transformers 5's module names (its
-    `state_dict()`), with the `swin.` prefix of SwinForImageClassification or without it (SwinModel). The
-    index buffers are dropped; anything else (a SimMIM decoder, a backbone's norms) raises CheckpointError
-    naming the keys.
+    `state_dict()`), with the `swin.` / `swinv2.` prefix of the image classifiers or without it (SwinModel,
+    Swinv2Model). The index buffers are dropped; anything else (a SimMIM decoder, a backbone's norms) raises
+    CheckpointError naming the keys.
     """
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}  # our qkv key -> {"query": ..., "key": ..., "value": ...}
     top_names = {new.removeprefix("swin."): old for old, new in _TOP_NAMES.items()}
     block_names = {new: old for old, new in _BLOCK_NAMES.items()}
+    v2 = any("continuous_position_bias_mlp" in key for key in sd)  # V2 biases are our q_bias and v_bias
     unexpected = []
     for key, value in sd.items():
-        name = key.removeprefix("swin.")
-        if name.endswith("relative_position_index"):
+        name = key.removeprefix("swinv2." if v2 else "swin.")
+        if name.endswith(("relative_position_index", "relative_coords_table")):
             continue
         ours = None
         if block := re.match(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$", name):
             prefix = f"layers.{block[1]}.blocks.{block[2]}."
             part = _renamed(block[3], _V5_BLOCK_NAMES) or block[3]
-            if split := re.match(r"attention\.self\.(query|key|value)\.(weight|bias)$", part):
+            split = re.match(r"attention\.self\.(query|key|value)\.(weight|bias)$", part)
+            if split and not (v2 and split[2] == "bias"):
                 qkv.setdefault(f"{prefix}attn.qkv.{split[2]}", {})[split[1]] = value
                 continue
             ours = prefix + rest if (rest := _renamed(part, block_names)) else None
@@ -205,7 +235,7 @@ def from_hf_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     if unexpected:
         shown = ", ".join(unexpected[:3]) + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else "")
         raise CheckpointError(
-            f"not the weights of transformers' SwinForImageClassification or SwinModel: unexpected {shown}"
+            f"not the weights of transformers' Swin(v2)ForImageClassification or Swin(v2)Model: unexpected {shown}"
         )
     for key, parts in qkv.items():
         missing = [p for p in _QKV if p not in parts]
@@ -241,9 +271,16 @@ def hf_config(arch: Mapping, class_names: Sequence[str] | None) -> dict:
     arch = with_defaults(arch)
     check_hf_compatible(arch)
     labels = _labels(class_names, arch["num_classes"])
+    version = arch["version"]
+    windows = {}
+    if version == 2:
+        windows["pretrained_window_sizes"] = list(
+            arch["pretrained_window_sizes"] or [0] * len(arch["depths"])
+        )
     return {
-        "architectures": ["SwinForImageClassification"],
-        "model_type": "swin",
+        "architectures": [_HF_CLASSES[version]],
+        "model_type": HF_MODEL_TYPES[version],
+        **windows,
         "image_size": arch["img_size"],
         "patch_size": arch["patch_size"],
         "num_channels": arch["in_chans"],
@@ -392,7 +429,11 @@ def arch_from_hf_config(config: Mapping, sd: Mapping[str, torch.Tensor], folder:
             f"{folder}: config.json names {len(labels)} classes but the classifier has {num_classes}; "
             "the folder is inconsistent"
         )
+    version = {model_type: v for v, model_type in HF_MODEL_TYPES.items()}[config.get("model_type")]
+    pretrained = c.get("pretrained_window_sizes") or [0] * len(c["depths"])
     return dict(
+        version=version,
+        pretrained_window_sizes=[int(w) for w in pretrained] if version == 2 else None,
         img_size=side("image_size"),
         patch_size=side("patch_size"),
         in_chans=c["num_channels"],

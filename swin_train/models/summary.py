@@ -37,6 +37,7 @@ def describe_model(model: SwinTransformer) -> dict:
                 "dim": layer.dim,
                 "heads": layer.blocks[0].attn.num_heads,
                 "window": layer.blocks[0].window,
+                "pretrained_window": getattr(layer.blocks[0].attn, "pretrained_window", None),  # V2 only
                 "depth": layer.depth,
                 "blocks": blocks,
                 "downsample": None
@@ -49,6 +50,7 @@ def describe_model(model: SwinTransformer) -> dict:
     head_flops = model.flops() - embed_flops - sum(layer["flops"] for layer in layers)
     ape = model.absolute_pos_embed.numel() if model.absolute_pos_embed is not None else 0
     return {
+        "version": model.version,
         "img_size": model.img_size,
         "patch_size": model.patch_size,
         "embed_dim": model.embed_dim,
