@@ -61,6 +61,9 @@ TORCHVISION_VARIANTS = {
     "swin_tiny_patch4_window7_224": "swin_t",
     "swin_small_patch4_window7_224": "swin_s",
     "swin_base_patch4_window7_224": "swin_b",
+    "swinv2_tiny_patch4_window8_256": "swin_v2_t",
+    "swinv2_small_patch4_window8_256": "swin_v2_s",
+    "swinv2_base_patch4_window8_256": "swin_v2_b",
 }
 MiB = 2**20
 

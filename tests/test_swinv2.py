@@ -2,9 +2,14 @@
 torchvision's and transformers' SwinV2 with converted weights, the official formulas of its attention, and
 weights of a 192/w12 model that run at 256/w16 and 384/w24 without interpolation."""
 
+import importlib.util
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import onnxruntime
 import pytest
@@ -12,13 +17,16 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import MICRO_OVERRIDES, assert_bitwise_equal, env_for_subprocess, run_cli, weights
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 from transformers import Swinv2ForImageClassification
 
 from swin_train.checkpoint import save_checkpoint
+from swin_train.cli.eval import cli as eval_cli
 from swin_train.cli.export import cli as swin_export
 from swin_train.cli.model import cli as swin_model_cli
+from swin_train.cli.train import cli as train_cli
 from swin_train.config import config_to_dict, load_config
 from swin_train.data.transforms import Preprocess
 from swin_train.errors import CheckpointError
@@ -38,7 +46,9 @@ from swin_train.models.registry import VARIANTS
 from swin_train.models.swin import SwinTransformer, shifted_window_mask
 from swin_train.optim import param_group_names
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
 
 # Parameters counted with the official models/swin_transformer_v2.py (microsoft/Swin-Transformer f82860b) at
 # each config's number of classes, and FLOPs from the official README (None: not in the table; the official
@@ -422,3 +432,116 @@ def test_weight_decay_skips_what_the_official_v2_skips():
     }
     assert groups[0.0] == official and "layers.0.blocks.0.attn.cpb_mlp.0.weight" in official
     assert groups[0.05] == {n for n, _ in model.named_parameters()} - official
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def _v2_train_args(data, out, *extra):
+    return ["--data-path", str(data), "--output", str(out), *MICRO_OVERRIDES, "model.version=2", *extra]
+
+
+def test_a_micro_swinv2_learns_the_quick_start_shapes_and_its_official_export_evaluates_the_same(
+    shapes_root, tmp_path
+):
+    out = tmp_path / "run"
+    learn_fast = [
+        "train.epochs=5",
+        "train.base_lr=3e-3",
+        "aug.crop_scale=[0.8,1.0]",
+        "model.drop_path_rate=0",
+    ]
+    assert train_cli(_v2_train_args(shapes_root, out, "data.batch_size=32", *learn_fast)) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.15
+    assert records[-1]["val_top1"] >= 0.25 and records[-1]["val_top1"] > records[0]["val_top1"]  # chance: 1/8
+    assert torch.load(out / "last.pth", weights_only=True)["config"]["model"]["version"] == 2
+
+    # the official layout of those weights, bare (no config): swin-eval reads it with the run's config
+    assert (
+        swin_export(
+            ["--checkpoint", str(out / "last.pth"), "--format", "official", "--out", str(tmp_path / "o.pth")]
+        )
+        == 0
+    )
+    metrics = tmp_path / "m.json"
+    argv = [
+        "--checkpoint",
+        str(tmp_path / "o.pth"),
+        "--config",
+        str(out / "config.yaml"),
+        "--metrics-json",
+        str(metrics),
+    ]
+    assert eval_cli([*argv, "--data-path", str(shapes_root)]) == 0
+    assert json.loads(metrics.read_text())["top1"] == records[-1]["val_top1"]
+
+
+def test_resume_of_a_micro_swinv2_after_kill_9_is_bitwise_with_bf16_autocast(shapes_root, tmp_path):
+    common = [
+        *MICRO_OVERRIDES,
+        "model.version=2",
+        "data.batch_size=32",
+        "train.epochs=2",
+        "amp=bf16",
+        "train.ema=true",
+        "train.ema_decay=0.9",
+        "train.cpu_split=2",  # stochastic depth in two threads at once (cpu_split.py), on any core count
+        "train.checkpoint_every_steps=17",
+    ]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    done = run_cli("train", "--data-path", shapes_root, "--output", ref, *common)
+    assert done.returncode == 0, done.stderr
+    cmd = [
+        sys.executable,
+        "-m",
+        "swin_train.cli.train",
+        "--data-path",
+        str(shapes_root),
+        "--output",
+        str(run),
+    ]
+    proc = subprocess.Popen(
+        [*cmd, *common], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_subprocess()
+    )
+    deadline = time.time() + 240
+    while not (run / "step-000000017.pth").exists():  # kill -9 mid-epoch 1, right after a step checkpoint
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_cli("train", "--data-path", shapes_root, "--output", run, *common)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert_bitwise_equal(weights(ref / "last.pth"), weights(run / "last.pth"))
+    a, b = (torch.load(d / "last.pth", weights_only=True) for d in (ref, run))
+    assert a["train_state"] == b["train_state"] and a["train_state"]["global_step"] == 2 * 32
+    assert_bitwise_equal(a["ema"]["module"], b["ema"]["module"])
+
+
+def test_benchmark_runs_swinv2_against_timm_and_torchvision_with_the_same_weights(capsys):
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    micro = ["--img-size", "32", "--patch-size", "2", "--embed-dim", "24", "--depths", "2", "2"]
+    micro += ["--num-heads", "2", "4", "--window-size", "4", "--num-classes", "10"]
+    argv = ["--model", "swinv2_tiny_patch4_window8_256", *micro, "--batch-size", "2", "--warmup", "0"]
+    argv += [
+        "--repeats",
+        "1",
+        "--iters",
+        "1",
+        "--threads",
+        "1",
+        "--no-memory",
+        "--json",
+        "--peak-tflops",
+        "0.05",
+    ]
+    report = bench.main([*argv, "--impls", "ours", "timm", "torchvision"])
+    capsys.readouterr()
+    assert report["config"]["arch"]["version"] == 2
+    assert report["macs_per_image"] == SwinTransformer(**MICRO_V2, num_classes=10, version=2).flops()
+    assert max(report["logits_max_abs_diff"].values()) < 1e-5
+    params = {impl: res["params"] for impl, res in report["results"].items()}
+    assert params["ours"] == params["timm"] == params["torchvision"] - (24 * 2 + 48 * 2)  # its unused k bias

@@ -3,11 +3,11 @@ and torchvision's layout), and how far their logits are apart."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
+from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 from torch import nn
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin
 
 from bench.common import Setup
@@ -25,14 +25,24 @@ def build_model(
     grad_checkpointing: bool = False,
     attention: str = "auto",
 ) -> nn.Module:
-    """One implementation of the architecture, randomly initialised, in train mode."""
+    """One implementation of the architecture (Swin V1 or V2, `arch["version"]`), randomly initialised, in
+    train mode."""
+    version = arch.get("version", 1)
     if impl in ("ours", "timm"):
-        build = partial(create_model, attention=attention) if impl == "ours" else TimmSwin
-        model = build(**arch, num_classes=num_classes, drop_path_rate=drop_path)
+        if impl == "ours":
+            model = create_model(
+                **arch, num_classes=num_classes, drop_path_rate=drop_path, attention=attention
+            )
+        else:  # timm has a class per version
+            timm_arch = {k: v for k, v in arch.items() if k != "version"}
+            timm_class = TimmSwinV2 if version == 2 else TimmSwin
+            model = timm_class(**timm_arch, num_classes=num_classes, drop_path_rate=drop_path)
         model.set_grad_checkpointing(grad_checkpointing)
         return model
     p, w = arch["patch_size"], arch["window_size"]
+    v2 = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if version == 2 else {}
     return TorchvisionSwin(
+        **v2,
         patch_size=[p, p],
         embed_dim=arch["embed_dim"],
         depths=list(arch["depths"]),
@@ -57,7 +67,7 @@ def build_same_weight_models(setup: Setup) -> dict[str, nn.Module]:
     ours_sd = models["ours"].state_dict()
     if "torchvision" in models:
         tv = models["torchvision"]
-        tv.load_state_dict(to_layout(ours_sd, "torchvision"), strict=True)
+        tv.load_state_dict(to_layout(ours_sd, "torchvision", models["ours"]), strict=True)
         back = convert_state_dict(tv.state_dict())
         assert all(torch.equal(back[k], ours_sd[k]) for k in ours_sd), "torchvision weights differ from ours"
     return models
