@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from helpers import MICRO_OVERRIDES, assert_bitwise_equal, env_for_subprocess, run_cli, weights
+from test_flex import flex_cpu_backward  # noqa: F401 (a fixture)
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 from transformers import Swinv2ForImageClassification
@@ -232,6 +233,38 @@ def test_flex_attention_with_the_v2_table_equals_the_explicit_path():
         out = flex_window_attention(q, k, v, attn.bias_table(), attn.relative_position_index, mask, 4, 1.0)
         got = attn.proj(out.transpose(1, 2).reshape(8, 16, 16))
         torch.testing.assert_close(got, attn(x, mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.usefixtures(
+    "flex_cpu_backward"
+)  # torch's FlexAttention backward refusal on CPU lifted (test_flex)
+def test_flex_attention_gives_v2s_gradients_through_the_mlp_table_and_the_logit_scale():
+    """The bias table is computed (16 sigmoid(MLP)), not a parameter: FlexAttention's backward still reaches
+    cpb_mlp, and the scale inside q reaches logit_scale, as the explicit path's does."""
+    attn = CosineWindowAttention(16, 4, num_heads=2)
+    mask = shifted_window_mask(8, 8, 4, 2)
+    x = torch.randn(2 * 4, 16, 16)
+    weight = torch.randn(8, 2, 16, 8)
+    params = [attn.logit_scale, attn.cpb_mlp[0].weight, attn.cpb_mlp[2].weight, attn.q_bias, attn.qkv.weight]
+
+    def grads(use_flex: bool):
+        q, k, v, _ = attn.queries_keys_values(x)
+        if use_flex:
+            out = flex_window_attention(
+                q, k, v, attn.bias_table(), attn.relative_position_index, mask, 4, 1.0
+            )
+        else:
+            bias = attn.relative_position_bias().unsqueeze(0) + mask.unsqueeze(1)  # (4, heads, N, N)
+            logits = (q.view(2, 4, 2, 16, 8) @ k.view(2, 4, 2, 16, 8).transpose(-2, -1)) + bias
+            out = (logits.softmax(-1) @ v.view(2, 4, 2, 16, 8)).view(8, 2, 16, 8)
+        return torch.autograd.grad((out * weight).sum(), params)
+
+    for name, got, want in zip(
+        ("logit_scale", "cpb_mlp.0", "cpb_mlp.2", "q_bias", "qkv"), grads(True), grads(False)
+    ):
+        assert want.abs().max() > 1e-4, name  # a gradient that is really there
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=lambda m, n=name: f"d/d{n}: {m}")
 
 
 def test_res_post_norm_starts_every_branch_at_zero_and_merging_normalises_after_the_reduction():

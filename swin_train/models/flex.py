@@ -94,6 +94,8 @@ def flex_window_attention(
     them, so row b is window b % num_windows. bias_table: ((2w-1)^2, heads), gathered by relative_index (N, N)
     inside the kernel, so its gradient is computed by FlexAttention's backward. mask: (num_windows, N, N)
     additive (0 or MASKED_LOGIT) for shifted windows, or None. Returns (B * num_windows, heads, N, head_dim).
+    Swin V2 passes its computed table (16 sigmoid of the position MLP; the gradient flows on into the MLP),
+    its logit scale folded into q, and scale 1.
 
     `compiled` (default: on CUDA) runs the Triton kernels of `torch.compile(flex_attention)`; eager flex is
     the unfused reference path. `kernel_options` passes through to flex_attention (block sizes, for tuning).
