@@ -9,10 +9,10 @@ and reported as the median of those pairwise ratios, so slow drifts of the machi
     python scripts/benchmark.py                                    # CPU: Swin-T, fp32, batch 8, 224
     python scripts/benchmark.py --device cuda --dtype bf16 --batch-size 128 --compile --json
 
-Data mode (`--data-loader DIR`): decode + the official train transform over the images under DIR, in a
-DataLoader with each of `--workers` worker counts; prints img/s per worker, i.e. how many CPU cores a
-GPU needs to be fed at a given training speed. `--data-shards OUT` (OUT from `swin-data pack DIR OUT`)
-times the same images read from shards and prints the file opens per epoch of each.
+Data mode (`--data-loader DIR`): the input pipeline of a training run over the images under DIR, timm's
+create_loader against ours (folder, and shards with `--data-shards OUT` or `--photos N`), train and eval,
+interleaved, with each of `--workers` worker counts: img/s per worker, CPU ms per image of the process
+tree and the CPU cores one GPU needs (bench/data_loader.py).
 
 Peak memory: on CUDA, max_memory_allocated over a round minus what was allocated before it, plus what
 the implementation keeps resident (weights, buffers, AdamW state for training, the input batch), i.e.
@@ -153,7 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--data-shards",
         metavar="DIR",
-        help="also time the same images packed as shards (swin-data pack DIR): img/s and file opens",
+        help="also time the same images packed as shards (swin-data pack DIR)",
+    )
+    data.add_argument(
+        "--photos",
+        type=int,
+        metavar="N",
+        help="first make the real-photo set in DIR (N train + N/4 val JPEGs cut from scikit-image's\n"
+        "photographs, bench/photos.py) and pack it beside DIR unless --data-shards is given",
+    )
+    data.add_argument(
+        "--gpu-rate",
+        type=float,
+        nargs=3,
+        metavar=("T", "S", "B"),
+        help="train img/s of one GPU for Swin-T, -S, -B, for the cores-per-GPU line (default: timm's\n"
+        "published RTX 3090 AMP figures, 646.76 / 399.67 / 279.66)",
+    )
+    data.add_argument(
+        "--full-decode-row",
+        action="store_true",
+        help="also time our folder loader with data.fast_decode=false (timm's transforms on whole images)",
     )
     p.add_argument(
         "--linear-kernels",

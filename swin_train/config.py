@@ -176,6 +176,10 @@ class DataConfig:
     # an ImageFolder split whose decoded images fit in this many MiB is decoded once per process and kept in
     # memory, not decoded again every epoch (0: never); each data worker holds its own copy
     decoded_cache_mib: int = 256
+    # decode only what the crop needs (the crop drawn on the file's header, reduced-scale JPEG decoding,
+    # uint8 tensor resizes; data/decode.py): the same boxes, flips and RandAugment ops, pixels within the
+    # bound README states; false: timm's transforms on fully decoded images, bitwise as before
+    fast_decode: bool = True
     val_path: str | None = None  # shards of the val split when data_path is a brace pattern or pipe: URL
     shard_info: str | None = None  # the shards' _info.json/_info.yaml when not beside them (pipe: URLs)
     train_split: str = "train"  # split names in a shard index or a Hugging Face dataset (not ImageFolder)

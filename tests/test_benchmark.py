@@ -175,43 +175,60 @@ def test_bad_settings_raise_config_error(bench, flags, message):
         bench.main(flags)
 
 
-def test_data_loader_mode_reports_img_s_per_worker(bench, tmp_path, capsys):
+def test_data_loader_mode_times_timm_and_ours_side_by_side(bench, tmp_path, capsys):
     for i in range(3):
         (tmp_path / "class_a").mkdir(exist_ok=True)
-        Image.new("RGB", (48, 40), (40 * i, 90, 200)).save(tmp_path / "class_a" / f"{i}.png")
+        Image.new("RGB", (48, 40), (40 * i, 90, 200)).save(tmp_path / "class_a" / f"{i}.jpg")
     argv = ["--data-loader", str(tmp_path), "--workers", "0", "1", "--repeats", "2", "--data-images", "4"]
-    report = bench.main(argv + ["--batch-size", "2", "--img-size", "32", "--json"])
+    report = bench.main(
+        argv + ["--batch-size", "1", "--img-size", "32", "--gpu-rate", "100", "50", "20", "--json"]
+    )
     assert json.loads(capsys.readouterr().out) == report
-    assert report["config"]["num_images"] == 3 and "RandAugment" in report["config"]["transform"]
+    assert report["config"]["num_images"] == 3 and "FastRandomResizedCrop" in report["config"]["transform"]
     for workers, res in report["results"].items():
-        assert len(res["img_s"]) == 2 and res["median_img_s"] == statistics.median(res["img_s"])
-        assert res["per_worker_img_s"] == res["median_img_s"] / max(int(workers), 1)
-        assert res["cpu_ms_per_image"] > 0
+        assert set(res) >= {"timm", "ours", "eval_timm", "eval_ours"}
+        for name in ("timm", "ours", "eval_timm", "eval_ours"):
+            r = res[name]
+            assert len(r["img_s"]) == 2 and r["median_img_s"] == statistics.median(r["img_s"])
+            assert r["per_worker_img_s"] == r["median_img_s"] / max(int(workers), 1)
+            assert r["cpu_ms_per_image"] == statistics.median(r["cpu_ms"]) > 0
+            assert r["cpu_ms_per_image"] >= r["main_process_ms_per_image"] >= 0
+        ratios = [o / t for o, t in zip(res["ours"]["cpu_ms"], res["timm"]["cpu_ms"])]
+        assert res["ours"]["cpu_vs_timm"] == statistics.median(ratios) and "cpu_vs_timm" not in res["timm"]
+        assert res["eval_ours"]["cpu_vs_timm"] > 0 and res["median_img_s"] == res["ours"]["median_img_s"]
+    cores = report["cores_per_gpu"]
+    assert cores["workers"] == 1
+    assert cores["timm"]["swin_tiny"] == 100 * report["results"]["1"]["timm"]["cpu_ms_per_image"] / 1000
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no JPEG/PNG images"):
         bench.main(["--data-loader", str(tmp_path / "empty"), "--workers", "0"])
 
 
-def test_data_loader_mode_compares_the_folder_with_its_shards(bench, tmp_path, capsys):
-    from swin_train.data.pack import PackOptions, pack
-
-    for split, count in (("train", 4), ("val", 2)):
-        for name in ("a", "b"):
-            (tmp_path / "src" / split / name).mkdir(parents=True)
-            for i in range(count):
-                Image.new("RGB", (48, 40), (60 * i, 90, 200)).save(
-                    tmp_path / "src" / split / name / f"{i}.jpg"
-                )
-    pack(tmp_path / "src", tmp_path / "wds", PackOptions(shard_size=2), progress=False)
-    argv = ["--data-loader", str(tmp_path / "src" / "train"), "--data-shards", str(tmp_path / "wds")]
-    report = bench.main(
-        argv + ["--workers", "0", "2", "--repeats", "1", "--data-images", "4", "--batch-size", "2"]
-    )
-    for res in report["results"].values():
-        assert res["file_opens_per_epoch"] == 8 and res["shards"]["file_opens_per_epoch"] == 4
-        assert res["cpu_ms_per_image"] > 0 and res["shards"]["cpu_ms_per_image"] > 0
+def test_data_loader_mode_makes_the_photo_set_and_times_its_shards(bench, tmp_path, capsys):
+    photos = importlib.import_module("bench.photos")
+    argv = ["--data-loader", str(tmp_path / "photos"), "--photos", "8", "--workers", "2", "--repeats", "1"]
+    report = bench.main(argv + ["--data-images", "4", "--batch-size", "2", "--full-decode-row"])
+    assert report["config"]["shards"] == str(tmp_path / "photos-wds") and report["config"]["num_images"] == 8
+    assert set(report["results"]["2"]) >= {"ours_shards", "ours_full_decode"}
     table = capsys.readouterr().out
-    assert "CPU ms/img" in table and "shards: 4 file opens per epoch" in table
+    assert "cores per GPU needed" in table and "ours_shards" in table
+    described = photos.describe(tmp_path / "photos")
+    assert described["images"] == 8 + 6  # val: every photo once at least
+    assert 300 <= described["short_side_p10_p90"][0] <= described["short_side_p10_p90"][1] <= 500
+
+
+def test_photo_set_is_the_same_bytes_for_the_same_seed_and_cut_to_imagenet_sizes(bench, tmp_path):
+    photos = importlib.import_module("bench.photos")
+    a = photos.make_photo_set(tmp_path / "a", train=6, val=0, seed=1)
+    b = photos.make_photo_set(tmp_path / "b", train=6, val=0, seed=1)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))
+    assert len(files) == 6 and {f.parts[1] for f in files} == set(photos.SOURCES)
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+        with Image.open(a / f) as image:
+            w, h = image.size
+            assert 300 <= min(w, h) <= 500 and 3 / 4 - 0.01 <= w / h <= 4 / 3 + 0.01
+            assert image.format == "JPEG" and not image.info.get("progressive")
 
 
 def test_compile_subset_and_grad_checkpointing_settings(bench):

@@ -126,23 +126,29 @@ def format_table(report: dict) -> str:
 
 
 def format_data_table(report: dict) -> str:
-    cfg = report["config"]
+    cfg, env = report["config"], report["env"]
     lines = [
-        f"decode + official train transform, img {cfg['img_size']}, {cfg['num_images']} images, "
-        f"{report['env']['cores']} cores, {cfg['repeats']} rounds, medians",
-        f"{'workers':>7} {'img/s':>9} {'img/s per worker':>17} {'CPU ms/img':>11}",
+        f"input pipelines, img {cfg['img_size']}, batch {cfg['batch_size']}, {cfg['num_images']} train images, "
+        f"{env['cores']} cores, load {env['loadavg']}, {cfg['repeats']} interleaved rounds, medians",
+        f"{'row':<17} {'workers':>7} {'img/s':>8} {'img/s/worker':>13} {'CPU ms/img':>11} {'of it main':>11} "
+        f"{'CPU vs timm':>12}",
     ]
     for workers, res in report["results"].items():
-        for source, r in (("folder", res), ("shards", res.get("shards"))):
-            if r is not None:
+        for name, r in res.items():
+            if isinstance(r, dict):
+                ratio = f"{r['cpu_vs_timm']:.3f}x" if "cpu_vs_timm" in r else "1"
                 lines.append(
-                    f"{workers:>7} {r['median_img_s']:>9.1f} {r['per_worker_img_s']:>17.1f} "
-                    f"{r['cpu_ms_per_image']:>11.2f}   {source}: {r['file_opens_per_epoch']} file opens per epoch"
+                    f"{name:<17} {workers:>7} {r['median_img_s']:>8.1f} {r['per_worker_img_s']:>13.1f} "
+                    f"{r['cpu_ms_per_image']:>11.2f} {r['main_process_ms_per_image']:>11.2f} {ratio:>12}"
                 )
-    best = max(res["per_worker_img_s"] for res in report["results"].values())
+    cores = report["cores_per_gpu"]
+    rates = " / ".join(f"{v:g}" for v in cfg["gpu_rates"].values())
     lines.append(
-        f"a GPU training at N img/s needs about N / {best:.0f} loader cores (plus one for the main process)"
+        f"cores per GPU needed (Swin-T / S / B at {rates} img/s; CPU ms/img at {cores['workers']} workers):"
     )
+    for name, per_model in cores.items():
+        if name != "workers":
+            lines.append(f"  {name:<17} " + " / ".join(f"{v:.1f}" for v in per_model.values()))
     return "\n".join(lines)
 
 

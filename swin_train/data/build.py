@@ -154,7 +154,9 @@ def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> D
     random erasing run on `env.device` (`Data.device_transform`); otherwise the workers do all of it."""
     d = cfg.data
     train_transform = build_train_transform(d, cfg.aug, uint8=device_pipeline)
-    eval_transform = build_eval_transform(Preprocess.from_config(cfg), uint8=device_pipeline)
+    eval_transform = build_eval_transform(
+        Preprocess.from_config(cfg), uint8=device_pipeline, fast_decode=d.fast_decode
+    )
     device_transform = (
         device_transform_for(cfg, env, train=True) if device_pipeline and not d.synthetic else None
     )
@@ -264,7 +266,9 @@ def build_eval_data(
 ) -> tuple[DataLoader, list[str]]:
     """The val split alone, for `swin-eval`: an exact (non-padding) loader and the class names."""
     d = cfg.data
-    transform = build_eval_transform(Preprocess.from_config(cfg), uint8=device_pipeline)
+    transform = build_eval_transform(
+        Preprocess.from_config(cfg), uint8=device_pipeline, fast_decode=d.fast_decode
+    )
     workers = usable_workers(d.num_workers)
     source = data_source(cfg)
     warn_if_skip_bad_images_unused(cfg, source)

@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, takes_encoded
 from swin_train.data.seeding import run_seeded
 from swin_train.errors import DataError
 
@@ -51,6 +52,13 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
     Raises one of DECODE_ERRORS."""
     with open(path, "rb") as f:
         return Image.open(f).convert("RGB")  # convert() decodes: truncated data fails here
+
+
+def read_encoded(path: str | os.PathLike) -> Encoded:
+    """A file's bytes with its header parsed, for a transform that decodes only what it needs
+    (decode.py); a bad header raises one of DECODE_ERRORS, bad data UndecodableImage when decoded."""
+    with open(path, "rb") as f:
+        return open_encoded(f.read())
 
 
 def _within(path: str, folder: str) -> bool:
@@ -114,14 +122,18 @@ class DecodedCache:
     `budget` bytes. Why our own: ImageFolder decodes every file again every epoch; for a small set that is
     most of a data worker's work, and on a machine where the workers share cores with the training threads
     every step waits for it. Nothing changes but where the pixels come from (the same RGB array, so
-    augmentations and batches are bitwise the same). The first decoded image decides: if the set would not
-    fit at its size, nothing is kept; nor is anything beyond `budget` bytes. Each data worker has its own."""
+    augmentations and batches are bitwise the same). The set's first image decides (`first_size`, from its
+    header, so the decision is the same in every process and after a resume): if the set would not fit at
+    its size, nothing is kept (`enabled` is False); nor is anything beyond `budget` bytes. Each data worker
+    has its own."""
 
-    def __init__(self, budget: int, num_images: int):
+    def __init__(self, budget: int, num_images: int, first_size: tuple[int, int] | None = None):
         self.budget, self.num_images = budget, num_images
         self.images: dict[int, np.ndarray] = {}
         self.bytes = 0
-        self.filling = budget > 0
+        fits = first_size is not None and first_size[0] * first_size[1] * 3 * num_images <= budget
+        self.enabled = budget > 0 and fits
+        self.filling = self.enabled
 
     def get(self, index: int) -> Image.Image | None:
         pixels = self.images.get(index)
@@ -131,9 +143,7 @@ class DecodedCache:
         if not self.filling:
             return
         pixels = np.asarray(image)  # (H, W, 3) uint8
-        if not self.images and pixels.nbytes * self.num_images > self.budget:
-            self.filling = False  # the set would not fit: do not hold part of it
-        elif self.bytes + pixels.nbytes > self.budget:
+        if self.bytes + pixels.nbytes > self.budget:
             self.filling = False
         else:
             self.images[index] = pixels
@@ -145,7 +155,9 @@ class ImageFolderDataset(Dataset):
     makes the augmentation of a sample a pure function of the key (`run_seeded`), whichever worker
     decodes it. With `skip_bad_images`, an undecodable file is logged and replaced by the next index
     (deterministic); `num_skipped` counts such replacements across all worker processes. `cache_bytes` > 0
-    keeps decoded images in memory when the set fits (DecodedCache)."""
+    keeps decoded images in memory when the set fits (DecodedCache). A transform that takes undecoded
+    files (decode.takes_encoded) gets them, except from a set the cache holds: there every image is
+    decoded whole, cached or not, so a sample's pixels never depend on what a process decoded before."""
 
     def __init__(
         self,
@@ -164,7 +176,8 @@ class ImageFolderDataset(Dataset):
         # shared memory: workers are separate processes, a plain int would count per worker
         self._skipped = multiprocessing.Value("q", 0)
         self._warned: set[str] = set()
-        self.cache = DecodedCache(cache_bytes, len(self.samples))
+        first_size = _header_size(self.samples[0][0]) if cache_bytes > 0 and self.samples else None
+        self.cache = DecodedCache(cache_bytes, len(self.samples), first_size)
 
     @property
     def num_skipped(self) -> int:
@@ -174,39 +187,59 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, index: int) -> tuple[Image.Image, int]:
-        for offset in range(len(self.samples)):
-            i = (index + offset) % len(self.samples)
-            path, label = self.samples[i]
-            cached = self.cache.get(i)
-            if cached is not None:
-                return cached, label
-            try:
-                image = decode_image(path)
-                self.cache.add(i, image)
-                return image, label
-            except DECODE_ERRORS as e:
-                if not self.skip_bad_images:
-                    raise DataError(
-                        f"cannot decode image {path} ({decode_error_reason(e)}); "
-                        "delete or replace it, or set data.skip_bad_images=true to skip such files"
-                    ) from None
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
-                if path not in self._warned:  # once per file and process: no log flood every epoch
-                    self._warned.add(path)
-                    log.warning("skipping undecodable image %s (%s)", path, decode_error_reason(e))
-        raise DataError(f"no image under {self.root} can be decoded")
+    def _load(self, index: int) -> Image.Image | Encoded:
+        """The image at `index`: cached, undecoded (Encoded) or decoded. Raises one of DECODE_ERRORS."""
+        cached = self.cache.get(index)
+        if cached is not None:
+            return cached
+        path = self.samples[index][0]
+        if takes_encoded(self.transform) and not self.cache.enabled:
+            return read_encoded(path)
+        image = decode_image(path)
+        self.cache.add(index, image)
+        return image
+
+    def _bad_image(self, path: str, e: BaseException) -> None:
+        """Raise the one-line DataError, or (skip_bad_images) count and log the file once per process."""
+        if not self.skip_bad_images:
+            raise DataError(
+                f"cannot decode image {path} ({decode_error_reason(e)}); "
+                "delete or replace it, or set data.skip_bad_images=true to skip such files"
+            ) from None
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+        if path not in self._warned:  # once per file and process: no log flood every epoch
+            self._warned.add(path)
+            log.warning("skipping undecodable image %s (%s)", path, decode_error_reason(e))
 
     def __getitem__(self, key: int | SampleKey) -> tuple[object, int]:
         index, sample_seed = split_key(key)
-        img, label = self._load(index)
-        if self.transform is not None:
-            if sample_seed is None:
-                img = self.transform(img)
-            else:
-                img = run_seeded(self.transform, img, sample_seed)
-        return img, label
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            path, label = self.samples[i]
+            try:
+                image = self._load(i)
+            except DECODE_ERRORS as e:
+                self._bad_image(path, e)
+                continue
+            if self.transform is None:
+                return image, label
+            try:
+                if sample_seed is None:
+                    return self.transform(image), label
+                return run_seeded(self.transform, image, sample_seed), label
+            except UndecodableImage as e:  # an undecoded file's data failed in the transform
+                self._bad_image(path, e.cause)
+        raise DataError(f"no image under {self.root} can be decoded")
+
+
+def _header_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from an image file's header; None when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except DECODE_ERRORS:
+        return None
 
 
 def check_root(root: str | Path, splits: Sequence[str]) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
+from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, takes_encoded
 from swin_train.data.folder import DECODE_ERRORS, SampleKey, decode_error_reason, split_key
 from swin_train.data.seeding import run_seeded
 from swin_train.errors import DataError
@@ -105,7 +106,8 @@ def class_names_of(dataset, label_column: str) -> list[str]:
 
 class HFImageDataset(Dataset):
     """(image, label) rows of a `datasets.Dataset`; keys may be ints or `SampleKey`s, whose seed makes the
-    augmentation a pure function of the key, as in `ImageFolderDataset`."""
+    augmentation a pure function of the key, as in `ImageFolderDataset`. A transform that takes undecoded
+    files (decode.takes_encoded) gets the stored bytes: the Image column is read with decode=False."""
 
     def __init__(
         self,
@@ -122,6 +124,9 @@ class HFImageDataset(Dataset):
                 f"the dataset {where} has no column {', '.join(repr(c) for c in missing)} (columns: "
                 f"{', '.join(dataset.column_names)}); set data.image_column / data.label_column"
             )
+        self.encoded = takes_encoded(transform) and type(dataset.features[image_column]).__name__ == "Image"
+        if self.encoded:  # rows then hold {'bytes', 'path'} instead of images `datasets` decoded whole
+            dataset = dataset.cast_column(image_column, _datasets().Image(decode=False))
         self.dataset, self.transform, self.where = dataset, transform, where
         self.image_column, self.label_column = image_column, label_column
         self.classes = class_names_of(dataset, label_column)
@@ -129,10 +134,13 @@ class HFImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _load(self, index: int) -> tuple[Image.Image, int]:
+    def _load(self, index: int) -> tuple[Image.Image | Encoded, int]:
         try:
             row = self.dataset[index]
             image = row[self.image_column]
+            if isinstance(image, dict) and self.encoded:
+                data = image.get("bytes") or Path(image["path"]).read_bytes()
+                return open_encoded(data), int(row[self.label_column])
             if isinstance(image, dict):  # an undecoded Image feature: {'bytes': ..., 'path': ...}
                 image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
             if not isinstance(image, Image.Image):
@@ -141,19 +149,22 @@ class HFImageDataset(Dataset):
                 )
             return image.convert("RGB"), int(row[self.label_column])
         except DECODE_ERRORS as e:
-            raise DataError(
-                f"cannot decode the image of row {index} of {self.where} ({decode_error_reason(e)})"
-            ) from None
+            raise self._undecodable(index, e) from None
+
+    def _undecodable(self, index: int, e: BaseException) -> DataError:
+        return DataError(f"cannot decode the image of row {index} of {self.where} ({decode_error_reason(e)})")
 
     def __getitem__(self, key: int | SampleKey) -> tuple[object, int]:
         index, seed = split_key(key)
         image, label = self._load(index)
-        if self.transform is not None:
+        if self.transform is None:
+            return image, label
+        try:
             if seed is None:
-                image = self.transform(image)
-            else:
-                image = run_seeded(self.transform, image, seed)
-        return image, label
+                return self.transform(image), label
+            return run_seeded(self.transform, image, seed), label
+        except UndecodableImage as e:  # an undecoded image's data failed in the transform
+            raise self._undecodable(index, e.cause) from None
 
 
 def build_hf_split(

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, takes_encoded
 from swin_train.data.folder import DECODE_ERRORS, decode_error_reason
 from swin_train.data.seeding import derive_seed, run_seeded, seed_generator, seed_globals_from
 from swin_train.data.tar_stream import iter_tar_files
@@ -334,8 +335,13 @@ def read_shard(shard: Shard, *, stop_after: int | None = None) -> Iterator[dict]
                 raise _shard_error(shard, e) from None
 
 
-def decode_sample(sample: dict, shard: Shard) -> tuple[Image.Image, int]:
-    """(RGB image, label) from a webdataset sample's raw bytes."""
+def _undecodable(where: str, e: BaseException) -> DataError:
+    reason = decode_error_reason(e)
+    return DataError(f"cannot decode image {where} ({reason}); re-pack with `swin-data pack --skip-bad`")
+
+
+def decode_sample(sample: dict, shard: Shard, *, encoded: bool = False) -> tuple[Image.Image | Encoded, int]:
+    """(RGB image, label) from a webdataset sample's raw bytes; `encoded`: the image undecoded (Encoded)."""
     where = f"{sample.get('__key__')} in shard {shard.url}"
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None or LABEL_EXTENSION not in sample:
@@ -346,12 +352,11 @@ def decode_sample(sample: dict, shard: Shard) -> tuple[Image.Image, int]:
     except ValueError:
         raise DataError(f"sample {where}: its .cls is not an integer label") from None
     try:
-        image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+        if encoded:
+            return open_encoded(bytes(sample[ext])), label
+        return Image.open(io.BytesIO(sample[ext])).convert("RGB"), label
     except DECODE_ERRORS as e:
-        raise DataError(
-            f"cannot decode image {where} ({decode_error_reason(e)}); re-pack with `swin-data pack --skip-bad`"
-        ) from None
-    return image, label
+        raise _undecodable(where, e) from None
 
 
 @lru_cache(maxsize=64)  # the shards a shuffle buffer draws from at once (more are recomputed: pure)
@@ -368,12 +373,15 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _transformed(transform: Callable | None, image: Image.Image, seed: int | None):
+def _transformed(transform: Callable | None, image: Image.Image | Encoded, seed: int | None, sample, shard):
     if transform is None:
         return image
-    if seed is None:
-        return transform(image)
-    return run_seeded(transform, image, seed)
+    try:
+        if seed is None:
+            return transform(image)
+        return run_seeded(transform, image, seed)
+    except UndecodableImage as e:  # an undecoded image's data failed in the transform
+        raise _undecodable(f"{sample.get('__key__')} in shard {shard.url}", e.cause) from None
 
 
 class ShardTrainDataset(IterableDataset):
@@ -440,11 +448,12 @@ class ShardTrainDataset(IterableDataset):
         worker = (loader_worker + self.start_batch) % self.streams_per_rank
         stream = self.rank * self.streams_per_rank + worker
         start = batches_before(self.start_batch, worker, self.streams_per_rank) * self.batch_size
+        encoded = takes_encoded(self.transform)
         for shard_index, member, sample in self.stream_samples(stream, start):
-            image, label = decode_sample(sample, self.split.shards[shard_index])
-            count = self.split.shards[shard_index].num_samples
-            seed = int(shard_sample_seeds(self.seed, self.epoch, shard_index, count)[member])
-            yield _transformed(self.transform, image, seed), label
+            shard = self.split.shards[shard_index]
+            image, label = decode_sample(sample, shard, encoded=encoded)
+            seed = int(shard_sample_seeds(self.seed, self.epoch, shard_index, shard.num_samples)[member])
+            yield _transformed(self.transform, image, seed, sample, shard), label
 
     def stream_samples(self, stream: int, start: int = 0) -> Iterator[tuple[int, int, dict]]:
         """(shard index, member index, raw sample) of `stream` in this epoch's order from position `start`;
@@ -512,11 +521,12 @@ class ShardEvalDataset(IterableDataset):
     def __iter__(self) -> Iterator[tuple[object, int]]:
         worker, _ = _worker()
         stream = self.rank * self.streams_per_rank + worker
+        encoded = takes_encoded(self.transform)
         for shard_id in stream_shards(range(len(self.split.shards)), stream, self.num_streams):
             shard = self.split.shards[shard_id]
             for sample in read_shard(shard):
-                image, label = decode_sample(sample, shard)
-                yield _transformed(self.transform, image, None), label
+                image, label = decode_sample(sample, shard, encoded=encoded)
+                yield _transformed(self.transform, image, None, sample, shard), label
 
 
 def _init_worker(seed: int, rank: int, worker_id: int) -> None:

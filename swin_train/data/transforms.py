@@ -14,8 +14,11 @@ from dataclasses import asdict, dataclass
 from PIL import Image, ImageOps
 from timm.data import auto_augment as timm_auto_augment
 from timm.data import create_transform
+from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
+from torchvision import transforms as tv_transforms
 
 from swin_train.config import AugConfig, Config, DataConfig
+from swin_train.data.decode import FastCompose, FastRandomResizedCrop, FastResizeCenterCrop, PILToUint8
 from swin_train.errors import CheckpointError
 
 
@@ -66,7 +69,9 @@ def build_train_transform(data: DataConfig, aug: AugConfig, *, uint8: bool = Fal
 
     `uint8=True`: stop before ToTensor, as timm's `use_prefetcher`: no normalisation and no random erasing
     (the device does both). The random draws before that point are the same, so the images are those of
-    the float pipeline."""
+    the float pipeline.
+
+    `data.fast_decode`: the same chain with its crop taking undecoded files (decode.FastRandomResizedCrop)."""
     aa = None if not aug.auto_augment or aug.auto_augment.lower() == "none" else aug.auto_augment
     transform = create_transform(
         data.img_size,
@@ -84,17 +89,18 @@ def build_train_transform(data: DataConfig, aug: AugConfig, *, uint8: bool = Fal
         use_prefetcher=uint8,
     )
     _fix_posterize(transform)
-    return transform
+    return _fast_chain(transform) if data.fast_decode else transform
 
 
-def build_eval_transform(pre: Preprocess, *, uint8: bool = False) -> Callable:
+def build_eval_transform(pre: Preprocess, *, uint8: bool = False, fast_decode: bool = False) -> Callable:
     """Resize the shorter side to int(img_size / crop_pct), center-crop img_size, normalise.
     crop_pct == 1.0 is a plain resize to img_size x img_size (the official 384 eval: no crop).
-    `uint8=True`: (3, S, S) uint8 without normalisation (done on the device)."""
+    `uint8=True`: (3, S, S) uint8 without normalisation (done on the device). `fast_decode`: the resize
+    and crop take undecoded files (decode.FastResizeCenterCrop)."""
     if not 0.0 < pre.crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {pre.crop_pct}")
     # timm: floor(img_size / crop_pct) == int(...) for positive sizes; 'squash' resizes both edges.
-    return create_transform(
+    transform = create_transform(
         pre.img_size,
         is_training=False,
         crop_pct=pre.crop_pct,
@@ -104,6 +110,24 @@ def build_eval_transform(pre: Preprocess, *, uint8: bool = False) -> Callable:
         std=tuple(pre.std),
         use_prefetcher=uint8,
     )
+    return _fast_chain(transform) if fast_decode else transform
+
+
+def _fast_chain(transform: Callable) -> FastCompose:
+    """timm's chain with its first steps swapped for ones that decode only what they need: the
+    random-resized crop (its own settings and random draws) or the eval resize + center crop; and the
+    uint8 hand-over without the extra copy. Every other step is timm's own object."""
+    steps = list(transform.transforms)
+    first = steps[0]
+    if isinstance(first, RandomResizedCropAndInterpolation):
+        steps[0] = FastRandomResizedCrop(first)
+    elif isinstance(first, tv_transforms.Resize) and isinstance(steps[1], tv_transforms.CenterCrop):
+        uint8 = isinstance(steps[2], MaybePILToTensor)  # the next step takes the tensor as it is
+        interpolation = first.interpolation.value
+        steps[:2] = [FastResizeCenterCrop(first.size, steps[1].size, interpolation, as_tensor=uint8)]
+    else:
+        raise ValueError(f"fast_decode: no fast first step for {first!r}")
+    return FastCompose([PILToUint8() if isinstance(s, MaybePILToTensor) else s for s in steps])
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:

@@ -1,0 +1,237 @@
+"""data.fast_decode (swin_train/data/decode.py): the crop drawn on the header, decoded and resized once.
+
+Real photographs (the loader benchmark's, scripts/bench/photos.py) at ImageNet sizes: the same random draws
+as timm's full path, pixels within a PSNR floor of it, today's path bitwise with fast_decode off, exact
+resume and one-line errors with it on.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data.auto_augment import AugmentOp
+from timm.data.transforms import RandomResizedCropAndInterpolation
+
+from swin_train.config import AugConfig, DataConfig
+from swin_train.data.decode import dct_scale, open_encoded
+from swin_train.data.folder import ImageFolderDataset, build_datasets, decode_image
+from swin_train.data.loader import build_loader
+from swin_train.data.samplers import ResumableTrainSampler
+from swin_train.data.seeding import run_seeded, seeded_rng
+from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
+from swin_train.errors import DataError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench.photos import SOURCES, cut_photo, load_sources  # noqa: E402
+
+PRE = Preprocess(224, 0.875, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[bytes]:
+    """12 JPEGs cut from the bundled photographs as the benchmark cuts them (300-500 px, quality 75-95)."""
+    sources = load_sources()
+    out = []
+    for i in range(12):
+        image, quality = cut_photo(sources[SOURCES[i % len(SOURCES)]], np.random.default_rng([7, i]), True)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+        out.append(buffer.getvalue())
+    return out
+
+
+def _decoded(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.float() - b.float()) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def _rng_fingerprint() -> tuple:
+    return random.getstate(), np.random.get_state()[1].tobytes(), torch.get_rng_state().tolist()
+
+
+def test_fast_decode_draws_the_same_boxes_flips_and_randaugment_ops_as_the_full_path(photos, monkeypatch):
+    draws: list[tuple] = []
+    get_params = RandomResizedCropAndInterpolation.get_params
+    monkeypatch.setattr(
+        RandomResizedCropAndInterpolation,
+        "get_params",
+        staticmethod(lambda img, scale, ratio: draws.append(get_params(img, scale, ratio)) or draws[-1]),
+    )
+    op_call = AugmentOp.__call__
+    monkeypatch.setattr(
+        AugmentOp, "__call__", lambda op, img: draws.append((op.name, _rng_fingerprint())) or op_call(op, img)
+    )
+    full = build_train_transform(DataConfig(fast_decode=False), AugConfig(), uint8=True)
+    fast = build_train_transform(DataConfig(fast_decode=True), AugConfig(), uint8=True)
+    for seed, data in enumerate(photos):
+        draws.clear()
+        with seeded_rng(seed):
+            full(_decoded(data))
+            full_end = _rng_fingerprint()
+        full_draws = list(draws)
+        draws.clear()
+        with seeded_rng(seed):
+            fast(open_encoded(data))
+            fast_end = _rng_fingerprint()
+        # boxes, then each RandAugment op with the RNG state it started from; the flip's torch draw and
+        # everything after show in the final state of all three generators
+        assert draws == full_draws and len(draws) == 3 and fast_end == full_end
+
+
+def test_fast_crop_and_resize_stay_within_53_db_of_full_decode_and_eval_within_70_db(photos):
+    # crop + resize alone (no flip or RandAugment, which can amplify a 1-level difference)
+    aug = AugConfig(auto_augment=None, color_jitter=0, hflip=0)
+    full = build_train_transform(DataConfig(fast_decode=False), aug, uint8=True)
+    fast = build_train_transform(DataConfig(fast_decode=True), aug, uint8=True)
+    full_eval, fast_eval = (
+        build_eval_transform(PRE, uint8=True),
+        build_eval_transform(PRE, uint8=True, fast_decode=True),
+    )
+    for seed, data in enumerate(photos):
+        for draw in range(3):
+            a = run_seeded(full, _decoded(data), seed, draw)
+            b = run_seeded(fast, open_encoded(data), seed, draw)
+            assert a.shape == b.shape == (3, 224, 224) and _psnr(a, b) >= 50.0
+        assert _psnr(full_eval(_decoded(data)), fast_eval(open_encoded(data))) >= 68.0
+
+
+def test_reduced_dct_scale_only_where_the_resize_still_shrinks_twice_and_within_33_db(photos):
+    assert dct_scale((500, 375), (375 / 224, 375 / 224)) == 1  # ImageNet-sized crops decode whole
+    assert dct_scale((2000, 1600), (3.9, 5.0)) == 1 and dct_scale((2000, 1600), (4.0, 5.0)) == 2
+    assert dct_scale((4000, 3000), (16.1, 13.0)) == 4
+    big = io.BytesIO()
+    _decoded(photos[4]).resize((2000, 1500), Image.Resampling.LANCZOS).save(big, "JPEG", quality=90)
+    aug = AugConfig(auto_augment=None, color_jitter=0, hflip=0, crop_scale=[0.9, 1.0])
+    full = build_train_transform(DataConfig(fast_decode=False), aug, uint8=True)
+    fast = build_train_transform(DataConfig(fast_decode=True), aug, uint8=True)
+    a = run_seeded(full, _decoded(big.getvalue()), 3)
+    b = run_seeded(fast, open_encoded(big.getvalue()), 3)
+    assert _psnr(a, b) >= 33.0
+
+
+def _photo_folder(root: Path, photos: list[bytes]) -> Path:
+    for i, data in enumerate(photos):
+        for split in ("train", "val"):
+            folder = root / split / ("a" if i % 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:02d}.jpg").write_bytes(data)
+    return root
+
+
+def _batches(dataset, workers: int, epoch: int = 1, start: int = 0) -> list[torch.Tensor]:
+    sampler = ResumableTrainSampler(len(dataset), num_replicas=1, rank=0, seed=5)
+    loader = build_loader(dataset, batch_size=2, sampler=sampler, num_workers=workers, drop_last=True)
+    sampler.set_epoch(epoch)
+    sampler.set_start(start, 2)
+    return [x.clone() for x, _ in loader]
+
+
+def test_fast_decode_off_gives_todays_batches_bitwise(tmp_path, photos):
+    root = _photo_folder(tmp_path, photos[:6])
+    transform = build_train_transform(DataConfig(fast_decode=False), AugConfig(), uint8=True)
+    train, _, _ = build_datasets(root, train_transform=transform, eval_transform=None)
+    # today's path written out: timm's own transform (posterize patched) on a Pillow-decoded image
+    from timm.data import create_transform
+
+    from swin_train.data.transforms import _fix_posterize
+
+    timm_transform = create_transform(
+        224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25,
+        use_prefetcher=True,
+    )  # fmt: skip
+    _fix_posterize(timm_transform)
+    sampler = ResumableTrainSampler(len(train), num_replicas=1, rank=0, seed=5)
+    sampler.set_epoch(1)
+    expected = [run_seeded(timm_transform, decode_image(train.samples[i][0]), seed) for i, seed in sampler]
+    got = torch.cat(_batches(train, workers=0))
+    assert torch.equal(got, torch.stack(expected[: len(got)]))
+
+
+def test_fast_decode_folder_batches_repeat_across_workers_and_resume_mid_epoch(tmp_path, photos):
+    root = _photo_folder(tmp_path, photos[:6])
+    transform = build_train_transform(DataConfig(fast_decode=True), AugConfig(), uint8=True)
+    # a cache budget the set fits in: every image then decodes whole, cached or not
+    for cache in (0, 1 << 30):
+        train, _, _ = build_datasets(root, train_transform=transform, eval_transform=None, cache_bytes=cache)
+        whole = _batches(train, workers=0)
+        assert len(whole) == 3 and all(torch.equal(a, b) for a, b in zip(whole, _batches(train, workers=2)))
+        resumed = _batches(train, workers=1, start=1)
+        assert all(torch.equal(a, b) for a, b in zip(whole[1:], resumed)) and len(resumed) == 2
+
+
+def test_fast_decode_shard_batches_resume_mid_epoch(tmp_path, photos):
+    from swin_train.data import shards as S
+    from swin_train.data.pack import PackOptions, pack
+
+    pack(
+        _photo_folder(tmp_path / "src", photos[:8]),
+        tmp_path / "wds",
+        PackOptions(shard_size=2),
+        progress=False,
+    )
+    split = S.resolve_split(str(tmp_path / "wds"), "train")
+    transform = build_train_transform(DataConfig(fast_decode=True), AugConfig(), uint8=True)
+
+    def epoch(start: int) -> list[torch.Tensor]:
+        ds = S.ShardTrainDataset(split, transform, batch_size=2, num_workers=2, seed=3)
+        ds.set_epoch(1)
+        ds.set_start(start, 2)
+        loader = S.build_shard_loader(ds, batch_size=2, num_workers=2, pin_memory=False, drop_last=True)
+        return [x.clone() for x, _ in loader]
+
+    whole, resumed = epoch(0), epoch(1)
+    assert len(whole) == 4 and all(torch.equal(a, b) for a, b in zip(whole[1:], resumed))
+
+
+def test_truncated_or_bad_jpegs_get_the_one_line_message_with_fast_decode(tmp_path, photos, caplog):
+    root = _photo_folder(tmp_path / "src", photos[:4])
+    truncated = root / "train" / "b" / "00.jpg"
+    truncated.write_bytes(photos[0][: len(photos[0]) // 2])  # header fine, data cut: fails when decoded
+    transform = build_train_transform(DataConfig(fast_decode=True), AugConfig(), uint8=True)
+    train, _, _ = build_datasets(root, train_transform=transform, eval_transform=None)
+    index = [p for p, _ in train.samples].index(str(truncated))
+    with pytest.raises(DataError, match=r"^cannot decode image .*00\.jpg \(.*\); delete or replace it") as e:
+        train[(index, 1)]
+    assert "\n" not in str(e.value) and "decode_jpeg.cpp" not in str(e.value)
+    train, _, _ = build_datasets(root, train_transform=transform, eval_transform=None, skip_bad_images=True)
+    image, label = train[(index, 1)]
+    assert image.shape == (3, 224, 224) and train.num_skipped == 1
+
+    import tarfile
+
+    from swin_train.data import shards as S
+
+    (tmp_path / "wds").mkdir()
+    with tarfile.open(tmp_path / "wds" / "set-val-0000.tar", "w") as tar:
+        for name, data in (("k0.jpg", truncated.read_bytes()), ("k0.cls", b"0")):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    S.write_index(tmp_path / "wds")
+    split = S.resolve_split(str(tmp_path / "wds"), "val")
+    ds = S.ShardEvalDataset(split, build_eval_transform(PRE, uint8=True, fast_decode=True))
+    with pytest.raises(DataError, match=r"^cannot decode image k0 in shard .*; re-pack with `swin-data pack"):
+        list(ds)
+
+
+def test_the_cache_decision_comes_from_the_first_files_header_not_from_what_was_decoded_first(
+    tmp_path, photos
+):
+    root = _photo_folder(tmp_path, photos[:4])
+    transform = build_train_transform(DataConfig(fast_decode=True), AugConfig(), uint8=True)
+    first = Image.open(io.BytesIO(photos[1])).size  # a/01.jpg sorts first
+    need = first[0] * first[1] * 3 * 4
+    fits = ImageFolderDataset(root / "train", transform, cache_bytes=need)
+    too_small = ImageFolderDataset(root / "train", transform, cache_bytes=need - 1)
+    assert fits.cache.enabled and not too_small.cache.enabled
