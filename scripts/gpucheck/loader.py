@@ -50,7 +50,8 @@ def plan_data_loader(ctx: Context) -> list[Step]:
     workers = [str(w) for w in ctx.loader_workers]
     argv = [ctx.python, "scripts/benchmark.py", "--data-loader", str(folder), "--workers", *workers]
     argv += ["--data-images", "256", "--repeats", "2", "--json"]
-    return [Step("data_loader", argv, 90, note=f"after writing 96 JPEGs (500x375) to {folder}")]
+    # four rows a round (timm's train and eval loaders beside ours), each worker count, two rounds
+    return [Step("data_loader", argv, 300, note=f"after writing 96 JPEGs (500x375) to {folder}")]
 
 
 def loader_cores(loader: dict | None, bench_parts: Sequence[PartResult], num_gpus: int) -> list[dict]:
