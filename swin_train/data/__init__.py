@@ -2,6 +2,7 @@
 
 folder.py      ImageFolder scanning and decoding (the file rules swin-predict shares)
 transforms.py  timm's train recipe and the eval resize/crop (`Preprocess`, stored in checkpoints)
+decode.py      data.fast_decode: the crop chosen on the header, then decoded and resized once
 samplers.py    a train order that resumes mid-epoch bitwise; an eval split that never pads
 loader.py      DataLoaders whose output does not depend on workers
 seeding.py     seeds derived from (seed, rank, epoch, index) keys
