@@ -27,8 +27,16 @@ from typing import Any
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from swin_train.config_types import all_keys as _all_keys
-from swin_train.config_types import at, build, coerce, cut, field_hints, field_type, plain
-from swin_train.config_yaml import dump_yaml, load_tree, merge, nest, parse_override, record
+from swin_train.config_types import (
+    build_typed,
+    coerce,
+    field_hints,
+    field_type,
+    plain_data,
+    shorten,
+    with_origin,
+)
+from swin_train.config_yaml import deep_merge, dump_yaml, load_tree, nested, parse_override, record_origin
 from swin_train.errors import ConfigError
 from swin_train.models.arch import ArchitectureError, check_architecture
 from swin_train.models.registry import DEFAULT_VARIANT, VARIANTS, variant_arch
@@ -78,11 +86,11 @@ class Rules:
         return self.origins[max(known, key=self.order.__getitem__)] if known else None
 
     def fail(self, keys: str | tuple[str, ...], msg: str) -> typing.NoReturn:
-        raise ConfigError(at(self.where(*([keys] if isinstance(keys, str) else keys)), msg))
+        raise ConfigError(with_origin(self.where(*([keys] if isinstance(keys, str) else keys)), msg))
 
     def require(self, key: str, value: Any, ok: typing.Callable[[Any], bool], requirement: str) -> None:
         if not ok(value):  # also catches NaN
-            self.fail(key, f"{key} must be {requirement}, got {cut(repr(value))}")
+            self.fail(key, f"{key} must be {requirement}, got {shorten(repr(value))}")
         if isinstance(value, float) and math.isinf(value):
             self.fail(key, f"{key} must be a finite number {requirement}, got {value!r}")
 
@@ -93,7 +101,7 @@ class Rules:
         close = close or difflib.get_close_matches(value, choices, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         options = ", ".join(repr(c) for c in choices)
-        self.fail(key, f"{key} must be one of {options}, got {cut(repr(value))}{hint}")
+        self.fail(key, f"{key} must be one of {options}, got {shorten(repr(value))}{hint}")
 
 
 def _positive(x: float) -> bool:
@@ -402,12 +410,12 @@ def load_config(
             raise TypeError(f"load_config() got an unexpected keyword argument '{name}'")
         if value is not None:
             key = CLI_SHORTCUTS[name]
-            merge(data, nest(key, value))
-            record(origins, key, value, f"command line {name}={cut(repr(value))}")
+            deep_merge(data, nested(key, value))
+            record_origin(origins, key, value, f"command line {name}={shorten(repr(value))}")
     for item in overrides:
         key, value = parse_override(item, functools.partial(field_type, Config))
-        merge(data, nest(key, value))
-        record(origins, key, value, f"override '{cut(item)}'")
+        deep_merge(data, nested(key, value))
+        record_origin(origins, key, value, f"override '{shorten(item)}'")
     return _from_dict(data, origins)
 
 
@@ -418,7 +426,7 @@ def config_from_dict(d: dict) -> Config:
 
 def config_to_dict(cfg: Config) -> dict:
     """Plain Python types only (str/int/float/bool/None/list/dict), in field order."""
-    return plain(dataclasses.asdict(cfg))
+    return plain_data(dataclasses.asdict(cfg))
 
 
 def dump_config(cfg: Config) -> str:
@@ -439,7 +447,7 @@ def check_config(cfg: Config) -> Config:
 
 
 def _from_dict(data: Any, origins: dict[str, str]) -> Config:
-    cfg = build(Config, data, origins)
+    cfg = build_typed(Config, data, origins)
     _fill_architecture(cfg, origins)
     _validate(cfg, origins)
     return cfg
@@ -454,7 +462,9 @@ def _resolved_arch(m: ModelConfig, origins: dict[str, str] | None = None) -> dic
     try:
         src = {**_ARCH_DEFAULTS, **variant_arch(m.name or DEFAULT_VARIANT)}
     except KeyError as e:
-        raise ConfigError(at((origins or {}).get("model.name"), f"model.name: {e.args[0]}")) from None
+        raise ConfigError(
+            with_origin((origins or {}).get("model.name"), f"model.name: {e.args[0]}")
+        ) from None
     out = {}
     for f in ARCH_FIELDS:
         v = getattr(m, f)
@@ -488,7 +498,7 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_diff(a, b, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key}: {cut(repr(a), 40)} -> {cut(repr(b), 40)}")
+            out.append(f"{prefix}{key}: {shorten(repr(a), 40)} -> {shorten(repr(b), 40)}")
     return out
 
 

@@ -17,6 +17,7 @@ from swin_train.errors import ConfigError
 
 @functools.cache
 def field_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a dataclass's fields (cached: the schema does not change)."""
     return typing.get_type_hints(cls)
 
 
@@ -31,7 +32,8 @@ def field_type(root: type, dotted: str) -> Any:
     return cls
 
 
-def at(where: str | None, msg: str) -> str:
+def with_origin(where: str | None, msg: str) -> str:
+    """`msg` prefixed with where its value was set ('configs/x.yaml:12', 'override ...'), when known."""
     return f"{where}: {msg}" if where else msg
 
 
@@ -85,10 +87,14 @@ def coerce(value: Any, tp: Any, key: str, where: str | None) -> Any:
         except ConfigError:
             if typing.get_origin(inner) is list and isinstance(value, (list, tuple)):
                 raise  # a bad element: keep its precise message
-            raise ConfigError(at(where, f"{key} must be {_describe(tp)}, got {show(value)}")) from None
+            raise ConfigError(
+                with_origin(where, f"{key} must be {_describe(tp)}, got {describe_value(value)}")
+            ) from None
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(at(where, f"{key} must be {_describe(tp)}, got {show(value)}"))
+            raise ConfigError(
+                with_origin(where, f"{key} must be {_describe(tp)}, got {describe_value(value)}")
+            )
         item = typing.get_args(tp)[0]
         return [coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
     ok = {
@@ -98,20 +104,21 @@ def coerce(value: Any, tp: Any, key: str, where: str | None) -> Any:
         str: isinstance(value, str),
     }[tp]
     if not ok:
-        raise ConfigError(at(where, f"{key} must be {_describe(tp)}, got {show(value)}"))
+        raise ConfigError(with_origin(where, f"{key} must be {_describe(tp)}, got {describe_value(value)}"))
     return float(value) if tp is float else value
 
 
-def show(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {cut(repr(value))}"
+def describe_value(value: Any) -> str:
+    """A value as a message shows it: its type and (shortened) repr, or null."""
+    return "null" if value is None else f"{type(value).__name__} {shorten(repr(value))}"
 
 
-def cut(text: str, limit: int = 80) -> str:
+def shorten(text: str, limit: int = 80) -> str:
     """`text` shortened for a one-line message (a value may be huge)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def build(root: type, data: Any, origins: dict[str, str]) -> Any:
+def build_typed(root: type, data: Any, origins: dict[str, str]) -> Any:
     """The dataclass `root` from plain data (nested mappings for nested dataclasses), every value checked
     against its annotation; a ConfigError names the key and, from `origins`, where it was set."""
     return _build(root, root, data, "", origins)
@@ -120,7 +127,9 @@ def build(root: type, data: Any, origins: dict[str, str]) -> Any:
 def _build(root: type, cls: type, data: Any, prefix: str, origins: dict[str, str]) -> Any:
     if not isinstance(data, dict):
         key = prefix.rstrip(".") or "the config"
-        raise ConfigError(at(origins.get(key), f"{key} must be a mapping of keys, got {show(data)}"))
+        raise ConfigError(
+            with_origin(origins.get(key), f"{key} must be a mapping of keys, got {describe_value(data)}")
+        )
     hints = field_hints(cls)
     kwargs = {}
     for k, v in data.items():
@@ -129,7 +138,7 @@ def _build(root: type, cls: type, data: Any, prefix: str, origins: dict[str, str
             while isinstance(v, dict) and v:  # name the full key: 'trian.epochs', not 'trian'
                 k, v = next(iter(v.items()))
                 key = f"{key}.{k}"
-            raise ConfigError(at(origins.get(key), _unknown_key(root, key)))
+            raise ConfigError(with_origin(origins.get(key), _unknown_key(root, key)))
         if dataclasses.is_dataclass(hints[k]):
             kwargs[k] = _build(root, hints[k], v, key + ".", origins)
         else:
@@ -137,11 +146,12 @@ def _build(root: type, cls: type, data: Any, prefix: str, origins: dict[str, str
     return cls(**kwargs)
 
 
-def plain(x: Any) -> Any:
+def plain_data(x: Any) -> Any:
+    """`x` with tuples as lists and every mapping key a str: what YAML and a checkpoint hold."""
     if isinstance(x, dict):
-        return {str(k): plain(v) for k, v in x.items()}
+        return {str(k): plain_data(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
+        return [plain_data(v) for v in x]
     return x
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from swin_train.config_types import cut
+from swin_train.config_types import shorten
 from swin_train.errors import ConfigError
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -56,7 +56,7 @@ def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
     return ConfigError(f"{where}{line}: invalid YAML: {problem}")
 
 
-def read_yaml(path: str) -> tuple[dict, dict[str, str]]:
+def _read_yaml(path: str) -> tuple[dict, dict[str, str]]:
     """One file -> (data, origins: dotted key -> 'path:line'). Duplicate keys are errors."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: '{path}'")
@@ -70,7 +70,7 @@ def read_yaml(path: str) -> tuple[dict, dict[str, str]]:
             f"config file '{path}' is {len(text)} bytes; a recipe is at most {MAX_CONFIG_BYTES}"
         )
     try:
-        reject_aliases(text, path)
+        _reject_aliases(text, path)
         node = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
@@ -84,13 +84,13 @@ def read_yaml(path: str) -> tuple[dict, dict[str, str]]:
     return data, origins
 
 
-def reject_aliases(text: str, where: str) -> None:
+def _reject_aliases(text: str, where: str) -> None:
     """Refuse YAML aliases (`*name`): nested anchors expand exponentially (an "alias bomb") and a recipe
     never needs them (`_base_` files share settings instead)."""
     for event in yaml.parse(text, Loader=_Loader):
         if isinstance(event, yaml.AliasEvent):
             raise ConfigError(
-                f"{where}:{event.start_mark.line + 1}: YAML aliases (*{cut(event.anchor, 20)}) are not "
+                f"{where}:{event.start_mark.line + 1}: YAML aliases (*{shorten(event.anchor, 20)}) are not "
                 "supported in configs; write the value out or share it with _base_"
             )
 
@@ -114,7 +114,7 @@ def load_tree(path: str, stack: tuple[str, ...]) -> tuple[dict, dict[str, str]]:
     if real in stack:
         chain = " -> ".join(os.path.basename(p) for p in (*stack, real))
         raise ConfigError(f"{path}: _base_ inheritance cycle: {chain}")
-    data, origins = read_yaml(path)
+    data, origins = _read_yaml(path)
     bases = data.pop("_base_", None)
     if bases is None:
         return data, origins
@@ -129,9 +129,9 @@ def load_tree(path: str, stack: tuple[str, ...]) -> tuple[dict, dict[str, str]]:
         if not os.path.isfile(base_path):
             raise ConfigError(f"{origins['_base_']}: _base_ file not found: '{base_path}'")
         base_data, base_origins = load_tree(base_path, (*stack, real))
-        merge(merged, base_data)
+        deep_merge(merged, base_data)
         _update_origins(merged_origins, base_origins)
-    merge(merged, data)
+    deep_merge(merged, data)
     _update_origins(merged_origins, origins)
     merged_origins.pop("_base_")
     return merged, merged_origins
@@ -143,26 +143,27 @@ def _update_origins(dst: dict[str, str], src: dict[str, str]) -> None:
         dst[k] = v
 
 
-def merge(dst: dict, src: dict) -> dict:
+def deep_merge(dst: dict, src: dict) -> dict:
     """Deep merge of mappings (sections); any other value (lists included) replaces the old one."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            merge(dst[k], v)
+            deep_merge(dst[k], v)
         else:
             dst[k] = copy.deepcopy(v)
     return dst
 
 
-def record(origins: dict[str, str], key: str, value: Any, label: str) -> None:
+def record_origin(origins: dict[str, str], key: str, value: Any, label: str) -> None:
     """Remember where `key` (and every key inside it, for a mapping value) was last set."""
     origins.pop(key, None)  # re-insert: the order of `origins` is the order keys were last set
     origins[key] = label
     if isinstance(value, dict):
         for k, v in value.items():
-            record(origins, f"{key}.{k}", v, label)
+            record_origin(origins, f"{key}.{k}", v, label)
 
 
-def nest(dotted: str, value: Any) -> dict:
+def nested(dotted: str, value: Any) -> dict:
+    """`a.b.c`, v -> {'a': {'b': {'c': v}}}."""
     out: Any = value
     for part in reversed(dotted.split(".")):
         out = {part: out}
@@ -175,13 +176,13 @@ def parse_override(item: str, field_type: Callable[[str], Any]) -> tuple[str, An
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override '{cut(item)}' must look like key=value, e.g. train.epochs=10")
+        raise ConfigError(f"override '{shorten(item)}' must look like key=value, e.g. train.epochs=10")
     try:
-        reject_aliases(text, f"override '{cut(item)}'")
+        _reject_aliases(text, f"override '{shorten(item)}'")
         value = yaml.load(text, Loader=_Loader) if text.strip() else None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"override '{cut(item)}': cannot parse the value: {problem}") from None
+        raise ConfigError(f"override '{shorten(item)}': cannot parse the value: {problem}") from None
     # For text fields, `output=2024` or `data.data_path=on` mean the text, not a number or a bool.
     if isinstance(value, (bool, int, float)) and field_type(key) in (str, str | None):
         value = text.strip()

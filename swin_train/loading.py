@@ -18,10 +18,11 @@ and checkpoint.py (the file format) and is what the commands, the run and `creat
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,18 +31,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, load_checkpoint
-from swin_train.config import Config, config_from_dict
+from swin_train.config import ARCH_FIELDS, Config, config_from_dict, config_to_dict, load_config
 from swin_train.data.transforms import Preprocess
-from swin_train.errors import CheckpointError, SwinTrainError
+from swin_train.errors import CheckpointError, ConfigError, SwinTrainError
 from swin_train.models.convert import (
     check_fits,
     check_version,
     convert_state_dict,
     detect_layout,
+    infer_arch,
     unwrap_state_dict,
 )
 from swin_train.models.hf import is_hf_folder, load_hf_folder
-from swin_train.models.registry import build_model
+from swin_train.models.registry import build_model, variant_arch
 from swin_train.models.swin import SwinTransformer
 
 log = logging.getLogger("swin_train")
@@ -316,3 +318,124 @@ def create_model(
     if checkpoint is not None:
         load_pretrained(model, checkpoint)
     return model
+
+
+# ------------------------------------------------------------------------------------- for the commands
+
+# what fixes the weights' shapes: a trained checkpoint's are not changed by --config or overrides
+ARCH_KEYS = (*ARCH_FIELDS, "img_size", "num_classes", "ape", "patch_norm", "qkv_bias", "mlp_ratio")
+# the image size of bare V1 weights, whose tables fix only the window: the official 224/w7 and 384/w12
+_IMG_SIZE_BY_WINDOW = {7: 224, 12: 384}
+
+
+def load_for_evaluation(
+    source: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    overrides: Sequence[str] = (),
+    ema: bool = False,
+) -> tuple[nn.Module, Config, list[str] | None]:
+    """(model with weights, config, class names or None) for swin-eval. A swin-train checkpoint or export
+    carries its own architecture, class names and preprocessing (a config or overrides may change the rest,
+    not the architecture); bare weights take them from the variant `model_name` (--model) or `config`
+    (--config); a transformers folder from its config.json and preprocessor_config.json."""
+    if is_hf_folder(source):
+        return _hf_for_evaluation(source, config, model_name, overrides, ema)
+    state = load_checkpoint(source)
+    overrides = list(overrides)
+    if holds_trained_model(state):
+        trained = load_trained_model(state, ema=ema)
+        own = trained.config.model_kwargs()
+        if model_name:
+            arch = variant_arch(model_name)
+            plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+            differs = [f"{k} {own[k]} (--model: {arch[k]})" for k in arch if plain(own[k]) != plain(arch[k])]
+            if differs:
+                raise ConfigError(
+                    f"{source} is a swin-train checkpoint with its own architecture, which --model "
+                    f"{model_name} contradicts ({'; '.join(differs[:3])}); drop --model"
+                )
+        base = None if config else config_to_dict(trained.config)
+        cfg = load_config(config, overrides, base=base)
+        changed = {k for k, v in cfg.model_kwargs().items() if k in ARCH_KEYS and v != own[k]}
+        if changed:
+            raise ConfigError(
+                f"{source} carries its own architecture; the config or overrides change "
+                f"{', '.join(sorted(changed))}: drop them"
+            )
+        return trained.model, cfg, trained.class_names
+    if model_name:
+        overrides.append(f"model.name={model_name}")
+    if config:
+        cfg = load_config(config, overrides)
+    elif model_name:  # bare weights of a named variant: its image size and the official eval crop
+        img_size = variant_arch(model_name)["img_size"]
+        crop = 1.0 if img_size == 384 else 0.875  # the official configs crop except at 384
+        cfg = load_config(None, [f"data.img_size={img_size}", f"eval.crop_pct={crop}", *overrides])
+    else:
+        raise ConfigError(f"{source} holds bare weights without a config; pass --model NAME or --config YAML")
+    model = SwinTransformer(**cfg.model_kwargs())
+    load_pretrained(model, state, strict=True, use_ema=ema)
+    return model, cfg, None
+
+
+def _hf_for_evaluation(
+    source, config, model_name, overrides, ema
+) -> tuple[nn.Module, Config, list[str] | None]:
+    """A transformers Swin folder: architecture from config.json, eval transform from preprocessor_config.json,
+    class names from id2label (None for transformers' LABEL_i placeholders)."""
+    if ema or model_name:
+        raise ConfigError(
+            f"{source} is a Hugging Face folder with its own architecture and no EMA weights; "
+            "drop --model / --ema"
+        )
+    hf = load_hf_folder(source)
+    arch = dict(hf.arch)
+    hf_overrides = [
+        f"data.img_size={arch.pop('img_size')}",
+        *(f"model.{k}={json.dumps(v)}" for k, v in arch.items()),
+    ]
+    if hf.preprocess:
+        p = hf.preprocess
+        hf_overrides += [
+            f"eval.crop_pct={p['crop_pct']}",
+            f"data.interpolation={p['interpolation']}",
+            f"data.mean={json.dumps(p['mean'])}",
+            f"data.std={json.dumps(p['std'])}",
+        ]
+    cfg = load_config(config, [*hf_overrides, *overrides])
+    model = SwinTransformer(**cfg.model_kwargs())
+    load_exact_weights(model, hf.state_dict, str(source))
+    return model.eval(), cfg, hf.class_names
+
+
+def bare_model(sd: dict, img_size: int | None, name: str | None, device: str = "meta"):
+    """A model for bare weights, its architecture read off them (and the variant `name`'s window, image size
+    and pre-training windows); on the meta device by default (shapes and block geometry only: checks the fit,
+    gives the official buffers, costs no initialisation)."""
+    arch = infer_arch(sd)
+    if name is not None:
+        try:
+            arch.update(variant_arch(name))  # the weights must then fit it (check_fits names what does not)
+        except KeyError as e:
+            raise ConfigError(str(e).strip("'\"") + "; pass --model with a known name") from None
+    elif arch["version"] == 2:
+        raise ConfigError(
+            "Swin V2 weights do not hold their window (V2 has no bias table); pass --model NAME, "
+            "e.g. --model swinv2_tiny_patch4_window8_256"
+        )
+    if img_size is not None:
+        arch["img_size"] = img_size
+    elif "img_size" not in arch:
+        if arch["window_size"] not in _IMG_SIZE_BY_WINDOW:
+            raise ConfigError(f"the weights use window {arch['window_size']}; pass --img-size")
+        arch["img_size"] = _IMG_SIZE_BY_WINDOW[arch["window_size"]]
+    try:
+        with torch.device(device):
+            return SwinTransformer(**arch)
+    except (RuntimeError, ValueError) as e:  # e.g. a feature map that windows do not tile
+        raise ConfigError(
+            f"cannot build the model at image size {arch['img_size']} (window {arch['window_size']}): "
+            f"{str(e).splitlines()[0]}; check --img-size"
+        ) from None

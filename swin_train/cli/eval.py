@@ -7,12 +7,8 @@ from pathlib import Path
 
 from swin_train.allocator import keep_freed_memory
 from swin_train.cli.common import ArgumentParser, add_debug_flag, exit_process, run_cli, setup_logging
-from swin_train.config import ARCH_FIELDS
-from swin_train.errors import ConfigError, DataError
+from swin_train.errors import DataError
 from swin_train.models.arch import largest_activation_bytes
-
-# what fixes the weights' shapes: a trained checkpoint's are not changed by --config or overrides
-ARCH_KEYS = (*ARCH_FIELDS, "img_size", "num_classes", "ape", "patch_norm", "qkv_bias", "mlp_ratio")
 
 
 def build_parser() -> ArgumentParser:
@@ -37,88 +33,12 @@ def build_parser() -> ArgumentParser:
 
 
 def load_model_and_config(args):
-    """(model with weights, config, class names or None). A swin-train checkpoint or export carries its own
-    architecture, class names and preprocessing; bare weights take them from --model or --config."""
-    from swin_train.checkpoint import holds_trained_model, load_checkpoint
-    from swin_train.config import config_to_dict, load_config
-    from swin_train.loading import load_pretrained, load_trained_model
-    from swin_train.models.hf import is_hf_folder
-    from swin_train.models.registry import variant_arch
-    from swin_train.models.swin import SwinTransformer
+    """(model with weights, config, class names or None) for swin-eval's arguments (loading.load_for_evaluation)."""
+    from swin_train.loading import load_for_evaluation
 
-    if is_hf_folder(args.checkpoint):
-        return _hf_model_and_config(args)
-    state = load_checkpoint(args.checkpoint)
-    overrides = list(args.overrides)
-    if holds_trained_model(state):
-        trained = load_trained_model(state, ema=args.ema)
-        own = trained.config.model_kwargs()
-        if args.model:
-            arch = variant_arch(args.model)
-            plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v
-            differs = [f"{k} {own[k]} (--model: {arch[k]})" for k in arch if plain(own[k]) != plain(arch[k])]
-            if differs:
-                raise ConfigError(
-                    f"{args.checkpoint} is a swin-train checkpoint with its own architecture, which --model "
-                    f"{args.model} contradicts ({'; '.join(differs[:3])}); drop --model"
-                )
-        base = None if args.config else config_to_dict(trained.config)
-        cfg = load_config(args.config, overrides, base=base)
-        changed = {k for k, v in cfg.model_kwargs().items() if k in ARCH_KEYS and v != own[k]}
-        if changed:
-            raise ConfigError(
-                f"{args.checkpoint} carries its own architecture; the config or overrides change "
-                f"{', '.join(sorted(changed))}: drop them"
-            )
-        return trained.model, cfg, trained.class_names
-    if args.model:
-        overrides.append(f"model.name={args.model}")
-    if args.config:
-        cfg = load_config(args.config, overrides)
-    elif args.model:  # bare weights of a named variant: its image size and the official eval crop
-        img_size = variant_arch(args.model)["img_size"]
-        crop = 1.0 if img_size == 384 else 0.875  # the official configs crop except at 384
-        cfg = load_config(None, [f"data.img_size={img_size}", f"eval.crop_pct={crop}", *overrides])
-    else:
-        raise ConfigError(
-            f"{args.checkpoint} holds bare weights without a config; pass --model NAME or --config YAML"
-        )
-    model = SwinTransformer(**cfg.model_kwargs())
-    load_pretrained(model, state, strict=True, use_ema=args.ema)
-    return model, cfg, None
-
-
-def _hf_model_and_config(args):
-    """A transformers Swin folder: architecture from config.json, eval transform from preprocessor_config.json,
-    class names from id2label (None for transformers' LABEL_i placeholders)."""
-    from swin_train.config import load_config
-    from swin_train.loading import load_exact_weights
-    from swin_train.models.hf import load_hf_folder
-    from swin_train.models.swin import SwinTransformer
-
-    if args.ema or args.model:
-        raise ConfigError(
-            f"{args.checkpoint} is a Hugging Face folder with its own architecture and no EMA weights; "
-            "drop --model / --ema"
-        )
-    hf = load_hf_folder(args.checkpoint)
-    arch = dict(hf.arch)
-    overrides = [
-        f"data.img_size={arch.pop('img_size')}",
-        *(f"model.{k}={json.dumps(v)}" for k, v in arch.items()),
-    ]
-    if hf.preprocess:
-        p = hf.preprocess
-        overrides += [
-            f"eval.crop_pct={p['crop_pct']}",
-            f"data.interpolation={p['interpolation']}",
-            f"data.mean={json.dumps(p['mean'])}",
-            f"data.std={json.dumps(p['std'])}",
-        ]
-    cfg = load_config(args.config, [*overrides, *args.overrides])
-    model = SwinTransformer(**cfg.model_kwargs())
-    load_exact_weights(model, hf.state_dict, str(args.checkpoint))
-    return model.eval(), cfg, hf.class_names
+    return load_for_evaluation(
+        args.checkpoint, config=args.config, model_name=args.model, overrides=args.overrides, ema=args.ema
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

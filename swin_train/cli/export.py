@@ -28,7 +28,6 @@ from swin_train.models.convert import EXPORT_FORMATS
 # Formats that hold a runnable model (the others are state-dict layouts, `models.convert.EXPORT_FORMATS`)
 RUNNABLE_FORMATS = ("onnx", "hf")
 # Image size of bare weights by window, as in the official variant names (window7_224, window12_384).
-_IMG_SIZE_BY_WINDOW = {7: 224, 12: 384}
 
 
 def build_parser() -> ArgumentParser:
@@ -58,43 +57,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _bare_model(sd: dict, img_size: int | None, name: str | None, device: str = "meta"):
-    """A model for bare weights, its architecture read off them (and the variant `name`'s window, image size
-    and pre-training windows); on the meta device by default (shapes and block geometry only: checks the fit,
-    gives the official buffers, costs no initialisation)."""
-    import torch
-
-    from swin_train.models.convert import infer_arch
-    from swin_train.models.registry import variant_arch
-    from swin_train.models.swin import SwinTransformer
-
-    arch = infer_arch(sd)
-    if name is not None:
-        try:
-            arch.update(variant_arch(name))  # the weights must then fit it (check_fits names what does not)
-        except KeyError as e:
-            raise ConfigError(str(e).strip("'\"") + "; pass --model with a known name") from None
-    elif arch["version"] == 2:
-        raise ConfigError(
-            "Swin V2 weights do not hold their window (V2 has no bias table); pass --model NAME, "
-            "e.g. --model swinv2_tiny_patch4_window8_256"
-        )
-    if img_size is not None:
-        arch["img_size"] = img_size
-    elif "img_size" not in arch:
-        if arch["window_size"] not in _IMG_SIZE_BY_WINDOW:
-            raise ConfigError(f"the weights use window {arch['window_size']}; pass --img-size")
-        arch["img_size"] = _IMG_SIZE_BY_WINDOW[arch["window_size"]]
-    try:
-        with torch.device(device):
-            return SwinTransformer(**arch)
-    except (RuntimeError, ValueError) as e:  # e.g. a feature map that windows do not tile
-        raise ConfigError(
-            f"cannot build the model at image size {arch['img_size']} (window {arch['window_size']}): "
-            f"{str(e).splitlines()[0]}; check --img-size"
-        ) from None
-
-
 def _check_out(out: Path, fmt: str) -> None:
     """Loaders go by the suffix: refuse a name that another tool would misread."""
     suffix = {"safetensors": ".safetensors", "onnx": ".onnx"}.get(fmt)
@@ -110,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = setup_logging()
     from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, load_checkpoint
-    from swin_train.loading import load_exact_weights, load_trained_model, select_weights
+    from swin_train.loading import bare_model, load_exact_weights, load_trained_model, select_weights
     from swin_train.models.convert import convert_state_dict, save_weights
 
     out = Path(args.out)
@@ -128,14 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         metadata = {key: json.dumps(state[key]) for key in EXPORT_METADATA_KEYS}  # as stored, checked above
     else:
         sd = convert_state_dict(select_weights(state, args.ema, f"checkpoint {args.checkpoint}"))
-        model, class_names, preprocess, metadata = _bare_model(sd, args.img_size, args.model), None, None, {}
+        model, class_names, preprocess, metadata = bare_model(sd, args.img_size, args.model), None, None, {}
     suffix = ", EMA" if args.ema else ""
     if args.format not in RUNNABLE_FORMATS:
         count = save_weights(sd, args.format, out, model, metadata)
         log.info("wrote %d tensors (%s%s) to %s", count, args.format, suffix, out)
         return 0
     if bare:  # a real model to run
-        model = _bare_model(sd, args.img_size, args.model, device="cpu")
+        model = bare_model(sd, args.img_size, args.model, device="cpu")
         load_exact_weights(model, sd, args.checkpoint)
     if args.format == "onnx":
         from swin_train.models.onnx import export_onnx
