@@ -36,6 +36,7 @@ from swin_train.data.transforms import Preprocess
 from swin_train.errors import CheckpointError, ConfigError, SwinTrainError
 from swin_train.models.convert import (
     check_fits,
+    check_saved_geometry,
     check_version,
     convert_state_dict,
     detect_layout,
@@ -208,15 +209,18 @@ def load_pretrained(
     head_map: str | Path | None = None,
     strict: bool = False,
     use_ema: bool = False,
+    name: str | None = None,
 ) -> LoadReport:
     """Load weights into `model` from a file (.pth or .safetensors) or a loaded checkpoint / state dict,
     adapting window, grid and head; log a summary and return it.
 
-    strict=True (evaluation) requires every model tensor to come from the checkpoint (interpolation allowed).
-    use_ema=True takes a swin-train checkpoint's EMA weights (CheckpointError if it has none).
+    strict=True (evaluation) requires every model tensor to come from the checkpoint (interpolation allowed)
+    and the buffers saved with it to agree with the model's blocks where the window is the same
+    (check_saved_geometry). use_ema=True takes a swin-train checkpoint's EMA weights (CheckpointError if it
+    has none). `name`: what messages call the source (default: the file, or "state dict").
     """
     is_file = isinstance(source, str | Path)
-    name = str(source) if is_file else "state dict"
+    name = name or (str(source) if is_file else "state dict")
     if is_file and is_hf_folder(source):
         if use_ema:
             raise CheckpointError(
@@ -230,6 +234,8 @@ def load_pretrained(
     report = LoadReport(source=name + (" (EMA)" if use_ema else ""), layout=layout)
     converted = convert_state_dict(obj)
     check_version(converted, model, report.source)
+    if strict:
+        check_saved_geometry(unwrap_state_dict(obj), model, report.source)
     class_map = read_class_map(head_map) if head_map is not None else None
     sd = adapt_state_dict(converted, model, report, class_map)
     if strict and "head.weight" in report.reinitialised and "head.weight" in converted:
@@ -376,7 +382,7 @@ def load_for_evaluation(
     else:
         raise ConfigError(f"{source} holds bare weights without a config; pass --model NAME or --config YAML")
     model = SwinTransformer(**cfg.model_kwargs())
-    load_pretrained(model, state, strict=True, use_ema=ema)
+    load_pretrained(model, state, strict=True, use_ema=ema, name=str(source))
     return model, cfg, None
 
 

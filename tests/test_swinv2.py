@@ -28,16 +28,19 @@ from swin_train.cli.eval import cli as eval_cli
 from swin_train.cli.export import cli as swin_export
 from swin_train.cli.model import cli as swin_model_cli
 from swin_train.cli.train import cli as train_cli
-from swin_train.config import config_to_dict, load_config
+from swin_train.config import config_to_dict, dump_config, load_config
 from swin_train.data.transforms import Preprocess
 from swin_train.errors import CheckpointError
 from swin_train.loading import load_exact_weights, load_pretrained, load_trained_model
 from swin_train.models.attention import CosineWindowAttention, log_spaced_coords
 from swin_train.models.convert import (
+    block_buffers,
+    check_saved_geometry,
     convert_state_dict,
     detect_layout,
     infer_arch,
     save_weights,
+    saved_pretrained_window,
     swin_version,
     to_layout,
 )
@@ -344,6 +347,81 @@ def test_official_layout_holds_its_buffers_and_reads_back_bit_exact():
     assert back.keys() == model.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
     assert infer_arch(back)["version"] == 2 and "window_size" not in infer_arch(back)
+
+
+def test_saved_coordinate_tables_tell_the_pre_training_window_in_fp32_and_fp16():
+    for window, pretrained in [(4, 0), (8, 6), (16, 12), (24, 12), (48, 2), (2, 48)]:
+        table = log_spaced_coords(window, pretrained).view(1, 2 * window - 1, 2 * window - 1, 2)
+        for saved in (table, table.half()):
+            assert saved_pretrained_window(saved) == (pretrained or window)
+
+
+def test_evaluation_refuses_official_v2_weights_trained_with_other_pre_training_windows(tmp_path, capsys):
+    """The official layout saves each block's relative_coords_table: weights fine-tuned from windows of 6 (our
+    official export of them here) evaluated as a model without pre-training windows would compute another
+    position bias, silently. Fine-tuning from them (not strict) is what the official load_pretrained does."""
+    ckpt, ours = _v2_checkpoint(tmp_path)  # pretrained_window_sizes (6, 6), windows 4
+    assert (
+        swin_export(["--checkpoint", str(ckpt), "--format", "official", "--out", str(tmp_path / "o.pth")])
+        == 0
+    )
+    other = load_trained_model(ckpt).config
+    other.model.pretrained_window_sizes = None
+    (tmp_path / "other.yaml").write_text(dump_config(other))
+    argv = ["--checkpoint", str(tmp_path / "o.pth"), "--config", str(tmp_path / "other.yaml")]
+    capsys.readouterr()
+    assert eval_cli(argv) == 2
+    assert capsys.readouterr().err == (
+        f"swin-eval: error: {tmp_path / 'o.pth'}: stage 0 was trained with pre-training window 6 (its saved "
+        "relative_coords_table) but the model's is 4; name the variant the weights were trained with "
+        "(--model, model.name) or set model.pretrained_window_sizes\n"
+    )
+    official = torch.load(tmp_path / "o.pth", weights_only=True)
+    fine_tune = SwinTransformer(**other.model_kwargs())
+    assert not load_pretrained(fine_tune, official).reinitialised
+    same = SwinTransformer(**load_trained_model(ckpt).config.model_kwargs()).eval()
+    load_pretrained(same, official, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(same(x), ours(x))
+
+
+def test_exporting_the_official_22k_fine_tune_buffers_as_another_variant_is_refused():
+    """swin-export --model rewrites the saved buffers: 12to16 weights named as the plain window-16 variant
+    would get coordinate tables for windows of 16 (meta device: shapes and buffers only)."""
+    with torch.device("meta"):
+        fine_tuned = SwinTransformer(**VARIANTS["swinv2_base_patch4_window12to16_192to256_22kto1k_ft"])
+    saved = block_buffers(fine_tuned)  # what its official checkpoint holds beside the weights
+    with torch.device("meta"):
+        plain = SwinTransformer(**VARIANTS["swinv2_base_patch4_window16_256"])
+    with pytest.raises(
+        CheckpointError, match="^ft.pth: stage 0 was trained with pre-training window 12 .* 16;"
+    ):
+        check_saved_geometry(saved, plain, "ft.pth")
+    check_saved_geometry(saved, fine_tuned, "ft.pth")  # its own variant: nothing to say
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_torchvision_weights_of_a_stage_it_padded_are_refused_in_evaluation(version):
+    """torchvision pads a map smaller than the window (stage 2 here, 4x4 under windows of 8); ours, as the
+    official code, shrinks the window: strict loading refuses, fine-tuning (not strict) takes the weights."""
+    arch = dict(patch_size=[2, 2], embed_dim=24, depths=[2, 2, 2], num_heads=[2, 4, 8], window_size=[8, 8])
+    blocks = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if version == 2 else {}
+    theirs = torchvision.models.swin_transformer.SwinTransformer(**arch, num_classes=10, **blocks).eval()
+    ours = SwinTransformer(
+        img_size=32,
+        patch_size=2,
+        embed_dim=24,
+        depths=(2, 2, 2),
+        num_heads=(2, 4, 8),
+        window_size=8,
+        num_classes=10,
+        version=version,
+    )
+    assert [layer.blocks[0].window for layer in ours.layers] == [8, 8, 4]
+    with pytest.raises(CheckpointError, match="pads stage 2 \\(4x4\\) to its window 8, where this model"):
+        load_pretrained(ours, theirs.state_dict(), strict=True)
+    load_pretrained(ours, theirs.state_dict())
 
 
 def test_swin_model_prints_the_v2_hierarchy(capsys):

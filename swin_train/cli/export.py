@@ -73,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     log = setup_logging()
     from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, load_checkpoint
     from swin_train.loading import bare_model, load_exact_weights, load_trained_model, select_weights
-    from swin_train.models.convert import convert_state_dict, save_weights
+    from swin_train.models.convert import (
+        check_saved_geometry,
+        convert_state_dict,
+        save_weights,
+        unwrap_state_dict,
+    )
 
     out = Path(args.out)
     _check_out(out, args.format)
@@ -89,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         class_names, preprocess = trained.class_names, trained.preprocess.to_dict()
         metadata = {key: json.dumps(state[key]) for key in EXPORT_METADATA_KEYS}  # as stored, checked above
     else:
-        sd = convert_state_dict(select_weights(state, args.ema, f"checkpoint {args.checkpoint}"))
+        raw = select_weights(state, args.ema, f"checkpoint {args.checkpoint}")
+        sd = convert_state_dict(raw)
         model, class_names, preprocess, metadata = bare_model(sd, args.img_size, args.model), None, None, {}
+        # the export writes the model's buffers: they must be those the weights were trained with
+        check_saved_geometry(unwrap_state_dict(raw), model, args.checkpoint)
     suffix = ", EMA" if args.ema else ""
     if args.format not in RUNNABLE_FORMATS:
         count = save_weights(sd, args.format, out, model, metadata)

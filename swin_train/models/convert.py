@@ -264,6 +264,54 @@ def block_buffers(model: nn.Module, flat_index: bool = False) -> dict[str, torch
     return out
 
 
+def saved_pretrained_window(table: torch.Tensor) -> int:
+    """The pre-training window p a saved (1, 2w-1, 2w-1, 2) V2 `relative_coords_table` was normalised by (w
+    itself for p = 0): the offset +1 is stored as log2(1 + 8 / (p - 1)) / log2(8) (log_spaced_coords)."""
+    side = table.shape[1]
+    if side < 3:  # a window of 1 has only the offset 0: nothing to tell
+        return 1
+    value = float(table[0, side // 2, side // 2 + 1, 1])  # offset (0, +1)
+    return round(1 + 8 / (2 ** (value * math.log2(8)) - 1))
+
+
+def check_saved_geometry(raw: Mapping[str, torch.Tensor], model: nn.Module, where: str) -> None:
+    """CheckpointError when the buffers saved with the weights (official and torchvision layouts) show that a
+    block of `model` at the same window computes something else than it did: V2 offsets normalised by another
+    pre-training window, or torchvision's window at a stage smaller than it, which torchvision pads where
+    we (and the official code) shrink the window. convert_state_dict drops these buffers; a model that
+    must give the checkpoint's own outputs (evaluation, export) checks them first."""
+    layout = detect_layout(raw)
+    if layout not in ("official", "torchvision"):
+        return
+    rename = _from_torchvision if layout == "torchvision" else (lambda k: k)
+    saved = {rename(k): v for k, v in raw.items() if k.endswith(_BUFFER_SUFFIXES)}
+    for name, block in model.named_modules():
+        if not isinstance(block, SwinBlock):
+            continue
+        stage = int(BLOCK_KEY.match(name + ".")[1])
+        index = saved.get(f"{name}.attn.relative_position_index")
+        window = math.isqrt(math.isqrt(index.numel())) if index is not None else block.window  # N*N, N = w*w
+        if layout == "torchvision" and window == getattr(model, "window_size", window) > block.window:
+            H, W = block.resolution
+            raise CheckpointError(
+                f"{where}: torchvision's Swin pads stage {stage} ({H}x{W}) to its window {window}, where this "
+                f"model (as the official code) shrinks the window to {block.window}: its outputs would differ "
+                "from torchvision's; use an image size whose stages are at least the window, or fine-tune "
+                "from these weights with model.pretrained"
+            )
+        table = saved.get(f"{name}.attn.relative_coords_table")
+        if table is None or not block.post_norm or table.shape[1] != 2 * block.window - 1:
+            continue  # another window: V2's bias is computed for the model's own
+        # read off one offset (exact for tables saved in fp16 too), not compared entry by entry
+        theirs, mine = saved_pretrained_window(table), block.attn.pretrained_window or block.window
+        if theirs != mine:
+            raise CheckpointError(
+                f"{where}: stage {stage} was trained with pre-training window {theirs} (its saved "
+                f"relative_coords_table) but the model's is {mine}; name the variant the weights were trained "
+                "with (--model, model.name) or set model.pretrained_window_sizes"
+            )
+
+
 def official_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """The buffers of the official layout (block_buffers)."""
     return block_buffers(model)
