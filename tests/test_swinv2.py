@@ -475,6 +475,7 @@ def test_cli_exports_a_v2_checkpoint_in_every_format_with_the_same_logits(tmp_pa
     outs.update(onnx="w.onnx", hf="hf")
     for fmt, name in outs.items():
         assert swin_export(["--checkpoint", str(ckpt), "--format", fmt, "--out", str(tmp_path / name)]) == 0
+    assert "(hf): Swinv2ForImageClassification.from_pretrained loads it" in capsys.readouterr().out
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expected = ours(x)

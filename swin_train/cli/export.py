@@ -114,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("wrote %s (onnx%s); onnxruntime logits within %.2e of PyTorch's", out, suffix, difference)
     else:
         from swin_train.models.hf import write_hf_folder
+        from swin_train.models.hf_layout import HF_CLASSES
 
         write_hf_folder(model.eval(), out, class_names=class_names, preprocess=preprocess)
-        log.info("wrote %s (hf%s): SwinForImageClassification.from_pretrained loads it", out, suffix)
+        log.info("wrote %s (hf%s): %s.from_pretrained loads it", out, suffix, HF_CLASSES[model.version])
     return 0
 
 

@@ -76,7 +76,7 @@ _BLOCK_NAMES = {
 }
 # transformers' model type, class and weight-name prefix by Swin version
 HF_MODEL_TYPES = {1: "swin", 2: "swinv2"}
-_HF_CLASSES = {1: "SwinForImageClassification", 2: "Swinv2ForImageClassification"}
+HF_CLASSES = {1: "SwinForImageClassification", 2: "Swinv2ForImageClassification"}
 _QKV = ("query", "key", "value")  # the row blocks of our qkv, in order
 # transformers 5's module names (its state_dict()) -> its file names, inside a block.
 _V5_BLOCK_NAMES = {
@@ -278,7 +278,7 @@ def hf_config(arch: Mapping, class_names: Sequence[str] | None) -> dict:
             arch["pretrained_window_sizes"] or [0] * len(arch["depths"])
         )
     return {
-        "architectures": [_HF_CLASSES[version]],
+        "architectures": [HF_CLASSES[version]],
         "model_type": HF_MODEL_TYPES[version],
         **windows,
         "image_size": arch["img_size"],
