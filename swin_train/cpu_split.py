@@ -77,10 +77,14 @@ def choose_parts(
 
 def eval_parts(requested: int, *, device_type: str, distributed: bool, batch_size: int, threads: int) -> int:
     """The parts of an evaluation batch: as `choose_parts`, but nothing random runs in evaluation, so only the
-    device, DDP and the batch size limit it (the trainer's evaluation and swin-eval split alike)."""
+    device, DDP and the batch size limit it (the trainer's evaluation and swin-eval split alike). Where the
+    device or DDP rules a split out, whole batches, not an error: swin-eval reads train.cpu_split from the
+    training run's config, and a CPU run's checkpoint is evaluated on a GPU or under torchrun too."""
+    if requested == 1 or device_type != "cpu" or distributed:
+        return 1
     free = dict(compiled=False, grad_checkpointing=False, dropout=False)
     kw = dict(device_type=device_type, distributed=distributed, batch_size=batch_size, threads=threads)
-    return choose_parts(min(requested, batch_size), **free, **kw)[0] if requested != 1 else 1
+    return choose_parts(min(requested, batch_size), **free, **kw)[0]
 
 
 def evaluation_split(

@@ -188,6 +188,18 @@ def test_evaluation_is_split_even_where_training_cannot_be_and_turned_off_only_b
     assert eval_parts(0, **{**kw, "distributed": True}) == 1
 
 
+def test_a_checkpoint_trained_with_a_cpu_split_evaluates_on_a_gpu_and_under_torchrun_in_whole_batches():
+    """swin-eval takes train.cpu_split from the training run's config: 2 parts there, none here."""
+    kw = dict(device_type="cpu", distributed=False, batch_size=64, threads=2)
+    assert eval_parts(2, **kw) == 2
+    assert eval_parts(2, **{**kw, "distributed": True}) == 1
+    assert eval_parts(2, **{**kw, "device_type": "cuda"}) == 1
+    with pytest.raises(ConfigError, match="DDP runs one process per part"):  # training still refuses it
+        choose_parts(
+            2, **{**kw, "distributed": True}, compiled=False, grad_checkpointing=False, dropout=False
+        )
+
+
 def test_split_evaluation_counts_every_image_once_with_the_same_hits_and_loss():
     torch.manual_seed(0)
     model = SwinTransformer(**MICRO)
