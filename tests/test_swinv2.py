@@ -424,6 +424,12 @@ def test_torchvision_weights_of_a_stage_it_padded_are_refused_in_evaluation(vers
     load_pretrained(ours, theirs.state_dict())
 
 
+@pytest.mark.parametrize("windows", [(-3, 0), (6, 1)])
+def test_the_model_refuses_pre_training_windows_that_are_negative_or_1(windows):
+    with pytest.raises(ValueError, match="pretrained_window_sizes: 0 or windows >= 2"):
+        _ours(pretrained_window_sizes=windows)
+
+
 def test_swin_model_prints_the_v2_hierarchy(capsys):
     assert swin_model_cli(["--model", "swinv2_tiny_patch4_window8_256", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -357,6 +357,11 @@ class SwinTransformer(nn.Module):
             raise ValueError("pretrained_window_sizes is a Swin V2 setting; give version=2 or leave it None")
         if pretrained_window_sizes is not None and len(pretrained_window_sizes) != len(depths):
             raise ValueError(f"pretrained_window_sizes needs one window per stage ({len(depths)})")
+        if pretrained_window_sizes is not None and any(w < 0 or w == 1 for w in pretrained_window_sizes):
+            # the offsets are divided by (window - 1): a window of 1 has no offsets, a negative one no meaning
+            raise ValueError(
+                f"pretrained_window_sizes: 0 or windows >= 2, got {list(pretrained_window_sizes)}"
+            )
         self.version = spec.version
         self.pretrained_window_sizes = (
             None if spec.version == 1 else tuple(pretrained_window_sizes or [0] * len(depths))
