@@ -20,7 +20,7 @@ from swin_train.device import Amp, check_attention_backend, resolve_amp, wrap_fo
 from swin_train.distributed import DistEnv, all_gather_objects, barrier
 from swin_train.ema import ModelEma
 from swin_train.errors import CheckpointError, ConfigError, DataError
-from swin_train.loading import load_exact_weights, load_pretrained
+from swin_train.loading import ARCH_KEYS, load_exact_weights, load_pretrained
 from swin_train.losses import build_mixup, build_train_criterion
 from swin_train.models.swin import SwinTransformer
 from swin_train.optim import WarmupCosineSchedule, build_optimizer, scaled_lrs
@@ -176,7 +176,8 @@ class Run:
             raise CheckpointError(
                 f"{path} is not a swin-train training checkpoint; use model.pretrained for weights"
             )
-        load_exact_weights(self.model, state["model"], str(path))
+        load_exact_weights(self.model, state["model"], str(path))  # names a tensor of another shape
+        self._check_same_architecture(state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.amp.scaler and state.get("scaler"):
@@ -215,6 +216,18 @@ class Run:
                 "the config differs from the one in %s (%s); continuing with the current config",
                 path,
                 "; ".join(changed),
+            )
+
+    def _check_same_architecture(self, state: dict, path: Path) -> None:
+        """ConfigError when the config builds another architecture than the checkpoint's run: weights that
+        fit are not enough (a Swin V2's window, pre-training windows and image size change no shape)."""
+        theirs = config_from_dict(state["config"]).model_kwargs()
+        ours = self.cfg.model_kwargs()
+        changed = [f"{k} {theirs[k]} -> {ours[k]}" for k in ARCH_KEYS if theirs.get(k) != ours.get(k)]
+        if changed:
+            raise ConfigError(
+                f"{path} was trained as another model ({'; '.join(changed[:3])}); resume it with its own "
+                f"config, or fine-tune from it in a new output folder (model.pretrained={path})"
             )
 
 

@@ -637,6 +637,29 @@ def test_resume_of_a_micro_swinv2_after_kill_9_is_bitwise_with_bf16_autocast(sha
     assert_bitwise_equal(a["ema"]["module"], b["ema"]["module"])
 
 
+def test_resuming_a_v2_run_as_another_window_or_pre_training_windows_is_refused(
+    shapes_root, tmp_path, capsys
+):
+    """A V2's window and pre-training windows change no tensor's shape, so its weights would fit the other
+    model: the run's architecture, not the weights' fit, decides (the checkpoint stays as it was)."""
+    out = tmp_path / "run"
+    args = _v2_train_args(shapes_root, out, "train.epochs=1", "data.batch_size=64")
+    assert train_cli(args) == 0
+    before = (out / "last.pth").read_bytes()
+    capsys.readouterr()
+    for change, said in [
+        ("model.pretrained_window_sizes=[2,2]", "pretrained_window_sizes None -> [2, 2]"),
+        ("model.window_size=8", "window_size 4 -> 8"),
+    ]:
+        assert train_cli([*args, change]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"swin-train: error: {out / 'last.pth'} was trained as another model ({said}); resume it with its "
+            f"own config, or fine-tune from it in a new output folder (model.pretrained={out / 'last.pth'})\n"
+        )
+    assert (out / "last.pth").read_bytes() == before
+
+
 def test_benchmark_runs_swinv2_against_timm_and_torchvision_with_the_same_weights(capsys):
     spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
