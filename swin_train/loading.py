@@ -428,7 +428,8 @@ def bare_model(sd: dict, img_size: int | None, name: str | None, device: str = "
             raise ConfigError(str(e).strip("'\"") + "; pass --model with a known name") from None
     elif arch["version"] == 2:
         raise ConfigError(
-            "Swin V2 weights do not hold their window (V2 has no bias table); pass --model NAME, "
+            "Swin V2 weights are read without their window and pre-training windows (V2 has no bias table to "
+            "read them from); pass --model NAME, "
             "e.g. --model swinv2_tiny_patch4_window8_256"
         )
     if img_size is not None:

@@ -16,7 +16,7 @@ from swin_train.cpu_split import CpuSplit, choose_parts, evaluation_split
 from swin_train.data.build import Data, build_data
 from swin_train.data.seeding import seed_everything
 from swin_train.data.transforms import Preprocess
-from swin_train.device import Amp, check_attention_backend, resolve_amp, wrap_for_training
+from swin_train.device import Amp, resolve_amp, wrap_for_training
 from swin_train.distributed import DistEnv, all_gather_objects, barrier
 from swin_train.ema import ModelEma
 from swin_train.errors import CheckpointError, ConfigError, DataError
@@ -75,7 +75,6 @@ class Run:
         self.out = Path(cfg.output)
         t = cfg.train
         self.amp: Amp = resolve_amp(cfg.amp, env.device)
-        check_attention_backend(cfg.model.attention, cfg.model.attn_drop_rate, env.device)
         if env.device.type == "cuda":  # TF32 tensor cores for the fp32 matmuls/convs left outside autocast
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.seed + env.rank)

@@ -20,7 +20,7 @@ from swin_train.allocator import keep_freed_memory
 from swin_train.config import Config, dump_config
 from swin_train.data.build import check_data_path
 from swin_train.data.prefetch import prefetch
-from swin_train.device import resolve_device
+from swin_train.device import check_attention_backend, resolve_amp, resolve_device
 from swin_train.distributed import DistEnv, any_rank, barrier, init_distributed, shutdown
 from swin_train.errors import TrainingError
 from swin_train.evaluation import evaluate
@@ -40,6 +40,10 @@ def train(
     resolve_device(device)  # a missing GPU is a one-line error, before any process group or file
     check_data_path(cfg)  # nothing is written for a run that cannot start
     env = init_distributed(device)
+    # what this machine cannot run is a one-line error before the output folder is touched (Run resolves
+    # the same Amp again for itself)
+    resolve_amp(cfg.amp, env.device)
+    check_attention_backend(cfg.model.attention, cfg.model.attn_drop_rate, env.device)
     if env.device.type == "cpu":  # CPU steps page-fault their large activations otherwise (see allocator.py)
         keep_freed_memory(largest_activation_bytes(batch_size=cfg.data.batch_size, **cfg.model_kwargs()))
     if not env.is_main:

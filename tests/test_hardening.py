@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -118,6 +119,15 @@ def test_cuda_without_a_gpu_is_one_line_exit_2(command, tmp_path, capsys):
         args = ["--checkpoint", str(tmp_path / "x.pth"), "--device", "cuda"]
     assert command([*args, "--device", "cuda"]) == 2
     assert "no CUDA device is available" in _error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("setting", ["amp=fp16", "model.attention=flex"])
+def test_a_run_this_machine_cannot_do_writes_nothing(setting, tmp_path, capsys):
+    args = two_class_train_args(image_folder(tmp_path / "data"), tmp_path / "run")
+    assert train_cli([*args, setting]) == 2
+    assert "needs a CUDA GPU" in _error(capsys)
     assert not (tmp_path / "run").exists()
 
 
@@ -329,3 +339,28 @@ def test_a_console_command_exits_with_its_code_after_atexit_handlers_and_buffere
     assert done.returncode == 3
     assert done.stdout.splitlines() == ["logged", "buffered, no newlineatexit ran"]
     assert done.stderr == "to stderr"
+
+
+def test_a_closed_pipe_ends_a_command_quietly_with_141():
+    """`swin-predict ... | head`: the reader leaves early; the command stops without a traceback."""
+    script = textwrap.dedent(
+        """
+        from swin_train.cli.common import exit_process, run_cli
+
+        def main(argv):
+            for i in range(200_000):
+                print(f"line {i} " + "x" * 60)
+
+        exit_process(run_cli("swin-predict", main, []))
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env_for_subprocess(),
+    )
+    assert proc.stdout.read(100).startswith(b"line 0")
+    proc.stdout.close()  # what `head` does once it has its lines
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""

@@ -529,7 +529,7 @@ def test_cli_exports_bare_v2_weights_given_the_variant(tmp_path, capsys):
     ]
     assert swin_export(argv) == 2
     err = capsys.readouterr().err
-    assert "Swin V2 weights do not hold their window" in err and "pass --model NAME" in err
+    assert "Swin V2 weights are read without their window" in err and "pass --model NAME" in err
     assert swin_export([*argv, "--model", "swinv2_tiny_patch4_window16_256"]) == 0
     official = torch.load(tmp_path / "o.pth", weights_only=True)["model"]
     assert official["layers.0.blocks.1.attn_mask"].shape == (16, 256, 256)  # 64x64 tokens in windows of 16

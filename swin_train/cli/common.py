@@ -74,6 +74,11 @@ def run_cli(prog: str, main: Callable[[list[str] | None], int | None], argv: lis
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output left (`swin-predict ... | head`): stop as a pipe writer does, quietly; what
+        # is still buffered goes to /dev/null so that the flush on the way out cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a writer ended by a closed pipe
 
 
 def exit_process(code: int) -> NoReturn:
