@@ -122,8 +122,10 @@ def _kill_when(proc, path, timeout=240):
     [
         ("last.pth", ["data.num_workers=0"]),  # epoch boundary
         ("step-000000017.pth", ["train.checkpoint_every_steps=17", "data.num_workers=2"]),  # mid-epoch 1
+        # Swin V2 under bf16 autocast (its logit scale in fp32), mid-epoch 1
+        ("step-000000017.pth", ["model.version=2", "amp=bf16", "train.checkpoint_every_steps=17"]),
     ],
-    ids=["epoch-boundary", "mid-epoch-workers"],
+    ids=["epoch-boundary", "mid-epoch-workers", "swinv2-bf16-mid-epoch"],
 )
 def test_resume_after_kill_9_is_bitwise(shapes_root, tmp_path, kill_at, extra):
     common = [
