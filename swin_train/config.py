@@ -295,9 +295,15 @@ class AugConfig:
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"
     label_smoothing: float = 0.1
+    # flip and RandAugment/AutoAugment applied on the training device to the uint8 batch (the workers draw
+    # the same random numbers and stop after the crop; data/device_augment.py): true, false (the workers
+    # apply them) or auto (on the device when it is a GPU and it applies the recipe's ops)
+    on_device: bool | str = "auto"
 
     def check(self, r: Rules) -> None:
         r.choice("aug.mixup_mode", self.mixup_mode, MIXUP_MODES)
+        if self.on_device not in (True, False, "auto"):
+            r.fail("aug.on_device", f"aug.on_device must be true, false or auto, got {self.on_device!r}")
         r.choice("aug.remode", self.remode, RE_MODES)
         r.require("aug.color_jitter", self.color_jitter, _non_negative, ">= 0")
         r.require("aug.reprob", self.reprob, _probability, "in [0, 1]")

@@ -68,7 +68,8 @@ def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_describe(a) for a in inner) + " or null"
+        null = " or null" if type(None) in typing.get_args(tp) else ""
+        return " or ".join(_describe(a) for a in inner) + null
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
     return {int: "an int", float: "a float", bool: "a bool", str: "a str"}[tp]
@@ -81,15 +82,14 @@ def coerce(value: Any, tp: Any, key: str, where: str | None) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        try:
-            return coerce(value, inner, key, where)
-        except ConfigError:
-            if typing.get_origin(inner) is list and isinstance(value, (list, tuple)):
-                raise  # a bad element: keep its precise message
-            raise ConfigError(
-                with_origin(where, f"{key} must be {_describe(tp)}, got {describe_value(value)}")
-            ) from None
+        inner = [a for a in args if a is not type(None)]
+        for option in inner:  # `bool | str`: the first type that takes the value
+            try:
+                return coerce(value, option, key, where)
+            except ConfigError:
+                if typing.get_origin(option) is list and isinstance(value, (list, tuple)):
+                    raise  # a bad element: keep its precise message
+        raise ConfigError(with_origin(where, f"{key} must be {_describe(tp)}, got {describe_value(value)}"))
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(

@@ -107,7 +107,7 @@ def output_folder(cfg: Config, env: DistEnv):
 def log_run_summary(run: Run) -> None:
     env, data = run.env, run.data
     where = (
-        "on the device"
+        "on the device" + (" (flipped and augmented there too)" if data.device_transform.augment else "")
         if data.device_transform
         else "nowhere (synthetic tensors)"
         if run.cfg.data.synthetic

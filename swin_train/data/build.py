@@ -7,9 +7,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from swin_train.config import Config
+from swin_train.data.augment_draws import UnsupportedOnDevice
+from swin_train.data.device_augment import DeviceAugment
 from swin_train.data.folder import build_datasets, build_eval_dataset, check_root
 from swin_train.data.loader import build_loader, usable_workers
 from swin_train.data.prefetch import DeviceTransform
@@ -18,7 +21,7 @@ from swin_train.data.shards import ShardTrainDataset
 from swin_train.data.synthetic import SyntheticDataset
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
 from swin_train.distributed import DistEnv, barrier
-from swin_train.errors import DataError
+from swin_train.errors import ConfigError, DataError
 
 log = logging.getLogger("swin_train")
 
@@ -132,8 +135,10 @@ def data_root(cfg: Config, env: DistEnv) -> Path:
     return Path(cfg.data.data_path)
 
 
-def device_transform_for(cfg: Config, env: DistEnv, *, train: bool) -> DeviceTransform:
-    """Normalisation (and for training, seeded random erasing) on `env.device`."""
+def device_transform_for(
+    cfg: Config, env: DistEnv, *, train: bool, augment: DeviceAugment | None = None
+) -> DeviceTransform:
+    """Normalisation (and for training, seeded random erasing and `augment`) on `env.device`."""
     d, a = cfg.data, cfg.aug
     if not train:
         return DeviceTransform(env.device, d.mean, d.std)
@@ -146,19 +151,42 @@ def device_transform_for(cfg: Config, env: DistEnv, *, train: bool) -> DeviceTra
         recount=a.recount,
         seed=cfg.seed,
         rank=env.rank,
+        augment=augment,
     )
+
+
+def train_transform_for(cfg: Config, device: torch.device, *, device_pipeline: bool):
+    """(the workers' train transform, the device's augment or None). `aug.on_device` (auto: on a GPU) with
+    the uint8 `device_pipeline`: the workers stop after the crop and the device flips and augments; a
+    recipe the device cannot apply is a ConfigError for `true` and stays in the workers for `auto`."""
+    d, a = cfg.data, cfg.aug
+    wanted = device.type == "cuda" if a.on_device == "auto" else a.on_device
+    if device_pipeline and wanted and not d.synthetic:
+        try:
+            transform = build_train_transform(d, a, uint8=True, on_device=True)
+            return transform, DeviceAugment(transform.transforms[-1].fill)
+        except UnsupportedOnDevice as e:
+            if a.on_device is True:
+                raise ConfigError(
+                    f"aug.on_device=true: {e}; set aug.on_device=false to augment in the data workers"
+                ) from None
+            log.info("flip and augmentation in the data workers (aug.on_device=auto: %s)", e)
+    return build_train_transform(d, a, uint8=device_pipeline), None
 
 
 def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> Data:
     """Datasets and loaders. `device_pipeline`: the workers return uint8 images and normalisation and
-    random erasing run on `env.device` (`Data.device_transform`); otherwise the workers do all of it."""
+    random erasing (and with aug.on_device flips and RandAugment) run on `env.device`
+    (`Data.device_transform`); otherwise the workers do all of it."""
     d = cfg.data
-    train_transform = build_train_transform(d, cfg.aug, uint8=device_pipeline)
+    train_transform, augment = train_transform_for(cfg, env.device, device_pipeline=device_pipeline)
     eval_transform = build_eval_transform(
         Preprocess.from_config(cfg), uint8=device_pipeline, fast_decode=d.fast_decode
     )
     device_transform = (
-        device_transform_for(cfg, env, train=True) if device_pipeline and not d.synthetic else None
+        device_transform_for(cfg, env, train=True, augment=augment)
+        if device_pipeline and not d.synthetic
+        else None
     )
     source = "synthetic" if d.synthetic else data_source(cfg)
     warn_if_skip_bad_images_unused(cfg, source)

@@ -85,7 +85,7 @@ def dct_scale(image_size: tuple[int, int], need: tuple[float, float]) -> int:
     return 1
 
 
-def _pil_pixels(image: Image.Image) -> torch.Tensor:
+def pil_pixels(image: Image.Image) -> torch.Tensor:
     """(3, H, W) uint8 view of an RGB copy of `image` (channels-last memory)."""
     image = image.convert("RGB") if image.mode != "RGB" else image
     # a writable buffer (np.asarray of a Pillow image is read-only, which torch warns about)
@@ -97,19 +97,19 @@ def decode_pixels(image: Encoded | Image.Image, scale: int = 1) -> tuple[torch.T
     """((3, H, W) uint8 RGB pixels, the factor the full-size sides were divided by). `scale` > 1 asks a
     JPEG for a reduced DCT scale. Decoding errors raise UndecodableImage."""
     if isinstance(image, Image.Image):
-        return _pil_pixels(image), 1.0
+        return pil_pixels(image), 1.0
     header = image.header
     try:
         if header.format == "JPEG" and scale > 1:
             width, height = header.size
             drafted = header.draft("RGB", (width // scale, height // scale))
             # draft's box is the full image in reduced coordinates: width / its width is the factor
-            return _pil_pixels(header), 1.0 if drafted is None else width / drafted[1][2]
+            return pil_pixels(header), 1.0 if drafted is None else width / drafted[1][2]
         if header.format == "JPEG" and decode_jpeg is not None:
             # bytearray: torch wants a writable buffer; the copy is cheap beside decoding
             data = torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
             return decode_jpeg(data, mode=ImageReadMode.RGB), 1.0
-        return _pil_pixels(header), 1.0
+        return pil_pixels(header), 1.0
     except RuntimeError as e:  # torchvision: "decode_jpeg, <source file>:<line>, <libjpeg's message>"
         raise UndecodableImage(ValueError(str(e).split(", ", 2)[-1])) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -142,11 +142,12 @@ def _interpolation_name(mode) -> str:
 class FastRandomResizedCrop:
     """timm's RandomResizedCropAndInterpolation (`rrc`, whose settings and get_params are used as they
     are), decoding only what the crop needs. Input: an Encoded file or a decoded image; output: an RGB
-    Pillow image of rrc.size."""
+    Pillow image of rrc.size, or with `as_tensor` the (3, H, W) uint8 tensor itself."""
 
-    def __init__(self, rrc):
+    def __init__(self, rrc, *, as_tensor: bool = False):
         self.rrc = rrc
         self.size = tuple(rrc.size)  # (H, W)
+        self.as_tensor = as_tensor
 
     def __call__(self, image: Encoded | Image.Image) -> Image.Image:
         header = image.header if isinstance(image, Encoded) else image
@@ -158,7 +159,8 @@ class FastRandomResizedCrop:
         pixels, factor = decode_pixels(image, scale)
         box = [round(v / factor) for v in (top, left, top + height, left + width)]
         crop = pixels[:, box[0] : max(box[2], box[0] + 1), box[1] : max(box[3], box[1] + 1)]
-        return to_pil(resize_pixels(crop, self.size, _interpolation_name(interpolation)))
+        resized = resize_pixels(crop, self.size, _interpolation_name(interpolation))
+        return resized if self.as_tensor else to_pil(resized)
 
     def __repr__(self) -> str:
         return f"FastRandomResizedCrop({self.rrc!r})"
@@ -209,7 +211,7 @@ class PILToUint8:
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
             return image
-        return _pil_pixels(image)
+        return pil_pixels(image)
 
     def __repr__(self) -> str:
         return "PILToUint8()"

@@ -28,6 +28,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.data.random_erasing import RandomErasing
 
+from swin_train.data.augment_draws import Augmented
+from swin_train.data.device_augment import DeviceAugment
 from swin_train.data.seeding import seeded_rng
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -50,8 +52,9 @@ def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor)
 
 
 class DeviceTransform:
-    """What the uint8 pipeline does on the device: uint8 -> normalised float32, then (train batches
-    only) timm RandomErasing seeded per batch. Float batches are taken as already normalised."""
+    """What the uint8 pipeline does on the device: `augment` (aug.on_device: the flips and RandAugment
+    draws of `Augmented` batches), uint8 -> normalised float32, then (train batches only) timm RandomErasing
+    seeded per batch. Float batches are taken as already normalised."""
 
     def __init__(
         self,
@@ -64,8 +67,10 @@ class DeviceTransform:
         recount: int = 1,
         seed: int = 0,
         rank: int = 0,
+        augment: DeviceAugment | None = None,
     ) -> None:
         self.device = torch.device(device)
+        self.augment = augment
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)  # (C, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         # the worker pipeline's settings (timm create_transform): max_count=recount, no clean splits
@@ -79,6 +84,10 @@ class DeviceTransform:
     ) -> torch.Tensor:
         """(B, C, H, W) on `device` -> normalised float32. With an `epoch` and this rank's `batch` index
         in that epoch, random erasing runs too, as a pure function of (seed, rank, epoch, batch)."""
+        if isinstance(images, Augmented):
+            if self.augment is None:
+                raise ValueError("an Augmented batch needs a DeviceTransform with an augment")
+            images = self.augment(images)
         if images.dtype == torch.uint8:
             images = normalize_uint8(images, self.mean, self.std)
         if self.erasing is not None and batch is not None:

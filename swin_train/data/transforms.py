@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass
 from PIL import Image, ImageOps
 from timm.data import auto_augment as timm_auto_augment
 from timm.data import create_transform
+from timm.data.auto_augment import AutoAugment, RandAugment
 from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 from torchvision import transforms as tv_transforms
 
 from swin_train.config import AugConfig, Config, DataConfig
+from swin_train.data.augment_draws import AugmentDraws, UnsupportedOnDevice
 from swin_train.data.decode import FastCompose, FastRandomResizedCrop, FastResizeCenterCrop, PILToUint8
 from swin_train.errors import CheckpointError
 
@@ -62,7 +64,9 @@ class Preprocess:
         return pre
 
 
-def build_train_transform(data: DataConfig, aug: AugConfig, *, uint8: bool = False) -> Callable:
+def build_train_transform(
+    data: DataConfig, aug: AugConfig, *, uint8: bool = False, on_device: bool = False
+) -> Callable:
     """timm's ImageNet train transform (random-resized crop, flip, RandAugment or colour jitter,
     normalise, random erasing); the config defaults are the official Swin recipe. As in timm and the
     official code, colour jitter is ignored when RandAugment/AutoAugment is on. PIL image -> (3, S, S).
@@ -71,7 +75,12 @@ def build_train_transform(data: DataConfig, aug: AugConfig, *, uint8: bool = Fal
     (the device does both). The random draws before that point are the same, so the images are those of
     the float pipeline.
 
-    `data.fast_decode`: the same chain with its crop taking undecoded files (decode.FastRandomResizedCrop)."""
+    `data.fast_decode`: the same chain with its crop taking undecoded files (decode.FastRandomResizedCrop).
+
+    `on_device` (with `uint8`): the chain stops after the crop and hands over `Augmented` samples: the
+    pixels and the flip and RandAugment draws of timm's own objects (augment_draws.AugmentDraws), which the
+    device applies (device_augment.py); UnsupportedOnDevice when the chain has a step the device does not
+    apply."""
     aa = None if not aug.auto_augment or aug.auto_augment.lower() == "none" else aug.auto_augment
     transform = create_transform(
         data.img_size,
@@ -89,6 +98,8 @@ def build_train_transform(data: DataConfig, aug: AugConfig, *, uint8: bool = Fal
         use_prefetcher=uint8,
     )
     _fix_posterize(transform)
+    if on_device:
+        return _device_chain(transform, fast_decode=data.fast_decode)
     return _fast_chain(transform) if data.fast_decode else transform
 
 
@@ -128,6 +139,24 @@ def _fast_chain(transform: Callable) -> FastCompose:
     else:
         raise ValueError(f"fast_decode: no fast first step for {first!r}")
     return FastCompose([PILToUint8() if isinstance(s, MaybePILToTensor) else s for s in steps])
+
+
+def _device_chain(transform: Callable, *, fast_decode: bool) -> Callable:
+    """timm's uint8 train chain up to its crop, then AugmentDraws for its flip and RandAugment/AutoAugment
+    (timm's objects: their settings and draws); any other step raises UnsupportedOnDevice."""
+    crop, *rest = transform.transforms
+    flip = augment = None
+    for step in rest:
+        if isinstance(step, tv_transforms.RandomHorizontalFlip) and flip is None and augment is None:
+            flip = step
+        elif isinstance(step, RandAugment | AutoAugment) and augment is None:
+            augment = step
+        elif not isinstance(step, MaybePILToTensor):
+            raise UnsupportedOnDevice(f"the device does not apply {type(step).__name__}")
+    draws = AugmentDraws(flip, augment)
+    if fast_decode:
+        return FastCompose([FastRandomResizedCrop(crop, as_tensor=True), draws])
+    return tv_transforms.Compose([crop, draws])
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:

@@ -1,0 +1,296 @@
+"""aug.on_device: the workers draw flip and RandAugment with timm's own objects and the device applies them
+(augment_draws.py, device_augment.py, pillow_ops.py). On CPU tensors: the same draws as timm's pipeline,
+every op bitwise Pillow's on photographs, whole batches bitwise the worker pipeline's, exact resume."""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_bitwise_equal, image_folder, two_class_train_args, weights
+from PIL import Image, ImageEnhance, ImageOps
+from timm.data import auto_augment as timm_aa
+from torch.utils.data import default_collate
+
+from swin_train.cli.train import cli as train_cli
+from swin_train.config import AugConfig, DataConfig, load_config
+from swin_train.data import pillow_ops as ops
+from swin_train.data.augment_draws import AugmentDraws, Augmented, UnsupportedOnDevice, rotate_matrix
+from swin_train.data.build import train_transform_for
+from swin_train.data.decode import open_encoded
+from swin_train.data.device_augment import DeviceAugment
+from swin_train.data.folder import build_datasets
+from swin_train.data.loader import build_loader
+from swin_train.data.prefetch import DeviceTransform
+from swin_train.data.samplers import ResumableTrainSampler
+from swin_train.data.seeding import run_seeded, seeded_rng
+from swin_train.data.transforms import _posterize, build_train_transform
+from swin_train.errors import ConfigError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench.photos import SOURCES, cut_photo, load_sources  # noqa: E402
+
+SPECS = ("rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "rand-m7-n3-mstd1-tweights", "original-mstd0.5", "v0")
+FILL = (124, 116, 104)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[bytes]:
+    """10 JPEGs cut from the bundled photographs as the loader benchmark cuts them (300-500 px)."""
+    sources = load_sources()
+    out = []
+    for i in range(10):
+        image, quality = cut_photo(sources[SOURCES[i % len(SOURCES)]], np.random.default_rng([3, i]), True)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+        out.append(buffer.getvalue())
+    return out
+
+
+@pytest.fixture(scope="module")
+def small(photos) -> list[Image.Image]:
+    """The photos shrunk to 72 x 56 (fast on CPU), plus a low-contrast one (autocontrast, equalize)."""
+    images = [
+        Image.open(io.BytesIO(p)).convert("RGB").resize((72, 56), Image.Resampling.BICUBIC) for p in photos
+    ]
+    return images + [images[0].point(lambda v: v // 3 + 60)]
+
+
+def _tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W)
+
+
+def _equal(image: Image.Image, tensor: torch.Tensor) -> bool:
+    return torch.equal(_tensor(image), tensor)
+
+
+def _rng_state() -> tuple:
+    return random.getstate(), np.random.get_state()[1].tobytes(), torch.get_rng_state().tolist()
+
+
+def _spy(transform, calls: list) -> None:
+    """Log (name, level arguments) of every op timm's RandAugment/AutoAugment in `transform` applies."""
+    for step in transform.transforms:
+        ops_ = getattr(step, "ops", None) or [op for sp in getattr(step, "policy", []) for op in sp]
+        for op in ops_:
+            real = op.aug_fn
+            op.aug_fn = lambda img, *args, _n=op.name, _f=real, **kw: (
+                calls.append((_n, args)) or _f(img, *args, **kw)
+            )
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_the_workers_draw_exactly_the_ops_timm_applies_for_the_same_seed(photos, spec):
+    aug = AugConfig(auto_augment=spec)
+    timm_chain = build_train_transform(DataConfig(), aug, uint8=True)
+    ours = build_train_transform(DataConfig(), aug, uint8=True, on_device=True)
+    applied: list = []
+    _spy(timm_chain, applied)
+    draws = ours.transforms[-1]
+    for seed, data in enumerate(photos):
+        applied.clear()
+        with seeded_rng(seed):
+            timm_chain(open_encoded(data))
+            timm_end = _rng_state()
+        with seeded_rng(seed):
+            sample = ours(open_encoded(data))
+            ours_end = _rng_state()
+        recorded = [(name, args) for name, args, _ in draws.log]
+        assert recorded == applied and ours_end == timm_end
+        assert isinstance(sample, Augmented) and sample.params.shape == (draws.num_params,)
+
+
+def test_random_interpolation_is_drawn_inside_the_op_as_timm_draws_it(small):
+    # timm's default hparams: each geometric op picks bilinear or bicubic with one more random draw
+    augment = timm_aa.rand_augment_transform("rand-m9-n3-mstd0.5", {"translate_const": 40})
+    worker_chain = [augment]
+    draws = AugmentDraws(None, augment)
+    for seed, image in enumerate(small):
+        with seeded_rng(seed):
+            expected = worker_chain[0](image)
+            end = _rng_state()
+        with seeded_rng(seed):
+            sample = draws(image)
+            assert _rng_state() == end
+        got = DeviceAugment(draws.fill)(default_collate([sample]))
+        assert _equal(expected, got)
+
+
+def test_every_device_op_is_bitwise_pillows_on_photographs(small):
+    fill = torch.tensor(FILL, dtype=torch.uint8)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for image in small:
+        t, (w, h) = _tensor(image), image.size
+        for value in rng.uniform(-0.3, 0.3, 2):
+            for resample, name in (
+                (Image.Resampling.BICUBIC, "bicubic"),
+                (Image.Resampling.BILINEAR, "bilinear"),
+            ):
+                kw = dict(fillcolor=FILL, resample=resample)
+                cases = [
+                    (timm_aa.shear_x(image, value, **kw), (1, value, 0, 0, 1, 0)),
+                    (timm_aa.shear_y(image, value, **kw), (1, 0, 0, value, 1, 0)),
+                    (timm_aa.translate_x_rel(image, value, **kw), (1, 0, value * w, 0, 1, 0)),
+                    (timm_aa.translate_y_rel(image, value, **kw), (1, 0, 0, 0, 1, value * h)),
+                    (timm_aa.rotate(image, value * 100, **kw), rotate_matrix(value * 100, w, h)),
+                ]
+                for expected, matrix in cases:
+                    m = torch.tensor([matrix], dtype=torch.float64)
+                    assert _equal(expected, ops.affine(t, m, fill, name))
+                    checked += 1
+        assert _equal(ImageOps.autocontrast(image), ops.auto_contrast(t))
+        assert _equal(ImageOps.equalize(image), ops.equalize(t))
+        assert _equal(ImageOps.invert(image), ops.invert(t))
+        for bits in range(9):
+            assert _equal(_posterize(image, bits), ops.posterize(t, torch.tensor([bits])))
+        for threshold in (0, 77, 128, 256):
+            assert _equal(ImageOps.solarize(image, threshold), ops.solarize(t, torch.tensor([threshold])))
+            add = torch.tensor([threshold // 3])
+            assert _equal(
+                timm_aa.solarize_add(image, threshold // 3), ops.solarize_add(t, add, torch.tensor([128]))
+            )
+        for factor in [*rng.uniform(0.1, 1.9, 3), 0.0, 1.0, 2.6]:
+            f = torch.tensor([factor], dtype=torch.float64)
+            assert _equal(ImageEnhance.Color(image).enhance(factor), ops.color(t, f))
+            assert _equal(ImageEnhance.Contrast(image).enhance(factor), ops.contrast(t, f))
+            assert _equal(ImageEnhance.Brightness(image).enhance(factor), ops.brightness(t, f))
+            assert _equal(ImageEnhance.Sharpness(image).enhance(factor), ops.sharpness(t, f))
+            checked += 4
+    assert checked == len(small) * (2 * 2 * 5 + 6 * 4)
+
+
+def test_the_histogram_ops_keep_pillows_rules_for_flat_and_two_level_channels():
+    flat = Image.new("RGB", (9, 7), (40, 200, 0))
+    two = Image.fromarray(np.tile(np.array([[[10, 10, 10]], [[250, 250, 250]]], np.uint8), (4, 9, 1)))
+    for image in (flat, two):
+        t = _tensor(image)
+        assert _equal(ImageOps.autocontrast(image), ops.auto_contrast(t))
+        assert _equal(ImageOps.equalize(image), ops.equalize(t))
+
+
+@pytest.mark.parametrize("spec", SPECS[:4])
+def test_device_batches_are_bitwise_the_worker_pipelines(photos, spec):
+    data, aug = DataConfig(img_size=64), AugConfig(auto_augment=spec)
+    workers = build_train_transform(data, aug, uint8=True)
+    on_device = build_train_transform(data, aug, uint8=True, on_device=True)
+    keys = [(i, seed) for seed in range(3) for i in range(len(photos))]
+    expected = torch.stack([run_seeded(workers, open_encoded(photos[i]), s) for i, s in keys])
+    batch = default_collate([run_seeded(on_device, open_encoded(photos[i]), s) for i, s in keys])
+    got = DeviceAugment(on_device.transforms[-1].fill)(batch)
+    assert got.shape == (len(keys), 3, 64, 64) and torch.equal(got, expected)
+
+
+def test_full_decode_chain_hands_over_the_same_draws(photos):
+    aug = AugConfig()
+    full = build_train_transform(DataConfig(img_size=64, fast_decode=False), aug, uint8=True)
+    full_device = build_train_transform(
+        DataConfig(img_size=64, fast_decode=False), aug, uint8=True, on_device=True
+    )
+    images = [Image.open(io.BytesIO(p)).convert("RGB") for p in photos[:4]]
+    expected = torch.stack([run_seeded(full, im, s) for s, im in enumerate(images)])
+    batch = default_collate([run_seeded(full_device, im, s) for s, im in enumerate(images)])
+    assert torch.equal(DeviceAugment(FILL)(batch), expected)
+
+
+def _epoch(dataset, transform: DeviceTransform, workers: int, start: int = 0) -> list[torch.Tensor]:
+    sampler = ResumableTrainSampler(len(dataset), num_replicas=1, rank=0, seed=5)
+    loader = build_loader(dataset, batch_size=2, sampler=sampler, num_workers=workers, drop_last=True)
+    sampler.set_epoch(1)
+    sampler.set_start(start, 2)
+    return [transform(images, 1, i) for i, (images, _) in enumerate(loader, start)]
+
+
+def _photo_folder(root: Path, photos: list[bytes]) -> Path:
+    for i, data in enumerate(photos):
+        for split in ("train", "val"):
+            folder = root / split / ("a" if i % 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:02d}.jpg").write_bytes(data)
+    return root
+
+
+def test_on_device_batches_repeat_across_workers_resume_mid_epoch_and_equal_the_workers(tmp_path, photos):
+    root = _photo_folder(tmp_path, photos[:6])
+    data, aug = DataConfig(img_size=48), AugConfig(reprob=0.25)
+    on = build_train_transform(data, aug, uint8=True, on_device=True)
+    device = DeviceTransform("cpu", reprob=0.25, seed=2, augment=DeviceAugment(on.transforms[-1].fill))
+    train, _, _ = build_datasets(root, train_transform=on, eval_transform=None)
+    whole = _epoch(train, device, workers=0)
+    assert len(whole) == 3 and all(torch.equal(a, b) for a, b in zip(whole, _epoch(train, device, workers=2)))
+    resumed = _epoch(train, device, workers=1, start=1)
+    assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(whole[1:], resumed))
+    off = build_train_transform(data, aug, uint8=True)
+    workers_train, _, _ = build_datasets(root, train_transform=off, eval_transform=None)
+    plain = DeviceTransform("cpu", reprob=0.25, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(whole, _epoch(workers_train, plain, workers=0)))
+
+
+def test_on_device_shard_batches_resume_mid_epoch(tmp_path, photos):
+    from swin_train.data import shards as S
+    from swin_train.data.pack import PackOptions, pack
+
+    pack(
+        _photo_folder(tmp_path / "src", photos[:8]),
+        tmp_path / "wds",
+        PackOptions(shard_size=2),
+        progress=False,
+    )
+    split = S.resolve_split(str(tmp_path / "wds"), "train")
+    on = build_train_transform(DataConfig(img_size=48), AugConfig(), uint8=True, on_device=True)
+    device = DeviceTransform("cpu", augment=DeviceAugment(on.transforms[-1].fill))
+
+    def epoch(start: int) -> list[torch.Tensor]:
+        ds = S.ShardTrainDataset(split, on, batch_size=2, num_workers=2, seed=3)
+        ds.set_epoch(1)
+        ds.set_start(start, 2)
+        loader = S.build_shard_loader(ds, batch_size=2, num_workers=2, pin_memory=False, drop_last=True)
+        return [device(x, 1, i) for i, (x, _) in enumerate(loader, start)]
+
+    whole, resumed = epoch(0), epoch(1)
+    assert len(whole) == 4 and all(torch.equal(a, b) for a, b in zip(whole[1:], resumed))
+
+
+def test_on_device_auto_means_a_gpu_and_an_unsupported_recipe_is_one_line_for_true(caplog):
+    caplog.set_level(logging.INFO, "swin_train")
+    cfg = load_config(None, [])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train_transform_for(cfg, cpu, device_pipeline=True)[1] is None
+    assert isinstance(train_transform_for(cfg, cuda, device_pipeline=True)[1], DeviceAugment)
+    # the workers normalise (the float pipeline): nothing left for the device
+    assert train_transform_for(cfg, cuda, device_pipeline=False)[1] is None
+    jitter = load_config(None, ["aug.auto_augment=null", "aug.color_jitter=0.4"])
+    assert train_transform_for(jitter, cuda, device_pipeline=True)[1] is None  # auto: stays in the workers
+    assert "ColorJitter" in caplog.text
+    forced = load_config(None, ["aug.auto_augment=null", "aug.color_jitter=0.4", "aug.on_device=true"])
+    with pytest.raises(
+        ConfigError, match=r"^aug.on_device=true: the device does not apply ColorJitter; set aug"
+    ):
+        train_transform_for(forced, cpu, device_pipeline=True)
+    with pytest.raises(UnsupportedOnDevice, match="GaussianBlur"):
+        build_train_transform(
+            DataConfig(), AugConfig(auto_augment="rand-m9-t3a", color_jitter=0), uint8=True, on_device=True
+        )
+    nearest = load_config(None, ["aug.on_device=true", "data.interpolation=nearest"])
+    with pytest.raises(ConfigError, match="bilinear or bicubic"):
+        train_transform_for(nearest, cpu, device_pipeline=True)
+    assert load_config(None, ["aug.on_device=false"]).aug.on_device is False
+    with pytest.raises(ConfigError, match="aug.on_device must be true, false or auto, got 'gpu'"):
+        load_config(None, ["aug.on_device=gpu"])
+
+
+@pytest.mark.parametrize("extra", [(), ("data.batch_size=16", "train.cpu_split=2")])
+def test_a_cpu_run_with_the_device_half_forced_on_trains_bitwise_as_the_workers(tmp_path, extra, capsys):
+    data = image_folder(tmp_path / "data", train=16)
+    recipe = ["aug.auto_augment=rand-m9-mstd0.5-inc1", "aug.reprob=0.25", *extra]
+    for on in ("true", "false"):
+        assert train_cli(two_class_train_args(data, tmp_path / on, *recipe, f"aug.on_device={on}")) == 0
+        said = "normalised on the device (flipped and augmented there too)" in capsys.readouterr().out
+        assert said == (on == "true")
+    assert_bitwise_equal(weights(tmp_path / "true" / "last.pth"), weights(tmp_path / "false" / "last.pth"))
