@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_bitwise_equal, image_folder, two_class_train_args, weights
+from helpers import assert_bitwise_equal, image_folder, torchrun, two_class_train_args, weights
 from PIL import Image, ImageEnhance, ImageOps
 from timm.data import auto_augment as timm_aa
 from torch.utils.data import default_collate
@@ -293,4 +293,13 @@ def test_a_cpu_run_with_the_device_half_forced_on_trains_bitwise_as_the_workers(
         assert train_cli(two_class_train_args(data, tmp_path / on, *recipe, f"aug.on_device={on}")) == 0
         said = "normalised on the device (flipped and augmented there too)" in capsys.readouterr().out
         assert said == (on == "true")
+    assert_bitwise_equal(weights(tmp_path / "true" / "last.pth"), weights(tmp_path / "false" / "last.pth"))
+
+
+def test_two_processes_train_bitwise_with_the_device_half_forced_on(tmp_path):
+    data = image_folder(tmp_path / "data", train=16)
+    recipe = ["aug.auto_augment=rand-m9-mstd0.5-inc1", "aug.reprob=0.25"]
+    for on in ("true", "false"):
+        run = torchrun(2, "train", *two_class_train_args(data, tmp_path / on, *recipe, f"aug.on_device={on}"))
+        assert run.returncode == 0, run.stderr[-2000:]
     assert_bitwise_equal(weights(tmp_path / "true" / "last.pth"), weights(tmp_path / "false" / "last.pth"))
