@@ -64,6 +64,7 @@ DATASETS = (
     "hf",
 )  # an imagefolder path holding shards or a HF dataset is read as such
 BEST_ON = ("raw", "ema")
+DECODERS = ("cpu", "cuda")  # data.decode: where JPEGs are decoded
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")  # timm's PIL names
 MIXUP_MODES = ("batch", "pair", "elem")  # timm.data.Mixup
 RE_MODES = ("pixel", "rand", "const")  # timm.data.RandomErasing
@@ -188,6 +189,9 @@ class DataConfig:
     # uint8 tensor resizes; data/decode.py): the same boxes, flips and RandAugment ops, pixels within the
     # bound README states; false: timm's transforms on fully decoded images, bitwise as before
     fast_decode: bool = True
+    # "cuda": the training device decodes JPEGs (nvjpeg on a GPU), crops and resizes them, a batch at a time;
+    # the workers only read files and draw (data/device_decode.py). Needs fast_decode and aug.on_device
+    decode: str = "cpu"
     val_path: str | None = None  # shards of the val split when data_path is a brace pattern or pipe: URL
     shard_info: str | None = None  # the shards' _info.json/_info.yaml when not beside them (pipe: URLs)
     train_split: str = "train"  # split names in a shard index or a Hugging Face dataset (not ImageFolder)
@@ -203,6 +207,7 @@ class DataConfig:
         for key in ("train_split", "val_split", "image_column", "label_column"):
             r.require(f"data.{key}", getattr(self, key), named, "a non-empty name")
         r.choice("data.interpolation", self.interpolation, INTERPOLATIONS)
+        r.choice("data.decode", self.decode, DECODERS)
         r.require("data.img_size", self.img_size, _at_least_one, ">= 1")
         r.require("data.batch_size", self.batch_size, _at_least_one, ">= 1")
         r.require("data.num_workers", self.num_workers, _non_negative, ">= 0")
@@ -371,6 +376,13 @@ class Config:
             )
         except ArchitectureError as e:
             r.fail(e.keys, str(e))
+        if self.data.decode == "cuda" and not self.data.fast_decode:
+            r.fail(("data.decode", "data.fast_decode"), "data.decode=cuda needs data.fast_decode=true")
+        if self.data.decode == "cuda" and self.aug.on_device is False:
+            r.fail(
+                ("data.decode", "aug.on_device"),
+                "data.decode=cuda needs aug.on_device true or auto (the workers hand over undecoded files)",
+            )
         for key, values in (("data.mean", self.data.mean), ("data.std", self.data.std)):
             if len(values) != m.in_chans:
                 r.fail(

@@ -6,6 +6,7 @@ decode.py      data.fast_decode: the crop chosen on the header, then decoded and
 augment_draws.py  aug.on_device, the workers' half: timm's flip/RandAugment draws recorded as numbers
 device_augment.py aug.on_device, the device's half: a batch's draws applied in order, ops grouped
 pillow_ops.py  Pillow's RandAugment ops on uint8 tensor batches (bitwise Pillow's on CPU)
+device_decode.py  data.decode: cuda: the workers hand over files and draws, the device decodes a batch
 samplers.py    a train order that resumes mid-epoch bitwise; an eval split that never pads
 loader.py      DataLoaders whose output does not depend on workers
 seeding.py     seeds derived from (seed, rank, epoch, index) keys

@@ -4,7 +4,7 @@ loaders and (on CUDA) the device half of the input pipeline."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -158,14 +158,20 @@ def device_transform_for(
 def train_transform_for(cfg: Config, device: torch.device, *, device_pipeline: bool):
     """(the workers' train transform, the device's augment or None). `aug.on_device` (auto: on a GPU) with
     the uint8 `device_pipeline`: the workers stop after the crop and the device flips and augments; a
-    recipe the device cannot apply is a ConfigError for `true` and stays in the workers for `auto`."""
+    recipe the device cannot apply is a ConfigError for `true` (and data.decode=cuda) and stays in the
+    workers for `auto`. data.decode=cuda: the workers stop before decoding (device_decode.py)."""
     d, a = cfg.data, cfg.aug
-    wanted = device.type == "cuda" if a.on_device == "auto" else a.on_device
+    decode = decode_for(cfg, device, device_pipeline=device_pipeline)
+    if decode == "cuda" and device.type != "cuda":
+        log.info("data.decode=cuda on the %s device: the main process decodes the JPEGs", device.type)
+    wanted = decode == "cuda" or (device.type == "cuda" if a.on_device == "auto" else a.on_device)
     if device_pipeline and wanted and not d.synthetic:
         try:
-            transform = build_train_transform(d, a, uint8=True, on_device=True)
-            return transform, DeviceAugment(transform.transforms[-1].fill)
+            transform = build_train_transform(replace(d, decode=decode), a, uint8=True, on_device=True)
+            return transform, DeviceAugment(transform.draws.fill)
         except UnsupportedOnDevice as e:
+            if decode == "cuda":
+                raise ConfigError(f"data.decode=cuda: {e}; set data.decode=cpu") from None
             if a.on_device is True:
                 raise ConfigError(
                     f"aug.on_device=true: {e}; set aug.on_device=false to augment in the data workers"
@@ -174,15 +180,32 @@ def train_transform_for(cfg: Config, device: torch.device, *, device_pipeline: b
     return build_train_transform(d, a, uint8=device_pipeline), None
 
 
+def decode_for(cfg: Config, device: torch.device, *, device_pipeline: bool) -> str:
+    """Where JPEGs are decoded: data.decode, except "cpu" when the workers normalise (no device half)."""
+    return cfg.data.decode if device_pipeline and not cfg.data.synthetic else "cpu"
+
+
+def eval_transform_for(cfg: Config, device: torch.device, *, device_pipeline: bool):
+    """The workers' eval transform (the device decodes with data.decode=cuda)."""
+    decode = decode_for(cfg, device, device_pipeline=device_pipeline)
+    try:
+        return build_eval_transform(
+            Preprocess.from_config(cfg),
+            uint8=device_pipeline,
+            fast_decode=cfg.data.fast_decode,
+            decode=decode,
+        )
+    except UnsupportedOnDevice as e:
+        raise ConfigError(f"data.decode=cuda: {e}; set data.decode=cpu") from None
+
+
 def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> Data:
     """Datasets and loaders. `device_pipeline`: the workers return uint8 images and normalisation and
     random erasing (and with aug.on_device flips and RandAugment) run on `env.device`
     (`Data.device_transform`); otherwise the workers do all of it."""
     d = cfg.data
     train_transform, augment = train_transform_for(cfg, env.device, device_pipeline=device_pipeline)
-    eval_transform = build_eval_transform(
-        Preprocess.from_config(cfg), uint8=device_pipeline, fast_decode=d.fast_decode
-    )
+    eval_transform = eval_transform_for(cfg, env.device, device_pipeline=device_pipeline)
     device_transform = (
         device_transform_for(cfg, env, train=True, augment=augment)
         if device_pipeline and not d.synthetic
@@ -294,9 +317,7 @@ def build_eval_data(
 ) -> tuple[DataLoader, list[str]]:
     """The val split alone, for `swin-eval`: an exact (non-padding) loader and the class names."""
     d = cfg.data
-    transform = build_eval_transform(
-        Preprocess.from_config(cfg), uint8=device_pipeline, fast_decode=d.fast_decode
-    )
+    transform = eval_transform_for(cfg, env.device, device_pipeline=device_pipeline)
     workers = usable_workers(d.num_workers)
     source = data_source(cfg)
     warn_if_skip_bad_images_unused(cfg, source)

@@ -65,15 +65,16 @@ class Encoded:
 
     data: bytes
     header: Image.Image
+    name: str = ""  # the file (or shard member) it came from, for errors raised after the worker
 
     @property
     def size(self) -> tuple[int, int]:
         return self.header.size
 
 
-def open_encoded(data: bytes) -> Encoded:
+def open_encoded(data: bytes, name: str = "") -> Encoded:
     """Parse the header of an image file's bytes; raises what Image.open raises for a bad file."""
-    return Encoded(data, Image.open(io.BytesIO(data)))
+    return Encoded(data, Image.open(io.BytesIO(data)), name)
 
 
 def dct_scale(image_size: tuple[int, int], need: tuple[float, float]) -> int:
@@ -135,7 +136,7 @@ def to_pil(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
 
 
-def _interpolation_name(mode) -> str:
+def interpolation_name(mode) -> str:
     return mode.value if hasattr(mode, "value") else str(mode)
 
 
@@ -149,17 +150,23 @@ class FastRandomResizedCrop:
         self.size = tuple(rrc.size)  # (H, W)
         self.as_tensor = as_tensor
 
-    def __call__(self, image: Encoded | Image.Image) -> Image.Image:
-        header = image.header if isinstance(image, Encoded) else image
+    def draw(self, header: Image.Image) -> tuple[tuple[int, int, int, int], str]:
+        """((top, left, height, width), interpolation) for an image (only its size is read, so a header
+        will do): the draws of timm's __call__, in its order."""
         top, left, height, width = self.rrc.get_params(header, self.rrc.scale, self.rrc.ratio)
         interpolation = self.rrc.interpolation
         if isinstance(interpolation, list | tuple):  # timm's "random": one more draw, as its __call__
             interpolation = random.choice(interpolation)
+        return (top, left, height, width), interpolation_name(interpolation)
+
+    def __call__(self, image: Encoded | Image.Image) -> Image.Image | torch.Tensor:
+        header = image.header if isinstance(image, Encoded) else image
+        (top, left, height, width), interpolation = self.draw(header)
         scale = dct_scale(header.size, (width / self.size[1], height / self.size[0]))
         pixels, factor = decode_pixels(image, scale)
         box = [round(v / factor) for v in (top, left, top + height, left + width)]
         crop = pixels[:, box[0] : max(box[2], box[0] + 1), box[1] : max(box[3], box[1] + 1)]
-        resized = resize_pixels(crop, self.size, _interpolation_name(interpolation))
+        resized = resize_pixels(crop, self.size, interpolation)
         return resized if self.as_tensor else to_pil(resized)
 
     def __repr__(self) -> str:
@@ -194,11 +201,14 @@ class FastResizeCenterCrop:
         scale = dct_scale((width, height), (width / new_w, height / new_h))
         pixels, _ = decode_pixels(image, scale)
         resized = resize_pixels(pixels, (new_h, new_w), self.interpolation)
-        # torchvision's center_crop offsets (the crop never exceeds the resized image here)
-        top = int(round((new_h - self.crop[0]) / 2.0))
-        left = int(round((new_w - self.crop[1]) / 2.0))
+        top, left = self.offsets(new_h, new_w)
         cropped = resized[:, top : top + self.crop[0], left : left + self.crop[1]]
         return cropped if self.as_tensor else to_pil(cropped)
+
+    def offsets(self, height: int, width: int) -> tuple[int, int]:
+        """(top, left) of the crop in the resized image: torchvision's center_crop offsets (the crop never
+        exceeds the resized image here)."""
+        return int(round((height - self.crop[0]) / 2.0)), int(round((width - self.crop[1]) / 2.0))
 
     def __repr__(self) -> str:
         return f"FastResizeCenterCrop(resize={self.resize}, crop={self.crop}, {self.interpolation})"

@@ -58,7 +58,7 @@ def read_encoded(path: str | os.PathLike) -> Encoded:
     """A file's bytes with its header parsed, for a transform that decodes only what it needs
     (decode.py); a bad header raises one of DECODE_ERRORS, bad data UndecodableImage when decoded."""
     with open(path, "rb") as f:
-        return open_encoded(f.read())
+        return open_encoded(f.read(), str(path))
 
 
 def _within(path: str, folder: str) -> bool:

@@ -140,7 +140,7 @@ class HFImageDataset(Dataset):
             image = row[self.image_column]
             if isinstance(image, dict) and self.encoded:
                 data = image.get("bytes") or Path(image["path"]).read_bytes()
-                return open_encoded(data), int(row[self.label_column])
+                return open_encoded(data, f"row {index} of {self.where}"), int(row[self.label_column])
             if isinstance(image, dict):  # an undecoded Image feature: {'bytes': ..., 'path': ...}
                 image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
             if not isinstance(image, Image.Image):

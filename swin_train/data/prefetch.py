@@ -30,6 +30,7 @@ from timm.data.random_erasing import RandomErasing
 
 from swin_train.data.augment_draws import Augmented
 from swin_train.data.device_augment import DeviceAugment
+from swin_train.data.device_decode import DeviceDecode, Undecoded
 from swin_train.data.seeding import seeded_rng
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -52,8 +53,9 @@ def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor)
 
 
 class DeviceTransform:
-    """What the uint8 pipeline does on the device: `augment` (aug.on_device: the flips and RandAugment
-    draws of `Augmented` batches), uint8 -> normalised float32, then (train batches only) timm RandomErasing
+    """What the uint8 pipeline does on the device: decoding `Undecoded` batches (data.decode: cuda),
+    `augment` (aug.on_device: the flips and RandAugment draws of `Augmented` and `Undecoded` batches),
+    uint8 -> normalised float32, then (train batches only) timm RandomErasing
     seeded per batch. Float batches are taken as already normalised."""
 
     def __init__(
@@ -71,6 +73,7 @@ class DeviceTransform:
     ) -> None:
         self.device = torch.device(device)
         self.augment = augment
+        self.decode = DeviceDecode(self.device, augment)  # for Undecoded batches (data.decode: cuda)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)  # (C, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         # the worker pipeline's settings (timm create_transform): max_count=recount, no clean splits
@@ -84,6 +87,8 @@ class DeviceTransform:
     ) -> torch.Tensor:
         """(B, C, H, W) on `device` -> normalised float32. With an `epoch` and this rank's `batch` index
         in that epoch, random erasing runs too, as a pure function of (seed, rank, epoch, batch)."""
+        if isinstance(images, Undecoded):
+            images = self.decode(images)
         if isinstance(images, Augmented):
             if self.augment is None:
                 raise ValueError("an Augmented batch needs a DeviceTransform with an augment")

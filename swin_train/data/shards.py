@@ -353,7 +353,7 @@ def decode_sample(sample: dict, shard: Shard, *, encoded: bool = False) -> tuple
         raise DataError(f"sample {where}: its .cls is not an integer label") from None
     try:
         if encoded:
-            return open_encoded(bytes(sample[ext])), label
+            return open_encoded(bytes(sample[ext]), where), label
         return Image.open(io.BytesIO(sample[ext])).convert("RGB"), label
     except DECODE_ERRORS as e:
         raise _undecodable(where, e) from None

@@ -21,6 +21,7 @@ from torchvision import transforms as tv_transforms
 from swin_train.config import AugConfig, Config, DataConfig
 from swin_train.data.augment_draws import AugmentDraws, UnsupportedOnDevice
 from swin_train.data.decode import FastCompose, FastRandomResizedCrop, FastResizeCenterCrop, PILToUint8
+from swin_train.data.device_decode import EvalDecodeDraws, TrainDecodeDraws
 from swin_train.errors import CheckpointError
 
 
@@ -80,7 +81,8 @@ def build_train_transform(
     `on_device` (with `uint8`): the chain stops after the crop and hands over `Augmented` samples: the
     pixels and the flip and RandAugment draws of timm's own objects (augment_draws.AugmentDraws), which the
     device applies (device_augment.py); UnsupportedOnDevice when the chain has a step the device does not
-    apply."""
+    apply. With `data.decode: cuda` it stops before decoding and hands over `Undecoded` samples: the file,
+    the crop box and the same draws (device_decode.py). The chain's `draws` attribute is its AugmentDraws."""
     aa = None if not aug.auto_augment or aug.auto_augment.lower() == "none" else aug.auto_augment
     transform = create_transform(
         data.img_size,
@@ -99,15 +101,18 @@ def build_train_transform(
     )
     _fix_posterize(transform)
     if on_device:
-        return _device_chain(transform, fast_decode=data.fast_decode)
+        return _device_chain(transform, fast_decode=data.fast_decode, decode=data.decode)
     return _fast_chain(transform) if data.fast_decode else transform
 
 
-def build_eval_transform(pre: Preprocess, *, uint8: bool = False, fast_decode: bool = False) -> Callable:
+def build_eval_transform(
+    pre: Preprocess, *, uint8: bool = False, fast_decode: bool = False, decode: str = "cpu"
+) -> Callable:
     """Resize the shorter side to int(img_size / crop_pct), center-crop img_size, normalise.
     crop_pct == 1.0 is a plain resize to img_size x img_size (the official 384 eval: no crop).
     `uint8=True`: (3, S, S) uint8 without normalisation (done on the device). `fast_decode`: the resize
-    and crop take undecoded files (decode.FastResizeCenterCrop)."""
+    and crop take undecoded files (decode.FastResizeCenterCrop); with `decode="cuda"` (and `uint8`) the
+    device decodes, resizes and crops (device_decode.EvalDecodeDraws)."""
     if not 0.0 < pre.crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {pre.crop_pct}")
     # timm: floor(img_size / crop_pct) == int(...) for positive sizes; 'squash' resizes both edges.
@@ -121,6 +126,9 @@ def build_eval_transform(pre: Preprocess, *, uint8: bool = False, fast_decode: b
         std=tuple(pre.std),
         use_prefetcher=uint8,
     )
+    if decode == "cuda" and uint8:
+        resize, crop = transform.transforms[:2]
+        return FastCompose([EvalDecodeDraws(resize.size, crop.size, resize.interpolation.value)])
     return _fast_chain(transform) if fast_decode else transform
 
 
@@ -141,9 +149,10 @@ def _fast_chain(transform: Callable) -> FastCompose:
     return FastCompose([PILToUint8() if isinstance(s, MaybePILToTensor) else s for s in steps])
 
 
-def _device_chain(transform: Callable, *, fast_decode: bool) -> Callable:
+def _device_chain(transform: Callable, *, fast_decode: bool, decode: str) -> Callable:
     """timm's uint8 train chain up to its crop, then AugmentDraws for its flip and RandAugment/AutoAugment
-    (timm's objects: their settings and draws); any other step raises UnsupportedOnDevice."""
+    (timm's objects: their settings and draws); any other step raises UnsupportedOnDevice. `decode`
+    "cuda": one step that draws the crop box too (device_decode.TrainDecodeDraws)."""
     crop, *rest = transform.transforms
     flip = augment = None
     for step in rest:
@@ -154,9 +163,14 @@ def _device_chain(transform: Callable, *, fast_decode: bool) -> Callable:
         elif not isinstance(step, MaybePILToTensor):
             raise UnsupportedOnDevice(f"the device does not apply {type(step).__name__}")
     draws = AugmentDraws(flip, augment)
-    if fast_decode:
-        return FastCompose([FastRandomResizedCrop(crop, as_tensor=True), draws])
-    return tv_transforms.Compose([crop, draws])
+    if decode == "cuda":
+        chain = FastCompose([TrainDecodeDraws(FastRandomResizedCrop(crop), draws)])
+    elif fast_decode:
+        chain = FastCompose([FastRandomResizedCrop(crop, as_tensor=True), draws])
+    else:
+        chain = tv_transforms.Compose([crop, draws])
+    chain.draws = draws
+    return chain
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
