@@ -17,6 +17,9 @@ recorded as skipped):
     data_loader     scripts/benchmark.py --data-loader: JPEG decode + the official train transform, img/s per
                     worker, on generated 500x375 JPEGs; with the GPU's train img/s this gives the CPU cores
                     one GPU needs
+    device_pipeline scripts/benchmark.py --data-loader --device cuda: timm's loader against ours with the GPU
+                    augmenting (aug.on_device) and decoding (data.decode=cuda): img/s and the CPU ms per image
+                    of the process tree, which on a GPU is what feeding it costs
     bench_flex      as bench_eager with --attention flex (FlexAttention for our window attention)
     bench_compiled  as bench_eager with --compile ours (ours compiled against timm eager)
 
@@ -42,6 +45,7 @@ if (scripts_dir := str(Path(__file__).resolve().parent)) not in sys.path:
 
 from gpucheck.benchmarks import MODELS, plan_bench, run_bench
 from gpucheck.cuda_tests import plan_cuda_tests, run_cuda_tests
+from gpucheck.device_pipeline import plan_device_pipeline, run_device_pipeline
 from gpucheck.environment import environment, visible_gpus
 from gpucheck.loader import default_loader_workers, loader_cores, plan_data_loader, run_data_loader
 from gpucheck.preempt_resume import plan_preempt_resume, run_preempt_resume
@@ -58,6 +62,12 @@ PARTS = (
     ),
     Part("bench_eager", "Model benchmark, eager, against timm", plan_bench("eager"), run_bench),
     Part("data_loader", "Data loader img/s per worker, CPU cores per GPU", plan_data_loader, run_data_loader),
+    Part(
+        "device_pipeline",
+        "Loader with the GPU decoding and augmenting: img/s, CPU ms per image against timm",
+        plan_device_pipeline,
+        run_device_pipeline,
+    ),
     Part("bench_flex", "Model benchmark, FlexAttention, against timm", plan_bench("flex"), run_bench),
     Part(
         "bench_compiled",

@@ -185,20 +185,34 @@ def test_data_loader_mode_times_timm_and_ours_side_by_side(bench, tmp_path, caps
     )
     assert json.loads(capsys.readouterr().out) == report
     assert report["config"]["num_images"] == 3 and "FastRandomResizedCrop" in report["config"]["transform"]
+    rows = ("timm", "ours", "ours_device_augment", "ours_device_decode", "eval_timm", "eval_ours")
     for workers, res in report["results"].items():
-        assert set(res) >= {"timm", "ours", "eval_timm", "eval_ours"}
-        for name in ("timm", "ours", "eval_timm", "eval_ours"):
+        assert set(res) >= {*rows, "eval_ours_device_decode"}
+        for name in rows:
             r = res[name]
             assert len(r["img_s"]) == 2 and r["median_img_s"] == statistics.median(r["img_s"])
             assert r["per_worker_img_s"] == r["median_img_s"] / max(int(workers), 1)
             assert r["cpu_ms_per_image"] == statistics.median(r["cpu_ms"]) > 0
-            assert r["cpu_ms_per_image"] >= r["main_process_ms_per_image"] >= 0
+            assert (
+                r["cpu_ms_per_image"] >= r["main_process_ms_per_image"] >= r["device_work_ms_per_image"] > 0
+            )
+            # on the CPU the device work is left out of what feeding a GPU costs
+            assert r["feed_ms_per_image"] == statistics.median(r["feed_ms"]) < r["cpu_ms_per_image"]
         ratios = [o / t for o, t in zip(res["ours"]["cpu_ms"], res["timm"]["cpu_ms"])]
         assert res["ours"]["cpu_vs_timm"] == statistics.median(ratios) and "cpu_vs_timm" not in res["timm"]
+        feed = [o / t for o, t in zip(res["ours_device_decode"]["feed_ms"], res["timm"]["feed_ms"])]
+        assert res["ours_device_decode"]["feed_vs_timm"] == statistics.median(feed)
         assert res["eval_ours"]["cpu_vs_timm"] > 0 and res["median_img_s"] == res["ours"]["median_img_s"]
+        # planning which samples take which op stays on the host: it is not device work
+        assert (
+            res["ours_device_augment"]["host_planning_ms_per_image"]
+            > 0
+            == res["ours"]["host_planning_ms_per_image"]
+        )
     cores = report["cores_per_gpu"]
-    assert cores["workers"] == 1
-    assert cores["timm"]["swin_tiny"] == 100 * report["results"]["1"]["timm"]["cpu_ms_per_image"] / 1000
+    assert cores["workers"] == 1 and cores["from"] == "feed_ms_per_image"
+    assert cores["timm"]["swin_tiny"] == 100 * report["results"]["1"]["timm"]["feed_ms_per_image"] / 1000
+    assert set(cores) == {"workers", "from", "timm", "ours", "ours_device_augment", "ours_device_decode"}
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no JPEG/PNG images"):
         bench.main(["--data-loader", str(tmp_path / "empty"), "--workers", "0"])
@@ -211,7 +225,8 @@ def test_data_loader_mode_makes_the_photo_set_and_times_its_shards(bench, tmp_pa
     assert report["config"]["shards"] == str(tmp_path / "photos-wds") and report["config"]["num_images"] == 8
     assert set(report["results"]["2"]) >= {"ours_shards", "ours_full_decode"}
     table = capsys.readouterr().out
-    assert "cores per GPU needed" in table and "ours_shards" in table
+    assert "cores per GPU needed" in table and "ours_shards" in table and "feed GPU" in table
+    assert "device work ran on this CPU (one thread) and would run on the GPU there" in table
     described = photos.describe(tmp_path / "photos")
     assert described["images"] == 8 + 6  # val: every photo once at least
     assert 300 <= described["short_side_p10_p90"][0] <= described["short_side_p10_p90"][1] <= 500

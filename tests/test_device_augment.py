@@ -303,3 +303,23 @@ def test_two_processes_train_bitwise_with_the_device_half_forced_on(tmp_path):
         run = torchrun(2, "train", *two_class_train_args(data, tmp_path / on, *recipe, f"aug.on_device={on}"))
         assert run.returncode == 0, run.stderr[-2000:]
     assert_bitwise_equal(weights(tmp_path / "true" / "last.pth"), weights(tmp_path / "false" / "last.pth"))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("spec", SPECS[:3])
+def test_on_a_gpu_the_device_ops_give_the_cpus_pixels(photos, spec):
+    # the same float64/float32/integer expressions on the GPU: expected bitwise (CUDA's arithmetic is IEEE)
+    on_device = build_train_transform(
+        DataConfig(img_size=224), AugConfig(auto_augment=spec), uint8=True, on_device=True
+    )
+    keys = [(i, seed) for seed in range(4) for i in range(len(photos))]
+    samples = [run_seeded(on_device, open_encoded(photos[i]), s) for i, s in keys]
+    augment = DeviceAugment(on_device.draws.fill)
+    on_cpu = augment(default_collate(samples))
+    batch = default_collate(samples)
+    on_gpu = augment(batch.to("cuda")).cpu()
+    differing = int((on_gpu != on_cpu).flatten(1).any(1).sum())
+    assert differing == 0, f"{differing} of {len(keys)} images differ between the GPU and the CPU"

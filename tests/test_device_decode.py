@@ -219,3 +219,20 @@ def test_a_cpu_run_decoding_on_the_device_trains_and_evaluates(tmp_path, photos,
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     m = json.loads(metrics.read_text())
     assert m["num_samples"] == 16 and m["top1"] == record["val_top1"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_nvjpeg_crops_stay_within_35_db_of_the_cpu_fast_path(photos):
+    # nvjpeg's IDCT and chroma upsampling are not libjpeg-turbo's: a floor, not equality (crop + resize only)
+    cpu, cuda = _pair(AugConfig(auto_augment=None, hflip=0, **NO_JITTER), size=224)
+    keys = [(i, seed) for seed in range(2) for i in range(len(photos))]
+    device = DeviceAugment(cpu.draws.fill)
+    expected = device(default_collate([run_seeded(cpu, open_encoded(photos[i]), s) for i, s in keys]))
+    batch = default_collate([run_seeded(cuda, open_encoded(photos[i]), s) for i, s in keys])
+    got = DeviceDecode("cuda", device)(batch).cpu()
+    psnr = _psnr(got, expected)
+    assert psnr.min() >= 35.0, f"PSNR min {psnr.min():.1f}, median {psnr.median():.1f} dB"
+    evaluation = build_eval_transform(PRE, uint8=True, fast_decode=True, decode="cuda")
+    cpu_eval = build_eval_transform(PRE, uint8=True, fast_decode=True)
+    got = DeviceDecode("cuda")(default_collate([evaluation(open_encoded(p)) for p in photos])).cpu()
+    assert _psnr(got, torch.stack([cpu_eval(open_encoded(p)) for p in photos])).min() >= 35.0

@@ -53,6 +53,7 @@ def test_dry_run_lists_every_part_and_the_report_path_and_runs_nothing(gc, tmp_p
         "preempt_resume",
         "bench_eager",
         "data_loader",
+        "device_pipeline",
         "bench_flex",
         "bench_compiled",
     ):
@@ -67,6 +68,8 @@ def test_dry_run_lists_every_part_and_the_report_path_and_runs_nothing(gc, tmp_p
         assert text.count(f"--model {model}") == 3  # eager, flex, compiled
     assert text.count("--attention flex") == 3 and text.count("--compile ours") == 3
     assert "--dtype bf16 --batch-size 128" in text and "--data-loader" in text
+    # device_pipeline: the loader benchmark with the device work on the GPU
+    assert re.search(r"--device cuda --workers [0-9 ]+ --batch-size 64", text)
     assert f"# report: {out / 'report.md'} and {out / 'report.json'}" in text
     assert not out.exists()
 

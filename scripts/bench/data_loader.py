@@ -4,20 +4,28 @@ Rows, each timed with 1 and 2 (`--workers`) loader workers, interleaved round by
 runs before any row of the next, so drifts of a shared machine hit all rows alike):
 
 - timm: `timm.data.create_dataset` + `create_loader` as timm's train.py builds them, with its default
-  prefetcher (uint8 from the workers, normalised and randomly erased by PrefetchLoader on the device, here
-  the CPU) and the Swin recipe: RandomResizedCrop 224 bicubic, flip 0.5, rand-m9-mstd0.5-inc1, random
-  erasing 0.25; its posterize patched as swin-train's is (it raises on current Pillow otherwise);
-- ours: swin-train's folder dataset, sampler, loader and device transform as `build_data` builds them
-  (`data.fast_decode` as configured; `--full-decode-row` adds a row with it off), the decoded-image cache
-  off (an ImageNet-sized set never fits);
-- ours shards: the same images packed as shards (`--data-shards`, or packed by `--photos`);
-- evaluation: timm's eval loader (resize 256 + center crop 224, bicubic) against ours, over the same
-  (training) images: more of them than a val split holds, and the transform does not care.
+  prefetcher (uint8 from the workers, normalised and randomly erased by PrefetchLoader on the device) and
+  the Swin recipe: RandomResizedCrop 224 bicubic, flip 0.5, rand-m9-mstd0.5-inc1, random erasing 0.25; its
+  posterize patched as swin-train's is (it raises on current Pillow otherwise);
+- ours: swin-train's folder dataset, sampler, loader and device transform as `build_data` builds them,
+  the workers augmenting (`aug.on_device: false`; `--full-decode-row` adds a row with data.fast_decode
+  off), the decoded-image cache off (an ImageNet-sized set never fits);
+- ours_device_augment: `aug.on_device: true`: the workers stop after the crop, the device flips and
+  applies RandAugment; ours_device_decode: `data.decode: cuda`: the workers read files and draw, the
+  device decodes, crops, resizes, flips and augments;
+- ours_shards: the same images packed as shards (`--data-shards`, or packed by `--photos`);
+- evaluation: timm's eval loader (resize 256 + center crop 224, bicubic) against ours (and ours with the
+  device decoding), over the same (training) images.
 
+The device is `--device` (default: the CPU, where the device work runs in this process on one thread).
 Per row and worker count: img/s (each epoch's clock starts once every worker delivered a batch), CPU ms per
 image of the whole process tree (main process and workers, start-up and shut-down included: a round builds
-its loader, runs whole epochs and joins its workers) and the per-round ratio of CPU ms to timm's, medians
-over `--repeats` rounds. From the CPU ms: the cores a GPU needs at the train rates of `--gpu-rate`.
+its loader, runs whole epochs and joins its workers), of it the main process's, of that the device work
+(loader_rows.DeviceClock), and "feed a GPU": the process tree minus the device work, the CPU a run needs
+while a GPU does the device work (on `--device cuda` nothing is subtracted: the device work ran there).
+What a GPU run adds on the CPU to launch the device's kernels is not in this column (`scripts/gpu_check.py`'s
+device_pipeline part measures it on a GPU). Ratios to timm: medians of the per-round ratios, of both
+columns. From the feed column: the cores a GPU needs at the train rates of `--gpu-rate`.
 `--photos N` makes the benchmark's real-photo set (bench/photos.py) in DIR first.
 """
 
@@ -27,15 +35,16 @@ import argparse
 import resource
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bench.common import DEFAULTS, log, usable_cores
+from bench.loader_rows import HOST, Pipeline, find_images, ours_pipeline, shard_pipeline, timm_pipeline
 from bench.report import command_line, loadavg, versions
-from swin_train.errors import ConfigError, DataError
+from swin_train.errors import ConfigError
 
 # timm's published train rates, RTX 3090, AMP, batch 256/192/128 (pytorch-image-models
 # results/benchmark-train-amp-nchw-pt112-cu113-rtx3090.csv): Swin-T, Swin-S, Swin-B img/s
@@ -60,18 +69,22 @@ def shutdown(loader) -> None:
 
 
 @dataclass
-class Pipeline:
-    """One row's loader for one worker count: `epoch(e)` yields that epoch's batches as the training loop
-    gets them (normalised on the "device")."""
+class Round:
+    """One row's timed round: img/s and, per image delivered, CPU ms of the process tree, of the main
+    process, of the device work in it (less the host planning, `host_ms`)."""
 
-    epoch: Callable[[int], Iterable]
-    loader: object
+    img_s: float
+    cpu_ms: float
+    main_ms: float
+    device_ms: float
+    host_ms: float
+    feed_ms: float  # what feeding a GPU costs the CPU: cpu_ms less the device work a GPU would do
 
 
-def timed_round(pipeline: Pipeline, images: int, workers: int) -> tuple[float, float, float]:
-    """(img/s, CPU ms per image, of which in the main process) over whole epochs until `images` images were
-    timed; see the module doc."""
+def timed_round(pipeline: Pipeline, images: int, workers: int, device: torch.device) -> Round:
+    """The row's round: whole epochs until `images` images were timed; see the module doc."""
     warm, counted, delivered, seconds, epoch, cpu = max(workers, 1), 0, 0, 0.0, 0, cpu_seconds()
+    clock, host = pipeline.clock.seconds, HOST.host
     while counted < images:
         start, i = None, -1
         for i, (batch, _) in enumerate(pipeline.epoch(epoch)):
@@ -89,19 +102,10 @@ def timed_round(pipeline: Pipeline, images: int, workers: int) -> tuple[float, f
         epoch += 1
     shutdown(pipeline.loader)
     main, children = (1000 * (after - before) / delivered for after, before in zip(cpu_seconds(), cpu))
-    return counted / seconds, main + children, main
-
-
-def find_images(root: Path) -> list[Path]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    if not root.is_dir():
-        raise DataError(f"--data-loader {root} is not a directory; pass an ImageFolder or a folder of images")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
-    paths = [p for p in paths if not p.name.startswith(".")]
-    if not paths:
-        raise DataError(f"no JPEG/PNG images under {root}; pass an ImageFolder or a folder of images")
-    return paths
+    host_ms = 1000 * (HOST.host - host) / delivered
+    device_ms = 1000 * (pipeline.clock.seconds - clock) / delivered - host_ms
+    feed = main + children - (device_ms if device.type == "cpu" else 0.0)
+    return Round(counted / seconds, main + children, main, device_ms, host_ms, feed)
 
 
 def train_folder(root: Path) -> Path:
@@ -109,104 +113,18 @@ def train_folder(root: Path) -> Path:
     return root / "train" if (root / "train").is_dir() else root
 
 
-# ------------------------------------------------------------------------------------------- the rows
-def timm_pipeline(folder: Path, cfg, workers: int, train: bool) -> Pipeline:
-    """timm's ImageDataset + create_loader as its train.py builds them (PrefetchLoader on the CPU)."""
-    from timm.data import create_dataset, create_loader
-
-    from swin_train.data.transforms import _fix_posterize
-
-    d, a = cfg.data, cfg.aug
-    dataset = create_dataset("", root=str(folder), is_training=train)
-    common = dict(
-        input_size=(3, d.img_size, d.img_size),
-        batch_size=d.batch_size,
-        interpolation=d.interpolation,
-        mean=tuple(d.mean),
-        std=tuple(d.std),
-        num_workers=workers,
-        device=torch.device("cpu"),
-        use_prefetcher=True,
-    )
-    if train:
-        recipe = dict(re_prob=a.reprob, re_mode=a.remode, re_count=a.recount, scale=tuple(a.crop_scale))
-        recipe.update(hflip=a.hflip, color_jitter=a.color_jitter, auto_augment=a.auto_augment)
-        loader = create_loader(dataset, is_training=True, **recipe, **common)
-    else:
-        loader = create_loader(dataset, is_training=False, crop_pct=cfg.eval.crop_pct, **common)
-    _fix_posterize(dataset.transform)  # before the workers start (on the first iteration)
-    return Pipeline(lambda epoch: loader, loader)
-
-
-def ours_pipeline(folder: Path, cfg, workers: int, train: bool) -> Pipeline:
-    """swin-train's ImageFolderDataset, sampler, loader and device transform, as build_data builds them."""
-    from swin_train.data.build import device_transform_for
-    from swin_train.data.folder import ImageFolderDataset
-    from swin_train.data.loader import build_loader
-    from swin_train.data.prefetch import prefetch
-    from swin_train.data.samplers import ExactEvalSampler, ResumableTrainSampler
-    from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
-    from swin_train.distributed import DistEnv
-
-    d, env = cfg.data, DistEnv()
-    if train:
-        transform = build_train_transform(d, cfg.aug, uint8=True)
-    else:
-        transform = build_eval_transform(Preprocess.from_config(cfg), uint8=True, fast_decode=d.fast_decode)
-    paths = [str(p) for p in find_images(folder)]
-    dataset = ImageFolderDataset(folder, transform, scanned=(["images"], [(p, 0) for p in paths]))
-    if train:
-        sampler = ResumableTrainSampler(len(dataset), num_replicas=1, rank=0, seed=cfg.seed)
-    else:
-        sampler = ExactEvalSampler(len(dataset), 1, 0)
-    loader = build_loader(
-        dataset, batch_size=d.batch_size, sampler=sampler, num_workers=workers, drop_last=train, seed=cfg.seed
-    )
-    device_transform = device_transform_for(cfg, env, train=train)
-
-    def epoch(e: int):
-        if not train:
-            return prefetch(loader, "cpu", lambda images, _: device_transform(images))
-        sampler.set_epoch(e)
-        return prefetch(loader, "cpu", lambda images, i: device_transform(images, e, i))
-
-    return Pipeline(epoch, loader)
-
-
-def shard_pipeline(shards: Path, cfg, workers: int) -> Pipeline:
-    """swin-train's shard reader over the train split of `shards`, as build_shard_data builds it."""
-    from swin_train.data import shards as S
-    from swin_train.data.build import device_transform_for
-    from swin_train.data.prefetch import prefetch
-    from swin_train.data.transforms import build_train_transform
-    from swin_train.distributed import DistEnv
-
-    d = cfg.data
-    split = S.resolve_split(str(shards), "train")
-    transform = build_train_transform(d, cfg.aug, uint8=True)
-    dataset = S.ShardTrainDataset(
-        split, transform, batch_size=d.batch_size, num_workers=workers, seed=cfg.seed
-    )
-    loader = S.build_shard_loader(
-        dataset, batch_size=d.batch_size, num_workers=workers, pin_memory=False, drop_last=True
-    )
-    device_transform = device_transform_for(cfg, DistEnv(), train=True)
-
-    def epoch(e: int):
-        dataset.set_epoch(e)
-        return prefetch(loader, "cpu", lambda images, i: device_transform(images, e, i))
-
-    return Pipeline(epoch, loader)
-
-
-def run_config(args: argparse.Namespace, img_size: int, batch_size: int, fast_decode: bool):
+def run_config(args: argparse.Namespace, img_size: int, batch_size: int, **data):
+    """The official recipe (the config's defaults; RECIPE lists what the rows depend on) at this size, with
+    the data settings `data` (fast_decode, decode) and aug.on_device (`on_device`)."""
     from swin_train.config import Config
 
     cfg = Config()
-    cfg.data.img_size, cfg.data.batch_size, cfg.data.fast_decode = img_size, batch_size, fast_decode
-    cfg.data.decoded_cache_mib = 0
+    cfg.data.img_size, cfg.data.batch_size, cfg.data.decoded_cache_mib = img_size, batch_size, 0
+    cfg.aug.on_device = data.pop("on_device", False)
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
     cfg.seed = args.seed
-    return cfg  # the official recipe: the config's defaults (RECIPE lists what the rows depend on)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -229,19 +147,50 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
     return root, shards
 
 
-def summary(measured: list[tuple[float, float, float]], workers: int, baseline: list | None) -> dict:
-    img_s, cpu_ms = [m[0] for m in measured], [m[1] for m in measured]
+def summary(rounds: list[Round], workers: int, baseline: list[Round] | None) -> dict:
+    median = lambda key: statistics.median(getattr(r, key) for r in rounds)  # noqa: E731
     out = {
-        "img_s": img_s,
-        "cpu_ms": cpu_ms,
-        "median_img_s": statistics.median(img_s),
-        "per_worker_img_s": statistics.median(img_s) / max(workers, 1),
-        "cpu_ms_per_image": statistics.median(cpu_ms),
-        "main_process_ms_per_image": statistics.median(m[2] for m in measured),
+        "img_s": [r.img_s for r in rounds],
+        "cpu_ms": [r.cpu_ms for r in rounds],
+        "feed_ms": [r.feed_ms for r in rounds],
+        "median_img_s": median("img_s"),
+        "per_worker_img_s": median("img_s") / max(workers, 1),
+        "cpu_ms_per_image": median("cpu_ms"),
+        "main_process_ms_per_image": median("main_ms"),
+        "device_work_ms_per_image": median("device_ms"),
+        "host_planning_ms_per_image": median("host_ms"),
+        "feed_ms_per_image": median("feed_ms"),
     }
     if baseline:
-        out["cpu_vs_timm"] = statistics.median(ours / timm for ours, (_, timm, _) in zip(cpu_ms, baseline))
+        out["cpu_vs_timm"] = statistics.median(r.cpu_ms / b.cpu_ms for r, b in zip(rounds, baseline))
+        out["feed_vs_timm"] = statistics.median(r.feed_ms / b.feed_ms for r, b in zip(rounds, baseline))
     return out
+
+
+def build_rows(
+    args: argparse.Namespace, train_dir: Path, shards: Path | None, img_size: int, batch_size: int
+):
+    """{row name: workers -> Pipeline} (see the module doc), and the recipe's config."""
+    device = torch.device(args.device)
+    size = dict(img_size=img_size, batch_size=batch_size)
+    cfg = run_config(args, **size)
+    on_device = run_config(args, **size, on_device=True)
+    decode = run_config(args, **size, decode="cuda", on_device=True)
+    rows: dict[str, Callable[[int], Pipeline]] = {
+        "timm": lambda w: timm_pipeline(train_dir, cfg, w, True, device),
+        "ours": lambda w: ours_pipeline(train_dir, cfg, w, True, device),
+        "ours_device_augment": lambda w: ours_pipeline(train_dir, on_device, w, True, device),
+        "ours_device_decode": lambda w: ours_pipeline(train_dir, decode, w, True, device),
+    }
+    if args.full_decode_row:
+        full = run_config(args, **size, fast_decode=False)
+        rows["ours_full_decode"] = lambda w: ours_pipeline(train_dir, full, w, True, device)
+    if shards is not None:
+        rows["ours_shards"] = lambda w: shard_pipeline(shards, cfg, w, device)
+    rows["eval_timm"] = lambda w: timm_pipeline(train_dir, cfg, w, False, device)
+    rows["eval_ours"] = lambda w: ours_pipeline(train_dir, cfg, w, False, device)
+    rows["eval_ours_device_decode"] = lambda w: ours_pipeline(train_dir, decode, w, False, device)
+    return rows, cfg
 
 
 def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
@@ -249,76 +198,67 @@ def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
 
     if any(w < 0 for w in args.workers) or args.data_images < 1:
         raise ConfigError("--workers must be >= 0 and --data-images >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but CUDA is not available; run with --device cpu")
     repeats = args.repeats or DEFAULTS["cpu"]["repeats"]
     batch_size = args.batch_size or 32
     img_size = args.img_size or variant_arch(args.model)["img_size"]
     root, shards = prepare_inputs(args)
-    # The device's work (normalising, erasing) runs here on the CPU, on one thread: on a GPU it would cost
-    # the CPU nothing, and more threads would only add their spin-waiting to every row.
+    # The device work runs here (on the CPU) on one thread: more threads would only add their spin-waiting
+    # to every row, and the column that matters for a GPU run leaves it out anyway.
     torch.set_num_threads(1)
     train_dir = train_folder(root)
     num_images = len(find_images(train_dir))
-    cfg = run_config(args, img_size, batch_size, fast_decode=True)
-    full = run_config(args, img_size, batch_size, fast_decode=False)
-    rows: dict[str, Callable[[int], Pipeline]] = {
-        "timm": lambda w: timm_pipeline(train_dir, cfg, w, True),
-        "ours": lambda w: ours_pipeline(train_dir, cfg, w, True),
-    }
-    if args.full_decode_row:
-        rows["ours_full_decode"] = lambda w: ours_pipeline(train_dir, full, w, True)
-    if shards is not None:
-        rows["ours_shards"] = lambda w: shard_pipeline(shards, cfg, w)
-    rows["eval_timm"] = lambda w: timm_pipeline(train_dir, cfg, w, False)
-    rows["eval_ours"] = lambda w: ours_pipeline(train_dir, cfg, w, False)
+    rows, cfg = build_rows(args, train_dir, shards, img_size, batch_size)
     log(f"{num_images} train images, rows {', '.join(rows)}, workers {args.workers}, {repeats} rounds")
     measured = {name: {w: [] for w in args.workers} for name in rows}
     for r in range(repeats):
         for workers in args.workers:
             for name, build in rows.items():
-                measured[name][workers].append(timed_round(build(workers), args.data_images, workers))
+                round_ = timed_round(build(workers), args.data_images, workers, torch.device(args.device))
+                measured[name][workers].append(round_)
         log(f"round {r + 1}/{repeats} done")
     results = {}
     for name, per_workers in measured.items():
         base = "eval_timm" if name.startswith("eval") else "timm"
         for w, rounds in per_workers.items():
-            baseline = measured[base][w] if name != base else None
-            results.setdefault(str(w), {})[name] = summary(rounds, w, baseline)
+            results.setdefault(str(w), {})[name] = summary(
+                rounds, w, measured[base][w] if name != base else None
+            )
     for res in results.values():  # our folder row at the top level, as readers of earlier reports expect
         res.update(res["ours"])
     rates = dict(zip(PUBLISHED_GPU_RATES, args.gpu_rate or PUBLISHED_GPU_RATES.values()))
     widest = str(max(args.workers))
     cores = {
         name: {
-            model: rate * results[widest][name]["cpu_ms_per_image"] / 1000 for model, rate in rates.items()
+            model: rate * results[widest][name]["feed_ms_per_image"] / 1000 for model, rate in rates.items()
         }
         for name in rows
         if not name.startswith("eval")
     }
-    return {
-        "mode": "data-loader",
-        "config": {
-            "dir": str(root),
-            "shards": str(shards) if shards else None,
-            "num_images": num_images,
-            "img_size": img_size,
-            "batch_size": batch_size,
-            "workers": args.workers,
-            "repeats": repeats,
-            "images_per_round": args.data_images,
-            "recipe": RECIPE,
-            "gpu_rates": rates,
-            "transform": repr(_train_transform(cfg)),
-        },
-        "env": {
-            **versions(),
-            "cores": usable_cores(),
-            "main_process_threads": torch.get_num_threads(),
-            "command": command_line(argv),
-            "loadavg": loadavg(),
-        },
-        "results": results,
-        "cores_per_gpu": {"workers": int(widest), **cores},
+    config = {
+        "dir": str(root),
+        "shards": str(shards) if shards else None,
+        "num_images": num_images,
+        "img_size": img_size,
+        "batch_size": batch_size,
+        "workers": args.workers,
+        "repeats": repeats,
+        "images_per_round": args.data_images,
+        "device": args.device,
+        "recipe": RECIPE,
+        "gpu_rates": rates,
+        "transform": repr(_train_transform(cfg)),
     }
+    env = {
+        **versions(),
+        "cores": usable_cores(),
+        "main_process_threads": torch.get_num_threads(),
+        "command": command_line(argv),
+        "loadavg": loadavg(),
+    }
+    return {"mode": "data-loader", "config": config, "env": env, "results": results,
+            "cores_per_gpu": {"workers": int(widest), "from": "feed_ms_per_image", **cores}}  # fmt: skip
 
 
 def _train_transform(cfg):

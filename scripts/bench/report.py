@@ -127,28 +127,39 @@ def format_table(report: dict) -> str:
 
 def format_data_table(report: dict) -> str:
     cfg, env = report["config"], report["env"]
+    on_cpu = cfg.get("device", "cpu") == "cpu"
+    where = (
+        "device work ran on this CPU (one thread) and would run on the GPU there; 'feed GPU' leaves it out"
+        if on_cpu
+        else f"device work ran on {cfg['device']}; 'feed GPU' is the whole process tree"
+    )
     lines = [
         f"input pipelines, img {cfg['img_size']}, batch {cfg['batch_size']}, {cfg['num_images']} train images, "
         f"{env['cores']} cores, load {env['loadavg']}, {cfg['repeats']} interleaved rounds, medians",
-        f"{'row':<17} {'workers':>7} {'img/s':>8} {'img/s/worker':>13} {'CPU ms/img':>11} {'of it main':>11} "
-        f"{'CPU vs timm':>12}",
+        f"CPU ms per image: 'tree' the process tree, 'main' of it the main process, 'device' of that the device "
+        f"work; {where}",
+        f"{'row':<24} {'workers':>7} {'img/s':>7} {'img/s/wkr':>9} {'tree':>6} {'main':>6} {'device':>6} "
+        f"{'feed GPU':>8} {'tree/timm':>9} {'feed/timm':>9}",
     ]
     for workers, res in report["results"].items():
         for name, r in res.items():
             if isinstance(r, dict):
-                ratio = f"{r['cpu_vs_timm']:.3f}x" if "cpu_vs_timm" in r else "1"
+                tree = f"{r['cpu_vs_timm']:.3f}x" if "cpu_vs_timm" in r else "1"
+                feed = f"{r['feed_vs_timm']:.3f}x" if "feed_vs_timm" in r else "1"
                 lines.append(
-                    f"{name:<17} {workers:>7} {r['median_img_s']:>8.1f} {r['per_worker_img_s']:>13.1f} "
-                    f"{r['cpu_ms_per_image']:>11.2f} {r['main_process_ms_per_image']:>11.2f} {ratio:>12}"
+                    f"{name:<24} {workers:>7} {r['median_img_s']:>7.1f} {r['per_worker_img_s']:>9.1f} "
+                    f"{r['cpu_ms_per_image']:>6.2f} {r['main_process_ms_per_image']:>6.2f} "
+                    f"{r['device_work_ms_per_image']:>6.2f} {r['feed_ms_per_image']:>8.2f} {tree:>9} {feed:>9}"
                 )
     cores = report["cores_per_gpu"]
     rates = " / ".join(f"{v:g}" for v in cfg["gpu_rates"].values())
     lines.append(
-        f"cores per GPU needed (Swin-T / S / B at {rates} img/s; CPU ms/img at {cores['workers']} workers):"
+        f"cores per GPU needed (Swin-T / S / B at {rates} img/s; 'feed GPU' CPU ms/img at {cores['workers']} "
+        "workers; nothing here measures a GPU's speed):"
     )
     for name, per_model in cores.items():
-        if name != "workers":
-            lines.append(f"  {name:<17} " + " / ".join(f"{v:.1f}" for v in per_model.values()))
+        if isinstance(per_model, dict):
+            lines.append(f"  {name:<24} " + " / ".join(f"{v:.1f}" for v in per_model.values()))
     return "\n".join(lines)
 
 
