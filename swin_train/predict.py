@@ -5,8 +5,9 @@
     for result in predictor.predict_files(files, topk=5):                 # in input order, batched
         print(result.file, result.topk[0].name if isinstance(result, Prediction) else result.error)
 
-Images are decoded exactly as the training data is (`PIL.Image.open(...).convert("RGB")`, no EXIF
-rotation) and go through the checkpoint's own eval transform, so predictions match `swin-eval`.
+Images are decoded as the training run's evaluation decoded them (no EXIF rotation; with the run's
+`data.fast_decode` the eval fast path of data/decode.py: a JPEG decoded once and resized on tensors) and go
+through the checkpoint's own eval transform, so predictions match `swin-eval`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ import torch
 from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from swin_train.data.folder import DECODE_ERRORS, decode_error_reason, decode_image, is_image_file
+from swin_train.data.decode import UndecodableImage, takes_encoded
+from swin_train.data.folder import (
+    DECODE_ERRORS,
+    decode_error_reason,
+    decode_image,
+    is_image_file,
+    read_encoded,
+)
 from swin_train.data.transforms import build_eval_transform
 from swin_train.device import resolve_device
 from swin_train.errors import DataError
@@ -107,9 +115,13 @@ def _images_under(folder: Path) -> list[Path]:
 def load_image(path: Path, transform: Callable) -> torch.Tensor | str:
     """The transformed image (C, S, S), or a one-line reason why it cannot be read."""
     try:
+        if takes_encoded(transform):  # the eval fast path decodes the file itself
+            return transform(read_encoded(path))
         return transform(decode_image(path))
     except DECODE_ERRORS as e:
         return decode_error_reason(e)
+    except UndecodableImage as e:  # the header read, the data did not
+        return decode_error_reason(e.cause)
 
 
 class Predictor:
@@ -131,7 +143,8 @@ class Predictor:
         the EMA weights."""
         dev = resolve_device(device)
         trained = load_trained_model(path, ema=ema)
-        return cls(trained.model, build_eval_transform(trained.preprocess), trained.class_names, dev)
+        transform = build_eval_transform(trained.preprocess, fast_decode=trained.config.data.fast_decode)
+        return cls(trained.model, transform, trained.class_names, dev)
 
     @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor, topk: int = 5) -> tuple[torch.Tensor, torch.Tensor]:

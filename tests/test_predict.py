@@ -283,3 +283,23 @@ def test_failure_type_for_unreadable_file(trained, tmp_path):
     bad.write_bytes(b"")
     (result,) = Predictor.from_checkpoint(plain, device="cpu").predict_files([bad])
     assert isinstance(result, Failure) and result.file == str(bad) and "\n" not in result.error
+
+
+def test_predict_decodes_as_the_runs_evaluation_did(trained, tmp_path):
+    """The run's data.fast_decode (default: on) decides the decode path, as it does for swin-eval."""
+    from swin_train.data.decode import open_encoded
+    from swin_train.predict import load_image
+
+    photo = tmp_path / "noisy.jpg"
+    pixels = torch.randint(0, 256, (90, 70, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(photo, quality=90)
+    pre = Preprocess.from_config(load_config(None, MICRO_OVERRIDES))
+    fast = Predictor.from_checkpoint(trained[0], device="cpu")
+    expected = build_eval_transform(pre, fast_decode=True)(open_encoded(photo.read_bytes()))
+    assert torch.equal(load_image(photo, fast.transform), expected)
+    state = torch.load(trained[0], weights_only=True)
+    state["config"]["data"]["fast_decode"] = False
+    save_checkpoint(state, tmp_path / "full.pth")
+    full = Predictor.from_checkpoint(tmp_path / "full.pth", device="cpu")
+    whole = build_eval_transform(pre)(Image.open(photo).convert("RGB"))
+    assert torch.equal(load_image(photo, full.transform), whole) and not torch.equal(whole, expected)
