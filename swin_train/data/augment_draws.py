@@ -184,17 +184,16 @@ class AugmentDraws:
     def draw(self, width: int, height: int) -> torch.Tensor:
         """This sample's (num_params,) float64 draws for an image of `width` x `height`, drawn from the
         global generators in the order the worker pipeline draws them."""
-        params = torch.zeros(self.num_params, dtype=torch.float64)
+        params = [0.0]
         if self.flip_p is not None:
             params[0] = float(torch.rand(1) < self.flip_p)  # torchvision's RandomHorizontalFlip
         if self.augment is not None:
             self.log.clear()
             self.augment(None)  # the recorders ignore the image
-            for i, (name, args, resample) in enumerate(self.log):
-                params[1 + ROW * i : 1 + ROW * (i + 1)] = torch.tensor(
-                    op_row(name, args, resample, width, height), dtype=torch.float64
-                )
-        return params
+            for name, args, resample in self.log:
+                params += op_row(name, args, resample, width, height)
+        params += [0.0] * (self.num_params - len(params))  # ops skipped by their probability
+        return torch.tensor(params, dtype=torch.float64)
 
     def __call__(self, image: torch.Tensor | Image.Image) -> Augmented:
         if isinstance(image, Image.Image):
