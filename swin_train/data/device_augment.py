@@ -66,17 +66,36 @@ class DeviceAugment:
         return self.apply(batch.pixels, plan_batch(batch.params))
 
     def apply(self, images: torch.Tensor, steps: list[Step]) -> torch.Tensor:
-        device = images.device
-        fill = torch.tensor(self.fill, dtype=torch.uint8).to(device, non_blocking=True)
-        for step in steps:
-            rows = torch.from_numpy(step.rows).to(device, non_blocking=True)
-            args = torch.from_numpy(np.ascontiguousarray(step.args)).to(device, non_blocking=True)
+        if not steps:
+            return images
+        fill, uploaded = _upload(self.fill, steps, images.device)
+        for step, (rows, args) in zip(steps, uploaded):
             subset = images.index_select(0, rows)
             images.index_copy_(0, rows, _run(step, subset, args, fill))
         return images
 
     def __repr__(self) -> str:
         return f"DeviceAugment(fill={self.fill})"
+
+
+def _upload(fill: Sequence[int], steps: list[Step], device: torch.device):
+    """(fill (3,) uint8, [(rows (n,) int64, args (n, 6) float64) per step]) on `device`, copied in one
+    transfer from pinned memory: a copy from pageable memory may wait for everything queued on the stream
+    before it, which would stall the host behind the device."""
+    parts = [np.asarray(fill, dtype=np.float64)]
+    for step in steps:
+        parts += [step.rows.astype(np.float64), np.ascontiguousarray(step.args, dtype=np.float64).ravel()]
+    host = torch.from_numpy(np.concatenate(parts))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    out, at = [], 3
+    for step in steps:
+        n, width = len(step.rows), step.args.shape[1]
+        rows, at = flat[at : at + n].long(), at + n
+        args, at = flat[at : at + n * width].view(n, width), at + n * width
+        out.append((rows, args))
+    return flat[:3].to(torch.uint8), out
 
 
 def _run(step: Step, x: torch.Tensor, args: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:

@@ -169,6 +169,8 @@ class DeviceDecode:
             size = (int(g[7]), int(g[8]))
             if g[0] == 0:  # the worker's pixels
                 pixels = torch.frombuffer(bytearray(batch.data[i]), dtype=torch.uint8).view(3, *size)
+                if self.device.type == "cuda":  # pageable memory: the copy could wait for the whole stream
+                    pixels = pixels.pin_memory()
                 images.append(pixels.to(self.device, non_blocking=True))
                 continue
             images.append(_place(decoded[i], g, size))
