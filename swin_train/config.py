@@ -190,7 +190,8 @@ class DataConfig:
     # bound README states; false: timm's transforms on fully decoded images, bitwise as before
     fast_decode: bool = True
     # "cuda": the training device decodes JPEGs (nvjpeg on a GPU), crops and resizes them, a batch at a time;
-    # the workers only read files and draw (data/device_decode.py). Needs fast_decode and aug.on_device
+    # the workers only read files and draw (data/device_decode.py; no decoded-image cache). Needs fast_decode
+    # and aug.on_device
     decode: str = "cpu"
     val_path: str | None = None  # shards of the val split when data_path is a brace pattern or pipe: URL
     shard_info: str | None = None  # the shards' _info.json/_info.yaml when not beside them (pipe: URLs)

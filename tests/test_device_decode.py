@@ -21,7 +21,7 @@ from torch.utils.data import default_collate
 from swin_train.cli.eval import cli as eval_cli
 from swin_train.cli.train import cli as train_cli
 from swin_train.config import AugConfig, DataConfig, load_config
-from swin_train.data.build import train_transform_for
+from swin_train.data.build import build_data, train_transform_for
 from swin_train.data.decode import open_encoded
 from swin_train.data.device_augment import DeviceAugment
 from swin_train.data.device_decode import DeviceDecode, Undecoded
@@ -31,6 +31,7 @@ from swin_train.data.prefetch import DeviceTransform
 from swin_train.data.samplers import ResumableTrainSampler
 from swin_train.data.seeding import run_seeded, seeded_rng
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
+from swin_train.distributed import DistEnv
 from swin_train.errors import ConfigError, DataError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -213,6 +214,10 @@ def test_a_cpu_run_decoding_on_the_device_trains_and_evaluates(tmp_path, photos,
     assert "the main process decodes the JPEGs" in out and "done: top-1" in out
     state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert state["train_state"]["global_step"] == 4 and state["config"]["data"]["decode"] == "cuda"
+    # the set fits the decoded-image cache, which the workers keep only when they decode
+    cfg = load_config(None, ["data.decode=cuda", "data.batch_size=4"], data_path=str(data))
+    dataset = build_data(cfg, DistEnv(), device_pipeline=True).train_loader.dataset
+    assert dataset.cache.budget == 0 and not dataset.cache.enabled
     # swin-eval decodes on the device too and reproduces the run's own validation
     metrics = tmp_path / "m.json"
     assert eval_cli(["--checkpoint", str(tmp_path / "run" / "last.pth"), "--metrics-json", str(metrics)]) == 0

@@ -206,6 +206,9 @@ def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> D
     d = cfg.data
     train_transform, augment = train_transform_for(cfg, env.device, device_pipeline=device_pipeline)
     eval_transform = eval_transform_for(cfg, env.device, device_pipeline=device_pipeline)
+    # the device decodes every epoch (data.decode=cuda): the workers keep no decoded images
+    on_device = decode_for(cfg, env.device, device_pipeline=device_pipeline) == "cuda"
+    cache_mib = 0 if on_device else d.decoded_cache_mib
     device_transform = (
         device_transform_for(cfg, env, train=True, augment=augment)
         if device_pipeline and not d.synthetic
@@ -236,7 +239,7 @@ def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> D
             train_transform=train_transform,
             eval_transform=eval_transform,
             skip_bad_images=d.skip_bad_images,
-            cache_bytes=d.decoded_cache_mib << 20,
+            cache_bytes=cache_mib << 20,
         )
     train_sampler = ResumableTrainSampler(
         len(train_set), num_replicas=env.world_size, rank=env.rank, seed=cfg.seed
