@@ -164,6 +164,11 @@ def train_transform_for(cfg: Config, device: torch.device, *, device_pipeline: b
     decode = decode_for(cfg, device, device_pipeline=device_pipeline)
     if decode == "cuda" and device.type != "cuda":
         log.info("data.decode=cuda on the %s device: the main process decodes the JPEGs", device.type)
+    if decode == "cuda" and d.skip_bad_images:
+        log.warning(
+            "data.skip_bad_images with data.decode=cuda: files whose header does not read are skipped, but a "
+            "JPEG whose data fails on the device stops the run (set data.decode=cpu to skip those too)"
+        )
     wanted = decode == "cuda" or (device.type == "cuda" if a.on_device == "auto" else a.on_device)
     if device_pipeline and wanted and not d.synthetic:
         try:
