@@ -171,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         "published RTX 3090 AMP figures, 646.76 / 399.67 / 279.66)",
     )
     data.add_argument(
+        "--loader-rows",
+        nargs="+",
+        metavar="ROW",
+        help="time only these rows (timm, ours, ours_device_augment, ours_device_decode, ours_full_decode,\n"
+        "ours_shards, eval_timm, eval_ours, eval_ours_device_decode; default: all that apply)",
+    )
+    data.add_argument(
         "--full-decode-row",
         action="store_true",
         help="also time our folder loader with data.fast_decode=false (timm's transforms on whole images)",

@@ -213,6 +213,12 @@ def test_data_loader_mode_times_timm_and_ours_side_by_side(bench, tmp_path, caps
     assert cores["workers"] == 1 and cores["from"] == "feed_ms_per_image"
     assert cores["timm"]["swin_tiny"] == 100 * report["results"]["1"]["timm"]["feed_ms_per_image"] / 1000
     assert set(cores) == {"workers", "from", "timm", "ours", "ours_device_augment", "ours_device_decode"}
+    # --loader-rows: those rows and the timm rows they are compared with
+    some = bench.main(argv[:-4] + ["--repeats", "1", "--data-images", "4", "--batch-size", "1", "--img-size",
+                                   "32", "--loader-rows", "ours_device_decode", "eval_ours"])  # fmt: skip
+    assert set(some["results"]["1"]) == {"timm", "ours_device_decode", "eval_timm", "eval_ours"}
+    with pytest.raises(ConfigError, match="--loader-rows: no row ours_gpu; rows here: timm, ours"):
+        bench.main(argv + ["--loader-rows", "ours_gpu"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no JPEG/PNG images"):
         bench.main(["--data-loader", str(tmp_path / "empty"), "--workers", "0"])

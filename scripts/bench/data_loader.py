@@ -190,6 +190,14 @@ def build_rows(
     rows["eval_timm"] = lambda w: timm_pipeline(train_dir, cfg, w, False, device)
     rows["eval_ours"] = lambda w: ours_pipeline(train_dir, cfg, w, False, device)
     rows["eval_ours_device_decode"] = lambda w: ours_pipeline(train_dir, decode, w, False, device)
+    if args.loader_rows:
+        unknown = sorted(set(args.loader_rows) - set(rows))
+        if unknown:
+            raise ConfigError(f"--loader-rows: no row {', '.join(unknown)}; rows here: {', '.join(rows)}")
+        baselines = {"timm"} | (
+            {"eval_timm"} if any(r.startswith("eval") for r in args.loader_rows) else set()
+        )
+        rows = {name: build for name, build in rows.items() if name in {*args.loader_rows, *baselines}}
     return rows, cfg
 
 
@@ -226,7 +234,7 @@ def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                 rounds, w, measured[base][w] if name != base else None
             )
     for res in results.values():  # our folder row at the top level, as readers of earlier reports expect
-        res.update(res["ours"])
+        res.update(res.get("ours", {}))
     rates = dict(zip(PUBLISHED_GPU_RATES, args.gpu_rate or PUBLISHED_GPU_RATES.values()))
     widest = str(max(args.workers))
     cores = {

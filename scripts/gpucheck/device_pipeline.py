@@ -20,7 +20,8 @@ def plan_device_pipeline(ctx: Context) -> list[Step]:
     folder = ctx.out / "device_images"
     workers = [str(w) for w in ctx.loader_workers]
     argv = [ctx.python, "scripts/benchmark.py", "--data-loader", str(folder), "--device", "cuda"]
-    argv += ["--workers", *workers, "--batch-size", "64", "--data-images", "256", "--repeats", "1", "--json"]
+    argv += ["--workers", *workers, "--batch-size", "64", "--data-images", "256", "--repeats", "1"]
+    argv += ["--loader-rows", *ROWS, "--json"]
     note = f"after writing {IMAGES} JPEGs (500x375) to {folder}"
     return [Step("device_pipeline", argv, 240, note=note)]
 

@@ -49,7 +49,7 @@ def plan_data_loader(ctx: Context) -> list[Step]:
     folder = ctx.out / "loader_images"
     workers = [str(w) for w in ctx.loader_workers]
     argv = [ctx.python, "scripts/benchmark.py", "--data-loader", str(folder), "--workers", *workers]
-    argv += ["--data-images", "256", "--repeats", "2", "--json"]
+    argv += ["--data-images", "256", "--repeats", "2", "--loader-rows", "ours", "eval_ours", "--json"]
     # four rows a round (timm's train and eval loaders beside ours), each worker count, two rounds
     return [Step("data_loader", argv, 300, note=f"after writing 96 JPEGs (500x375) to {folder}")]
 
