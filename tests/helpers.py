@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 # A micro Swin for the shapes set (8 classes, 32 px): 8x8 tokens, windows of 4, two stages.
@@ -124,7 +127,77 @@ def two_class_train_args(data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def load_module(name: str, path: str | os.PathLike):
+    """The Python file at `path` (a script, which is no package module) imported as module `name`; registered in
+    sys.modules before it runs, since dataclasses look their module up while the file executes."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def script_parts(package: str, *modules: str) -> SimpleNamespace:
     """The modules of a script's package under scripts/ (scripts/gpucheck/running.py: `parts.running`),
     importable once the script, loaded by path, has put scripts/ on sys.path."""
     return SimpleNamespace(**{name: importlib.import_module(f"{package}.{name}") for name in modules})
+
+
+def photo_jpegs(count: int, seed: int) -> list[bytes]:
+    """`count` JPEGs cut from scikit-image's photographs as the loader benchmark cuts them (scripts/bench/
+    photos.py: shorter side 300-500 px, quality 75-95, grain), deterministic from `seed`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench.photos import SOURCES, cut_photo, load_sources
+
+    sources = load_sources()
+    out = []
+    for i in range(count):
+        image, quality = cut_photo(sources[SOURCES[i % len(SOURCES)]], np.random.default_rng([seed, i]), True)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+        out.append(buffer.getvalue())
+    return out
+
+
+def photo_folder(root: Path, photos: list[bytes]) -> Path:
+    """An ImageFolder root of JPEG bytes: each photo in train/ and val/, classes 'a' and 'b' alternating."""
+    for i, data in enumerate(photos):
+        for split in ("train", "val"):
+            folder = root / split / ("a" if i % 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:02d}.jpg").write_bytes(data)
+    return root
+
+
+def epoch_batches(dataset, workers: int, *, device_transform=None, epoch: int = 1, start: int = 0) -> list:
+    """One epoch's image batches of `dataset` (batch 2, the resumable sampler, seed 5) from batch `start` on,
+    through `device_transform(images, epoch, batch)` when given."""
+    from swin_train.data.loader import build_loader
+    from swin_train.data.samplers import ResumableTrainSampler
+
+    sampler = ResumableTrainSampler(len(dataset), num_replicas=1, rank=0, seed=5)
+    loader = build_loader(dataset, batch_size=2, sampler=sampler, num_workers=workers, drop_last=True)
+    sampler.set_epoch(epoch)
+    sampler.set_start(start, 2)
+    if device_transform is None:
+        return [images.clone() for images, _ in loader]
+    return [device_transform(images, epoch, i) for i, (images, _) in enumerate(loader, start)]
+
+
+def shard_epoch_batches(folder: Path, shards: Path, transform, start: int, device_transform=None) -> list:
+    """Epoch 1's image batches (2 workers, batch 2) from `start` on, of `folder` packed 2 images a shard into
+    `shards` (once), through `device_transform(images, epoch, batch)` when given."""
+    from swin_train.data import shards as S
+    from swin_train.data.pack import PackOptions, pack
+
+    if not shards.exists():
+        pack(folder, shards, PackOptions(shard_size=2), progress=False)
+    ds = S.ShardTrainDataset(
+        S.resolve_split(str(shards), "train"), transform, batch_size=2, num_workers=2, seed=3
+    )
+    ds.set_epoch(1)
+    ds.set_start(start, 2)
+    loader = S.build_shard_loader(ds, batch_size=2, num_workers=2, pin_memory=False, drop_last=True)
+    if device_transform is None:
+        return [images.clone() for images, _ in loader]
+    return [device_transform(images, 1, i) for i, (images, _) in enumerate(loader, start)]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_module
 from PIL import Image
 
 from swin_train import create_model
@@ -39,10 +40,7 @@ MICRO = dict(img_size=32, patch_size=2, embed_dim=24, depths=(2, 2), num_heads=(
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("benchmark", SCRIPT)
 
 
 # The parts of the benchmark (scripts/bench/) import once loading benchmark.py has put scripts/ on sys.path.

@@ -5,7 +5,6 @@ timm's train.py is not part of timm's wheel: set TIMM_TRAIN=/path/to/pytorch-ima
 its argument parsing and run it in the end-to-end test; without it only the swin-train side runs.
 """
 
-import importlib.util
 import json
 import os
 import statistics
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import env_for_subprocess, script_parts
+from helpers import env_for_subprocess, load_module, script_parts
 
 from swin_train.errors import DataError
 
@@ -23,17 +22,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_trainer.py
 TIMM_TRAIN = os.environ.get("TIMM_TRAIN")
 
 
-def load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bt():
-    yield load("benchmark_trainer", SCRIPT)
+    yield load_module("benchmark_trainer", SCRIPT)
     sys.modules.pop("benchmark_trainer", None)
 
 
@@ -97,7 +88,7 @@ def test_recipe_maps_onto_timm_flags(bt, trainerbench, tmp_path):
 
 @pytest.mark.skipif(not TIMM_TRAIN, reason="set TIMM_TRAIN to timm's train.py to check its parsing")
 def test_timm_train_parses_the_flags_as_meant(bt, trainerbench, tmp_path):
-    timm_train = load("timm_train_under_test", Path(TIMM_TRAIN))
+    timm_train = load_module("timm_train_under_test", TIMM_TRAIN)
     argv = trainerbench.recipe.timm_command(
         bt.Recipe(), Path(TIMM_TRAIN), tmp_path / "data", tmp_path / "out", "run"
     )

@@ -7,13 +7,21 @@ from __future__ import annotations
 import io
 import logging
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_bitwise_equal, image_folder, torchrun, two_class_train_args, weights
+from helpers import (
+    assert_bitwise_equal,
+    epoch_batches,
+    image_folder,
+    photo_folder,
+    photo_jpegs,
+    shard_epoch_batches,
+    torchrun,
+    two_class_train_args,
+    weights,
+)
 from PIL import Image, ImageEnhance, ImageOps
 from timm.data import auto_augment as timm_aa
 from torch.utils.data import default_collate
@@ -26,15 +34,10 @@ from swin_train.data.build import train_transform_for
 from swin_train.data.decode import open_encoded
 from swin_train.data.device_augment import DeviceAugment
 from swin_train.data.folder import build_datasets
-from swin_train.data.loader import build_loader
 from swin_train.data.prefetch import DeviceTransform
-from swin_train.data.samplers import ResumableTrainSampler
 from swin_train.data.seeding import run_seeded, seeded_rng
 from swin_train.data.transforms import _posterize, build_train_transform
 from swin_train.errors import ConfigError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from bench.photos import SOURCES, cut_photo, load_sources  # noqa: E402
 
 SPECS = ("rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "rand-m7-n3-mstd1-tweights", "original-mstd0.5", "v0")
 FILL = (124, 116, 104)
@@ -43,14 +46,7 @@ FILL = (124, 116, 104)
 @pytest.fixture(scope="module")
 def photos() -> list[bytes]:
     """10 JPEGs cut from the bundled photographs as the loader benchmark cuts them (300-500 px)."""
-    sources = load_sources()
-    out = []
-    for i in range(10):
-        image, quality = cut_photo(sources[SOURCES[i % len(SOURCES)]], np.random.default_rng([3, i]), True)
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=quality)
-        out.append(buffer.getvalue())
-    return out
+    return photo_jpegs(10, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -199,61 +195,32 @@ def test_full_decode_chain_hands_over_the_same_draws(photos):
     assert torch.equal(DeviceAugment(FILL)(batch), expected)
 
 
-def _epoch(dataset, transform: DeviceTransform, workers: int, start: int = 0) -> list[torch.Tensor]:
-    sampler = ResumableTrainSampler(len(dataset), num_replicas=1, rank=0, seed=5)
-    loader = build_loader(dataset, batch_size=2, sampler=sampler, num_workers=workers, drop_last=True)
-    sampler.set_epoch(1)
-    sampler.set_start(start, 2)
-    return [transform(images, 1, i) for i, (images, _) in enumerate(loader, start)]
-
-
-def _photo_folder(root: Path, photos: list[bytes]) -> Path:
-    for i, data in enumerate(photos):
-        for split in ("train", "val"):
-            folder = root / split / ("a" if i % 2 else "b")
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{i:02d}.jpg").write_bytes(data)
-    return root
-
-
 def test_on_device_batches_repeat_across_workers_resume_mid_epoch_and_equal_the_workers(tmp_path, photos):
-    root = _photo_folder(tmp_path, photos[:6])
+    root = photo_folder(tmp_path, photos[:6])
     data, aug = DataConfig(img_size=48), AugConfig(reprob=0.25)
     on = build_train_transform(data, aug, uint8=True, on_device=True)
     device = DeviceTransform("cpu", reprob=0.25, seed=2, augment=DeviceAugment(on.transforms[-1].fill))
     train, _, _ = build_datasets(root, train_transform=on, eval_transform=None)
-    whole = _epoch(train, device, workers=0)
-    assert len(whole) == 3 and all(torch.equal(a, b) for a, b in zip(whole, _epoch(train, device, workers=2)))
-    resumed = _epoch(train, device, workers=1, start=1)
+    whole = epoch_batches(train, 0, device_transform=device)
+    assert len(whole) == 3 and all(
+        torch.equal(a, b) for a, b in zip(whole, epoch_batches(train, 2, device_transform=device))
+    )
+    resumed = epoch_batches(train, 1, device_transform=device, start=1)
     assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(whole[1:], resumed))
     off = build_train_transform(data, aug, uint8=True)
     workers_train, _, _ = build_datasets(root, train_transform=off, eval_transform=None)
     plain = DeviceTransform("cpu", reprob=0.25, seed=2)
-    assert all(torch.equal(a, b) for a, b in zip(whole, _epoch(workers_train, plain, workers=0)))
+    assert all(
+        torch.equal(a, b) for a, b in zip(whole, epoch_batches(workers_train, 0, device_transform=plain))
+    )
 
 
 def test_on_device_shard_batches_resume_mid_epoch(tmp_path, photos):
-    from swin_train.data import shards as S
-    from swin_train.data.pack import PackOptions, pack
-
-    pack(
-        _photo_folder(tmp_path / "src", photos[:8]),
-        tmp_path / "wds",
-        PackOptions(shard_size=2),
-        progress=False,
-    )
-    split = S.resolve_split(str(tmp_path / "wds"), "train")
     on = build_train_transform(DataConfig(img_size=48), AugConfig(), uint8=True, on_device=True)
     device = DeviceTransform("cpu", augment=DeviceAugment(on.transforms[-1].fill))
-
-    def epoch(start: int) -> list[torch.Tensor]:
-        ds = S.ShardTrainDataset(split, on, batch_size=2, num_workers=2, seed=3)
-        ds.set_epoch(1)
-        ds.set_start(start, 2)
-        loader = S.build_shard_loader(ds, batch_size=2, num_workers=2, pin_memory=False, drop_last=True)
-        return [device(x, 1, i) for i, (x, _) in enumerate(loader, start)]
-
-    whole, resumed = epoch(0), epoch(1)
+    folder, shards = photo_folder(tmp_path / "src", photos[:8]), tmp_path / "wds"
+    whole = shard_epoch_batches(folder, shards, on, 0, device)
+    resumed = shard_epoch_batches(folder, shards, on, 1, device)
     assert len(whole) == 4 and all(torch.equal(a, b) for a, b in zip(whole[1:], resumed))
 
 

@@ -8,13 +8,11 @@ import io
 import json
 import logging
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import two_class_train_args
+from helpers import epoch_batches, photo_folder, photo_jpegs, shard_epoch_batches, two_class_train_args
 from PIL import Image
 from torch.utils.data import default_collate
 
@@ -26,16 +24,11 @@ from swin_train.data.decode import open_encoded
 from swin_train.data.device_augment import DeviceAugment
 from swin_train.data.device_decode import DeviceDecode, Undecoded
 from swin_train.data.folder import build_datasets, read_encoded
-from swin_train.data.loader import build_loader
 from swin_train.data.prefetch import DeviceTransform
-from swin_train.data.samplers import ResumableTrainSampler
 from swin_train.data.seeding import run_seeded, seeded_rng
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
 from swin_train.distributed import DistEnv
 from swin_train.errors import ConfigError, DataError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from bench.photos import SOURCES, cut_photo, load_sources  # noqa: E402
 
 PRE = Preprocess(224, 0.875, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 NO_JITTER = dict(color_jitter=0)
@@ -44,14 +37,7 @@ NO_JITTER = dict(color_jitter=0)
 @pytest.fixture(scope="module")
 def photos() -> list[bytes]:
     """8 JPEGs cut from the bundled photographs as the loader benchmark cuts them (300-500 px)."""
-    sources = load_sources()
-    out = []
-    for i in range(8):
-        image, quality = cut_photo(sources[SOURCES[i % len(SOURCES)]], np.random.default_rng([5, i]), True)
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=quality)
-        out.append(buffer.getvalue())
-    return out
+    return photo_jpegs(8, seed=5)
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -126,56 +112,30 @@ def test_pngs_and_cmyk_jpegs_are_decoded_by_the_worker_in_the_same_batch(photos)
         assert torch.equal(got[k], device(default_collate([run_seeded(cpu, open_encoded(data), 4)]))[0])
 
 
-def _jpeg_folder(root: Path, photos: list[bytes]) -> Path:
-    for i, data in enumerate(photos):
-        for split in ("train", "val"):
-            folder = root / split / ("a" if i % 2 else "b")
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{i:02d}.jpg").write_bytes(data)
-    return root
-
-
-def _epoch(dataset, transform: DeviceTransform, workers: int, start: int = 0) -> list[torch.Tensor]:
-    sampler = ResumableTrainSampler(len(dataset), num_replicas=1, rank=0, seed=5)
-    loader = build_loader(dataset, batch_size=2, sampler=sampler, num_workers=workers, drop_last=True)
-    sampler.set_epoch(1)
-    sampler.set_start(start, 2)
-    return [transform(images, 1, i) for i, (images, _) in enumerate(loader, start)]
-
-
 def test_device_decoded_batches_repeat_across_workers_and_resume_mid_epoch(tmp_path, photos):
-    root = _jpeg_folder(tmp_path, photos[:6])
+    root = photo_folder(tmp_path, photos[:6])
     _, cuda = _pair(AugConfig(reprob=0.25, **NO_JITTER), size=48)
     device = DeviceTransform("cpu", reprob=0.25, seed=2, augment=DeviceAugment(cuda.draws.fill))
     train, _, _ = build_datasets(root, train_transform=cuda, eval_transform=None)
-    whole = _epoch(train, device, workers=0)
-    assert len(whole) == 3 and all(torch.equal(a, b) for a, b in zip(whole, _epoch(train, device, workers=2)))
-    resumed = _epoch(train, device, workers=1, start=1)
+    whole = epoch_batches(train, 0, device_transform=device)
+    assert len(whole) == 3 and all(
+        torch.equal(a, b) for a, b in zip(whole, epoch_batches(train, 2, device_transform=device))
+    )
+    resumed = epoch_batches(train, 1, device_transform=device, start=1)
     assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(whole[1:], resumed))
 
 
 def test_device_decoded_shard_batches_resume_mid_epoch(tmp_path, photos):
-    from swin_train.data import shards as S
-    from swin_train.data.pack import PackOptions, pack
-
-    pack(_jpeg_folder(tmp_path / "src", photos), tmp_path / "wds", PackOptions(shard_size=2), progress=False)
-    split = S.resolve_split(str(tmp_path / "wds"), "train")
     _, cuda = _pair(AugConfig(**NO_JITTER), size=48)
     device = DeviceTransform("cpu", augment=DeviceAugment(cuda.draws.fill))
-
-    def epoch(start: int) -> list[torch.Tensor]:
-        ds = S.ShardTrainDataset(split, cuda, batch_size=2, num_workers=2, seed=3)
-        ds.set_epoch(1)
-        ds.set_start(start, 2)
-        loader = S.build_shard_loader(ds, batch_size=2, num_workers=2, pin_memory=False, drop_last=True)
-        return [device(x, 1, i) for i, (x, _) in enumerate(loader, start)]
-
-    whole, resumed = epoch(0), epoch(1)
+    folder, shards = photo_folder(tmp_path / "src", photos), tmp_path / "wds"
+    whole = shard_epoch_batches(folder, shards, cuda, 0, device)
+    resumed = shard_epoch_batches(folder, shards, cuda, 1, device)
     assert len(whole) == 4 and all(torch.equal(a, b) for a, b in zip(whole[1:], resumed))
 
 
 def test_a_truncated_jpeg_is_one_line_naming_the_file_when_the_device_decodes_it(tmp_path, photos):
-    root = _jpeg_folder(tmp_path, photos[:4])
+    root = photo_folder(tmp_path, photos[:4])
     truncated = root / "train" / "b" / "00.jpg"
     truncated.write_bytes(photos[0][: len(photos[0]) // 2])  # the header reads: the worker hands it over
     _, cuda = _pair(AugConfig(**NO_JITTER), size=48)
@@ -205,7 +165,7 @@ def test_decode_cuda_needs_fast_decode_and_the_device_half(caplog):
 
 
 def test_a_cpu_run_decoding_on_the_device_trains_and_evaluates(tmp_path, photos, capsys):
-    data = _jpeg_folder(tmp_path / "data", photos * 2)
+    data = photo_folder(tmp_path / "data", photos * 2)
     args = two_class_train_args(
         data, tmp_path / "run", "data.decode=cuda", "aug.auto_augment=rand-m9-mstd0.5-inc1"
     )

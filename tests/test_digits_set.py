@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "digits_set.py"
 
 
 @pytest.fixture(scope="module")
 def digits_set():
-    spec = importlib.util.spec_from_file_location("digits_set", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("digits_set", SCRIPT)
 
 
 def test_a_quarter_of_each_class_is_held_out_and_the_seed_fixes_which(digits_set):

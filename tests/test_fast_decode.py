@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import io
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import epoch_batches, photo_folder, photo_jpegs, shard_epoch_batches
 from PIL import Image
 from timm.data.auto_augment import AugmentOp
 from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -22,14 +21,10 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from swin_train.config import AugConfig, DataConfig
 from swin_train.data.decode import dct_scale, open_encoded
 from swin_train.data.folder import ImageFolderDataset, build_datasets, decode_image
-from swin_train.data.loader import build_loader
 from swin_train.data.samplers import ResumableTrainSampler
 from swin_train.data.seeding import run_seeded, seeded_rng
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
 from swin_train.errors import DataError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from bench.photos import SOURCES, cut_photo, load_sources  # noqa: E402
 
 PRE = Preprocess(224, 0.875, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -37,14 +32,7 @@ PRE = Preprocess(224, 0.875, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.
 @pytest.fixture(scope="module")
 def photos() -> list[bytes]:
     """12 JPEGs cut from the bundled photographs as the benchmark cuts them (300-500 px, quality 75-95)."""
-    sources = load_sources()
-    out = []
-    for i in range(12):
-        image, quality = cut_photo(sources[SOURCES[i % len(SOURCES)]], np.random.default_rng([7, i]), True)
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=quality)
-        out.append(buffer.getvalue())
-    return out
+    return photo_jpegs(12, seed=7)
 
 
 def _decoded(data: bytes) -> Image.Image:
@@ -120,25 +108,8 @@ def test_reduced_dct_scale_only_where_the_resize_still_shrinks_twice_and_within_
     assert _psnr(a, b) >= 33.0
 
 
-def _photo_folder(root: Path, photos: list[bytes]) -> Path:
-    for i, data in enumerate(photos):
-        for split in ("train", "val"):
-            folder = root / split / ("a" if i % 2 else "b")
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{i:02d}.jpg").write_bytes(data)
-    return root
-
-
-def _batches(dataset, workers: int, epoch: int = 1, start: int = 0) -> list[torch.Tensor]:
-    sampler = ResumableTrainSampler(len(dataset), num_replicas=1, rank=0, seed=5)
-    loader = build_loader(dataset, batch_size=2, sampler=sampler, num_workers=workers, drop_last=True)
-    sampler.set_epoch(epoch)
-    sampler.set_start(start, 2)
-    return [x.clone() for x, _ in loader]
-
-
 def test_fast_decode_off_gives_todays_batches_bitwise(tmp_path, photos):
-    root = _photo_folder(tmp_path, photos[:6])
+    root = photo_folder(tmp_path, photos[:6])
     transform = build_train_transform(DataConfig(fast_decode=False), AugConfig(), uint8=True)
     train, _, _ = build_datasets(root, train_transform=transform, eval_transform=None)
     # today's path written out: timm's own transform (posterize patched) on a Pillow-decoded image
@@ -154,48 +125,32 @@ def test_fast_decode_off_gives_todays_batches_bitwise(tmp_path, photos):
     sampler = ResumableTrainSampler(len(train), num_replicas=1, rank=0, seed=5)
     sampler.set_epoch(1)
     expected = [run_seeded(timm_transform, decode_image(train.samples[i][0]), seed) for i, seed in sampler]
-    got = torch.cat(_batches(train, workers=0))
+    got = torch.cat(epoch_batches(train, 0))
     assert torch.equal(got, torch.stack(expected[: len(got)]))
 
 
 def test_fast_decode_folder_batches_repeat_across_workers_and_resume_mid_epoch(tmp_path, photos):
-    root = _photo_folder(tmp_path, photos[:6])
+    root = photo_folder(tmp_path, photos[:6])
     transform = build_train_transform(DataConfig(fast_decode=True), AugConfig(), uint8=True)
     # a cache budget the set fits in: every image then decodes whole, cached or not
     for cache in (0, 1 << 30):
         train, _, _ = build_datasets(root, train_transform=transform, eval_transform=None, cache_bytes=cache)
-        whole = _batches(train, workers=0)
-        assert len(whole) == 3 and all(torch.equal(a, b) for a, b in zip(whole, _batches(train, workers=2)))
-        resumed = _batches(train, workers=1, start=1)
+        whole = epoch_batches(train, 0)
+        assert len(whole) == 3 and all(torch.equal(a, b) for a, b in zip(whole, epoch_batches(train, 2)))
+        resumed = epoch_batches(train, 1, start=1)
         assert all(torch.equal(a, b) for a, b in zip(whole[1:], resumed)) and len(resumed) == 2
 
 
 def test_fast_decode_shard_batches_resume_mid_epoch(tmp_path, photos):
-    from swin_train.data import shards as S
-    from swin_train.data.pack import PackOptions, pack
-
-    pack(
-        _photo_folder(tmp_path / "src", photos[:8]),
-        tmp_path / "wds",
-        PackOptions(shard_size=2),
-        progress=False,
-    )
-    split = S.resolve_split(str(tmp_path / "wds"), "train")
     transform = build_train_transform(DataConfig(fast_decode=True), AugConfig(), uint8=True)
-
-    def epoch(start: int) -> list[torch.Tensor]:
-        ds = S.ShardTrainDataset(split, transform, batch_size=2, num_workers=2, seed=3)
-        ds.set_epoch(1)
-        ds.set_start(start, 2)
-        loader = S.build_shard_loader(ds, batch_size=2, num_workers=2, pin_memory=False, drop_last=True)
-        return [x.clone() for x, _ in loader]
-
-    whole, resumed = epoch(0), epoch(1)
+    folder, shards = photo_folder(tmp_path / "src", photos[:8]), tmp_path / "wds"
+    whole = shard_epoch_batches(folder, shards, transform, 0)
+    resumed = shard_epoch_batches(folder, shards, transform, 1)
     assert len(whole) == 4 and all(torch.equal(a, b) for a, b in zip(whole[1:], resumed))
 
 
 def test_truncated_or_bad_jpegs_get_the_one_line_message_with_fast_decode(tmp_path, photos, caplog):
-    root = _photo_folder(tmp_path / "src", photos[:4])
+    root = photo_folder(tmp_path / "src", photos[:4])
     truncated = root / "train" / "b" / "00.jpg"
     truncated.write_bytes(photos[0][: len(photos[0]) // 2])  # header fine, data cut: fails when decoded
     transform = build_train_transform(DataConfig(fast_decode=True), AugConfig(), uint8=True)
@@ -228,7 +183,7 @@ def test_truncated_or_bad_jpegs_get_the_one_line_message_with_fast_decode(tmp_pa
 def test_the_cache_decision_comes_from_the_first_files_header_not_from_what_was_decoded_first(
     tmp_path, photos
 ):
-    root = _photo_folder(tmp_path, photos[:4])
+    root = photo_folder(tmp_path, photos[:4])
     transform = build_train_transform(DataConfig(fast_decode=True), AugConfig(), uint8=True)
     first = Image.open(io.BytesIO(photos[1])).size  # a/01.jpg sorts first
     need = first[0] * first[1] * 3 * 4

@@ -2,7 +2,6 @@
 writes and metrics writes) ends bitwise where an uninterrupted run ends; and the comparison it relies on
 notices a single changed bit or metric."""
 
-import importlib.util
 import json
 import random
 import sys
@@ -10,18 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import script_parts
+from helpers import load_module, script_parts
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fault_campaign.py"
 
 
 @pytest.fixture(scope="module")
 def campaign():
-    spec = importlib.util.spec_from_file_location("fault_campaign", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fault_campaign"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
+    yield load_module("fault_campaign", SCRIPT)
     sys.modules.pop("fault_campaign", None)
 
 

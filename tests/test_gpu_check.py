@@ -1,7 +1,6 @@
 """scripts/gpu_check.py without a GPU: the dry run, the no-GPU error, test discovery, output parsing, the
 part runner's budgets, and the report writer (valid markdown and strict JSON from fake part results)."""
 
-import importlib.util
 import json
 import math
 import re
@@ -11,18 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import env_for_subprocess, script_parts
+from helpers import env_for_subprocess, load_module, script_parts
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
+    yield load_module("gpu_check", SCRIPT)
     sys.modules.pop("gpu_check", None)
 
 

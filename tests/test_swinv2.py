@@ -2,7 +2,6 @@
 torchvision's and transformers' SwinV2 with converted weights, the official formulas of its attention, and
 weights of a 192/w12 model that run at 256/w16 and 384/w24 without interpolation."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,7 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from helpers import MICRO_OVERRIDES
+from helpers import MICRO_OVERRIDES, load_module
 from test_flex import flex_cpu_backward  # noqa: F401 (a fixture)
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
@@ -615,9 +614,7 @@ def test_resuming_a_v2_run_as_another_window_or_pre_training_windows_is_refused(
 
 
 def test_benchmark_runs_swinv2_against_timm_and_torchvision_with_the_same_weights(capsys):
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_module("benchmark", SCRIPT)
     micro = ["--img-size", "32", "--patch-size", "2", "--embed-dim", "24", "--depths", "2", "2"]
     micro += ["--num-heads", "2", "4", "--window-size", "4", "--num-classes", "10"]
     argv = ["--model", "swinv2_tiny_patch4_window8_256", *micro, "--batch-size", "2", "--warmup", "0"]

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, takes_encoded
-from swin_train.data.seeding import run_seeded
+from swin_train.data.seeding import transform_sample
 from swin_train.errors import DataError
 
 log = logging.getLogger("swin_train")
@@ -152,7 +152,7 @@ class DecodedCache:
 
 class ImageFolderDataset(Dataset):
     """`root/<class>/**/<image>` as (image, label) pairs; keys may be ints or `SampleKey`s, whose seed
-    makes the augmentation of a sample a pure function of the key (`run_seeded`), whichever worker
+    makes the augmentation of a sample a pure function of the key (`transform_sample`), whichever worker
     decodes it. With `skip_bad_images`, an undecodable file is logged and replaced by the next index
     (deterministic); `num_skipped` counts such replacements across all worker processes. `cache_bytes` > 0
     keeps decoded images in memory when the set fits (DecodedCache). A transform that takes undecoded
@@ -225,9 +225,7 @@ class ImageFolderDataset(Dataset):
             if self.transform is None:
                 return image, label
             try:
-                if sample_seed is None:
-                    return self.transform(image), label
-                return run_seeded(self.transform, image, sample_seed), label
+                return transform_sample(self.transform, image, sample_seed), label
             except UndecodableImage as e:  # an undecoded file's data failed in the transform
                 self._bad_image(path, e.cause)
         raise DataError(f"no image under {self.root} can be decoded")

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, takes_encoded
 from swin_train.data.folder import DECODE_ERRORS, SampleKey, decode_error_reason, split_key
-from swin_train.data.seeding import run_seeded
+from swin_train.data.seeding import transform_sample
 from swin_train.errors import DataError
 
 # Files `save_to_disk` writes (a DatasetDict, a Dataset).
@@ -160,9 +160,7 @@ class HFImageDataset(Dataset):
         if self.transform is None:
             return image, label
         try:
-            if seed is None:
-                return self.transform(image), label
-            return run_seeded(self.transform, image, seed), label
+            return transform_sample(self.transform, image, seed), label
         except UndecodableImage as e:  # an undecoded image's data failed in the transform
             raise self._undecodable(index, e.cause) from None
 

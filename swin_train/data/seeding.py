@@ -82,6 +82,11 @@ def run_seeded(fn: Callable[[T], R], arg: T, *key: int) -> R:
         return fn(arg)
 
 
+def transform_sample(transform: Callable[[T], R], image: T, seed: int | None) -> R:
+    """`transform(image)`, under the sample's augmentation seed when its sampler gave one (`run_seeded`)."""
+    return transform(image) if seed is None else run_seeded(transform, image, seed)
+
+
 def _cuda_generator(device: torch.device | str | None) -> torch.Generator | None:
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda":

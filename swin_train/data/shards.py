@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, takes_encoded
 from swin_train.data.folder import DECODE_ERRORS, decode_error_reason
-from swin_train.data.seeding import derive_seed, run_seeded, seed_generator, seed_globals_from
+from swin_train.data.seeding import derive_seed, seed_generator, seed_globals_from, transform_sample
 from swin_train.data.tar_stream import iter_tar_files
 from swin_train.errors import DataError
 
@@ -377,9 +377,7 @@ def _transformed(transform: Callable | None, image: Image.Image | Encoded, seed:
     if transform is None:
         return image
     try:
-        if seed is None:
-            return transform(image)
-        return run_seeded(transform, image, seed)
+        return transform_sample(transform, image, seed)
     except UndecodableImage as e:  # an undecoded image's data failed in the transform
         raise _undecodable(f"{sample.get('__key__')} in shard {shard.url}", e.cause) from None
 
