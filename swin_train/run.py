@@ -249,6 +249,9 @@ def resume_if_possible(run: Run, resume: str | None) -> None:
             log.warning("moved %s aside to %s: it does not load", bad, ckpt.set_aside(bad).name)
         if bad.name == ckpt.BEST:  # its weights are gone: the next validation writes a new best.pth
             run.best = {"top1": -1.0, "epoch": -1, "on": run.cfg.train.best_on}
+    if run.env.is_main:  # a run killed between a step checkpoint and its pruning left one too many
+        for extra in ckpt.prune_step_checkpoints(run.out, run.cfg.train.keep_checkpoints):
+            log.info("removed %s: train.keep_checkpoints=%d", extra, run.cfg.train.keep_checkpoints)
     s = run.state
     log.info(
         "resuming from %s: epoch %d, step %d of %d (global step %d)",

@@ -71,6 +71,21 @@ def test_keeps_only_the_newest_step_checkpoints(reference):
     assert not list(reference.glob(".*tmp*"))
 
 
+def test_a_resume_prunes_what_a_kill_before_pruning_left(reference, tmp_path):
+    """Killed after writing a step checkpoint but before deleting the oldest: the resumed run, even one
+    with no step left to train (so no new step checkpoint to prune after), keeps only the newest."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.copy(out / "step-000000050.pth", out / "step-000000045.pth")
+    data_path = torch.load(reference / "best.pth", weights_only=True)["config"]["data"]["data_path"]
+    args = ["--data-path", data_path, "--output", str(out), *COMMON, "train.checkpoint_every_steps=5"]
+    done = run_cli("train", *args)
+    assert done.returncode == 0, done.stderr
+    steps = sorted(p.name for p in out.glob("step-*.pth"))
+    assert steps == ["step-000000050.pth", "step-000000055.pth", "step-000000060.pth"]
+    assert "step-000000045.pth: train.keep_checkpoints=3" in (out / "log.txt").read_text()
+
+
 def test_truncated_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
