@@ -3,6 +3,9 @@ import logging
 import pytest
 import torch
 
+# helpers.py holds shared assertions (assert_bitwise_equal, repeatable_epoch_batches): detailed failures there too
+pytest.register_assert_rewrite("helpers")
+
 MICRO = dict(img_size=32, patch_size=2, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4)
 
 

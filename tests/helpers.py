@@ -184,6 +184,17 @@ def epoch_batches(dataset, workers: int, *, device_transform=None, epoch: int = 
     return [device_transform(images, epoch, i) for i, (images, _) in enumerate(loader, start)]
 
 
+def repeatable_epoch_batches(dataset, *, device_transform=None) -> list:
+    """Epoch 1's three batches of `dataset` (see epoch_batches), asserted the same with 0 and 2 workers and,
+    from a resume at batch 1, the same rest of the epoch."""
+    whole = epoch_batches(dataset, 0, device_transform=device_transform)
+    again = epoch_batches(dataset, 2, device_transform=device_transform)
+    assert len(whole) == 3 and all(torch.equal(a, b) for a, b in zip(whole, again))
+    resumed = epoch_batches(dataset, 1, device_transform=device_transform, start=1)
+    assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(whole[1:], resumed))
+    return whole
+
+
 def shard_epoch_batches(folder: Path, shards: Path, transform, start: int, device_transform=None) -> list:
     """Epoch 1's image batches (2 workers, batch 2) from `start` on, of `folder` packed 2 images a shard into
     `shards` (once), through `device_transform(images, epoch, batch)` when given."""
