@@ -64,6 +64,8 @@ DATASETS = (
     "hf",
 )  # an imagefolder path holding shards or a HF dataset is read as such
 BEST_ON = ("raw", "ema")
+LR_SCHEDULES = ("cosine", "linear", "step", "multistep")  # train.lr_schedule: the official LR_SCHEDULER.NAME
+OPTIMIZERS = ("adamw", "sgd")  # train.optimizer: the official OPTIMIZER.NAME (apex's fused ones aside)
 DECODERS = ("cpu", "cuda")  # data.decode: where JPEGs are decoded
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")  # timm's PIL names
 MIXUP_MODES = ("batch", "pair", "elem")  # timm.data.Mixup
@@ -231,6 +233,15 @@ class TrainConfig:
     clip_grad: float | None = 5.0  # None: no clipping
     accumulation_steps: int = 1
     layer_decay: float = 1.0  # < 1: layer-wise lr decay (fine-tuning)
+    # after the warmup: "cosine" (to min_lr), "linear" (to lr/100), "step", "multistep" (optim.build_schedule)
+    lr_schedule: str = "cosine"
+    warmup_prefix: bool = True  # cosine: start the cosine after the warmup (false: count it from step 0)
+    lr_decay_epochs: int = 30  # step: lr x lr_decay_rate every this many epochs (counted from epoch 0)
+    lr_milestones: list[int] = field(default_factory=list)  # multistep: lr x lr_decay_rate at each epoch
+    lr_decay_rate: float = 0.1  # step, multistep: the factor of each decay
+    optimizer: str = "adamw"  # "adamw" (betas, eps) or "sgd" (momentum, nesterov)
+    momentum: float = 0.9  # sgd
+    nesterov: bool = True  # sgd (the official build_optimizer always uses Nesterov momentum)
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
     keep_checkpoints: int = 3  # step checkpoints kept
     max_nonfinite_steps: int = 25  # this many skipped steps in a row stop the run
@@ -284,6 +295,28 @@ class TrainConfig:
             r.fail("train.betas", f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if self.best_on == "ema" and not self.ema:
             r.fail(("train.best_on", "train.ema"), "train.best_on='ema' needs train.ema=true")
+        self.check_schedule_and_optimizer(r)
+
+    def check_schedule_and_optimizer(self, r: Rules) -> None:
+        r.choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        r.require("train.lr_decay_epochs", self.lr_decay_epochs, _at_least_one, ">= 1")
+        r.require("train.lr_decay_rate", self.lr_decay_rate, lambda x: 0 < x <= 1, "in (0, 1]")
+        steps = self.lr_milestones
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            r.fail("train.lr_milestones", f"train.lr_milestones must be increasing epochs, got {steps}")
+        if self.lr_schedule == "multistep" and (not steps or steps[0] < self.warmup_epochs):
+            r.fail(
+                ("train.lr_milestones", "train.lr_schedule", "train.warmup_epochs"),
+                f"train.lr_schedule='multistep' needs train.lr_milestones, epochs from the end of the warmup "
+                f"(train.warmup_epochs={self.warmup_epochs}) on, got {steps}; e.g. train.lr_milestones=[700]",
+            )
+        r.choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        r.require("train.momentum", self.momentum, lambda x: 0 <= x < 1, "in [0, 1)")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            r.fail(
+                ("train.nesterov", "train.momentum"),
+                "train.nesterov=true needs train.momentum > 0; set train.momentum or train.nesterov=false",
+            )
 
 
 @dataclass

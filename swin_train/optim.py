@@ -1,18 +1,21 @@
-"""Learning rates, parameter groups, AdamW and the warmup-cosine schedule.
+"""Learning rates, parameter groups, the optimizers (AdamW, SGD) and the warmup schedules (cosine, linear,
+step, multistep) of the official Swin code.
 
 Everything that decides a number is a pure function of plain arguments (`scaled_lrs`, `layer_id`,
-`WarmupCosineSchedule.lr_at`), so it is tested without a model or an optimizer step.
+`WarmupSchedule.lr_at`), so it is tested without a model or an optimizer step.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from swin_train.config import TrainConfig
+from swin_train.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig
 from swin_train.device import unwrap_model
 from swin_train.errors import CheckpointError, ConfigError
 from swin_train.models.swin import BLOCK_KEY, DOWNSAMPLE_KEY
@@ -171,33 +174,46 @@ def param_group_names(
 
 def build_optimizer(
     model: nn.Module, train: TrainConfig, *, lr: float, device_type: str = "cpu"
-) -> torch.optim.AdamW:
-    """AdamW over `param_groups` (train.weight_decay, train.layer_decay), each group starting at lr x lr_scale
-    (`lr`: the scaled lr, see `scaled_lrs`); the fused kernel on CUDA and CPU, one pass over each tensor
-    where foreach and the per-tensor default take several (`scripts/benchmark.py` times each trainer's own)."""
+) -> torch.optim.Optimizer:
+    """train.optimizer over `param_groups` (train.weight_decay, train.layer_decay), each group starting at
+    lr x lr_scale (`lr`: the scaled lr, see `scaled_lrs`), with the official build_optimizer's arguments:
+    "adamw" (train.betas, train.eps) or "sgd" (train.momentum, train.nesterov). The fused kernel on CUDA and
+    CPU, one pass over each tensor where foreach and the per-tensor default take several
+    (`scripts/benchmark.py` times each trainer's own)."""
     groups = param_groups(model, weight_decay=train.weight_decay, layer_decay=train.layer_decay)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     impl = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups,
+            lr=lr,
+            momentum=train.momentum,
+            nesterov=train.nesterov,
+            weight_decay=train.weight_decay,
+            **impl,
+        )
+    if train.optimizer != "adamw":
+        raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {train.optimizer!r}")
     return torch.optim.AdamW(
         groups, lr=lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay, **impl
     )
 
 
-class WarmupCosineSchedule:
-    """Per-optimizer-step linear warmup then cosine decay, written into every param group x its lr_scale.
+class WarmupSchedule(ABC):
+    """A per-optimizer-step lr: linear warmup from warmup_lr to base_lr, then `decayed(step)`, written into
+    every param group x its lr_scale.
 
-    Follows timm's `CosineLRScheduler(t_initial=total_steps - warmup_steps, lr_min=min_lr,
-    warmup_t=warmup_steps, warmup_lr_init=warmup_lr, warmup_prefix=True, cycle_limit=1,
-    t_in_epochs=False)` `_get_lr` (timm 1.0.31, scheduler/cosine_lr.py), which is what the official Swin
-    `build_scheduler` builds:
-      t < W:       warmup_lr + t * (base_lr - warmup_lr) / W           (t=0 -> warmup_lr)
-      W <= t < T:  min_lr + 0.5 (base_lr - min_lr) (1 + cos(pi (t - W) / (T - W)))   (t=W -> base_lr)
-      t >= T:      min_lr                                               (t=T -> min_lr, then constant)
-    Optimizer step t (0-based) runs at lr_at(t): the constructor writes lr_at(0) and `step()`, called
-    after each optimizer step, advances t and writes lr_at(t) (timm's documented `step_update` use).
-    The official train loop calls `step_update(t)` after step t, so its steps 0 and 1 both run at
-    warmup_lr and every later step one step behind; that off-by-one is deliberately not reproduced.
+    The official `build_scheduler` (lr_scheduler.py) builds timm's schedulers (or its own LinearLRScheduler
+    and MultiStepLRScheduler, written on timm's) with t_in_epochs=False; each subclass says which and with
+    what arguments, and computes its `_get_lr` in the same expression order, so the values agree bitwise:
+      t < W:  warmup_lr + t * (base_lr - warmup_lr) / W       (t=0 -> warmup_lr; none when W = 0)
+    Optimizer step t (0-based) runs at lr_at(t): the constructor writes lr_at(0) and `step()`, called after
+    each optimizer step, advances t and writes lr_at(t) (timm's documented `step_update` use). The official
+    train loop calls `step_update(t)` after step t, so its steps 0 and 1 both run at warmup_lr and every later
+    step one step behind; that off-by-one is deliberately not reproduced. Its steps are optimizer steps as
+    the official main.py counts them (main_simmim_*.py count micro-batches under gradient accumulation).
+    The state is the step alone: the lr is a pure function of it, so a resumed run continues bitwise.
     """
 
     def __init__(
@@ -205,7 +221,6 @@ class WarmupCosineSchedule:
         optimizer: torch.optim.Optimizer,
         base_lr: float,
         warmup_lr: float,
-        min_lr: float,
         total_steps: int,
         warmup_steps: int,
     ) -> None:
@@ -215,7 +230,7 @@ class WarmupCosineSchedule:
                 f"total {total_steps}; use fewer warmup epochs or more epochs/data"
             )
         self.optimizer = optimizer
-        self.base_lr, self.warmup_lr, self.min_lr = float(base_lr), float(warmup_lr), float(min_lr)
+        self.base_lr, self.warmup_lr = float(base_lr), float(warmup_lr)
         self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
         self.t = 0
         self._write()
@@ -226,10 +241,11 @@ class WarmupCosineSchedule:
             raise ValueError(f"step must be >= 0, got {step}")
         if step < self.warmup_steps:  # same expression order as timm, so the values agree bitwise
             return self.warmup_lr + step * ((self.base_lr - self.warmup_lr) / self.warmup_steps)
-        t, span = step - self.warmup_steps, self.total_steps - self.warmup_steps
-        if t >= span:
-            return self.min_lr
-        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t / span))
+        return self.decayed(step)
+
+    @abstractmethod
+    def decayed(self, step: int) -> float:
+        """The unscaled lr of a step past the warmup (step >= warmup_steps)."""
 
     @property
     def lr(self) -> float:
@@ -262,3 +278,121 @@ class WarmupCosineSchedule:
             )
         self.t = step
         self._write()
+
+
+class WarmupCosineSchedule(WarmupSchedule):
+    """Warmup, then cosine decay to min_lr: timm's `CosineLRScheduler(t_initial=T - W if warmup_prefix else T,
+    lr_min=min_lr, warmup_t=W, warmup_lr_init=warmup_lr, warmup_prefix=warmup_prefix, cycle_limit=1)`
+    (timm 1.0.31, scheduler/cosine_lr.py), as the official build_scheduler builds it ("cosine"):
+      W <= t < T:  min_lr + 0.5 (base_lr - min_lr) (1 + cos(pi (t - W) / (T - W)))   (t=W -> base_lr)
+      t >= T:      min_lr                                               (t=T -> min_lr, then constant)
+    `warmup_prefix=False` (the official WARMUP_PREFIX): the cosine counts from step 0 over all T steps, so it
+    starts below base_lr after the warmup: min_lr + 0.5 (base_lr - min_lr) (1 + cos(pi t / T)).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        base_lr: float,
+        warmup_lr: float,
+        min_lr: float,
+        total_steps: int,
+        warmup_steps: int,
+        *,
+        warmup_prefix: bool = True,
+    ) -> None:
+        self.min_lr, self.warmup_prefix = float(min_lr), bool(warmup_prefix)
+        super().__init__(optimizer, base_lr, warmup_lr, total_steps, warmup_steps)
+
+    def decayed(self, step: int) -> float:
+        t, span = step, self.total_steps
+        if self.warmup_prefix:
+            t, span = step - self.warmup_steps, self.total_steps - self.warmup_steps
+        if t >= span:
+            return self.min_lr
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t / span))
+
+
+class WarmupLinearSchedule(WarmupSchedule):
+    """Warmup, then linear decay to base_lr / 100 at step T: the official `LinearLRScheduler(t_initial=T,
+    lr_min_rate=0.01, warmup_t=W, warmup_lr_init=warmup_lr)` ("linear"; min_lr is not used):
+      W <= t:  base_lr - (base_lr - 0.01 base_lr) (t - W) / (T - W)      (held at t=T from there on)
+    """
+
+    END_FRACTION = 0.01  # the official lr_min_rate
+
+    def decayed(self, step: int) -> float:
+        t, span = min(step, self.total_steps) - self.warmup_steps, self.total_steps - self.warmup_steps
+        v = self.base_lr
+        return v - ((v - v * self.END_FRACTION) * (t / span))
+
+
+class WarmupStepSchedule(WarmupSchedule):
+    """Warmup, then base_lr x decay_rate ** (t // decay_steps), t counted from step 0 (warmup included):
+    timm's `StepLRScheduler(decay_t=decay_steps, decay_rate, warmup_t=W, warmup_lr_init=warmup_lr)` as the
+    official build_scheduler builds it ("step") with the timm it pins (0.4.12). Later timm (1.0.31 here) adds
+    `warmup_prefix`, default True, which counts from the end of the warmup instead: the official code run on
+    a current timm decays W steps later than it was written to."""
+
+    def __init__(self, optimizer, base_lr, warmup_lr, total_steps, warmup_steps, *, decay_steps, decay_rate):
+        if decay_steps < 1:
+            raise ConfigError(f"a step schedule needs decay_steps >= 1, got {decay_steps}")
+        self.decay_steps, self.decay_rate = int(decay_steps), float(decay_rate)
+        super().__init__(optimizer, base_lr, warmup_lr, total_steps, warmup_steps)
+
+    def decayed(self, step: int) -> float:
+        return self.base_lr * (self.decay_rate ** (step // self.decay_steps))
+
+
+class WarmupMultiStepSchedule(WarmupSchedule):
+    """Warmup, then base_lr x gamma ** (number of milestones <= t), t counted from step 0: the official
+    `MultiStepLRScheduler(milestones, gamma, warmup_t=W, warmup_lr_init=warmup_lr)` ("multistep"; the
+    SimMIM pre-training recipes: x0.1 at epoch 700 of 800). Unlike timm's own MultiStepLRScheduler, a
+    milestone m applies from step m itself. The official scheduler asserts W <= min(milestones)."""
+
+    def __init__(self, optimizer, base_lr, warmup_lr, total_steps, warmup_steps, *, milestones, gamma):
+        milestones = [int(m) for m in milestones]
+        if not milestones or milestones != sorted(set(milestones)) or milestones[0] < warmup_steps:
+            raise ConfigError(
+                f"a multistep schedule needs increasing milestones from the end of the warmup "
+                f"(step {warmup_steps}) on, got {milestones}"
+            )
+        self.milestones, self.gamma = milestones, float(gamma)
+        super().__init__(optimizer, base_lr, warmup_lr, total_steps, warmup_steps)
+
+    def decayed(self, step: int) -> float:
+        return self.base_lr * (self.gamma ** bisect.bisect_right(self.milestones, step))
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, train: TrainConfig, lrs: dict[str, float], *, steps_per_epoch: int
+) -> tuple[WarmupSchedule, str]:
+    """(train.lr_schedule over train.epochs x steps_per_epoch optimizer steps with the scaled `lrs` of
+    `scaled_lrs`, a one-line description for the log). Epoch settings become steps as the official
+    build_scheduler converts them (epochs x steps per epoch)."""
+    name, rate = train.lr_schedule, f"{train.lr_decay_rate:g}"
+    lr, warmup_lr = lrs["lr"], lrs["warmup_lr"]
+    total, warmup = train.epochs * steps_per_epoch, train.warmup_epochs * steps_per_epoch
+    if name == "cosine":
+        schedule = WarmupCosineSchedule(
+            optimizer, lr, warmup_lr, lrs["min_lr"], total, warmup, warmup_prefix=train.warmup_prefix
+        )
+        text = "cosine to min" + ("" if train.warmup_prefix else " (from step 0: warmup_prefix=false)")
+    elif name == "linear":
+        schedule = WarmupLinearSchedule(optimizer, lr, warmup_lr, total, warmup)
+        text = "linear to lr/100 (min_lr unused)"
+    elif name == "step":
+        decay = train.lr_decay_epochs * steps_per_epoch
+        schedule = WarmupStepSchedule(
+            optimizer, lr, warmup_lr, total, warmup, decay_steps=decay, decay_rate=train.lr_decay_rate
+        )
+        text = f"x{rate} every {train.lr_decay_epochs} epochs"
+    elif name == "multistep":
+        milestones = [e * steps_per_epoch for e in train.lr_milestones]
+        schedule = WarmupMultiStepSchedule(
+            optimizer, lr, warmup_lr, total, warmup, milestones=milestones, gamma=train.lr_decay_rate
+        )
+        text = f"x{rate} at epoch {', '.join(str(e) for e in train.lr_milestones)}"
+    else:
+        raise ConfigError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {name!r}")
+    return schedule, f"schedule: {train.warmup_epochs} warmup epochs, then {text}"

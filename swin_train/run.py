@@ -23,7 +23,7 @@ from swin_train.errors import CheckpointError, ConfigError, DataError
 from swin_train.loading import ARCH_KEYS, load_exact_weights, load_pretrained
 from swin_train.losses import build_mixup, build_train_criterion
 from swin_train.models.swin import SwinTransformer
-from swin_train.optim import WarmupCosineSchedule, build_optimizer, scaled_lrs
+from swin_train.optim import build_optimizer, build_schedule, scaled_lrs
 
 log = logging.getLogger("swin_train")
 
@@ -97,14 +97,10 @@ class Run:
             world_size=env.world_size,
         )
         self.optimizer = build_optimizer(self.model, t, lr=self.lrs["lr"], device_type=env.device.type)
-        self.schedule = WarmupCosineSchedule(
-            self.optimizer,
-            self.lrs["lr"],
-            self.lrs["warmup_lr"],
-            self.lrs["min_lr"],
-            total_steps=t.epochs * self.steps_per_epoch,
-            warmup_steps=t.warmup_epochs * self.steps_per_epoch,
+        self.schedule, schedule_text = build_schedule(
+            self.optimizer, t, self.lrs, steps_per_epoch=self.steps_per_epoch
         )
+        self.lr_text += f"; {schedule_text}"
         self.ema = (
             ModelEma(self.model, t.ema_decay, warmup=t.ema_warmup, every=t.ema_every) if t.ema else None
         )

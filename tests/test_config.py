@@ -363,6 +363,61 @@ def test_warmup_equal_to_epochs_and_ema_best_are_valid():
     assert (cfg.train.warmup_epochs, cfg.train.best_on) == (5, "ema")
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["train.lr_schedule=multistpe"],
+            "train.lr_schedule must be one of 'cosine', 'linear', 'step', 'multistep', got 'multistpe'; "
+            "did you mean 'multistep'?",
+        ),
+        (
+            ["train.optimizer=sdg"],
+            "train.optimizer must be one of 'adamw', 'sgd', got 'sdg'; did you mean 'sgd'?",
+        ),
+        (["train.lr_milestones=[700,300]"], "train.lr_milestones must be increasing epochs, got [700, 300]"),
+        (["train.lr_milestones=[30,30]"], "train.lr_milestones must be increasing epochs, got [30, 30]"),
+        (
+            ["train.lr_schedule=multistep"],
+            "train.lr_schedule='multistep' needs train.lr_milestones, epochs from the end of the warmup "
+            "(train.warmup_epochs=20) on, got []; e.g. train.lr_milestones=[700]",
+        ),
+        (["train.lr_schedule=multistep", "train.lr_milestones=[10]"], "train.lr_schedule='multistep' needs"),
+        (["train.lr_decay_epochs=0"], "train.lr_decay_epochs must be >= 1, got 0"),
+        (["train.lr_decay_rate=0"], "train.lr_decay_rate must be in (0, 1], got 0.0"),
+        (["train.momentum=1"], "train.momentum must be in [0, 1), got 1.0"),
+        (
+            ["train.optimizer=sgd", "train.momentum=0"],
+            "train.nesterov=true needs train.momentum > 0; set train.momentum or train.nesterov=false",
+        ),
+    ],
+)
+def test_schedule_and_optimizer_errors(overrides, expected):
+    msg = override_error(*overrides)
+    assert msg.startswith(f"override '{overrides[-1]}': {expected}"), msg
+
+
+def test_official_schedule_and_optimizer_choices_load():
+    cfg = load_config(
+        None,
+        [
+            "train.lr_schedule=multistep",
+            "train.lr_milestones=[700]",
+            "train.epochs=800",
+            "train.warmup_epochs=10",
+        ],
+    )
+    assert (cfg.train.lr_schedule, cfg.train.lr_milestones, cfg.train.lr_decay_rate) == (
+        "multistep",
+        [700],
+        0.1,
+    )
+    sgd = load_config(None, ["train.optimizer=sgd", "train.momentum=0", "train.nesterov=false"]).train
+    assert (sgd.optimizer, sgd.momentum, sgd.nesterov) == ("sgd", 0.0, False)
+    # a milestone past the last epoch never applies (a shortened run of a recipe), which is allowed
+    assert load_config(None, ["train.lr_schedule=multistep", "train.lr_milestones=[700]"]).train.epochs == 300
+
+
 # ---------------------------------------------------------------------------------------------------
 # Architecture errors
 
