@@ -1,8 +1,8 @@
-"""data/jpeg.py: the JPEG decoder every path uses (TorchCodec, else torchvision's decoders, else Pillow) gives
-today's pixels bitwise: torchvision's `decode_jpeg` (what the fast path and the device path called) and
-Pillow's (what the full path, the decoded-image cache and prediction called), on photographs and on
-grayscale, CMYK, progressive and EXIF-oriented files; without TorchCodec the decode tests pass on the
-fallbacks."""
+"""data/jpeg.py: the JPEG decoder of the fast path and the device path (TorchCodec, else torchvision's
+decoders, else Pillow) gives today's pixels bitwise: torchvision's `decode_jpeg` (what those paths called)
+and Pillow's (what the whole-image path, `data.fast_decode: false` and the decoded-image cache, decodes
+with), on photographs and on grayscale, CMYK, progressive and EXIF-oriented files; without TorchCodec the
+decode tests pass on the fallbacks."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from helpers import env_for_subprocess, photo_jpegs
 from PIL import Image
 
 from swin_train.data import jpeg
-from swin_train.data.decode import decode_pixels, decode_whole, open_encoded
+from swin_train.data.decode import decode_pixels, open_encoded
 from swin_train.data.device_decode import DeviceDecode
+from swin_train.data.folder import decode_image
 from swin_train.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,13 +61,8 @@ def files() -> dict[str, bytes]:
     return out
 
 
-def _pillow(data: bytes) -> torch.Tensor:
-    """What the full path decoded: Pillow's RGB conversion (no EXIF rotation)."""
-    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
-
-
 def _torchvision(data: bytes) -> torch.Tensor:
-    """What the fast path decoded: torchvision's decode_jpeg, mode RGB (no EXIF rotation by default)."""
+    """What the fast path decoded until now: torchvision's decode_jpeg, mode RGB (no EXIF rotation)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():
@@ -74,21 +70,24 @@ def _torchvision(data: bytes) -> torch.Tensor:
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
-def test_every_call_site_decodes_photographs_cmyk_grayscale_progressive_and_exif_jpegs_as_before(files):
+def test_the_fast_and_device_paths_decode_photos_cmyk_grayscale_progressive_and_exif_jpegs_as_before(
+    files, tmp_path
+):
     for name, data in files.items():
         before = _torchvision(data)
-        assert torch.equal(before, _pillow(data)), name  # the two paths of today agree
+        path = tmp_path / "image.jpg"
+        path.write_bytes(data)
+        whole = decode_image(path)  # the whole-image path (Pillow): data.fast_decode false, the decoded cache
+        assert torch.equal(before, _pixels(whole)), name  # the two decoders of today agree
         fast, factor = decode_pixels(open_encoded(data))  # the fast path (training, evaluation, shards)
-        whole = decode_whole(open_encoded(data))  # the full path, the decoded-image cache, prediction
         assert factor == 1.0 and torch.equal(fast, before), f"{name}: fast path ({jpeg.jpeg_decoder()})"
-        assert whole.mode == "RGB" and torch.equal(_pillow_image(whole), before), f"{name}: full path"
     if jpeg.jpeg_decoder() != "pillow":  # data.decode: cuda's batched call, here on the CPU
         names = list(files)
         decoded = DeviceDecode("cpu").decode([files[n] for n in names], names, list(range(len(names))))
         assert all(torch.equal(d, _torchvision(files[n])) for d, n in zip(decoded, names))
 
 
-def _pillow_image(image: Image.Image) -> torch.Tensor:
+def _pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
@@ -119,7 +118,7 @@ def test_the_decoder_choice_starts_where_swin_train_jpeg_decoder_says(files, mon
     for library in ("torchvision", "pillow"):
         monkeypatch.setenv(jpeg.DECODER_ENV, library)
         assert jpeg.jpeg_decoder() == library and "torchcodec" in jpeg.skipped_decoders()
-        assert torch.equal(decode_pixels(open_encoded(data))[0], _pillow(data))
+        assert torch.equal(decode_pixels(open_encoded(data))[0], _torchvision(data))
     monkeypatch.setenv(jpeg.DECODER_ENV, "nvjpeg")
     with pytest.raises(ConfigError, match=r"^SWIN_TRAIN_JPEG_DECODER='nvjpeg': expected one of torchcodec, "):
         jpeg.jpeg_decoder()

@@ -112,18 +112,6 @@ def decode_pixels(image: Encoded | Image.Image, scale: int = 1) -> tuple[torch.T
         raise UndecodableImage(e) from None
 
 
-def decode_whole(image: Encoded) -> Image.Image:
-    """The whole image as an RGB Pillow image (the full path's input, the decoded-image cache's entry):
-    a JPEG by jpeg.py's decoder (Pillow's pixels), others by Pillow. Decoding errors raise
-    UndecodableImage."""
-    if image.header.format != "JPEG" or jpeg_decoder() == "pillow":
-        try:
-            return image.header.convert("RGB")  # convert() decodes: truncated data fails here
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise UndecodableImage(e) from None
-    return to_pil(decode_pixels(image)[0])
-
-
 def resize_pixels(pixels: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
     """(3, h, w) uint8 -> (3, H, W) uint8 with `size` = (H, W): torch's antialiased uint8 kernels for
     bilinear and bicubic (Pillow's filters), Pillow itself for the other interpolations."""

@@ -1,11 +1,14 @@
-"""Which library decodes JPEGs, decided in one place for every path that decodes them (the fast path, the
-decoded-image cache and the full path, evaluation, prediction, and the device's batches with
-`data.decode: cuda`): TorchCodec (`torchcodec.decoders.decode_jpeg`, libjpeg-turbo on the CPU, nvjpeg on a
-GPU), else torchvision's decoders (deprecated since torchvision 0.29 for TorchCodec; kept for an environment
-without it), else Pillow (`jpeg_decoder() == "pillow"`: the CPU paths decode with Pillow and the workers
-decode every file with `data.decode: cuda`). The environment variable SWIN_TRAIN_JPEG_DECODER=torchvision
-or =pillow starts the choice there (to compare them, as the loader benchmark does, or to step around a
-library's bug).
+"""Which library decodes JPEGs into tensors, decided in one place for every path that wants one (the fast
+path: training, evaluation and `swin-predict`, from folders, shards and Hugging Face rows; the device's
+batches with `data.decode: cuda`): TorchCodec (`torchcodec.decoders.decode_jpeg`, libjpeg-turbo on the CPU,
+nvjpeg on a GPU), else torchvision's decoders (deprecated since torchvision 0.29 for TorchCodec; kept for an
+environment without it), else Pillow (`jpeg_decoder() == "pillow"`: the fast path decodes with Pillow and
+the workers decode every file with `data.decode: cuda`). The environment variable
+SWIN_TRAIN_JPEG_DECODER=torchvision or =pillow starts the choice there (to compare them, as the loader
+benchmark does, or to step around a library's bug). Whole images wanted as Pillow images
+(`data.fast_decode: false`, the decoded-image cache: folder.decode_image) stay with Pillow's own decoder:
+the same pixels, and a tensor from here costs one more copy into Pillow's pixel layout (that path measured
+slower through TorchCodec: docs/performance.md).
 
 On the CPU all three give the same pixels: libjpeg-turbo's defaults (the islow IDCT, fancy upsampling),
 grayscale and CMYK files converted to RGB as Pillow converts them (tests/test_jpeg.py, on photographs).
