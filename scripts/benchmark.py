@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--loader-rows",
         nargs="+",
         metavar="ROW",
-        help="time only these rows (timm, ours, ours_device_augment, ours_device_decode, ours_full_decode,\n"
-        "ours_shards, eval_timm, eval_ours, eval_ours_device_decode; default: all that apply)",
+        help="time only these rows (timm, ours, ours_device_augment, ours_device_decode, ours_torchvision,\n"
+        "ours_full_decode, ours_shards, eval_timm, eval_ours, eval_ours_device_decode, eval_ours_torchvision;\n"
+        "default: all that apply)",
     )
     data.add_argument(
         "--full-decode-row",

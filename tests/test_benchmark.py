@@ -183,6 +183,8 @@ def test_data_loader_mode_times_timm_and_ours_side_by_side(bench, tmp_path, caps
     )
     assert json.loads(capsys.readouterr().out) == report
     assert report["config"]["num_images"] == 3 and "FastRandomResizedCrop" in report["config"]["transform"]
+    torchcodec = report["env"]["jpeg_decoder"] == "torchcodec"
+    assert torchcodec == ("ours_torchvision" in report["results"]["0"]) and "torchcodec" in report["env"]
     rows = ("timm", "ours", "ours_device_augment", "ours_device_decode", "eval_timm", "eval_ours")
     for workers, res in report["results"].items():
         assert set(res) >= {*rows, "eval_ours_device_decode"}
@@ -200,6 +202,15 @@ def test_data_loader_mode_times_timm_and_ours_side_by_side(bench, tmp_path, caps
         assert res["ours"]["cpu_vs_timm"] == statistics.median(ratios) and "cpu_vs_timm" not in res["timm"]
         feed = [o / t for o, t in zip(res["ours_device_decode"]["feed_ms"], res["timm"]["feed_ms"])]
         assert res["ours_device_decode"]["feed_vs_timm"] == statistics.median(feed)
+        # TorchCodec (where it decodes) against torchvision's decoders: the same loaders, per-round ratios
+        for ours in ("ours", "eval_ours") if torchcodec else ():
+            tv = res[f"{ours}_torchvision"]
+            ratios = [o / t for o, t in zip(res[ours]["cpu_ms"], tv["cpu_ms"])]
+            assert (
+                res[ours]["cpu_vs_torchvision"] == statistics.median(ratios)
+                and "cpu_vs_torchvision" not in tv
+            )
+            assert tv["cpu_vs_timm"] > 0 and len(tv["cpu_ms"]) == 2
         assert res["eval_ours"]["cpu_vs_timm"] > 0 and res["median_img_s"] == res["ours"]["median_img_s"]
         # planning which samples take which op stays on the host: it is not device work
         assert (
@@ -210,7 +221,10 @@ def test_data_loader_mode_times_timm_and_ours_side_by_side(bench, tmp_path, caps
     cores = report["cores_per_gpu"]
     assert cores["workers"] == 1 and cores["from"] == "feed_ms_per_image"
     assert cores["timm"]["swin_tiny"] == 100 * report["results"]["1"]["timm"]["feed_ms_per_image"] / 1000
-    assert set(cores) == {"workers", "from", "timm", "ours", "ours_device_augment", "ours_device_decode"}
+    rows = {"timm", "ours", "ours_device_augment", "ours_device_decode"} | (
+        {"ours_torchvision"} if torchcodec else set()
+    )
+    assert set(cores) == {"workers", "from", *rows}
     # --loader-rows: those rows and the timm rows they are compared with
     some = bench.main(argv[:-4] + ["--repeats", "1", "--data-images", "4", "--batch-size", "1", "--img-size",
                                    "32", "--loader-rows", "ours_device_decode", "eval_ours"])  # fmt: skip
@@ -231,6 +245,10 @@ def test_data_loader_mode_makes_the_photo_set_and_times_its_shards(bench, tmp_pa
     table = capsys.readouterr().out
     assert "cores per GPU needed" in table and "ours_shards" in table and "feed GPU" in table
     assert "device work ran on this CPU (one thread) and would run on the GPU there" in table
+    if report["env"]["jpeg_decoder"] == "torchcodec":
+        assert (
+            "JPEGs by torchcodec against torchvision's decoders (the _torchvision rows), 2 workers" in table
+        )
     described = photos.describe(tmp_path / "photos")
     assert described["images"] == 8 + 6  # val: every photo once at least
     assert 300 <= described["short_side_p10_p90"][0] <= described["short_side_p10_p90"][1] <= 500

@@ -9,13 +9,16 @@ runs before any row of the next, so drifts of a shared machine hit all rows alik
   posterize patched as swin-train's is (it raises on current Pillow otherwise);
 - ours: swin-train's folder dataset, sampler, loader and device transform as `build_data` builds them,
   the workers augmenting (`aug.on_device: false`; `--full-decode-row` adds a row with data.fast_decode
-  off), the decoded-image cache off (an ImageNet-sized set never fits);
+  off), the decoded-image cache off (an ImageNet-sized set never fits), JPEGs decoded by the library
+  data/jpeg.py chooses (TorchCodec where it loads); ours_torchvision: the same with torchvision's
+  deprecated decoders (SWIN_TRAIN_JPEG_DECODER=torchvision), while TorchCodec decodes the ours row and
+  torchvision's decoders still load;
 - ours_device_augment: `aug.on_device: true`: the workers stop after the crop, the device flips and
   applies RandAugment; ours_device_decode: `data.decode: cuda`: the workers read files and draw, the
   device decodes, crops, resizes, flips and augments;
 - ours_shards: the same images packed as shards (`--data-shards`, or packed by `--photos`);
 - evaluation: timm's eval loader (resize 256 + center crop 224, bicubic) against ours (and ours with the
-  device decoding), over the same (training) images.
+  device decoding, and with torchvision's decoders), over the same (training) images.
 
 The device is `--device` (default: the CPU, where the device work runs in this process on one thread).
 Per row and worker count: img/s (each epoch's clock starts once every worker delivered a batch), CPU ms per
@@ -25,17 +28,20 @@ its loader, runs whole epochs and joins its workers), of it the main process's, 
 while a GPU does the device work (on `--device cuda` nothing is subtracted: the device work ran there).
 What a GPU run adds on the CPU to launch the device's kernels is not in this column (`scripts/gpu_check.py`'s
 device_pipeline part measures it on a GPU). Ratios to timm: medians of the per-round ratios, of both
-columns. From the feed column: the cores a GPU needs at the train rates of `--gpu-rate`.
+columns; and of ours and eval_ours to their torchvision rows (TorchCodec against torchvision's decoders).
+From the feed column: the cores a GPU needs at the train rates of `--gpu-rate`.
 `--photos N` makes the benchmark's real-photo set (bench/photos.py) in DIR first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +50,38 @@ import torch
 from bench.common import DEFAULTS, log, usable_cores
 from bench.loader_rows import HOST, Pipeline, find_images, ours_pipeline, shard_pipeline, timm_pipeline
 from bench.report import command_line, loadavg, versions
+from swin_train.data.jpeg import DECODER_ENV, jpeg_decoder
 from swin_train.errors import ConfigError
 
 # timm's published train rates, RTX 3090, AMP, batch 256/192/128 (pytorch-image-models
 # results/benchmark-train-amp-nchw-pt112-cu113-rtx3090.csv): Swin-T, Swin-S, Swin-B img/s
 PUBLISHED_GPU_RATES = {"swin_tiny": 646.76, "swin_small": 399.67, "swin_base": 279.66}
 RECIPE = dict(auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", reprob=0.25, crop_pct=0.875)
+# rows timed with torchvision's JPEG decoders, and the row each is the baseline of
+TORCHVISION_ROWS = {"ours_torchvision": "ours", "eval_ours_torchvision": "eval_ours"}
+
+
+@contextlib.contextmanager
+def jpeg_library(library: str | None) -> Iterator[None]:
+    """SWIN_TRAIN_JPEG_DECODER=`library` (None: as it was) for this process and the workers it starts."""
+    before = os.environ.get(DECODER_ENV)
+    if library is not None:
+        os.environ[DECODER_ENV] = library
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DECODER_ENV, None)
+        else:
+            os.environ[DECODER_ENV] = before
+
+
+def torchvision_rows() -> bool:
+    """Whether TorchCodec decodes our rows here and torchvision's decoders load (for the rows to compare)."""
+    if jpeg_decoder() != "torchcodec":
+        return False
+    with jpeg_library("torchvision"):
+        return jpeg_decoder() == "torchvision"
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -147,7 +179,8 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
     return root, shards
 
 
-def summary(rounds: list[Round], workers: int, baseline: list[Round] | None) -> dict:
+def summary(rounds: list[Round], workers: int, baseline: list[Round] | None, torchvision=None) -> dict:
+    """A row's medians, and its per-round ratios to timm's row (`baseline`) and to its torchvision row."""
     median = lambda key: statistics.median(getattr(r, key) for r in rounds)  # noqa: E731
     out = {
         "img_s": [r.img_s for r in rounds],
@@ -161,9 +194,10 @@ def summary(rounds: list[Round], workers: int, baseline: list[Round] | None) -> 
         "host_planning_ms_per_image": median("host_ms"),
         "feed_ms_per_image": median("feed_ms"),
     }
-    if baseline:
-        out["cpu_vs_timm"] = statistics.median(r.cpu_ms / b.cpu_ms for r, b in zip(rounds, baseline))
-        out["feed_vs_timm"] = statistics.median(r.feed_ms / b.feed_ms for r, b in zip(rounds, baseline))
+    for name, base in (("timm", baseline), ("torchvision", torchvision)):
+        if base:
+            out[f"cpu_vs_{name}"] = statistics.median(r.cpu_ms / b.cpu_ms for r, b in zip(rounds, base))
+            out[f"feed_vs_{name}"] = statistics.median(r.feed_ms / b.feed_ms for r, b in zip(rounds, base))
     return out
 
 
@@ -182,6 +216,8 @@ def build_rows(
         "ours_device_augment": lambda w: ours_pipeline(train_dir, on_device, w, True, device),
         "ours_device_decode": lambda w: ours_pipeline(train_dir, decode, w, True, device),
     }
+    if torchvision_rows():
+        rows["ours_torchvision"] = rows["ours"]  # run with SWIN_TRAIN_JPEG_DECODER=torchvision
     if args.full_decode_row:
         full = run_config(args, **size, fast_decode=False)
         rows["ours_full_decode"] = lambda w: ours_pipeline(train_dir, full, w, True, device)
@@ -190,6 +226,8 @@ def build_rows(
     rows["eval_timm"] = lambda w: timm_pipeline(train_dir, cfg, w, False, device)
     rows["eval_ours"] = lambda w: ours_pipeline(train_dir, cfg, w, False, device)
     rows["eval_ours_device_decode"] = lambda w: ours_pipeline(train_dir, decode, w, False, device)
+    if "ours_torchvision" in rows:
+        rows["eval_ours_torchvision"] = rows["eval_ours"]
     if args.loader_rows:
         unknown = sorted(set(args.loader_rows) - set(rows))
         if unknown:
@@ -197,6 +235,7 @@ def build_rows(
         baselines = {"timm"} | (
             {"eval_timm"} if any(r.startswith("eval") for r in args.loader_rows) else set()
         )
+        baselines |= {TORCHVISION_ROWS[r] for r in args.loader_rows if r in TORCHVISION_ROWS}
         rows = {name: build for name, build in rows.items() if name in {*args.loader_rows, *baselines}}
     return rows, cfg
 
@@ -223,15 +262,20 @@ def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     for r in range(repeats):
         for workers in args.workers:
             for name, build in rows.items():
-                round_ = timed_round(build(workers), args.data_images, workers, torch.device(args.device))
+                with jpeg_library("torchvision" if name in TORCHVISION_ROWS else None):
+                    round_ = timed_round(build(workers), args.data_images, workers, torch.device(args.device))
                 measured[name][workers].append(round_)
         log(f"round {r + 1}/{repeats} done")
     results = {}
     for name, per_workers in measured.items():
         base = "eval_timm" if name.startswith("eval") else "timm"
+        torchvision = {b: r for r, b in TORCHVISION_ROWS.items() if r in measured}.get(name)
         for w, rounds in per_workers.items():
             results.setdefault(str(w), {})[name] = summary(
-                rounds, w, measured[base][w] if name != base else None
+                rounds,
+                w,
+                measured[base][w] if name != base else None,
+                torchvision and measured[torchvision][w],
             )
     for res in results.values():  # our folder row at the top level, as readers of earlier reports expect
         res.update(res.get("ours", {}))
@@ -262,6 +306,7 @@ def run_data_loader(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         **versions(),
         "cores": usable_cores(),
         "main_process_threads": torch.get_num_threads(),
+        "jpeg_decoder": jpeg_decoder(),
         "command": command_line(argv),
         "loadavg": loadavg(),
     }

@@ -3,6 +3,7 @@ tables each mode prints instead of its JSON."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -27,7 +28,16 @@ def command_line(argv: Sequence[str]) -> str:
 
 
 def versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__}
+    try:
+        torchcodec = importlib.metadata.version("torchcodec")
+    except importlib.metadata.PackageNotFoundError:
+        torchcodec = "not installed"
+    return {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torchvision": torchvision.__version__,
+        "torchcodec": torchcodec,
+    }
 
 
 def environment(setup: Setup, argv: Sequence[str], malloc: str) -> dict:
@@ -151,6 +161,16 @@ def format_data_table(report: dict) -> str:
                     f"{r['cpu_ms_per_image']:>6.2f} {r['main_process_ms_per_image']:>6.2f} "
                     f"{r['device_work_ms_per_image']:>6.2f} {r['feed_ms_per_image']:>8.2f} {tree:>9} {feed:>9}"
                 )
+    for workers, res in report["results"].items():
+        pairs = [(name, r) for name, r in res.items() if isinstance(r, dict) and "cpu_vs_torchvision" in r]
+        if pairs:
+            lines.append(
+                f"JPEGs by {env.get('jpeg_decoder')} against torchvision's decoders (the _torchvision rows), "
+                f"{workers} workers, tree / feed: "
+                + "; ".join(
+                    f"{n} {r['cpu_vs_torchvision']:.3f}x / {r['feed_vs_torchvision']:.3f}x" for n, r in pairs
+                )
+            )
     cores = report["cores_per_gpu"]
     rates = " / ".join(f"{v:g}" for v in cfg["gpu_rates"].values())
     lines.append(

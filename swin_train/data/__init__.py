@@ -3,6 +3,7 @@
 folder.py      ImageFolder scanning and decoding (the file rules swin-predict shares)
 transforms.py  timm's train recipe and the eval resize/crop (`Preprocess`, stored in checkpoints)
 decode.py      data.fast_decode: the crop chosen on the header, then decoded and resized once
+jpeg.py        which library decodes JPEGs (TorchCodec, else torchvision, else Pillow): the same pixels
 augment_draws.py  aug.on_device, the workers' half: timm's flip/RandAugment draws recorded as numbers
 device_augment.py aug.on_device, the device's half: a batch's draws applied in order, ops grouped
 pillow_ops.py  Pillow's RandAugment ops on uint8 tensor batches (bitwise Pillow's on CPU)

@@ -7,8 +7,8 @@ README):
 - the random-resized crop draws its box with timm's own `get_params` on the header's size (the same
   random draws, so the same boxes as the full path), and the eval transform computes timm's resize and
   center crop on it;
-- JPEGs are decoded by torchvision's libjpeg-turbo decoder (`torchvision.io.decode_jpeg`: the same pixels as
-  Pillow's, without Pillow's copy into an array), or, where the crop covers at least four times the output
+- JPEGs are decoded by libjpeg-turbo through TorchCodec (jpeg.py: the same pixels as Pillow's, without
+  Pillow's copy into an array), or, where the crop covers at least four times the output
   size in both directions, by Pillow at a reduced DCT scale (`Image.draft`: 1/2, 1/4 or 1/8) that leaves
   the resize at least a 2x shrink. Measured (README): at ImageNet's bitrates entropy decoding, which no
   DCT scale skips, is most of the time (1/2 saved 11%, 1/4 26% on 2400x1800 photos), and a DCT-scaled
@@ -32,10 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-try:  # deprecated since torchvision 0.29 for TorchCodec; without it JPEGs take Pillow's path
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:
-    decode_jpeg = None
+from swin_train.data.jpeg import decode_jpeg, jpeg_decoder
 
 # timm's names of the interpolations torch resizes with antialias as Pillow does; others go to Pillow
 _TORCH_MODES = {"bilinear": "bilinear", "bicubic": "bicubic"}
@@ -106,12 +103,10 @@ def decode_pixels(image: Encoded | Image.Image, scale: int = 1) -> tuple[torch.T
             drafted = header.draft("RGB", (width // scale, height // scale))
             # draft's box is the full image in reduced coordinates: width / its width is the factor
             return pil_pixels(header), 1.0 if drafted is None else width / drafted[1][2]
-        if header.format == "JPEG" and decode_jpeg is not None:
-            # bytearray: torch wants a writable buffer; the copy is cheap beside decoding
-            data = torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
-            return decode_jpeg(data, mode=ImageReadMode.RGB), 1.0
+        if header.format == "JPEG" and jpeg_decoder() != "pillow":
+            return decode_jpeg(image.data), 1.0
         return pil_pixels(header), 1.0
-    except RuntimeError as e:  # torchvision: "decode_jpeg, <source file>:<line>, <libjpeg's message>"
+    except RuntimeError as e:  # "<function>, <source file>:<line>, <libjpeg's message>" (jpeg.py)
         raise UndecodableImage(ValueError(str(e).split(", ", 2)[-1])) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UndecodableImage(e) from None

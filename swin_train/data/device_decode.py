@@ -3,7 +3,7 @@
 The workers read a file and its header and make every random draw of the CPU path (the crop box with
 timm's get_params, the interpolation, the flip and RandAugment draws: decode.FastRandomResizedCrop.draw and
 augment_draws.AugmentDraws), and hand over the file's bytes with the box (`Undecoded`). The device decodes
-the batch's JPEGs at once (`torchvision.io.decode_jpeg(list, device=...)`: nvjpeg on a GPU), crops each
+the batch's JPEGs at once (`jpeg.decode_jpegs(list, device)`: nvjpeg on a GPU), crops each
 box and resizes it with torch's antialiased bicubic/bilinear filters in float, one direction at a time
 (Pillow's filters; the CPU path resizes with torch's uint8 kernels of the same filters, so a few pixels
 differ by a level: the bound is in tests/test_device_decode.py), then flips and augments the batch (device_augment.py).
@@ -30,17 +30,12 @@ from swin_train.data.decode import (
     Encoded,
     FastRandomResizedCrop,
     FastResizeCenterCrop,
-    decode_jpeg,
     interpolation_name,
     resized_size,
 )
 from swin_train.data.device_augment import DeviceAugment, plan_batch
+from swin_train.data.jpeg import decode_jpegs, jpeg_decoder
 from swin_train.errors import DataError
-
-try:
-    from torchvision.io import ImageReadMode
-except ImportError:
-    ImageReadMode = None
 
 # geometry: what the device does with a sample, GEOMETRY float64 numbers
 # [source (1: JPEG bytes, 0: the worker's pixels), mode (0: crop then resize, 1: resize then crop),
@@ -69,7 +64,7 @@ class Undecoded(NamedTuple):
 def decodes_on_device(image: Encoded | Image.Image) -> bool:
     """Whether the device decodes `image`: an undecoded baseline/progressive RGB or grayscale JPEG."""
     return (
-        decode_jpeg is not None
+        jpeg_decoder() != "pillow"
         and isinstance(image, Encoded)
         and image.header.format == "JPEG"
         and image.header.mode in ("RGB", "L")
@@ -185,13 +180,13 @@ class DeviceDecode:
             return []
         tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
         try:
-            return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
+            return decode_jpegs(tensors, self.device)
         except RuntimeError:  # the batch call names no file: decode one at a time to find it
             pass
         out = []
         for tensor, row in zip(tensors, rows):
             try:
-                out.append(decode_jpeg([tensor], mode=ImageReadMode.RGB, device=self.device)[0])
+                out.append(decode_jpegs([tensor], self.device)[0])
             except RuntimeError as e:
                 reason = " ".join(str(e).split(", ", 2)[-1].split())
                 raise DataError(
