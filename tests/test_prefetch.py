@@ -13,12 +13,15 @@ import torch
 from helpers import MICRO_OVERRIDES, assert_bitwise_equal, weights
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
+from timm.data.random_erasing import RandomErasing
 
 from swin_train.config import AugConfig, DataConfig, load_config
+from swin_train.data.erasing import SeededErasing
 from swin_train.data.folder import build_datasets
 from swin_train.data.loader import build_loader
 from swin_train.data.prefetch import DeviceTransform, normalize_uint8, prefetch
 from swin_train.data.samplers import ExactEvalSampler, ResumableTrainSampler
+from swin_train.data.seeding import seeded_rng
 from swin_train.data.shapes import ensure_shapes_dataset
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
 from swin_train.trainer import train
@@ -99,6 +102,18 @@ def test_device_erasing_is_a_pure_function_of_seed_rank_epoch_and_batch():
     assert torch.equal(tf(x), clean)  # no batch index (evaluation): no erasing
     with pytest.raises(ValueError, match="epoch"):
         tf(x, None, 5)
+
+
+@pytest.mark.parametrize("mode, count", [("pixel", 1), ("pixel", 3), ("rand", 2), ("const", 1)])
+def test_device_erasing_is_timms_random_erasing_under_the_batch_seed(mode, count):
+    # the boxes from a private random.Random, the noise from a private generator, one masked write per
+    # box slot: the same batches as timm's RandomErasing box by box on the seeded global generators
+    x = torch.randn(16, 3, 24, 20)
+    key = (0x45524153, 7, 1, 3, 9)
+    with seeded_rng(*key):
+        expected = RandomErasing(0.6, mode=mode, max_count=count, device="cpu")(x.clone())
+    got = SeededErasing(0.6, mode=mode, max_count=count)(x.clone(), *key)
+    assert torch.equal(got, expected) and (got != x).flatten(1).any(1).sum() >= 6
 
 
 def test_prefetch_indices_limit_and_resumed_erasing(tiny_shapes):

@@ -8,10 +8,10 @@ batch is fetched when asked for, as a plain loop would.
 
 `DeviceTransform` is the device half of the uint8 pipeline (`transforms.build_train_transform(uint8=True)`):
 it converts and normalises exactly as ToTensor + Normalize do in the workers (bitwise), then, for train
-batches, applies timm's RandomErasing seeded from (seed, rank, epoch, batch index). The seeding saves and
-restores every global generator it touches (`seeding.seeded_rng`), so erasing never moves the RNG streams
-that mixup, drop path and the checkpoints use: a resumed run erases and mixes exactly as an
-uninterrupted one, whichever batch the prefetcher had already prepared when the checkpoint was written.
+batches, applies timm's RandomErasing seeded from (seed, rank, epoch, batch index) (erasing.py). Its
+generators are its own, so erasing never moves the RNG streams that mixup, drop path and the checkpoints
+use: a resumed run erases and mixes exactly as an uninterrupted one, whichever batch the prefetcher had
+already prepared when the checkpoint was written.
 
 Why not timm's PrefetchLoader as is: it draws random erasing from the global RNGs (not resumable), it
 has no batch index to seed from, and it normalises as (x - 255 mean) / (255 std), which differs from
@@ -26,12 +26,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
-from timm.data.random_erasing import RandomErasing
 
 from swin_train.data.augment_draws import Augmented
 from swin_train.data.device_augment import DeviceAugment
 from swin_train.data.device_decode import DeviceDecode, Undecoded
-from swin_train.data.seeding import seeded_rng
+from swin_train.data.erasing import SeededErasing
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -77,9 +76,7 @@ class DeviceTransform:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)  # (C, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         # the worker pipeline's settings (timm create_transform): max_count=recount, no clean splits
-        self.erasing = (
-            RandomErasing(reprob, mode=remode, max_count=recount, device=self.device) if reprob > 0 else None
-        )
+        self.erasing = SeededErasing(reprob, mode=remode, max_count=recount) if reprob > 0 else None
         self.seed, self.rank = seed, rank
 
     def __call__(
@@ -98,8 +95,7 @@ class DeviceTransform:
         if self.erasing is not None and batch is not None:
             if epoch is None:
                 raise ValueError("random erasing needs the epoch as well as the batch index")
-            with seeded_rng(_ERASING_KEY, self.seed, self.rank, epoch, batch, device=images.device):
-                images = self.erasing(images)  # in place, box by box
+            images = self.erasing(images, _ERASING_KEY, self.seed, self.rank, epoch, batch)  # in place
         return images
 
 
