@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.data.random_erasing import RandomErasing
 
 from swin_train.config import AugConfig, DataConfig, load_config
+from swin_train.data.device_decode import Undecoded
 from swin_train.data.erasing import SeededErasing
 from swin_train.data.folder import build_datasets
 from swin_train.data.loader import build_loader
@@ -24,6 +26,7 @@ from swin_train.data.samplers import ExactEvalSampler, ResumableTrainSampler
 from swin_train.data.seeding import seeded_rng
 from swin_train.data.shapes import ensure_shapes_dataset
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
+from swin_train.errors import DataError
 from swin_train.trainer import train
 
 CUDA = torch.cuda.is_available()
@@ -134,6 +137,36 @@ def test_prefetch_indices_limit_and_resumed_erasing(tiny_shapes):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[2:], resumed))
     plain = _collect(prefetch(_loaders(tiny_shapes, uint8=True)[0], "cpu", lambda x, i: tf(x)))
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(full, plain))  # erasing did happen
+
+
+def _undecoded_batches(read: list, count: int = 100):
+    """Stand-ins for batches the device decodes (they take the feeder thread on CPU too); `read` logs them."""
+    for i in range(count):
+        read.append(i)
+        yield Undecoded([b""], torch.zeros(1, 9), torch.zeros(1, 0), ["f"]), torch.tensor([i])
+
+
+def _feeders() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "swin-train device feeder"]
+
+
+def test_the_feeder_raises_a_batchs_error_in_the_loop_and_stops_when_the_loop_stops():
+    def transform(images, i):
+        if i == 2:
+            raise DataError("cannot decode image f (bad data); delete or replace it")
+        return torch.full((1,), float(i))
+
+    got, read = [], []
+    with pytest.raises(DataError, match=r"^cannot decode image f \(bad data\)"):
+        for images, _ in prefetch(_undecoded_batches(read), "cpu", transform):
+            got.append(images.item())
+    assert got == [0.0, 1.0] and read == [0, 1, 2] and not _feeders()
+    # a loop that stops early stops the feeder, which finishes the batch it is on and reads no more
+    read.clear()
+    batches = prefetch(_undecoded_batches(read), "cpu", lambda images, i: torch.zeros(1))
+    next(batches)
+    batches.close()
+    assert not _feeders() and len(read) <= 3
 
 
 def _records(out):

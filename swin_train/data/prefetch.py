@@ -1,10 +1,12 @@
-"""Batches on the device: non-blocking copies prefetched on a side stream, uint8 -> normalised float and
-seeded random erasing on the device.
+"""Batches on the device: copies and device work prefetched by a feeder thread on its own stream, uint8 ->
+normalised float and seeded random erasing on the device.
 
-`prefetch(loader, device, transform)` yields a loader's (images, targets) on `device`. On CUDA the copy
-of batch i+1 (pinned memory, `non_blocking=True`) and its `transform` are queued on a side stream when
-batch i is handed out, so they overlap the step that computes on batch i (prefetch depth 1). On CPU a
-batch is fetched when asked for, as a plain loop would.
+`prefetch(loader, device, transform)` yields a loader's (images, targets) on `device`. On CUDA a feeder
+thread copies batch i+1 (pinned memory, `non_blocking=True`) and runs its `transform` (decoding,
+augmentation, normalisation, erasing) on its own stream while batch i is in use (prefetch depth 1): the
+launches, and the waits of torchvision's JPEG decoder, stay off the training thread. On CPU a batch is
+fetched when asked for, as a plain loop would, except batches the device decodes, which take the feeder
+thread as on a GPU.
 
 `DeviceTransform` is the device half of the uint8 pipeline (`transforms.build_train_transform(uint8=True)`):
 it converts and normalises exactly as ToTensor + Normalize do in the workers (bitwise), then, for train
@@ -21,7 +23,10 @@ the worker pipeline in the last bit. Its stream handling is the model for the on
 from __future__ import annotations
 
 import itertools
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
@@ -103,7 +108,7 @@ _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One copy stream per device for the whole process: the caching allocator pools blocks per stream,
+    """One feeder stream per device for the whole process: the caching allocator pools blocks per stream,
     so a fresh stream per epoch would strand every earlier one's cached blocks."""
     if device not in _side_streams:
         _side_streams[device] = torch.cuda.Stream(device=device)
@@ -121,33 +126,100 @@ def prefetch(
     """(images, targets) of `loader` on `device`, images passed through `transform(images, i)` where i is
     the batch's index: start, start + 1, ... At most `limit` batches are read from the loader.
 
-    CUDA: batch i+1 is copied and transformed on a side stream while batch i is in use; batch i is
-    handed out once the current stream waits for its copy (an event), and is `record_stream`ed there,
-    so the allocator does not recycle it for the side stream before the current stream is done with it.
+    CUDA: a feeder thread reads the loader, copies and transforms batch i+1 on its own stream while batch
+    i is in use, so the copies, decoding and augmentation launch off the training thread (`_Feeder`).
+    Batch i is handed out once the current stream waits for its event, and is `record_stream`ed there, so
+    the allocator does not recycle it for the feeder's stream before the current stream is done with it.
     The batches must be used on the stream that is current when they are asked for.
+    CPU: batches the device decodes (data.decode: cuda) take the same feeder thread (no streams), the
+    path a GPU runs; other batches are fetched when asked for, as a plain loop would.
     """
     device = torch.device(device)
     batches = enumerate(itertools.islice(loader, limit), start)
-    if device.type != "cuda":
-        for i, (images, targets) in batches:
-            yield _to_device(images, targets, device, transform, i)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        yield from _Feeder(batches, device, transform)
         return
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    stream = _side_stream(device)
-    # Whatever the current stream produced before (the transform's mean/std, say) is ready for the side stream.
-    stream.wait_stream(torch.cuda.current_stream(device))
-    ready: tuple[Batch, torch.cuda.Event] | None = None
+    first = next(batches, None)
+    if first is None:
+        return
+    batches = itertools.chain([first], batches)
+    if isinstance(first[1][0], Undecoded):
+        yield from _Feeder(batches, device, transform)
+        return
     for i, (images, targets) in batches:
-        with torch.cuda.stream(stream):
-            queued = _to_device(images, targets, device, transform, i)
-            done = torch.cuda.Event()
-            done.record(stream)
-        if ready is not None:  # batch i-1, handed out now that batch i is queued behind it
-            yield _hand_over(*ready, device)
-        ready = queued, done
-    if ready is not None:
-        yield _hand_over(*ready, device)
+        yield _to_device(images, targets, device, transform, i)
+
+
+_END = object()  # the feeder read the whole loader
+
+
+class _Feeder:
+    """Iterating it yields `batches` copied to `device` and transformed by a thread, one batch ahead.
+
+    The thread puts each batch, with an event recorded on its stream after the batch's work (CUDA), in a
+    queue of one; an exception it meets (a file that does not decode, say) is put there too and raised by
+    the consumer, as if the loop had met it. Closing the iterator (the loop stops early) stops the thread
+    and waits for it: it finishes the batch it is reading, and puts nothing more.
+    """
+
+    def __init__(self, batches: Iterable, device: torch.device, transform) -> None:
+        self.batches, self.device, self.transform = batches, device, transform
+        self.stream = _side_stream(device) if device.type == "cuda" else None
+        if self.stream is not None:
+            # what the current stream produced before (the transform's mean/std, say) is ready for the feeder
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+        self.ready: queue.Queue = queue.Queue(maxsize=1)
+        self.stop = threading.Event()
+
+    def __iter__(self) -> Iterator[Batch]:
+        thread = threading.Thread(target=self._feed, name="swin-train device feeder", daemon=True)
+        thread.start()
+        try:
+            while (item := self.ready.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                batch, done = item
+                yield batch if done is None else _hand_over(batch, done, self.device)
+        finally:
+            self.stop.set()
+            thread.join()
+
+    def _feed(self) -> None:
+        try:
+            with _on_stream(self.stream):
+                for i, (images, targets) in self.batches:
+                    batch = _to_device(images, targets, self.device, self.transform, i)
+                    done = None
+                    if self.stream is not None:
+                        done = torch.cuda.Event()
+                        done.record(self.stream)
+                    if not self._put((batch, done)):
+                        return
+            self._put(_END)
+        except BaseException as e:  # raised again in the consumer's thread
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        """Queue `item` unless the consumer stopped (then False)."""
+        while not self.stop.is_set():
+            try:
+                self.ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+@contextmanager
+def _on_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
+    """The feeder thread's device and current stream (thread-local in torch); nothing on CPU."""
+    if stream is None:
+        yield
+        return
+    with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+        yield
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device, transform, i: int) -> Batch:
@@ -160,9 +232,9 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device
 
 def _hand_over(batch: Batch, done: torch.cuda.Event, device: torch.device) -> Batch:
     consumer = torch.cuda.current_stream(device)
-    consumer.wait_event(done)  # this batch only; the next one's copy keeps running on the side stream
+    consumer.wait_event(done)  # this batch only; the next one's work keeps running on the feeder's stream
     for t in batch:
-        t.record_stream(consumer)  # allocated on the side stream, used and freed on this one
+        t.record_stream(consumer)  # allocated on the feeder's stream, used and freed on this one
     return batch
 
 
