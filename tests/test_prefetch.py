@@ -21,7 +21,7 @@ from swin_train.data.device_decode import Undecoded
 from swin_train.data.erasing import SeededErasing
 from swin_train.data.folder import build_datasets
 from swin_train.data.loader import build_loader
-from swin_train.data.prefetch import DeviceTransform, normalize_uint8, prefetch
+from swin_train.data.prefetch import FEEDER, DeviceTransform, normalize_uint8, prefetch
 from swin_train.data.samplers import ExactEvalSampler, ResumableTrainSampler
 from swin_train.data.seeding import seeded_rng
 from swin_train.data.shapes import ensure_shapes_dataset
@@ -147,7 +147,7 @@ def _undecoded_batches(read: list, count: int = 100):
 
 
 def _feeders() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "swin-train device feeder"]
+    return [t for t in threading.enumerate() if t.name.startswith(FEEDER)]
 
 
 def test_the_feeder_raises_a_batchs_error_in_the_loop_and_stops_when_the_loop_stops():
@@ -160,8 +160,8 @@ def test_the_feeder_raises_a_batchs_error_in_the_loop_and_stops_when_the_loop_st
     with pytest.raises(DataError, match=r"^cannot decode image f \(bad data\)"):
         for images, _ in prefetch(_undecoded_batches(read), "cpu", transform):
             got.append(images.item())
-    assert got == [0.0, 1.0] and read == [0, 1, 2] and not _feeders()
-    # a loop that stops early stops the feeder, which finishes the batch it is on and reads no more
+    assert got == [0.0, 1.0] and read == [0, 1, 2, 3] and not _feeders()  # the loop reads one batch ahead
+    # a loop that stops early stops the feeder, which finishes the batch it is on
     read.clear()
     batches = prefetch(_undecoded_batches(read), "cpu", lambda images, i: torch.zeros(1))
     next(batches)

@@ -23,10 +23,8 @@ the worker pipeline in the last bit. Its stream handling is the model for the on
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
@@ -126,8 +124,8 @@ def prefetch(
     """(images, targets) of `loader` on `device`, images passed through `transform(images, i)` where i is
     the batch's index: start, start + 1, ... At most `limit` batches are read from the loader.
 
-    CUDA: a feeder thread reads the loader, copies and transforms batch i+1 on its own stream while batch
-    i is in use, so the copies, decoding and augmentation launch off the training thread (`_Feeder`).
+    CUDA: a feeder thread copies and transforms batch i+1 on its own stream while batch i is in use, so
+    the copies, decoding and augmentation launch off the training thread (`_fed`).
     Batch i is handed out once the current stream waits for its event, and is `record_stream`ed there, so
     the allocator does not recycle it for the feeder's stream before the current stream is done with it.
     The batches must be used on the stream that is current when they are asked for.
@@ -139,87 +137,57 @@ def prefetch(
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        yield from _Feeder(batches, device, transform)
+        yield from _fed(batches, device, transform)
         return
     first = next(batches, None)
     if first is None:
         return
     batches = itertools.chain([first], batches)
     if isinstance(first[1][0], Undecoded):
-        yield from _Feeder(batches, device, transform)
+        yield from _fed(batches, device, transform)
         return
     for i, (images, targets) in batches:
         yield _to_device(images, targets, device, transform, i)
 
 
-_END = object()  # the feeder read the whole loader
+FEEDER = "swin-train device feeder"  # the feeder thread's name
 
 
-class _Feeder:
-    """Iterating it yields `batches` copied to `device` and transformed by a thread, one batch ahead.
+def _fed(batches: Iterable, device: torch.device, transform) -> Iterator[Batch]:
+    """`batches` (read here, on the loop's thread) copied to `device` and transformed by a feeder thread,
+    one batch ahead: batch i+1 is handed to the feeder before batch i is handed out.
 
-    The thread puts each batch, with an event recorded on its stream after the batch's work (CUDA), in a
-    queue of one; an exception it meets (a file that does not decode, say) is put there too and raised by
-    the consumer, as if the loop had met it. Closing the iterator (the loop stops early) stops the thread
-    and waits for it: it finishes the batch it is reading, and puts nothing more.
+    The loader stays on the loop's thread because a loader without workers transforms its samples there
+    under the global generators, which the training step draws from too. The feeder runs only what
+    reads no global generator (decoding, augmentation, normalisation, erasing): the batches are those of
+    the loop alone. On CUDA the feeder works on its own stream and records an event after each batch. An
+    exception of the feeder's (a file that does not decode, say) is raised when its batch is asked for;
+    closing the iterator (the loop stops early) waits for the batch the feeder is on.
     """
-
-    def __init__(self, batches: Iterable, device: torch.device, transform) -> None:
-        self.batches, self.device, self.transform = batches, device, transform
-        self.stream = _side_stream(device) if device.type == "cuda" else None
-        if self.stream is not None:
-            # what the current stream produced before (the transform's mean/std, say) is ready for the feeder
-            self.stream.wait_stream(torch.cuda.current_stream(device))
-        self.ready: queue.Queue = queue.Queue(maxsize=1)
-        self.stop = threading.Event()
-
-    def __iter__(self) -> Iterator[Batch]:
-        thread = threading.Thread(target=self._feed, name="swin-train device feeder", daemon=True)
-        thread.start()
-        try:
-            while (item := self.ready.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                batch, done = item
-                yield batch if done is None else _hand_over(batch, done, self.device)
-        finally:
-            self.stop.set()
-            thread.join()
-
-    def _feed(self) -> None:
-        try:
-            with _on_stream(self.stream):
-                for i, (images, targets) in self.batches:
-                    batch = _to_device(images, targets, self.device, self.transform, i)
-                    done = None
-                    if self.stream is not None:
-                        done = torch.cuda.Event()
-                        done.record(self.stream)
-                    if not self._put((batch, done)):
-                        return
-            self._put(_END)
-        except BaseException as e:  # raised again in the consumer's thread
-            self._put(e)
-
-    def _put(self, item) -> bool:
-        """Queue `item` unless the consumer stopped (then False)."""
-        while not self.stop.is_set():
-            try:
-                self.ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+    stream = _side_stream(device) if device.type == "cuda" else None
+    if stream is not None:
+        # what the current stream produced before (the transform's mean/std, say) is ready for the feeder
+        stream.wait_stream(torch.cuda.current_stream(device))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=FEEDER) as feeder:
+        pending = None
+        for i, (images, targets) in batches:
+            queued = feeder.submit(_prepare, images, targets, device, transform, i, stream)
+            if pending is not None:
+                yield _handed_out(*pending.result(), device)
+            pending = queued
+        if pending is not None:
+            yield _handed_out(*pending.result(), device)
 
 
-@contextmanager
-def _on_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
-    """The feeder thread's device and current stream (thread-local in torch); nothing on CPU."""
+def _prepare(images, targets, device: torch.device, transform, i: int, stream):
+    """(batch i on `device`, the event after its work or None): the feeder thread's job."""
     if stream is None:
-        yield
-        return
-    with torch.cuda.device(stream.device), torch.cuda.stream(stream):
-        yield
+        return _to_device(images, targets, device, transform, i), None
+    with torch.cuda.device(device), torch.cuda.stream(stream):  # both thread-local in torch
+        batch = _to_device(images, targets, device, transform, i)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return batch, done
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device, transform, i: int) -> Batch:
@@ -230,7 +198,9 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device
     return images, targets
 
 
-def _hand_over(batch: Batch, done: torch.cuda.Event, device: torch.device) -> Batch:
+def _handed_out(batch: Batch, done: torch.cuda.Event | None, device: torch.device) -> Batch:
+    if done is None:
+        return batch
     consumer = torch.cuda.current_stream(device)
     consumer.wait_event(done)  # this batch only; the next one's work keeps running on the feeder's stream
     for t in batch:
