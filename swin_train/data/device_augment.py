@@ -249,4 +249,6 @@ def _auto_contrast_tables(device: torch.device) -> torch.Tensor:
     with _auto_contrast_lock:
         if device not in _auto_contrast:
             _auto_contrast[device] = ops.auto_contrast_tables(device)
+            if device.type == "cuda":  # made on this thread's stream, read from any stream later: once
+                torch.cuda.current_stream(device).synchronize()
         return _auto_contrast[device]
