@@ -139,11 +139,11 @@ class _Colour:
 
 @dataclass
 class _Uploaded:
-    """A Plan's numbers on the device (one copy): `flipped` (B, 1, 1, 1) bool, `fill_word` (1,) int32 and
-    its position `fill_index` () int32 in pillow_ops.pixel_words, the
-    geometric groups' `matrices` (N, 6) float64 in order and each pair's `first_pixels` (N, 1, 1, 1, 1)
-    int32 (its image's first pixel in pillow_ops.pixel_words), each group's `affine_rows` and
-    `affine_pairs` (its slice of the N pairs), the colour groups, the constants `c`."""
+    """A Plan's numbers on the device (one copy): `flipped` (B, 1, 1, 1) bool; the fill colour's word
+    `fill_word` (1,) int32 and its place `fill_index` () int32 in pillow_ops.pixel_words; the geometric
+    groups' N (sample, op) pairs: `matrices` (N, 6) float64 and `first_pixels` (N, 1, 1, 1, 1) int32
+    (the place of the sample's first pixel in pixel_words), each group's `affine_rows` (its samples) and
+    `affine_pairs` (its slice of the N pairs); the colour groups; the constants `c`."""
 
     c: ops.Constants
     flipped: torch.Tensor

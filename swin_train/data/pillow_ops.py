@@ -70,7 +70,7 @@ def host_constants(height: int, width: int) -> Constants:
         levels=np.arange(256, dtype=np.int64),
         one=np.array(1, dtype=np.int64),
         luma_weights=np.array(_LUMA, dtype=np.float32).reshape(1, 3, 1, 1),
-        smooth_kernel=smooth[::-1].copy(),  # row u multiplies the line u below the top: Pillow's row 2 - u
+        smooth_kernel=smooth[::-1].copy(),  # [u]: the window's line u from the top, Pillow's row 2 - u
         pixels=np.array(height * width, dtype=np.float64),
     )
 
@@ -133,8 +133,8 @@ def auto_contrast_tables(device: torch.device) -> torch.Tensor:
 def equalize_tables(levels: torch.Tensor, top: torch.Tensor, c: Constants) -> torch.Tensor:
     """ImageOps.equalize's tables (n, 3, 256) int64 for `levels` (n, 3, H*W) int64 whose highest level per
     channel is `top` (n, 3): step = (pixels - count of the top level) // 255; level i maps to
-    (step // 2 + pixels below i) // step (above 255 for levels past the top, which no pixel has; the caller
-    clips); one level in use or step 0: unchanged (one level in use means step 0)."""
+    (step // 2 + pixels below i) // step, which can pass 255 (Image.point clips it; so does the caller);
+    one level in use or step 0: unchanged (one level in use means step 0)."""
     n, channels, _ = levels.shape
     hist = torch.zeros(n, channels, 256, dtype=torch.int64, device=levels.device)
     hist.scatter_add_(2, levels, c.one.expand_as(levels))
