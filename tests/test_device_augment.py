@@ -4,6 +4,7 @@ every op bitwise Pillow's on photographs, whole batches bitwise the worker pipel
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import random
@@ -24,19 +25,30 @@ from helpers import (
     weights,
 )
 from PIL import Image, ImageEnhance, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.data import auto_augment as timm_aa
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import default_collate
 
 from swin_train.cli.train import cli as train_cli
 from swin_train.config import AugConfig, DataConfig, load_config
-from swin_train.data import pillow_ops as ops
-from swin_train.data.augment_draws import AugmentDraws, Augmented, UnsupportedOnDevice, rotate_matrix
+from swin_train.data.augment_draws import (
+    INTERPOLATION_CODES,
+    KINDS,
+    ROW,
+    AugmentDraws,
+    Augmented,
+    UnsupportedOnDevice,
+    rotate_matrix,
+)
 from swin_train.data.build import train_transform_for
 from swin_train.data.decode import open_encoded
 from swin_train.data.device_augment import DeviceAugment
+from swin_train.data.erasing import SeededErasing
 from swin_train.data.folder import build_datasets
-from swin_train.data.prefetch import DeviceTransform
-from swin_train.data.seeding import run_seeded, seeded_rng
+from swin_train.data.prefetch import DeviceTransform, normalize_uint8
+from swin_train.data.seeding import derive_seed, run_seeded, seeded_rng
 from swin_train.data.transforms import _posterize, build_train_transform
 from swin_train.errors import ConfigError
 
@@ -65,6 +77,13 @@ def _tensor(image: Image.Image) -> torch.Tensor:
 
 def _equal(image: Image.Image, tensor: torch.Tensor) -> bool:
     return torch.equal(_tensor(image), tensor)
+
+
+def _one_op(image: torch.Tensor, kind: str, *args: float, interpolation: str = "bicubic") -> torch.Tensor:
+    """`kind` with `args` applied to (1, 3, H, W) by the device half, as a batch whose one draw it is."""
+    row = [KINDS.index(kind) + 1, INTERPOLATION_CODES.index(interpolation), *args]
+    params = torch.tensor([[0.0, *row, *[0.0] * (ROW - len(row))]], dtype=torch.float64)
+    return DeviceAugment(FILL)(Augmented(image.clone(), params))
 
 
 def _rng_state() -> tuple:
@@ -120,7 +139,6 @@ def test_random_interpolation_is_drawn_inside_the_op_as_timm_draws_it(small):
 
 
 def test_every_device_op_is_bitwise_pillows_on_photographs(small):
-    fill = torch.tensor(FILL, dtype=torch.uint8)
     rng = np.random.default_rng(0)
     checked = 0
     for image in small:
@@ -139,26 +157,23 @@ def test_every_device_op_is_bitwise_pillows_on_photographs(small):
                     (timm_aa.rotate(image, value * 100, **kw), rotate_matrix(value * 100, w, h)),
                 ]
                 for expected, matrix in cases:
-                    m = torch.tensor([matrix], dtype=torch.float64)
-                    assert _equal(expected, ops.affine(t, m, fill, name))
+                    assert _equal(expected, _one_op(t, "affine", *matrix, interpolation=name))
                     checked += 1
-        assert _equal(ImageOps.autocontrast(image), ops.auto_contrast(t))
-        assert _equal(ImageOps.equalize(image), ops.equalize(t))
-        assert _equal(ImageOps.invert(image), ops.invert(t))
+        assert _equal(ImageOps.autocontrast(image), _one_op(t, "auto_contrast"))
+        assert _equal(ImageOps.equalize(image), _one_op(t, "equalize"))
+        assert _equal(ImageOps.invert(image), _one_op(t, "invert"))
         for bits in range(9):
-            assert _equal(_posterize(image, bits), ops.posterize(t, torch.tensor([bits])))
+            assert _equal(_posterize(image, bits), _one_op(t, "posterize", bits))
         for threshold in (0, 77, 128, 256):
-            assert _equal(ImageOps.solarize(image, threshold), ops.solarize(t, torch.tensor([threshold])))
-            add = torch.tensor([threshold // 3])
+            assert _equal(ImageOps.solarize(image, threshold), _one_op(t, "solarize", threshold))
             assert _equal(
-                timm_aa.solarize_add(image, threshold // 3), ops.solarize_add(t, add, torch.tensor([128]))
+                timm_aa.solarize_add(image, threshold // 3), _one_op(t, "solarize_add", threshold // 3, 128)
             )
         for factor in [*rng.uniform(0.1, 1.9, 3), 0.0, 1.0, 2.6]:
-            f = torch.tensor([factor], dtype=torch.float64)
-            assert _equal(ImageEnhance.Color(image).enhance(factor), ops.color(t, f))
-            assert _equal(ImageEnhance.Contrast(image).enhance(factor), ops.contrast(t, f))
-            assert _equal(ImageEnhance.Brightness(image).enhance(factor), ops.brightness(t, f))
-            assert _equal(ImageEnhance.Sharpness(image).enhance(factor), ops.sharpness(t, f))
+            assert _equal(ImageEnhance.Color(image).enhance(factor), _one_op(t, "color", factor))
+            assert _equal(ImageEnhance.Contrast(image).enhance(factor), _one_op(t, "contrast", factor))
+            assert _equal(ImageEnhance.Brightness(image).enhance(factor), _one_op(t, "brightness", factor))
+            assert _equal(ImageEnhance.Sharpness(image).enhance(factor), _one_op(t, "sharpness", factor))
             checked += 4
     assert checked == len(small) * (2 * 2 * 5 + 6 * 4)
 
@@ -168,8 +183,159 @@ def test_the_histogram_ops_keep_pillows_rules_for_flat_and_two_level_channels():
     two = Image.fromarray(np.tile(np.array([[[10, 10, 10]], [[250, 250, 250]]], np.uint8), (4, 9, 1)))
     for image in (flat, two):
         t = _tensor(image)
-        assert _equal(ImageOps.autocontrast(image), ops.auto_contrast(t))
-        assert _equal(ImageOps.equalize(image), ops.equalize(t))
+        assert _equal(ImageOps.autocontrast(image), _one_op(t, "auto_contrast"))
+        assert _equal(ImageOps.equalize(image), _one_op(t, "equalize"))
+
+
+def _mixed_batch(batch: int = 96, height: int = 20, width: int = 28, layers: int = 3) -> Augmented:
+    """Noise images (and a flat, a two-level, a low-contrast and a three-level one) whose draws give every
+    op kind, geometric ops with both interpolations and fills, at each of three positions."""
+    rng, generator = np.random.default_rng(34), torch.Generator().manual_seed(34)
+    pixels = torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8, generator=generator)
+    pixels[1] = torch.tensor([40, 200, 0], dtype=torch.uint8).view(3, 1, 1)
+    pixels[2] = torch.where(pixels[2] > 127, 250, 10).to(torch.uint8)
+    pixels[3] = pixels[3] // 3 + 60
+    pixels[4] = torch.randint(100, 103, (3, height, width), dtype=torch.uint8, generator=generator)
+    params = np.zeros((batch, 1 + ROW * layers))
+    params[:, 0] = rng.random(batch) < 0.5
+    for s in range(batch):
+        for layer in range(layers):
+            row = params[s, 1 + ROW * layer : 1 + ROW * (layer + 1)]
+            row[0] = code = (s + layer * (s // 12 + 1)) % (len(KINDS) + 1)  # 0: no op at this position
+            kind = KINDS[code - 1] if code else None
+            if kind == "affine":
+                v = rng.uniform(-0.4, 0.4)
+                matrices = [
+                    (1, v, 0, 0, 1, 0),
+                    (1, 0, 0, v, 1, 0),
+                    (1, 0, v * width, 0, 1, 0),
+                    (1, 0, 0, 0, 1, v * height),
+                    rotate_matrix(v * 200, width, height),
+                    (1, 0, rng.uniform(-40, 40), 0, 1, rng.uniform(-40, 40)),
+                ]
+                row[1] = rng.integers(2)
+                row[2:] = matrices[rng.integers(len(matrices))]
+            elif kind == "posterize":
+                row[2] = rng.integers(0, 9)
+            elif kind == "solarize":
+                row[2] = rng.choice([0, 77, 128, 200, 256])
+            elif kind == "solarize_add":
+                row[2], row[3] = rng.integers(0, 111), rng.choice([0, 128, 256])
+            elif kind in ("color", "contrast", "brightness", "sharpness"):
+                row[2] = rng.choice([0.0, 1.0, 2.6, *rng.uniform(0.05, 1.95, 3)])
+    return Augmented(pixels, torch.from_numpy(params))
+
+
+_PILLOW = {  # each kind's Pillow op (timm's image functions), from its ROW arguments
+    "affine": lambda im, a, bicubic: im.transform(
+        im.size,
+        Image.Transform.AFFINE,
+        tuple(a),
+        Image.Resampling.BICUBIC if bicubic else Image.Resampling.BILINEAR,
+        fillcolor=FILL,
+    ),
+    "auto_contrast": lambda im, a, _: ImageOps.autocontrast(im),
+    "equalize": lambda im, a, _: ImageOps.equalize(im),
+    "invert": lambda im, a, _: ImageOps.invert(im),
+    "posterize": lambda im, a, _: _posterize(im, int(a[0])),
+    "solarize": lambda im, a, _: ImageOps.solarize(im, a[0]),
+    "solarize_add": lambda im, a, _: timm_aa.solarize_add(im, int(a[0]), thresh=a[1]),
+    "color": lambda im, a, _: ImageEnhance.Color(im).enhance(a[0]),
+    "contrast": lambda im, a, _: ImageEnhance.Contrast(im).enhance(a[0]),
+    "brightness": lambda im, a, _: ImageEnhance.Brightness(im).enhance(a[0]),
+    "sharpness": lambda im, a, _: ImageEnhance.Sharpness(im).enhance(a[0]),
+}
+
+
+def _one_by_one_with_pillow(batch: Augmented) -> torch.Tensor:
+    """Each sample's draws applied one op at a time by Pillow, in its order: what the workers do."""
+    out = []
+    for pixels, p in zip(batch.pixels, batch.params.numpy()):
+        image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+        image = ImageOps.mirror(image) if p[0] else image
+        for code, interpolation, *args in p[1:].reshape(-1, ROW):
+            if code:
+                image = _PILLOW[KINDS[int(code) - 1]](image, args, interpolation == 1)
+        out.append(_tensor(image)[0])
+    return torch.stack(out)
+
+
+# sha256 (first 16 hex digits) of the mixed batch through the device half before it was vectorised (one
+# call per op kind and position, each box erased by itself), to show the batches did not change
+BEFORE_VECTORISING = {
+    "augment": "f7a06db953dcd4ca",
+    "pixel": "fe04bd39f1cd29b9",
+    "pixel_recount3": "ae39d54021ef9daa",
+    "rand_recount2": "d02f84e24ce02dbe",
+    "const": "2fbc204d4d1c407d",
+}
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def test_a_mixed_batch_is_bitwise_pillow_one_op_at_a_time_and_what_the_per_op_path_gave():
+    batch = _mixed_batch()
+    augment = DeviceAugment(FILL)
+    got = augment(Augmented(batch.pixels.clone(), batch.params))
+    assert torch.equal(got, _one_by_one_with_pillow(batch))
+    digests = {"augment": _digest(got)}
+    for name, erasing in {
+        "pixel": dict(reprob=0.5),
+        "pixel_recount3": dict(reprob=1.0, recount=3),
+        "rand_recount2": dict(reprob=0.7, remode="rand", recount=2),
+        "const": dict(reprob=0.6, remode="const"),
+    }.items():
+        device = DeviceTransform("cpu", seed=7, augment=augment, **erasing)
+        digests[name] = _digest(device(Augmented(batch.pixels.clone(), batch.params), 3, 11))
+    assert digests == BEFORE_VECTORISING
+
+
+class _AtenOps(TorchDispatchMode):
+    """Counts the aten ops run inside it that are not views (on a GPU: kernel launches, or more)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def _default_recipe_batch(batch: int, size: int = 32) -> tuple[Augmented, tuple[int, ...]]:
+    """`batch` noise images through the default recipe's draws (rand-m9-mstd0.5-inc1, flips), and its fill."""
+    on_device = build_train_transform(DataConfig(img_size=size), AugConfig(), uint8=True, on_device=True)
+    generator = torch.Generator().manual_seed(batch)
+    samples = []
+    for seed in range(batch):
+        noise = torch.randint(0, 256, (size + 8, size + 8, 3), dtype=torch.uint8, generator=generator)
+        samples.append(run_seeded(on_device, Image.fromarray(noise.numpy()), seed))
+    return default_collate(samples), on_device.draws.fill
+
+
+def test_a_128_image_batch_is_augmented_normalised_and_erased_in_about_200_aten_ops_whatever_its_size():
+    # before: 854 on this batch (759 augmenting: a call per op kind and position; 90 erasing: 3 a box)
+    batch, fill = _default_recipe_batch(128)
+    augment, erasing = DeviceAugment(fill), SeededErasing(AugConfig().reprob)
+    augment(Augmented(batch.pixels.clone(), batch.params))  # AutoContrast's tables: once per process
+    with _AtenOps() as augmenting:
+        images = augment(batch)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with _AtenOps() as normalising:
+        images = normalize_uint8(images, mean, std)
+    boxes = erasing.boxes(random.Random(derive_seed(5)[0]), 128, 32, 32)
+    with _AtenOps() as erasing_ops:
+        erasing(images, 5)
+    # per op position: one resampling and one colour pass; erasing: a noise draw per box (the same draws
+    # as timm's, for the same noise) and one masked write
+    assert augmenting.count == 158 and normalising.count == 5 and erasing_ops.count == len(boxes) + 3
+    assert augmenting.count + normalising.count + erasing_ops.count == 196 and len(boxes) == 30
+    bigger, _ = _default_recipe_batch(256)
+    with _AtenOps() as augmenting_more:
+        augment(bigger)
+    assert augmenting_more.count == augmenting.count
 
 
 @pytest.mark.parametrize("spec", SPECS[:4])

@@ -4,15 +4,18 @@ non-JPEGs travel as pixels in the same batch; resume is exact; a bad JPEG is a o
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import random
+import threading
 
 import numpy as np
 import pytest
 import torch
 from helpers import (
+    epoch_batches,
     photo_folder,
     photo_jpegs,
     repeatable_epoch_batches,
@@ -20,6 +23,7 @@ from helpers import (
     two_class_train_args,
 )
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import default_collate
 
 from swin_train.cli.eval import cli as eval_cli
@@ -30,7 +34,9 @@ from swin_train.data.decode import open_encoded
 from swin_train.data.device_augment import DeviceAugment
 from swin_train.data.device_decode import DeviceDecode, Undecoded
 from swin_train.data.folder import build_datasets, read_encoded
-from swin_train.data.prefetch import DeviceTransform
+from swin_train.data.loader import build_loader
+from swin_train.data.prefetch import FEEDER, DeviceTransform, prefetch
+from swin_train.data.samplers import ResumableTrainSampler
 from swin_train.data.seeding import run_seeded, seeded_rng
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
 from swin_train.distributed import DistEnv
@@ -118,6 +124,79 @@ def test_pngs_and_cmyk_jpegs_are_decoded_by_the_worker_in_the_same_batch(photos)
         assert torch.equal(got[k], device(default_collate([run_seeded(cpu, open_encoded(data), 4)]))[0])
 
 
+def _repeats_and_workers_pixels(photos) -> tuple[Undecoded, Undecoded, tuple[int, ...]]:
+    """A train and an eval batch at 64 px of the photos, two of them twice with the same seed (the same
+    crops), a PNG and a CMYK JPEG (the workers' pixels), and the train chain's fill."""
+    image = Image.open(io.BytesIO(photos[0])).convert("RGB")
+    others = []
+    for fmt, mode in (("PNG", "RGB"), ("JPEG", "CMYK")):
+        buffer = io.BytesIO()
+        image.convert(mode).save(buffer, fmt)
+        others.append(buffer.getvalue())
+    files = [*photos, photos[0], photos[3], others[0], photos[5], others[1]]
+    seeds = [*range(8), 0, 3, 1, 7, 2]
+    _, train = _pair(AugConfig(**NO_JITTER), size=64)
+    pre = Preprocess(64, 0.875, "bicubic", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    evaluation = build_eval_transform(pre, uint8=True, fast_decode=True, decode="cuda")
+    return (
+        default_collate([run_seeded(train, open_encoded(f), s) for f, s in zip(files, seeds)]),
+        default_collate([evaluation(open_encoded(f)) for f in files]),
+        train.draws.fill,
+    )
+
+
+class _Interpolations(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket == torch.ops.aten._upsample_bicubic2d_aa
+        return func(*args, **(kwargs or {}))
+
+
+# sha256 (16 hex digits) of those batches decoded before the resizes were grouped (eight launches an image)
+ONE_IMAGE_AT_A_TIME = {"train": "f15537d9bea28f2a", "eval": "7f295e180c9e8a9f"}
+
+
+def test_crops_resized_together_give_the_pixels_of_one_image_at_a_time_in_two_interpolations_a_crop(photos):
+    train, evaluation, fill = _repeats_and_workers_pixels(photos)
+    digests, interpolations = {}, {}
+    for name, batch, augment in (("train", train, DeviceAugment(fill)), ("eval", evaluation, None)):
+        with _Interpolations() as counted:
+            got = DeviceDecode("cpu", augment)(batch)
+        digests[name] = hashlib.sha256(got.numpy().tobytes()).hexdigest()[:16]
+        interpolations[name] = counted.count
+    assert digests == ONE_IMAGE_AT_A_TIME
+    # 11 JPEGs: 9 distinct crops in training (2 repeated), 8 distinct image sizes in evaluation
+    assert interpolations == {"train": 2 * 9, "eval": 2 * 8}
+
+
+def test_the_feeder_thread_decodes_bitwise_as_the_loop_thread_does_and_resumes(tmp_path, photos):
+    root = photo_folder(tmp_path, photos[:6])
+    _, cuda = _pair(AugConfig(reprob=0.25, **NO_JITTER), size=48)
+    device = DeviceTransform("cpu", reprob=0.25, seed=2, augment=DeviceAugment(cuda.draws.fill))
+    train, _, _ = build_datasets(root, train_transform=cuda, eval_transform=None)
+    on_the_loop_thread = epoch_batches(train, 0, device_transform=device)
+    threads = set()
+
+    def transform(images, i):
+        threads.add(threading.current_thread().name)
+        return device(images, 1, i)
+
+    def fed(start: int) -> list[torch.Tensor]:
+        sampler = ResumableTrainSampler(len(train), num_replicas=1, rank=0, seed=5)
+        loader = build_loader(train, batch_size=2, sampler=sampler, num_workers=2, drop_last=True)
+        sampler.set_epoch(1)
+        sampler.set_start(start, 2)
+        return [images for images, _ in prefetch(loader, "cpu", transform, start=start)]
+
+    whole = fed(0)
+    assert len(threads) == 1 and threads.pop().startswith(FEEDER)
+    assert len(whole) == 3 and all(torch.equal(a, b) for a, b in zip(whole, on_the_loop_thread))
+    assert all(torch.equal(a, b) for a, b in zip(whole[1:], fed(1)))
+
+
 def test_device_decoded_batches_repeat_across_workers_and_resume_mid_epoch(tmp_path, photos):
     root = photo_folder(tmp_path, photos[:6])
     _, cuda = _pair(AugConfig(reprob=0.25, **NO_JITTER), size=48)
@@ -202,3 +281,25 @@ def test_on_a_gpu_nvjpeg_crops_stay_within_35_db_of_the_cpu_fast_path(photos):
     cpu_eval = build_eval_transform(PRE, uint8=True, fast_decode=True)
     got = DeviceDecode("cuda")(default_collate([evaluation(open_encoded(p)) for p in photos])).cpu()
     assert _psnr(got, torch.stack([cpu_eval(open_encoded(p)) for p in photos])).min() >= 35.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_batches_the_feeder_decodes_hold_their_values_behind_a_slow_consumer(tmp_path, photos):
+    # nvjpeg writes its outputs from its own stream: a block the previous batch's queued kernels still read
+    # must not be handed to it (device_decode._decode_ordered), nor the batch handed out before it is done
+    root = photo_folder(tmp_path, photos * 2)
+    _, cuda = _pair(AugConfig(reprob=0.25, **NO_JITTER), size=224)
+    device = DeviceTransform("cuda", reprob=0.25, seed=2, augment=DeviceAugment(cuda.draws.fill))
+    train, _, _ = build_datasets(root, train_transform=cuda, eval_transform=None)
+    loader = build_loader(
+        train, batch_size=4, sampler=ResumableTrainSampler(len(train), seed=5), num_workers=2
+    )
+    expected = []
+    for i, (images, _) in enumerate(loader):
+        expected.append(device(images, 1, i).cpu())  # one batch at a time, on the loop's thread
+    got = []
+    for x, _ in prefetch(loader, "cuda", lambda images, i: device(images, 1, i)):
+        torch.cuda._sleep(50_000_000)  # the consumer's stream stays busy while the feeder decodes the next
+        got.append(x.clone())
+    torch.cuda.synchronize()
+    assert len(got) == len(expected) == 4 and all(torch.equal(a, b.cpu()) for a, b in zip(expected, got))

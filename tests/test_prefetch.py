@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -13,14 +14,19 @@ import torch
 from helpers import MICRO_OVERRIDES, assert_bitwise_equal, weights
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
+from timm.data.random_erasing import RandomErasing
 
 from swin_train.config import AugConfig, DataConfig, load_config
+from swin_train.data.device_decode import Undecoded
+from swin_train.data.erasing import SeededErasing
 from swin_train.data.folder import build_datasets
 from swin_train.data.loader import build_loader
-from swin_train.data.prefetch import DeviceTransform, normalize_uint8, prefetch
+from swin_train.data.prefetch import FEEDER, DeviceTransform, normalize_uint8, prefetch
 from swin_train.data.samplers import ExactEvalSampler, ResumableTrainSampler
+from swin_train.data.seeding import seeded_rng
 from swin_train.data.shapes import ensure_shapes_dataset
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
+from swin_train.errors import DataError
 from swin_train.trainer import train
 
 CUDA = torch.cuda.is_available()
@@ -101,6 +107,18 @@ def test_device_erasing_is_a_pure_function_of_seed_rank_epoch_and_batch():
         tf(x, None, 5)
 
 
+@pytest.mark.parametrize("mode, count", [("pixel", 1), ("pixel", 3), ("rand", 2), ("const", 1)])
+def test_device_erasing_is_timms_random_erasing_under_the_batch_seed(mode, count):
+    # the boxes from a private random.Random, the noise from a private generator, one masked write per
+    # box slot: the same batches as timm's RandomErasing box by box on the seeded global generators
+    x = torch.randn(16, 3, 24, 20)
+    key = (0x45524153, 7, 1, 3, 9)
+    with seeded_rng(*key):
+        expected = RandomErasing(0.6, mode=mode, max_count=count, device="cpu")(x.clone())
+    got = SeededErasing(0.6, mode=mode, max_count=count)(x.clone(), *key)
+    assert torch.equal(got, expected) and (got != x).flatten(1).any(1).sum() >= 6
+
+
 def test_prefetch_indices_limit_and_resumed_erasing(tiny_shapes):
     batches = [(torch.full((2, 1), float(i)), torch.tensor([i, i])) for i in range(6)]
     seen = []
@@ -119,6 +137,36 @@ def test_prefetch_indices_limit_and_resumed_erasing(tiny_shapes):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[2:], resumed))
     plain = _collect(prefetch(_loaders(tiny_shapes, uint8=True)[0], "cpu", lambda x, i: tf(x)))
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(full, plain))  # erasing did happen
+
+
+def _undecoded_batches(read: list, count: int = 100):
+    """Stand-ins for batches the device decodes (they take the feeder thread on CPU too); `read` logs them."""
+    for i in range(count):
+        read.append(i)
+        yield Undecoded([b""], torch.zeros(1, 9), torch.zeros(1, 0), ["f"]), torch.tensor([i])
+
+
+def _feeders() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(FEEDER)]
+
+
+def test_the_feeder_raises_a_batchs_error_in_the_loop_and_stops_when_the_loop_stops():
+    def transform(images, i):
+        if i == 2:
+            raise DataError("cannot decode image f (bad data); delete or replace it")
+        return torch.full((1,), float(i))
+
+    got, read = [], []
+    with pytest.raises(DataError, match=r"^cannot decode image f \(bad data\)"):
+        for images, _ in prefetch(_undecoded_batches(read), "cpu", transform):
+            got.append(images.item())
+    assert got == [0.0, 1.0] and read == [0, 1, 2, 3] and not _feeders()  # the loop reads one batch ahead
+    # a loop that stops early stops the feeder, which finishes the batch it is on
+    read.clear()
+    batches = prefetch(_undecoded_batches(read), "cpu", lambda images, i: torch.zeros(1))
+    next(batches)
+    batches.close()
+    assert not _feeders() and len(read) <= 3
 
 
 def _records(out):

@@ -135,18 +135,6 @@ class EvalDecodeDraws:
         return f"EvalDecodeDraws({self.cpu!r})"
 
 
-def resize(pixels: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """(3, h, w) uint8 -> (3, H, W) uint8 with torch's antialiased filter in float32 (CUDA has no uint8
-    antialiased kernels; the CPU takes the same path so that tests see what a GPU computes): the width
-    first, rounded to levels, then the height, as Pillow and torch's uint8 kernels do, which leaves the
-    result within a level of theirs."""
-    x = pixels.unsqueeze(0).float()  # (1, 3, h, w)
-    for step in ((pixels.shape[1], size[1]), tuple(size)):
-        if tuple(x.shape[2:]) != step:
-            x = F.interpolate(x, size=step, mode=interpolation, antialias=True).round_().clamp_(0, 255)
-    return x[0].to(torch.uint8)
-
-
 class DeviceDecode:
     """Turns an `Undecoded` batch into (B, 3, H, W) uint8 on `device`, then applies its draws (`augment`,
     for training)."""
@@ -157,36 +145,41 @@ class DeviceDecode:
 
     def __call__(self, batch: Undecoded) -> torch.Tensor:
         geometry = batch.geometry.tolist()
-        on_device = [i for i, g in enumerate(geometry) if g[0] == 1]
-        decoded = dict(zip(on_device, self.decode([batch.data[i] for i in on_device], batch.name, on_device)))
-        images = []
-        for i, g in enumerate(geometry):
-            size = (int(g[7]), int(g[8]))
-            if g[0] == 0:  # the worker's pixels
-                pixels = torch.frombuffer(bytearray(batch.data[i]), dtype=torch.uint8).view(3, *size)
-                if self.device.type == "cuda":  # pageable memory: the copy could wait for the whole stream
-                    pixels = pixels.pin_memory()
-                images.append(pixels.to(self.device, non_blocking=True))
-                continue
-            images.append(_place(decoded[i], g, size))
-        out = torch.stack(images)  # (B, 3, H, W)
+        size = (int(geometry[0][7]), int(geometry[0][8]))  # every sample's output size
+        jpegs = [i for i, g in enumerate(geometry) if g[0] == 1]
+        pixels = [i for i, g in enumerate(geometry) if g[0] == 0]  # the workers'
+        images: list[torch.Tensor] = [None] * len(geometry)  # (3, H, W) float32 levels
+        if jpegs:
+            decoded = self.decode([batch.data[i] for i in jpegs], batch.name, jpegs)
+            for i, image in zip(jpegs, crop_and_resize(decoded, [geometry[i] for i in jpegs], size)):
+                images[i] = image
+        if pixels:
+            for i, image in zip(pixels, self._worker_pixels([batch.data[i] for i in pixels], size)):
+                images[i] = image
+        out = torch.stack(images).to(torch.uint8)  # (B, 3, H, W)
         if self.augment is not None and batch.params.shape[1] > 0:
             out = self.augment.apply(out, plan_batch(batch.params))
         return out
 
+    def _worker_pixels(self, data: list[bytes], size: tuple[int, int]) -> torch.Tensor:
+        """(n, 3, H, W) float32: the workers' pixels, in one copy from pinned memory (a copy from pageable
+        memory may wait for everything queued on the stream before it)."""
+        host = torch.frombuffer(bytearray(b"".join(data)), dtype=torch.uint8).view(len(data), 3, *size)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True).float()
+
     def decode(self, files: list[bytes], names: list[str], rows: list[int]) -> list[torch.Tensor]:
         """The JPEGs `files` as (3, H, W) uint8 on the device; a file that fails is a DataError naming it."""
-        if not files:
-            return []
         tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
         try:
-            return decode_jpegs(tensors, self.device)
+            return self._decode_ordered(tensors)
         except RuntimeError:  # the batch call names no file: decode one at a time to find it
             pass
         out = []
         for tensor, row in zip(tensors, rows):
             try:
-                out.append(decode_jpegs([tensor], self.device)[0])
+                out.append(self._decode_ordered([tensor])[0])
             except RuntimeError as e:
                 reason = " ".join(str(e).split(", ", 2)[-1].split())
                 raise DataError(
@@ -195,13 +188,84 @@ class DeviceDecode:
                 ) from None
         return out
 
+    def _decode_ordered(self, files: list[torch.Tensor]) -> list[torch.Tensor]:
+        """decode_jpegs(files), safe to use on the current stream. On CUDA the decoder allocates the
+        outputs on the current stream and nvjpeg writes them from a stream of its own without waiting
+        for the current one, so a block freed there while queued kernels still read it (the previous
+        batch's) could be overwritten under them. Allocated on a stream that runs nothing, and
+        record_stream'ed on the current one, a block is reused only once the current stream's uses of it
+        have completed."""
+        if self.device.type != "cuda":
+            return decode_jpegs(files, self.device)
+        current, stream = torch.cuda.current_stream(self.device), _decode_stream(self.device)
+        with torch.cuda.stream(stream):
+            images = decode_jpegs(files, self.device)
+            if jpeg_decoder() != "torchvision":
+                # torchvision makes the current stream wait for nvjpeg's; TorchCodec's ordering is not
+                # documented, so wait here: a host wait on the feeder thread, never the training loop's
+                stream.synchronize()
+        current.wait_stream(stream)
+        for image in images:
+            image.record_stream(current)
+        return images
 
-def _place(pixels: torch.Tensor, g: list[float], size: tuple[int, int]) -> torch.Tensor:
-    """A decoded (3, h, w) image cropped and resized as its geometry row `g` says."""
-    interpolation = INTERPOLATIONS[int(g[2])]
+
+_decode_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """One stream per device that only ever allocates decoded images (see _decode_ordered)."""
+    if device not in _decode_streams:
+        _decode_streams[device] = torch.cuda.Stream(device=device)
+    return _decode_streams[device]
+
+
+def crop_and_resize(
+    images: list[torch.Tensor], geometry: list[list[float]], size: tuple[int, int]
+) -> list[torch.Tensor]:
+    """(3, H, W) float32 levels for each decoded image (3, h, w) uint8, cropped and resized as its geometry
+    row says with torch's antialiased bicubic/bilinear filter in float32 (CUDA has no uint8 antialiased
+    kernels; the CPU takes the same path so that tests see what a GPU computes): the width first, rounded
+    to levels, then the height, as Pillow and torch's uint8 kernels do, which leaves the result within a
+    level of theirs. Images whose crop, target size and filter agree are resized together and each pass's
+    roundings run once over all, so a batch takes two interpolations per distinct crop instead of eight
+    launches per image: the same pixels (every row and every image is resized by itself)."""
+    jobs: dict[tuple, list[int]] = {}
+    sources, crops = [], []
+    for i, (pixels, g) in enumerate(zip(images, geometry)):
+        source, target, crop = _source(pixels, g, size)
+        sources.append(source)
+        crops.append(crop)
+        jobs.setdefault((tuple(source.shape[1:]), target, INTERPOLATIONS[int(g[2])]), []).append(i)
+    x = [
+        (
+            torch.stack([sources[i] for i in members]) if len(members) > 1 else sources[members[0]][None]
+        ).float()
+        for members in jobs.values()
+    ]
+    for step in (0, 1):  # the width, then the height
+        resized = []
+        for k, ((height, _), (new_h, new_w), interpolation) in enumerate(jobs):
+            shape = (height, new_w) if step == 0 else (new_h, new_w)
+            if tuple(x[k].shape[2:]) != shape:
+                x[k] = F.interpolate(x[k], size=shape, mode=interpolation, antialias=True)
+                resized.append(x[k])
+        if resized:
+            torch._foreach_round_(resized)
+            torch._foreach_clamp_min_(resized, 0.0)
+            torch._foreach_clamp_max_(resized, 255.0)
+    out: list[torch.Tensor] = [None] * len(images)
+    for k, members in enumerate(jobs.values()):
+        for j, i in enumerate(members):
+            top, left = crops[i]
+            out[i] = x[k][j, :, top : top + size[0], left : left + size[1]]
+    return out
+
+
+def _source(pixels: torch.Tensor, g: list[float], size: tuple[int, int]):
+    """(what of the decoded (3, h, w) `pixels` is resized, to what size, then the crop's top and left) for
+    geometry row `g`."""
     a, b, c, d = (int(v) for v in g[3:7])
     if g[1] == 0:  # crop (top a, left b, height c, width d), then resize
-        crop = pixels[:, a : max(a + c, a + 1), b : max(b + d, b + 1)]
-        return resize(crop, size, interpolation)
-    resized = resize(pixels, (a, b), interpolation)  # resize to (a, b), then crop at (c, d)
-    return resized[:, c : c + size[0], d : d + size[1]]
+        return pixels[:, a : max(a + c, a + 1), b : max(b + d, b + 1)], tuple(size), (0, 0)
+    return pixels, (a, b), (c, d)  # resize to (a, b), then crop at (c, d)
