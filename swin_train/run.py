@@ -105,9 +105,6 @@ class Run:
             total_steps=t.epochs * self.steps_per_epoch,
             warmup_steps=t.warmup_epochs * self.steps_per_epoch,
         )
-        self.ema = (
-            ModelEma(self.model, t.ema_decay, warmup=t.ema_warmup, every=t.ema_every) if t.ema else None
-        )
         self.mixup = build_mixup(cfg.aug, self.data.num_classes)
         if self.mixup is not None and cfg.data.batch_size % 2:
             raise ConfigError(f"mixup/cutmix needs an even data.batch_size, got {cfg.data.batch_size}")
@@ -117,6 +114,10 @@ class Run:
         self.last_saved_step = 0
         self.train_model: nn.Module = wrap_for_training(
             self.model, compile=t.compile, distributed=env.distributed, device=env.device
+        )
+        # after DDP, which gives every rank rank 0's weights: each rank's EMA starts from those, as the model does
+        self.ema = (
+            ModelEma(self.model, t.ema_decay, warmup=t.ema_warmup, every=t.ema_every) if t.ema else None
         )
         threads = torch.get_num_threads()
         parts, self.cpu_split_text = choose_parts(
