@@ -212,6 +212,90 @@ def test_pending_steps_add_up_bitwise_as_reading_each_step_did_and_stop_at_the_l
 # ---- the smaller GPU items: wrapping, buffers, amp, evaluation, failing ranks
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_training_never_changes_a_swin_buffer_and_none_is_saved(version):
+    """Why DDP syncs no buffers before each forward, and the EMA copies them once: they are constants."""
+    from swin_train.models.swin import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(
+        img_size=32,
+        patch_size=2,
+        embed_dim=24,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=4,
+        version=version,
+    )
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    assert before and not set(before) & set(model.state_dict())  # derived, not saved
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(2):
+        model(torch.randn(4, 3, 32, 32)).logsumexp(-1).mean().backward()
+        optimizer.step()
+    assert_bitwise_equal(before, dict(model.named_buffers()))
+
+
+def test_ddp_is_compiled_not_wrapped_around_a_compiled_model_and_syncs_no_buffers(tmp_path):
+    import torch.distributed as dist
+
+    from swin_train.device import unwrap_model, wrap_for_training
+    from swin_train.models.swin import SwinTransformer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = SwinTransformer(
+            img_size=32, patch_size=4, embed_dim=24, depths=(2,), num_heads=(2,), window_size=4
+        )
+        wrapped = wrap_for_training(model, compile=True, distributed=True, device=torch.device("cpu"))
+        ddp = wrapped._orig_mod  # torch.compile's module around DDP (compiling is lazy: nothing runs here)
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.module is model
+        assert not ddp.broadcast_buffers and ddp.gradient_as_bucket_view
+        assert unwrap_model(wrapped) is model and hasattr(wrapped, "no_sync")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_amp_auto_takes_bf16_only_where_the_gpu_computes_in_it(monkeypatch):
+    from swin_train.device import resolve_amp
+
+    cuda = torch.device("cuda", 0)
+    # a pre-Ampere GPU: torch says bf16 is supported, counting emulation, unless asked not to
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_amp("auto", cuda).dtype is None
+    assert resolve_amp("bf16", cuda).dtype is torch.bfloat16  # asked for: emulation allowed
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_amp("auto", cuda).dtype is torch.bfloat16
+
+
+class TensorsFromHostData(TorchDispatchMode):
+    """Counts tensors made from Python data (torch.tensor(...)): on a GPU, each a blocking copy to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_evaluation_makes_no_tensor_from_host_data_per_batch():
+    from swin_train.device import Amp
+    from swin_train.evaluation import evaluate
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 2, 2, generator=g), torch.randint(3, (4,), generator=g)) for _ in range(6)]
+    made, results = [], []
+    for loader in (batches[:2], batches):
+        with TensorsFromHostData() as counter:
+            results.append(evaluate(model, loader, device=torch.device("cpu"), amp=Amp("cpu"), num_classes=3))
+        made.append(counter.count)
+    assert made[0] == made[1] and [r["num_samples"] for r in results] == [8, 24]
+
+
 def test_a_rank_failing_before_a_barrier_ends_every_rank_within_a_minute_with_its_one_line_error(
     shapes_root, tmp_path
 ):
