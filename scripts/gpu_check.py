@@ -5,8 +5,10 @@
     python scripts/gpu_check.py --dry-run           # the commands it would run, nothing is run
 
 Parts, in the order they run (each has its own time budget; one that fails or runs out of time is recorded
-in the report and the next part runs; `--budget` caps the whole check, and a part that no longer fits is
-recorded as skipped):
+in the report and the next part runs). `--budget` caps the whole check: a part starts only if its budget
+fits in what is left, else it is recorded as skipped (not a failure) and the next part that fits runs;
+`--dry-run` shows the plan and the commands that run the skipped parts in further calls. The default budget
+(560 s, one 10-minute command) takes the first three parts on a 16-core machine:
 
     cuda_tests      the tests that skip without CUDA (found in tests/ by their skipif decorators), under pytest
     preempt_resume  swin-train on synthetic data (Swin-T, bf16) under torchrun on every visible GPU; SIGTERM
@@ -23,13 +25,15 @@ recorded as skipped):
     bench_flex      as bench_eager with --attention flex (FlexAttention for our window attention)
     bench_compiled  as bench_eager with --compile ours (ours compiled against timm eager)
 
-Without a CUDA GPU it prints one line and exits 2 (`--dry-run` needs none). Exit status 0 when every part
-passed, 1 otherwise; the report says which part failed and why (with the end of its output).
+Without a CUDA GPU it prints one line and exits 2 (`--dry-run` needs none). Exit status 0 when no part failed
+or timed out (skipped parts are listed), 1 otherwise; the report says which part failed and why (with the
+end of its output).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -50,7 +54,7 @@ from gpucheck.environment import environment, visible_gpus
 from gpucheck.loader import default_loader_workers, loader_cores, plan_data_loader, run_data_loader
 from gpucheck.preempt_resume import plan_preempt_resume, run_preempt_resume
 from gpucheck.report import write_report
-from gpucheck.running import Context, Part, run_part
+from gpucheck.running import MARGIN_S, Context, Part, fits, part_budget, plan_within_budget, run_part
 
 PARTS = (
     Part("cuda_tests", "Tests that need CUDA", plan_cuda_tests, run_cuda_tests),
@@ -94,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=128, help="benchmark batch size")
     p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=default_loader_workers(),
+        help="data loader worker counts of the loader parts (default: 1 2 4 8, those below this machine's cores)",
+    )
+    p.add_argument(
         "--budget", type=float, default=560, help="seconds for the whole check (default: under 10 min)"
     )
     p.add_argument(
@@ -102,15 +113,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def dry_run(ctx: Context, parts: Sequence[Part]) -> str:
-    lines = [f"# {len(parts)} parts, {ctx.num_gpus} GPU(s), overall budget {ctx.left_s():.0f} s"]
-    for part in parts:
-        steps = part.plan(ctx)
-        lines.append(f"## {part.name}: {part.title} (budget {sum(s.budget_s for s in steps):.0f} s)")
-        for s in steps:
-            lines.append(f"{s.command}" + (f"    # {s.note}" if s.note else ""))
+def dry_run(ctx: Context, parts: Sequence[Part], budget: float, argv: Sequence[str]) -> str:
+    lines = [f"# {len(parts)} parts, {ctx.num_gpus} GPU(s), overall budget {budget:.0f} s"]
+    skipped = []
+    for part, steps, needs, planned in plan_within_budget(parts, ctx, budget):
+        state = f"budget {needs:.0f} s" if planned else f"skipped: needs {needs:.0f} s, over the budget"
+        lines.append(f"## {part.name}: {part.title} ({state})")
+        lines += [f"{s.command}" + (f"    # {s.note}" if s.note else "") for s in steps]
+        skipped += [] if planned else [part.name]
     lines.append(f"# report: {ctx.out / 'report.md'} and {ctx.out / 'report.json'}")
+    if skipped:
+        calls = further_calls(skipped, parts, ctx, budget, argv)
+        lines.append(f"# skipped parts, in further calls: {' '.join(calls)}")
     return "\n".join(lines)
+
+
+def further_calls(
+    skipped: Sequence[str], parts: Sequence[Part], ctx: Context, total: float, argv: Sequence[str]
+) -> list[str]:
+    """Commands that run the skipped parts, as many parts a call as fit the same budget (a part larger than
+    the whole budget gets a call with a budget of its own)."""
+    budgets = {p.name: part_budget(p.plan(ctx)) for p in parts if p.name in skipped}
+    calls: list[list[str]] = []
+    for name in skipped:
+        call = next((c for c in calls if fits(sum(budgets[n] for n in c) + budgets[name], total)), None)
+        calls.append([name]) if call is None else call.append(name)
+    keep = [a for a in _without_option(argv, "--parts") if a != "--dry-run"]
+    commands = []
+    for call in calls:
+        need = sum(budgets[n] for n in call)
+        extra = [] if fits(need, total) else ["--budget", f"{need + MARGIN_S:.0f}"]
+        commands.append(shlex.join(["python", "scripts/gpu_check.py", *keep, "--parts", *call, *extra]) + ";")
+    return commands
+
+
+def _without_option(argv: Sequence[str], option: str) -> list[str]:
+    """`argv` less `option` and the values after it."""
+    out, skipping = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            skipping = arg == option
+        if not skipping:
+            out.append(arg)
+    return out
 
 
 def run_parts(ctx: Context, parts: Sequence[Part]) -> None:
@@ -125,9 +170,13 @@ def run_parts(ctx: Context, parts: Sequence[Part]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.budget <= 0:
-        raise ConfigError(f"--batch-size and --budget must be positive, got {args.batch_size}, {args.budget}")
+    if args.batch_size < 1 or args.budget <= 0 or min(args.workers) < 1:
+        raise ConfigError(
+            f"--batch-size, --budget and --workers must be positive, got {args.batch_size}, {args.budget}, "
+            f"{' '.join(map(str, args.workers))}"
+        )
     num_gpus = visible_gpus()
     if num_gpus == 0 and not args.dry_run:
         raise NoGpu(
@@ -141,12 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_gpus=max(num_gpus, 1),
         models=args.models,
         batch_size=args.batch_size,
-        loader_workers=default_loader_workers(),
+        loader_workers=sorted(set(args.workers)),
         deadline=time.monotonic() + args.budget,
     )
     parts = [p for p in PARTS if p.name in args.parts]
     if args.dry_run:
-        print(dry_run(ctx, parts))
+        print(dry_run(ctx, parts, args.budget, argv))
         return 0
     started = datetime.now(timezone.utc)
     env = environment(num_gpus)
@@ -164,7 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     md_path, json_path = write_report(report, out)
     print(f"report: {md_path} and {json_path}")
-    return 0 if all(r.status == "passed" for r in ctx.results.values()) else 1
+    skipped = [r.name for r in ctx.results.values() if r.status == "skipped"]
+    if skipped:
+        print(f"skipped (over the budget): {' '.join(skipped)}; run them with --parts")
+    return 0 if all(r.status in ("passed", "skipped") for r in ctx.results.values()) else 1
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

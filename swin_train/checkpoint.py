@@ -28,6 +28,7 @@ import random
 import re
 import secrets
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,15 +121,74 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{owner_tag()}")
 
 
+def cpu_tensors(obj, *, copy: bool = False):
+    """`obj` (plain data) with every tensor in host memory: a device tensor copied there, a CPU tensor kept
+    as it is or, with `copy`, cloned (a snapshot that later in-place updates of the original cannot reach)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type != "cpu":
+            return obj.detach().to("cpu")
+        return obj.detach().clone() if copy else obj
+    if isinstance(obj, dict):
+        return type(obj)((key, cpu_tensors(value, copy=copy)) for key, value in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_tensors(value, copy=copy) for value in obj)
+    return obj
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Write `state` to `path` atomically; an existing file at `path` stays intact on any failure."""
+    """Write `state` to `path` atomically, its tensors in host memory (a plain `torch.load` works on a
+    machine without the device that trained it); an existing file at `path` stays intact on any failure."""
     ensure_plain(state)  # a programming error (TypeError), raised before anything touches the disk
+    state = cpu_tensors(state)
 
     def write(tmp: Path) -> None:
         with open(tmp, "xb") as f:  # our own file object: a failed write surfaces as its OSError
             torch.save(state, f)
 
     write_atomically(Path(path), write, what="checkpoint ")
+
+
+class CheckpointWriter:
+    """Writes checkpoints in the order asked, one at a time: at once, or (`background`) on a thread of its
+    own while training goes on. A background save first copies the state to host memory, the snapshot of
+    that moment (for a GPU run, the one wait of the save); the write to disk then costs the training
+    nothing. `wait()` returns once every write asked for is on disk, and raises the error of one that
+    failed; call it before anything that needs the file (a stop, the end of the run)."""
+
+    def __init__(self, background: bool) -> None:
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict, path: str | os.PathLike, then: Callable[[], object] | None = None) -> None:
+        """`save_checkpoint(state, path)`, then `then()` (e.g. pruning older files) once it is on disk."""
+        self.wait()
+        if not self.background:
+            save_checkpoint(state, path)
+            if then is not None:
+                then()
+            return
+        ensure_plain(state)  # as save_checkpoint does: a programming error, raised here
+        snapshot = cpu_tensors(state, copy=True)
+
+        def write() -> None:
+            try:
+                save_checkpoint(snapshot, path)
+                if then is not None:
+                    then()
+            except BaseException as exc:  # handed to the training thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=write, name="swin-train checkpoint writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def write_atomically(path: Path, write: Callable[[Path], None], *, what: str = "") -> None:

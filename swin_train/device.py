@@ -6,6 +6,7 @@ any work starts (a CUDA traceback mid-run is the alternative).
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -50,12 +51,13 @@ class Amp:
 
 
 def resolve_amp(mode: str, device: torch.device) -> Amp:
-    """'auto' is bf16 on a CUDA device that supports it, else none (fp32); fp16 gets a GradScaler.
-    Refuses fp16 off CUDA (CPU autocast in fp16 is slow and its GradScaler path is not what users mean)
-    and bf16 on a GPU without bf16 support."""
+    """'auto' is bf16 on a CUDA device that computes in bf16 (Ampere and later), else none (fp32); fp16 gets
+    a GradScaler. Refuses fp16 off CUDA (CPU autocast in fp16 is slow and its GradScaler path is not what
+    users mean) and bf16 on a GPU without bf16 support. torch counts bf16 emulated in fp32 (pre-Ampere GPUs)
+    as supported; 'auto' does not: emulation brings bf16's rounding without its speed (amp=bf16 allows it)."""
     cuda = device.type == "cuda"
     if mode == "auto":
-        mode = "bf16" if cuda and torch.cuda.is_bf16_supported() else "none"
+        mode = "bf16" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "none"
     elif mode == "fp16" and not cuda:
         raise ConfigError(f"amp=fp16 needs a CUDA GPU (this run is on {device}); use amp=bf16 or amp=none")
     elif mode == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -86,13 +88,31 @@ def check_attention_backend(attention: str, attn_drop_rate: float, device: torch
 def wrap_for_training(
     model: nn.Module, *, compile: bool, distributed: bool, device: torch.device
 ) -> nn.Module:
-    """The module the training step calls: compiled as one graph, then DDP, as asked."""
-    if compile:
-        model = torch.compile(model, fullgraph=True)
+    """The module the training step calls: DDP, then compiled, as asked.
+
+    DDP is compiled, not wrapped around a compiled model, as torch's DDP notes say: dynamo then splits the
+    graph at DDP's bucket boundaries (torch._dynamo.config.optimize_ddp), so each bucket's all-reduce starts
+    while the rest of the backward runs. One process compiles the model as one graph (fullgraph: a graph
+    break is an error); under DDP the graph breaks at DDP's own Python around the model, by design.
+    DDP syncs no buffers before each forward: a Swin's buffers are index tables and masks derived from the
+    architecture, the same on every rank, never changed by training (tests/test_device_step.py). Gradients
+    are views into DDP's buckets (no copy into them and out again)."""
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, gradient_as_bucket_view=True, **_NO_FORWARD_BUFFER_SYNC
+        )
+    if compile:
+        model = torch.compile(model, fullgraph=not distributed)
     return model
+
+
+# torch 2.14 renamed DDP's broadcast_buffers (its False also skipped the sync at init) to forward_sync_buffers
+_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

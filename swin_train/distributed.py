@@ -16,6 +16,8 @@ import itertools
 import math
 import os
 import re
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -26,7 +28,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from swin_train.errors import ConfigError, TrainingError
+from swin_train.errors import ConfigError, SwinTrainError, TrainingError
 
 LaunchSource = Literal["torchrun", "slurm", "single"]
 
@@ -274,14 +276,16 @@ def init_distributed(device: str | None = None) -> DistEnv:
         return DistEnv(local_rank=launch.local_rank, device=dev, source=launch.source)
     if not dist.is_initialized():
         store = _rendezvous_store(launch)
+        session = dist.PrefixStore(open_session(store, launch.rank, launch.world_size), store)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            store=dist.PrefixStore(open_session(store, launch.rank, launch.world_size), store),
+            store=session,
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=_RENDEZVOUS_TIMEOUT,
             device_id=dev if use_cuda else None,
         )
+        _FailureWatch.start(session, launch.rank, launch.world_size)
     return DistEnv(
         launch.rank,
         launch.world_size,
@@ -352,7 +356,74 @@ def open_session(
         time.sleep(0.05)  # a session of an earlier start: wait for this start's rank 0
 
 
+class _FailureWatch:
+    """Ends this process when another rank of the group failed, instead of leaving it in a collective or a
+    barrier until the group's timeout (NCCL notices no dead peer; srun has no agent to stop the others).
+    A failing rank writes its one-line error into the session's store (`announce_failure`); a thread on
+    every rank polls for it, prints it and exits with its status. Exiting there (os._exit) is the point: the
+    main thread may be blocked in the device's collective, where no Python exception reaches it, and
+    whatever this rank was doing is rank 0's to save (checkpoint writes are atomic)."""
+
+    KEY, SEEN_KEY, POLL_S, SEEN_TIMEOUT_S = "failed", "failed/seen", 0.5, 5.0
+    current: _FailureWatch | None = None
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int) -> None:
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="swin-train rank failure watch", daemon=True)
+
+    @classmethod
+    def start(cls, store: dist.Store, rank: int, world_size: int) -> None:
+        cls.current = cls(store, rank, world_size)
+        cls.current.thread.start()
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.current is not None:
+            cls.current.stopped.set()
+            cls.current.thread.join()
+            cls.current = None
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.POLL_S):
+            try:
+                if not self.store.check([self.KEY]):
+                    continue
+                rank, status, message = self.store.get(self.KEY).decode().split("|", 2)
+            except Exception:  # the store is gone (its host, rank 0, has ended): nothing left to watch
+                return
+            if int(rank) == self.rank:
+                return
+            print(f"swin-train: error: rank {rank}: {message}", file=sys.stderr, flush=True)
+            try:
+                self.store.add(self.SEEN_KEY, 1)  # the failed rank may leave (and take the store with it)
+            finally:
+                os._exit(int(status))
+
+    def announce(self, message: str, status: int) -> None:
+        """Tell the other ranks (the first failure wins), and give them a moment to read it."""
+        self.stopped.set()
+        try:
+            self.store.compare_set(self.KEY, "", f"{self.rank}|{status}|{message}")
+            deadline = time.monotonic() + self.SEEN_TIMEOUT_S
+            while self.store.add(self.SEEN_KEY, 0) < self.world_size - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except Exception:  # the store is gone: the others learn it from their collectives
+            pass
+
+
+def announce_failure(error: BaseException) -> None:
+    """Make the other ranks of the group end with this rank's one-line error and exit status (2 for a user
+    error) within a second or so; nothing when not distributed."""
+    if _FailureWatch.current is None:
+        return
+    lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    message = lines[0] if isinstance(error, SwinTrainError) else f"{type(error).__name__}: {lines[0]}"
+    _FailureWatch.current.announce(message, getattr(error, "exit_code", 1))
+
+
 def shutdown() -> None:
+    _FailureWatch.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -364,13 +435,42 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (used so all ranks stop at the same step)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+class StopVote:
+    """Whether any rank asked to stop, agreed on by every rank after the same optimizer step without a host
+    wait for the device: the ranks vote on a gloo group of their own (CPU tensors) and `after_step` returns
+    the vote started one step earlier, which has long arrived, then starts the next. So every rank stops
+    after the same step, one step after the first request reached any of them. Must be built, and asked, by
+    every rank at the same points. One process: the flag itself, at once."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.pending: tuple[dist.Work, torch.Tensor] | None = None
+
+    def after_step(self, requested: bool) -> bool:
+        """The vote of the previous call (False on the first), while this one's is under way."""
+        if self.group is None:
+            return requested
+        agreed = self._result()
+        flag = torch.tensor([int(requested)], dtype=torch.int32)
+        self.pending = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag
+        return agreed
+
+    def now(self, requested: bool) -> bool:
+        """Whether any rank asked by now (the vote under way included); waits for every rank to vote."""
+        if self.group is None:
+            return requested
+        earlier = self._result()
+        flag = torch.tensor([int(requested)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return earlier or bool(flag.numpy()[0])
+
+    def _result(self) -> bool:
+        if self.pending is None:
+            return False
+        work, flag = self.pending
+        self.pending = None
+        work.wait()  # peers voted a whole step ago: this returns at once
+        return bool(flag.numpy()[0])  # host memory: no device involved
 
 
 def all_gather_objects(obj) -> list:

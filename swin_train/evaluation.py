@@ -38,6 +38,7 @@ def evaluate(
     model.eval()
     k = min(5, num_classes)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-k hits, loss sum, count
+    count = 0  # on the host: a tensor made from it per batch would be a blocking copy to the device
     transform = None if device_transform is None else (lambda images, _: device_transform(images))
     bar = tqdm(
         prefetch(loader, device, transform),
@@ -57,8 +58,9 @@ def evaluate(
             logits = torch.cat(cpu_split.map(forward, images)) if cpu_split is not None else forward(images)
             hits = logits.topk(k, dim=-1).indices == targets[:, None]  # (B, k)
             loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-            count = torch.tensor(len(targets), device=device)
-            totals += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum(), loss, count]).to(totals.dtype)
+            totals[:3] += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum(), loss]).to(totals.dtype)
+            count += len(targets)
+    totals[3].fill_(count)
     top1, topk, loss, count = all_reduce_sum(totals).tolist()
     count = int(count)
     if count == 0:

@@ -4,6 +4,7 @@ saved into and restored from one training checkpoint (`checkpoint.training_check
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from swin_train.data.transforms import Preprocess
 from swin_train.device import Amp, resolve_amp, wrap_for_training
 from swin_train.distributed import DistEnv, all_gather_objects, barrier
 from swin_train.ema import ModelEma
-from swin_train.errors import CheckpointError, ConfigError, DataError
+from swin_train.errors import CheckpointError, ConfigError, DataError, TrainingError
 from swin_train.loading import ARCH_KEYS, load_exact_weights, load_pretrained
 from swin_train.losses import build_mixup, build_train_criterion
 from swin_train.models.swin import SwinTransformer
@@ -47,6 +48,49 @@ class TrainState:
         self.step_in_epoch = 0
         self.epoch_loss_sum = self.epoch_grad_norm_sum = 0.0
         self.epoch_nonfinite = 0
+
+
+class PendingSteps:
+    """The numbers of the optimizer steps taken since the last flush, still on the device: each step's loss
+    (summed over its micro-batches), gradient norm and whether that norm was finite. `flush` reads them in
+    one host wait and adds them to the TrainState one step after another, in the order and float
+    arithmetic of a step-by-step `.item()` (bitwise the same sums), so a step never waits for the device."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.grad_norms: list[torch.Tensor] = []
+        self.finite: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor) -> None:
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        self.finite.append(finite)
+
+    def flush(self, s: TrainState, max_nonfinite_steps: int) -> None:
+        """Add the pending steps to `s` (whose global_step already counts them); TrainingError at the first
+        of them that makes `max_nonfinite_steps` non-finite steps in a row."""
+        if not self.losses:
+            return
+        # float32 -> float64 is exact: these are the doubles `.item()` returned
+        numbers = [torch.stack(values).double() for values in (self.losses, self.grad_norms, self.finite)]
+        losses, grad_norms, finite = torch.stack(numbers).tolist()
+        first_step = s.global_step - len(losses) + 1
+        self.losses, self.grad_norms, self.finite = [], [], []
+        for i, (loss, grad_norm, ok) in enumerate(zip(losses, grad_norms, finite)):
+            if ok:
+                s.nonfinite_in_a_row = 0
+                s.epoch_grad_norm_sum += grad_norm
+            else:
+                s.nonfinite_total += 1
+                s.nonfinite_in_a_row += 1
+                s.epoch_nonfinite += 1
+            s.epoch_loss_sum += loss
+            if s.nonfinite_in_a_row >= max_nonfinite_steps:
+                raise TrainingError(
+                    f"{s.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                    f"(step {first_step + i}); lower train.base_lr, use amp bf16, or check the data. "
+                    "The last good checkpoint is kept"
+                )
 
 
 def build_model(cfg: Config, num_classes: int) -> SwinTransformer:
@@ -101,18 +145,22 @@ class Run:
             self.optimizer, t, self.lrs, steps_per_epoch=self.steps_per_epoch
         )
         self.lr_text += f"; {schedule_text}"
-        self.ema = (
-            ModelEma(self.model, t.ema_decay, warmup=t.ema_warmup, every=t.ema_every) if t.ema else None
-        )
         self.mixup = build_mixup(cfg.aug, self.data.num_classes)
         if self.mixup is not None and cfg.data.batch_size % 2:
             raise ConfigError(f"mixup/cutmix needs an even data.batch_size, got {cfg.data.batch_size}")
         self.criterion = build_train_criterion(cfg.aug, mixup_active=self.mixup is not None)
         self.state = TrainState()
+        self.pending = PendingSteps()  # steps whose numbers are not in `state` yet (`flush_steps`)
+        # rank 0 writes; on a GPU in the background, so that nobody waits for the disk (checkpoint.py)
+        self.writer = ckpt.CheckpointWriter(background=env.device.type == "cuda")
         self.best = {"top1": -1.0, "epoch": -1, "on": t.best_on}
         self.last_saved_step = 0
         self.train_model: nn.Module = wrap_for_training(
             self.model, compile=t.compile, distributed=env.distributed, device=env.device
+        )
+        # after DDP, which gives every rank rank 0's weights: each rank's EMA starts from those, as the model does
+        self.ema = (
+            ModelEma(self.model, t.ema_decay, warmup=t.ema_warmup, every=t.ema_every) if t.ema else None
         )
         threads = torch.get_num_threads()
         parts, self.cpu_split_text = choose_parts(
@@ -136,13 +184,29 @@ class Run:
         )
 
     def close(self) -> None:
-        """Stop the threads the run started (the data loaders' workers stop with their iterators)."""
+        """Stop the threads the run started (the data loaders' workers stop with their iterators); a
+        checkpoint still being written is finished first (a failed one is logged: an error is on its way)."""
         for split in {self.cpu_split, self.eval_split} - {None}:
             split.close()
+        try:
+            self.writer.wait()
+        except Exception as exc:
+            log.error("%s", exc)
+
+    def wait_for_saves(self) -> None:
+        """Return once every checkpoint asked for is on disk; raises the error of one that failed."""
+        self.writer.wait()
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, name: str) -> Path:
-        """Write a checkpoint atomically (rank 0 writes; every rank contributes its RNG state)."""
+    def flush_steps(self) -> None:
+        """Read the pending steps' numbers into `state` (one host wait): at log lines, saves and epoch ends.
+        Raises TrainingError when train.max_nonfinite_steps steps in a row were not finite."""
+        self.pending.flush(self.state, self.cfg.train.max_nonfinite_steps)
+
+    def save(self, name: str, then: Callable[[], object] | None = None) -> Path:
+        """Write a checkpoint atomically (rank 0 writes, then calls `then`; every rank contributes its RNG
+        state). The others go on once rank 0 has its snapshot; `wait_for_saves` waits for the disk."""
+        self.flush_steps()
         rng = all_gather_objects(ckpt.capture_rng_state())
         path = self.out / name
         if self.env.is_main:
@@ -161,7 +225,7 @@ class Run:
                 shard_streams_per_rank=getattr(self.data.train_sampler, "streams_per_rank", None),
                 preprocess=Preprocess.from_config(self.cfg).to_dict(),
             )
-            ckpt.save_checkpoint(state, path)
+            self.writer.save(state, path, then)
         barrier()
         self.last_saved_step = self.state.global_step
         return path

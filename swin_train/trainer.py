@@ -21,12 +21,18 @@ from swin_train.config import Config, dump_config
 from swin_train.data.build import check_data_path
 from swin_train.data.prefetch import prefetch
 from swin_train.device import check_attention_backend, resolve_amp, resolve_device
-from swin_train.distributed import DistEnv, any_rank, barrier, init_distributed, shutdown
-from swin_train.errors import TrainingError
+from swin_train.distributed import (
+    DistEnv,
+    StopVote,
+    announce_failure,
+    barrier,
+    init_distributed,
+    shutdown,
+)
 from swin_train.evaluation import evaluate
 from swin_train.metrics import Metrics, StepMeter, epoch_line, step_line
 from swin_train.models.arch import largest_activation_bytes
-from swin_train.run import Run, TrainState, checkpoint_bytes, resume_if_possible
+from swin_train.run import Run, checkpoint_bytes, resume_if_possible
 from swin_train.stopping import Stopper, TrainingStopped
 
 log = logging.getLogger("swin_train")
@@ -72,6 +78,11 @@ def train(
                 return train_epochs(run)
             finally:
                 run.close()
+    except TrainingStopped:
+        raise
+    except Exception as err:  # the other ranks end now, not at the group's timeout (distributed.py)
+        announce_failure(err)
+        raise
     finally:
         shutdown()
 
@@ -139,6 +150,7 @@ def train_epochs(run: Run) -> dict:
     """Epochs from where `run.state` stands to `train.epochs`; returns the last epoch's record."""
     cfg, env, t = run.cfg, run.env, run.cfg.train
     stopper = Stopper(steps_unsaved=lambda: run.state.global_step - run.last_saved_step, announce=env.is_main)
+    vote = StopVote()  # every rank stops after the same step, without a per-step wait (distributed.py)
     record: dict = {}
     with (
         stopper,
@@ -157,20 +169,23 @@ def train_epochs(run: Run) -> dict:
                     bar.update(1)
                     if s.step_in_epoch % cfg.print_freq == 0 or s.step_in_epoch == run.steps_per_epoch:
                         log_step(run, bar, loss, grad_norm, meter.window_rate())
-                    check_nonfinite(s, t.max_nonfinite_steps)
-                    if any_rank(stopper.requested, env.device):
+                        run.flush_steps()  # the host waits here; train.max_nonfinite_steps is checked here
+                    if vote.after_step(stopper.requested):
                         stop(run, stopper)
                     if t.checkpoint_every_steps and s.global_step % t.checkpoint_every_steps == 0:
                         save_step_checkpoint(run)
+            if vote.now(stopper.requested):  # a signal during the epoch's last step: no validation first
+                stop(run, stopper)
             record = epoch_record(run, meter)
             record.update(evaluate_run(run))
-            if any_rank(stopper.requested, env.device):  # a signal during validation: redo only validation
+            if vote.now(stopper.requested):  # a signal during validation: redo only validation
                 stop(run, stopper)
             finish_epoch(run, record, metrics)
     if not record and run.state.epoch >= t.epochs:
         run.save(
             ckpt.LAST
         )  # resumed a finished run (e.g. from best.pth after last.pth was damaged): rewrite it
+    run.wait_for_saves()
     if record:
         log.info(
             "done: top-1 %.2f%%, top-%d %.2f%% on %d val images; checkpoints in %s",
@@ -208,8 +223,9 @@ def epoch_batches(run: Run):
 
 def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One optimizer step over `accumulation_steps` micro-batches; a step whose gradient norm is not finite
-    is skipped (no optimizer/EMA update) and counted. Returns (last micro-batch loss, grad norm, images)."""
-    model, t, amp, s = run.train_model, run.cfg.train, run.amp, run.state
+    is skipped (no optimizer/EMA update) and counted, on the device: nothing here waits for it. Returns
+    (last micro-batch loss, grad norm, images); the step's numbers wait in `run.pending`."""
+    model, t, amp = run.train_model, run.cfg.train, run.amp
     step_loss = torch.zeros((), device=run.env.device)
     images_seen = 0
 
@@ -237,24 +253,36 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, int]:
         amp.scaler.unscale_(run.optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad or math.inf, foreach=True)
-    if torch.isfinite(grad_norm):  # waits for the backward pass, so the .item()s below cost nothing more
-        amp.scaler.step(run.optimizer) if amp.scaler else run.optimizer.step()
-        if run.ema is not None:
-            run.ema.update(model)
-        s.nonfinite_in_a_row = 0
-        s.epoch_grad_norm_sum += grad_norm.item()
-    else:
-        s.nonfinite_total += 1
-        s.nonfinite_in_a_row += 1
-        s.epoch_nonfinite += 1
+    finite = torch.isfinite(grad_norm)
+    optimizer_step(run, finite)
     if amp.scaler:
-        amp.scaler.update()
+        amp.scaler.update()  # from the inf checks of unscale_, as GradScaler.step would have left them
     run.optimizer.zero_grad(set_to_none=True)
     run.schedule.step()
-    s.epoch_loss_sum += step_loss.item()
-    s.step_in_epoch += 1
-    s.global_step += 1
+    run.pending.add(step_loss, grad_norm, finite)
+    run.state.step_in_epoch += 1
+    run.state.global_step += 1
     return loss, grad_norm, images_seen
+
+
+def optimizer_step(run: Run, finite: torch.Tensor) -> None:
+    """The optimizer and EMA update when `finite` (a bool tensor) holds, else nothing. Fused optimizers
+    (AdamW on CUDA and CPU) take it on the device as their `found_inf` (what GradScaler passes them): the
+    kernel leaves the parameters and moments as they are and takes back its step count, bitwise what not
+    calling `step()` leaves; the EMA masks its update with it. Others read it on the host."""
+    optimizer = run.optimizer
+    if getattr(optimizer, "_step_supports_amp_scaling", False):  # torch's mark of found_inf support
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        if run.ema is not None:
+            run.ema.update(run.train_model, finite)
+    elif finite:  # a host wait for the device
+        run.amp.scaler.step(optimizer) if run.amp.scaler else optimizer.step()
+        if run.ema is not None:
+            run.ema.update(run.train_model)
 
 
 @contextmanager
@@ -285,18 +313,10 @@ def log_step(run: Run, bar, loss: torch.Tensor, grad_norm: torch.Tensor, img_s: 
     )
 
 
-def check_nonfinite(s: TrainState, limit: int) -> None:
-    if s.nonfinite_in_a_row >= limit:
-        raise TrainingError(
-            f"{s.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-            f"(step {s.global_step}); lower train.base_lr, use amp bf16, or check the data. "
-            "The last good checkpoint is kept"
-        )
-
-
 def stop(run: Run, stopper: Stopper) -> None:
     """Checkpoint where the run stands (a step checkpoint, resumable mid-epoch) and leave with its status."""
     save_step_checkpoint(run)
+    run.wait_for_saves()
     log.info(
         "stop requested (%s): checkpoint written at global step %d; run the same command to continue",
         stopper.signal_name,
@@ -306,13 +326,16 @@ def stop(run: Run, stopper: Stopper) -> None:
 
 
 def save_step_checkpoint(run: Run) -> None:
-    run.save(ckpt.step_checkpoint_name(run.state.global_step))
-    if run.env.is_main:
-        ckpt.prune_step_checkpoints(run.out, run.cfg.train.keep_checkpoints)
+    """A step checkpoint, then (once it is on disk) the older ones beyond train.keep_checkpoints go."""
+    run.save(
+        ckpt.step_checkpoint_name(run.state.global_step),
+        then=lambda: ckpt.prune_step_checkpoints(run.out, run.cfg.train.keep_checkpoints),
+    )
 
 
 def epoch_record(run: Run, meter: StepMeter) -> dict:
     """The epoch's training numbers; loss and grad norm from the counters that survive a resume."""
+    run.flush_steps()
     s, t = run.state, run.cfg.train
     done = s.step_in_epoch
     finite = done - s.epoch_nonfinite

@@ -488,3 +488,44 @@ def test_rng_round_trip_in_memory_and_through_a_file(tmp_path):
 def test_restore_rng_state_malformed():
     with pytest.raises(CheckpointError, match=r"random-number state cannot be restored \(KeyError"):
         restore_rng_state({"torch": torch.get_rng_state()})
+
+
+def test_background_writer_saves_the_state_of_the_moment_in_order_then_runs_what_follows(tmp_path):
+    weights = torch.arange(1000, dtype=torch.float32)
+    writer = ck.CheckpointWriter(background=True)
+    seen_on_disk = []
+    for step in (1, 2):
+        path = tmp_path / step_checkpoint_name(step)
+        writer.save(
+            {"global_step": step, "w": weights}, path, then=lambda p=path: seen_on_disk.append(p.exists())
+        )
+        weights.add_(1)  # the next optimizer step, while the file may still be written
+    writer.wait()
+    assert seen_on_disk == [True, True]
+    for step in (1, 2):
+        state = torch.load(tmp_path / step_checkpoint_name(step), weights_only=True)
+        assert torch.equal(state["w"], torch.arange(1000, dtype=torch.float32) + step - 1)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_failed_background_write_is_raised_by_the_next_wait_or_save(tmp_path):
+    writer = ck.CheckpointWriter(background=True)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    writer.save({"w": torch.zeros(3)}, blocked / "last.pth")  # returns: the write happens elsewhere
+    with pytest.raises(CheckpointError, match="could not write checkpoint"):
+        writer.wait()
+    writer.wait()  # reported once
+    writer.save({"w": torch.zeros(3)}, blocked / "best.pth")
+    with pytest.raises(CheckpointError, match="could not write checkpoint"):
+        writer.save({"w": torch.zeros(3)}, tmp_path / "last.pth")
+    with pytest.raises(TypeError, match="is a set"):  # a programming error is raised at once
+        writer.save({"w": {1}}, tmp_path / "x.pth")
+
+
+def test_cpu_tensors_clones_only_when_asked_and_keeps_the_containers():
+    t = torch.ones(2)
+    state = collections.OrderedDict(a=[t, (t, 1)], b={"c": None})
+    same, copied = ck.cpu_tensors(state), ck.cpu_tensors(state, copy=True)
+    assert type(same) is collections.OrderedDict and same["a"][0] is t and isinstance(same["a"][1], tuple)
+    assert copied["a"][0] is not t and torch.equal(copied["a"][1][0], t) and copied["b"] == {"c": None}

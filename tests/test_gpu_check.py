@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import env_for_subprocess, load_module, script_parts
@@ -333,3 +334,68 @@ def test_check_runs_parts_in_order_within_budgets_and_reports_failures(
     assert data["parts"][1]["seconds"] < 30
     assert (tmp_path / "report.md").is_file()
     assert f"report: {tmp_path / 'report.md'}" in capsys.readouterr().out
+
+
+def test_dry_run_for_a_16_core_machine_plans_no_part_past_the_budget_and_sizes_loader_sets(
+    gc, tmp_path, capsys
+):
+    assert gc.cli(["--dry-run", "--out", str(tmp_path), "--workers", "1", "2", "4", "8"]) == 0
+    text = capsys.readouterr().out
+    planned = [int(b) for b in re.findall(r"^## \w+: .* \(budget (\d+) s\)$", text, re.MULTILINE)]
+    skipped = re.findall(r"^## (\w+): .* \(skipped: needs \d+ s, over the budget\)$", text, re.MULTILINE)
+    assert len(planned) + len(skipped) == len(gc.PARTS) and planned and skipped
+    assert sum(planned) <= 560 - gc.MARGIN_S
+    # every skipped part is in a further call that fits the same budget (bench_compiled alone: at most 600 s)
+    calls = re.search(r"^# skipped parts, in further calls: (.*)$", text, re.MULTILINE).group(1)
+    called = [part for call in calls.split(";") for part in re.findall(r"--parts ((?:\w+ ?)+)", call)]
+    assert sorted(" ".join(called).split()) == sorted(skipped) and "--budget" not in calls
+    # a loader set gives the widest worker count (8) as many timed batches as warm-up ones
+    for batch, images in re.findall(
+        r"--batch-size (\d+) --data-images \d+ .*after writing (\d+) JPEGs", text
+    ):
+        assert int(images) >= 2 * 8 * int(batch)
+
+
+def test_a_part_that_no_longer_fits_the_budget_is_skipped_not_started(gc, gpucheck, tmp_path, monkeypatch):
+    def plan(name, budget):
+        return lambda ctx: [
+            gpucheck.running.Step(name, [sys.executable, "-c", f"open('{tmp_path / name}', 'w')"], budget)
+        ]
+
+    def run(ctx, steps):
+        results = [gpucheck.running.run_step(s, ctx) for s in steps]
+        return gpucheck.running.step_status(results), "ran", {}, results
+
+    parts = (
+        gc.Part("first", "Fits", plan("first", 20), run),
+        gc.Part("big", "Needs more than is left", plan("big", 55), run),
+        gc.Part("small", "Fits in what is left", plan("small", 20), run),
+    )
+    monkeypatch.setattr(gc, "PARTS", parts)
+    monkeypatch.setattr(gc, "PART_NAMES", tuple(p.name for p in parts))
+    monkeypatch.setattr(gc, "visible_gpus", lambda: 1)
+    assert gc.main(["--out", str(tmp_path / "out"), "--budget", "60"]) == 0  # a skipped part is no failure
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(p["name"], p["status"]) for p in data["parts"]] == [
+        ("first", "passed"),
+        ("big", "skipped"),
+        ("small", "passed"),
+    ]
+    assert data["parts"][1]["summary"].startswith("not run: needs 55 s") and not (tmp_path / "big").exists()
+
+
+def test_the_loader_benchmark_waits_for_the_gpu_before_it_reads_the_clock(gc, monkeypatch):
+    import torch
+    from bench import data_loader
+    from bench.loader_rows import DeviceClock, Pipeline
+
+    events = []
+    monkeypatch.setattr(data_loader, "synchronize", lambda device: events.append(f"sync {device.type}"))
+    monkeypatch.setattr(
+        data_loader.time, "perf_counter", lambda: events.append("clock") or float(len(events))
+    )
+    batches = [(torch.zeros(4, 3, 2, 2), torch.zeros(4)) for _ in range(6)]
+    loader = SimpleNamespace(_iterator=None)
+    pipeline = Pipeline(lambda epoch: iter(batches), loader, DeviceClock())
+    data_loader.timed_round(pipeline, images=16, workers=2, device=torch.device("cuda"))
+    assert events == ["sync cuda", "clock", "sync cuda", "clock"]  # started and stopped on an idle GPU

@@ -50,6 +50,7 @@ import torch
 from bench.common import DEFAULTS, log, usable_cores
 from bench.loader_rows import HOST, Pipeline, find_images, ours_pipeline, shard_pipeline, timm_pipeline
 from bench.report import command_line, loadavg, versions
+from bench.timing import synchronize
 from swin_train.data.jpeg import DECODER_ENV, jpeg_decoder
 from swin_train.errors import ConfigError
 
@@ -122,6 +123,7 @@ def timed_round(pipeline: Pipeline, images: int, workers: int, device: torch.dev
         for i, (batch, _) in enumerate(pipeline.epoch(epoch)):
             delivered += batch.shape[0]
             if i == warm - 1:
+                synchronize(device)  # the device work queued so far is not this epoch's timed part
                 start = time.perf_counter()
             elif i >= warm:
                 counted += batch.shape[0]
@@ -130,6 +132,7 @@ def timed_round(pipeline: Pipeline, images: int, workers: int, device: torch.dev
                 f"an epoch has {i + 1} batches, too few to time after {warm} warm-up batches; "
                 "use more images or a smaller --batch-size"
             )
+        synchronize(device)  # a GPU's queued work is done: the clock times the device, not the queueing
         seconds += time.perf_counter() - start
         epoch += 1
     shutdown(pipeline.loader)

@@ -20,7 +20,7 @@ MODELS = {
 BENCH_BUDGET_S = {
     "eager": {"T": 60, "B": 80, "L": 110},
     "flex": {"T": 100, "B": 100, "L": 120},
-    "compiled": {"T": 150, "B": 210, "L": 240},
+    "compiled": {"T": 140, "B": 190, "L": 220},  # together within one call of the default budget
 }
 BENCH_MODE_FLAGS = {"eager": [], "flex": ["--attention", "flex"], "compiled": ["--compile", "ours"]}
 BENCH_ROUNDS = ["--warmup", "3", "--repeats", "3", "--iters", "10"]

@@ -68,7 +68,7 @@ def cuda_test_ids(tests_dir: Path) -> list[str]:
 def plan_cuda_tests(ctx: Context) -> list[Step]:
     ids = cuda_test_ids(REPO / "tests")
     return [
-        Step("pytest_cuda", [ctx.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *ids], 150)
+        Step("pytest_cuda", [ctx.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *ids], 130)
     ]
 
 

@@ -9,21 +9,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gpucheck.loader import write_jpegs
+from gpucheck.loader import loader_budget_s, loader_images, write_jpegs, writing_s
 from gpucheck.running import Context, Outcome, Step, run_step, step_status
 
 ROWS = ("timm", "ours", "ours_device_augment", "ours_device_decode", "eval_timm", "eval_ours_device_decode")
-IMAGES = 384  # 500 x 375 photo-like JPEGs: 6 batches of 64 an epoch
+BATCH = 64  # 500 x 375 photo-like JPEGs, as many as the widest worker count needs (loader_images)
 
 
 def plan_device_pipeline(ctx: Context) -> list[Step]:
-    folder = ctx.out / "device_images"
+    folder, images = ctx.out / "device_images", loader_images(ctx.loader_workers, BATCH)
     workers = [str(w) for w in ctx.loader_workers]
     argv = [ctx.python, "scripts/benchmark.py", "--data-loader", str(folder), "--device", "cuda"]
-    argv += ["--workers", *workers, "--batch-size", "64", "--data-images", "256", "--repeats", "1"]
+    argv += ["--workers", *workers, "--batch-size", str(BATCH), "--data-images", "256", "--repeats", "1"]
     argv += ["--loader-rows", *ROWS, "--json"]
-    note = f"after writing {IMAGES} JPEGs (500x375) to {folder}"
-    return [Step("device_pipeline", argv, 240, note=note)]
+    budget = loader_budget_s(ctx.loader_workers, images, rows=len(ROWS), repeats=1)
+    note = f"after writing {images} JPEGs (500x375) to {folder}"
+    return [Step("device_pipeline", argv, budget, note=note, setup_s=writing_s(images))]
 
 
 def pipeline_rows(report: dict) -> dict:
@@ -45,7 +46,7 @@ def pipeline_rows(report: dict) -> dict:
 
 
 def run_device_pipeline(ctx: Context, steps: list[Step]) -> Outcome:
-    write_jpegs(ctx.out / "device_images", count=IMAGES)
+    write_jpegs(ctx.out / "device_images", count=loader_images(ctx.loader_workers, BATCH))
     results = [run_step(steps[0], ctx)]
     status, r, data = step_status(results), results[0], {}
     if r.exit_code == 0:

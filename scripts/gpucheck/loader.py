@@ -5,40 +5,69 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import usable_cores
 
 from gpucheck.running import Context, Outcome, PartResult, Step, run_step, step_status
 
+LOADER_BATCH = 32
+# images per second one loader worker decodes and augments (docs/performance.md: about 4 CPU ms per image)
+PER_WORKER_IMG_S = 200
+WRITER_THREADS = max(1, min(8, usable_cores()))
+
 
 def write_jpegs(folder: Path, count: int = 96, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
     """`count` JPEGs of ImageNet's typical size with smooth gradients, shapes and noise (decoding cost like
-    photos, unlike flat colour), once."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
+    photos, unlike flat colour), once; image i drawn from (seed, i), on WRITER_THREADS threads (numpy's
+    arithmetic and Pillow's encoder release the GIL)."""
     if len(list(folder.glob("*.jpg"))) >= count:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(WRITER_THREADS) as pool:
+        list(pool.map(lambda i: _write_jpeg(folder / f"{i:04d}.jpg", size, (seed, i)), range(count)))
+    return folder
+
+
+def _write_jpeg(path: Path, size: tuple[int, int], seed: tuple[int, int]) -> None:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
     rng = np.random.default_rng(seed)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for i in range(count):
-        base = (
-            rng.uniform(0, 255, 3)
-            + (xx[..., None] / w) * rng.uniform(-80, 80, 3)
-            + (yy[..., None] / h) * rng.uniform(-80, 80, 3)
-        )
-        img = Image.fromarray(np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for _ in range(8):
-            x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
-            box = (x0, y0, x0 + rng.uniform(20, 200), y0 + rng.uniform(20, 200))
-            colour = tuple(int(c) for c in rng.uniform(0, 255, 3))
-            (draw.ellipse if rng.uniform() < 0.5 else draw.rectangle)(box, fill=colour)
-        img.save(folder / f"{i:04d}.jpg", quality=90)
-    return folder
+    base = (
+        rng.uniform(0, 255, 3)
+        + (xx[..., None] / w) * rng.uniform(-80, 80, 3)
+        + (yy[..., None] / h) * rng.uniform(-80, 80, 3)
+    )
+    img = Image.fromarray(np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(8):
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        box = (x0, y0, x0 + rng.uniform(20, 200), y0 + rng.uniform(20, 200))
+        colour = tuple(int(c) for c in rng.uniform(0, 255, 3))
+        (draw.ellipse if rng.uniform() < 0.5 else draw.rectangle)(box, fill=colour)
+    img.save(path, quality=90)
+
+
+def loader_images(workers: Sequence[int], batch_size: int) -> int:
+    """Images in a loader set for these worker counts: the benchmark times an epoch after one warm-up batch
+    per worker, so the widest count gets as many timed batches as warm-up ones (8 batches at least)."""
+    return max(2 * max(workers), 8) * batch_size
+
+
+def loader_budget_s(workers: Sequence[int], images: int, rows: int, repeats: int) -> float:
+    """A generous bound on the loader benchmark's seconds: its start, then per round (row x worker count x
+    repeat) the workers' start and one epoch at PER_WORKER_IMG_S per worker, with half again to spare."""
+    epochs = sum(2 + 0.3 * w + images / (PER_WORKER_IMG_S * w) for w in workers) * rows * repeats
+    return 30 + 1.5 * epochs
+
+
+def writing_s(images: int) -> float:
+    """A bound on write_jpegs's seconds (about 50 ms per image and thread on a slow core)."""
+    return 5 + 0.05 * images / WRITER_THREADS
 
 
 def default_loader_workers() -> list[int]:
@@ -46,12 +75,15 @@ def default_loader_workers() -> list[int]:
 
 
 def plan_data_loader(ctx: Context) -> list[Step]:
-    folder = ctx.out / "loader_images"
+    folder, images = ctx.out / "loader_images", loader_images(ctx.loader_workers, LOADER_BATCH)
     workers = [str(w) for w in ctx.loader_workers]
     argv = [ctx.python, "scripts/benchmark.py", "--data-loader", str(folder), "--workers", *workers]
-    argv += ["--data-images", "256", "--repeats", "2", "--loader-rows", "ours", "eval_ours", "--json"]
+    argv += ["--batch-size", str(LOADER_BATCH), "--data-images", "256", "--repeats", "2"]
+    argv += ["--loader-rows", "ours", "eval_ours", "--json"]
     # four rows a round (timm's train and eval loaders beside ours), each worker count, two rounds
-    return [Step("data_loader", argv, 300, note=f"after writing 96 JPEGs (500x375) to {folder}")]
+    budget = loader_budget_s(ctx.loader_workers, images, rows=4, repeats=2)
+    note = f"after writing {images} JPEGs (500x375) to {folder}"
+    return [Step("data_loader", argv, budget, note=note, setup_s=writing_s(images))]
 
 
 def loader_cores(loader: dict | None, bench_parts: Sequence[PartResult], num_gpus: int) -> list[dict]:
@@ -79,7 +111,7 @@ def loader_cores(loader: dict | None, bench_parts: Sequence[PartResult], num_gpu
 
 
 def run_data_loader(ctx: Context, steps: list[Step]) -> Outcome:
-    write_jpegs(ctx.out / "loader_images")
+    write_jpegs(ctx.out / "loader_images", count=loader_images(ctx.loader_workers, LOADER_BATCH))
     results = [run_step(steps[0], ctx)]
     r = results[0]
     data: dict = {}

@@ -1,5 +1,9 @@
 """How the check runs: a part's commands (Step) each within its budget and the time the whole check has
-left, their outcome (StepResult, PartResult), and a part whose failure never ends the check (run_part)."""
+left, their outcome (StepResult, PartResult), and a part whose failure never ends the check (run_part).
+
+Parts are planned against the overall budget: a part starts only when its whole budget fits in the time
+left (less MARGIN_S for the report); one that does not is "skipped", never started to be cut ("timed out"
+is a part that ran past its own budget)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from processes.groups import stop_group
 REPO = Path(__file__).resolve().parents[2]
 # no step starts with less than this left before the overall deadline (it is recorded as not run)
 MIN_STEP_S = 15
+# kept from the overall budget for what follows the parts (nvidia-smi, the report)
+MARGIN_S = 10
 TAIL_CHARS = 3000
 STATUSES = ("passed", "failed", "timed out", "skipped")
 BUDGET_SPENT = "not run: the overall --budget is spent"
@@ -30,6 +36,7 @@ class Step:
     budget_s: float
     env: dict[str, str] = field(default_factory=dict)
     note: str = ""  # what happens around the command (e.g. a signal), for --dry-run and the report
+    setup_s: float = 0.0  # what the part does before the command (e.g. writing its images), in its budget
 
     @property
     def command(self) -> str:
@@ -151,10 +158,36 @@ def step_status(results: Sequence[StepResult]) -> str:
     return "passed" if all(r.exit_code == 0 for r in results) else "failed"
 
 
+def part_budget(steps: Sequence[Step]) -> float:
+    return sum(s.setup_s + s.budget_s for s in steps)
+
+
+def fits(budget: float, left_s: float) -> bool:
+    return budget <= left_s - MARGIN_S
+
+
+def plan_within_budget(
+    parts: Sequence[Part], ctx: Context, left_s: float
+) -> list[tuple[Part, list[Step], float, bool]]:
+    """(part, its steps, its budget, whether it fits) in order, each part that fits taking its budget from
+    `left_s`: the plan that `run_part` follows when every part keeps to its budget."""
+    left, plan = left_s, []
+    for part in parts:
+        steps = part.plan(ctx)
+        budget = part_budget(steps)
+        plan.append((part, steps, budget, fits(budget, left)))
+        left -= budget if plan[-1][3] else 0
+    return plan
+
+
 def run_part(part: Part, ctx: Context) -> PartResult:
-    """Run one part; anything it raises is recorded as its failure, never the end of the check."""
+    """Run one part if its budget fits in the time left (else it is "skipped"); anything it raises is
+    recorded as its failure, never the end of the check."""
     steps = part.plan(ctx)
-    budget = sum(s.budget_s for s in steps)
+    budget = part_budget(steps)
+    if not fits(budget, left := ctx.left_s()):
+        why = f"not run: needs {budget:.0f} s, {max(left - MARGIN_S, 0):.0f} s of the --budget left"
+        return PartResult(part.name, part.title, "skipped", 0.0, budget, why, [not_run(s) for s in steps])
     started = time.monotonic()
     try:
         status, summary, data, results = part.run(ctx, steps)
