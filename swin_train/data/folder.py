@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, takes_encoded
+from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, rgb_image, takes_encoded
 from swin_train.data.seeding import transform_sample
 from swin_train.errors import DataError
 
@@ -51,7 +51,7 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
     """An RGB image, decoded the same way for training, evaluation and prediction (no EXIF rotation).
     Raises one of DECODE_ERRORS."""
     with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")  # convert() decodes: truncated data fails here
+        return rgb_image(Image.open(f))  # decodes: truncated data fails here
 
 
 def read_encoded(path: str | os.PathLike) -> Encoded:

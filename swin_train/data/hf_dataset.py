@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, takes_encoded
+from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, rgb_image, takes_encoded
 from swin_train.data.folder import DECODE_ERRORS, SampleKey, decode_error_reason, split_key
 from swin_train.data.seeding import transform_sample
 from swin_train.errors import DataError
@@ -147,7 +147,7 @@ class HFImageDataset(Dataset):
                 raise DataError(
                     f"column '{self.image_column}' of {self.where} does not hold images; set data.image_column"
                 )
-            return image.convert("RGB"), int(row[self.label_column])
+            return rgb_image(image), int(row[self.label_column])
         except DECODE_ERRORS as e:
             raise self._undecodable(index, e) from None
 

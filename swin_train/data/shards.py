@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, takes_encoded
+from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, rgb_image, takes_encoded
 from swin_train.data.folder import DECODE_ERRORS, decode_error_reason
 from swin_train.data.seeding import derive_seed, seed_generator, seed_globals_from, transform_sample
 from swin_train.data.tar_stream import iter_tar_files
@@ -354,7 +354,7 @@ def decode_sample(sample: dict, shard: Shard, *, encoded: bool = False) -> tuple
     try:
         if encoded:
             return open_encoded(bytes(sample[ext]), where), label
-        return Image.open(io.BytesIO(sample[ext])).convert("RGB"), label
+        return rgb_image(Image.open(io.BytesIO(sample[ext]))), label
     except DECODE_ERRORS as e:
         raise _undecodable(where, e) from None
 
