@@ -187,9 +187,12 @@ class DataConfig:
     interpolation: str = "bicubic"
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
-    skip_bad_images: bool = False  # replace an undecodable image by the next one (logged) instead of failing
-    # an ImageFolder split whose decoded images fit in this many MiB is decoded once per process and kept in
-    # memory, not decoded again every epoch (0: never); each data worker holds its own copy
+    # an undecodable image (logged) instead of failing: in training replaced by the next one, in evaluation
+    # left out of every count (and named)
+    skip_bad_images: bool = False
+    # an ImageFolder train split whose decoded images fit in this many MiB is decoded once per process and kept
+    # in memory, not decoded again every epoch; the val split keeps its transformed images (0: never); each
+    # data worker holds its own copy
     decoded_cache_mib: int = 256
     # decode only what the crop needs (the crop drawn on the file's header, reduced-scale JPEG decoding,
     # uint8 tensor resizes; data/decode.py): the same boxes, flips and RandAugment ops, pixels within the
