@@ -137,17 +137,22 @@ class HFImageDataset(Dataset):
     def _load(self, index: int) -> tuple[Image.Image | Encoded, int]:
         try:
             row = self.dataset[index]
-            image = row[self.image_column]
+            image, label = row[self.image_column], int(row[self.label_column])
+            if not 0 <= label < len(self.classes):  # -1: the Hub's mark of an unlabelled row
+                raise DataError(
+                    f"row {index} of {self.where}: label {label} is not one of the {len(self.classes)} classes "
+                    f"0..{len(self.classes) - 1}; filter such rows out or set data.label_column"
+                )
             if isinstance(image, dict) and self.encoded:
                 data = image.get("bytes") or Path(image["path"]).read_bytes()
-                return open_encoded(data, f"row {index} of {self.where}"), int(row[self.label_column])
+                return open_encoded(data, f"row {index} of {self.where}"), label
             if isinstance(image, dict):  # an undecoded Image feature: {'bytes': ..., 'path': ...}
                 image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
             if not isinstance(image, Image.Image):
                 raise DataError(
                     f"column '{self.image_column}' of {self.where} does not hold images; set data.image_column"
                 )
-            return rgb_image(image), int(row[self.label_column])
+            return rgb_image(image), label
         except DECODE_ERRORS as e:
             raise self._undecodable(index, e) from None
 

@@ -79,6 +79,11 @@ class ShardSplit:
     def counts(self) -> list[int]:
         return [s.num_samples for s in self.shards]
 
+    @property
+    def num_classes(self) -> int | None:
+        """The labels' range (0..num_classes-1), when the class names are known."""
+        return len(self.class_names) if self.class_names else None
+
 
 def is_shard_source(path: str) -> bool:
     """Whether `path` names shards rather than an ImageFolder: a `pipe:` URL, a brace pattern, a .tar,
@@ -340,8 +345,11 @@ def _undecodable(where: str, e: BaseException) -> DataError:
     return DataError(f"cannot decode image {where} ({reason}); re-pack with `swin-data pack --skip-bad`")
 
 
-def decode_sample(sample: dict, shard: Shard, *, encoded: bool = False) -> tuple[Image.Image | Encoded, int]:
-    """(RGB image, label) from a webdataset sample's raw bytes; `encoded`: the image undecoded (Encoded)."""
+def decode_sample(
+    sample: dict, shard: Shard, *, encoded: bool = False, num_classes: int | None = None
+) -> tuple[Image.Image | Encoded, int]:
+    """(RGB image, label) from a webdataset sample's raw bytes; `encoded`: the image undecoded (Encoded). A
+    label outside 0..num_classes-1 (negative ones whatever the count) is a DataError: the loss would crash."""
     where = f"{sample.get('__key__')} in shard {shard.url}"
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None or LABEL_EXTENSION not in sample:
@@ -351,6 +359,16 @@ def decode_sample(sample: dict, shard: Shard, *, encoded: bool = False) -> tuple
         label = int(bytes(sample[LABEL_EXTENSION]).decode().strip())
     except ValueError:
         raise DataError(f"sample {where}: its .cls is not an integer label") from None
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        classes = (
+            "a class index"
+            if num_classes is None
+            else f"one of the {num_classes} classes 0..{num_classes - 1}"
+        )
+        raise DataError(
+            f"sample {where}: label {label} is not {classes}; fix the shard's .cls, or the class list of its "
+            "index (model.num_classes where the index names none)"
+        )
     try:
         if encoded:
             return open_encoded(bytes(sample[ext]), where), label
@@ -449,7 +467,7 @@ class ShardTrainDataset(IterableDataset):
         encoded = takes_encoded(self.transform)
         for shard_index, member, sample in self.stream_samples(stream, start):
             shard = self.split.shards[shard_index]
-            image, label = decode_sample(sample, shard, encoded=encoded)
+            image, label = decode_sample(sample, shard, encoded=encoded, num_classes=self.split.num_classes)
             seed = int(shard_sample_seeds(self.seed, self.epoch, shard_index, shard.num_samples)[member])
             yield _transformed(self.transform, image, seed, sample, shard), label
 
@@ -523,7 +541,9 @@ class ShardEvalDataset(IterableDataset):
         for shard_id in stream_shards(range(len(self.split.shards)), stream, self.num_streams):
             shard = self.split.shards[shard_id]
             for sample in read_shard(shard):
-                image, label = decode_sample(sample, shard, encoded=encoded)
+                image, label = decode_sample(
+                    sample, shard, encoded=encoded, num_classes=self.split.num_classes
+                )
                 yield _transformed(self.transform, image, None, sample, shard), label
 
 
