@@ -248,13 +248,11 @@ def test_truncated_or_bad_jpegs_get_the_one_line_message_with_fast_decode(tmp_pa
         list(ds)
 
 
-def test_the_cache_decision_comes_from_the_first_files_header_not_from_what_was_decoded_first(
-    tmp_path, photos
-):
+def test_the_cache_decision_comes_from_the_files_headers_not_from_what_was_decoded_first(tmp_path, photos):
     root = photo_folder(tmp_path, photos[:4])
     transform = build_train_transform(DataConfig(fast_decode=True), AugConfig(), uint8=True)
-    first = Image.open(io.BytesIO(photos[1])).size  # a/01.jpg sorts first
-    need = first[0] * first[1] * 3 * 4
+    sizes = [Image.open(io.BytesIO(photo)).size for photo in photos[:4]]  # the whole set, not a/01.jpg alone
+    need = sum(width * height * 3 for width, height in sizes)
     fits = ImageFolderDataset(root / "train", transform, cache_bytes=need)
     too_small = ImageFolderDataset(root / "train", transform, cache_bytes=need - 1)
     assert fits.cache.enabled and not too_small.cache.enabled

@@ -105,6 +105,12 @@ def test_bad_images_fail_the_pack_or_are_skipped_and_listed(tmp_path):
     assert info["splits"]["train"]["num_samples"] == 17
 
 
+def test_a_negative_seed_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(DataError, match="--seed must be >= 0, got -1"):
+        pack(_folder(tmp_path / "src"), tmp_path / "out", PackOptions(seed=-1), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_max_size_stores_resized_images(tmp_path):
     src = _folder(tmp_path / "src", size=(64, 48))
     pack(src, tmp_path / "small", PackOptions(shard_size=100, max_size=32), progress=False)

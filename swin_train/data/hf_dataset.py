@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, rgb_image, takes_encoded
 from swin_train.data.folder import DECODE_ERRORS, SampleKey, decode_error_reason, split_key
+from swin_train.data.labels import checked_label
 from swin_train.data.seeding import transform_sample
 from swin_train.errors import DataError
 
@@ -137,12 +138,12 @@ class HFImageDataset(Dataset):
     def _load(self, index: int) -> tuple[Image.Image | Encoded, int]:
         try:
             row = self.dataset[index]
-            image, label = row[self.image_column], int(row[self.label_column])
-            if not 0 <= label < len(self.classes):  # -1: the Hub's mark of an unlabelled row
-                raise DataError(
-                    f"row {index} of {self.where}: label {label} is not one of the {len(self.classes)} classes "
-                    f"0..{len(self.classes) - 1}; filter such rows out or set data.label_column"
-                )
+            image = row[self.image_column]
+            # -1: the Hub's mark of an unlabelled row
+            fix = "filter such rows out or set data.label_column"
+            label = checked_label(
+                int(row[self.label_column]), len(self.classes), f"row {index} of {self.where}", fix
+            )
             if isinstance(image, dict) and self.encoded:
                 data = image.get("bytes") or Path(image["path"]).read_bytes()
                 return open_encoded(data, f"row {index} of {self.where}"), label

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, rgb_image, takes_encoded
 from swin_train.data.folder import DECODE_ERRORS, decode_error_reason
+from swin_train.data.labels import shard_label
 from swin_train.data.seeding import derive_seed, seed_generator, seed_globals_from, transform_sample
 from swin_train.data.tar_stream import iter_tar_files
 from swin_train.errors import DataError
@@ -78,11 +79,6 @@ class ShardSplit:
     @property
     def counts(self) -> list[int]:
         return [s.num_samples for s in self.shards]
-
-    @property
-    def num_classes(self) -> int | None:
-        """The labels' range (0..num_classes-1), when the class names are known."""
-        return len(self.class_names) if self.class_names else None
 
 
 def is_shard_source(path: str) -> bool:
@@ -346,29 +342,15 @@ def _undecodable(where: str, e: BaseException) -> DataError:
 
 
 def decode_sample(
-    sample: dict, shard: Shard, *, encoded: bool = False, num_classes: int | None = None
+    sample: dict, shard: Shard, *, encoded: bool = False, classes: tuple[str, ...] | None = None
 ) -> tuple[Image.Image | Encoded, int]:
-    """(RGB image, label) from a webdataset sample's raw bytes; `encoded`: the image undecoded (Encoded). A
-    label outside 0..num_classes-1 (negative ones whatever the count) is a DataError: the loss would crash."""
+    """(RGB image, label) from a webdataset sample's raw bytes; `encoded`: the image undecoded (Encoded)."""
     where = f"{sample.get('__key__')} in shard {shard.url}"
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None or LABEL_EXTENSION not in sample:
         found = ", ".join(k for k in sample if not k.startswith("__"))
         raise DataError(f"sample {where} has no image (.jpg/.png/...) or no .cls label (it has: {found})")
-    try:
-        label = int(bytes(sample[LABEL_EXTENSION]).decode().strip())
-    except ValueError:
-        raise DataError(f"sample {where}: its .cls is not an integer label") from None
-    if label < 0 or (num_classes is not None and label >= num_classes):
-        classes = (
-            "a class index"
-            if num_classes is None
-            else f"one of the {num_classes} classes 0..{num_classes - 1}"
-        )
-        raise DataError(
-            f"sample {where}: label {label} is not {classes}; fix the shard's .cls, or the class list of its "
-            "index (model.num_classes where the index names none)"
-        )
+    label = shard_label(sample[LABEL_EXTENSION], f"sample {where}", classes)
     try:
         if encoded:
             return open_encoded(bytes(sample[ext]), where), label
@@ -467,7 +449,7 @@ class ShardTrainDataset(IterableDataset):
         encoded = takes_encoded(self.transform)
         for shard_index, member, sample in self.stream_samples(stream, start):
             shard = self.split.shards[shard_index]
-            image, label = decode_sample(sample, shard, encoded=encoded, num_classes=self.split.num_classes)
+            image, label = decode_sample(sample, shard, encoded=encoded, classes=self.split.class_names)
             seed = int(shard_sample_seeds(self.seed, self.epoch, shard_index, shard.num_samples)[member])
             yield _transformed(self.transform, image, seed, sample, shard), label
 
@@ -541,9 +523,7 @@ class ShardEvalDataset(IterableDataset):
         for shard_id in stream_shards(range(len(self.split.shards)), stream, self.num_streams):
             shard = self.split.shards[shard_id]
             for sample in read_shard(shard):
-                image, label = decode_sample(
-                    sample, shard, encoded=encoded, num_classes=self.split.num_classes
-                )
+                image, label = decode_sample(sample, shard, encoded=encoded, classes=self.split.class_names)
                 yield _transformed(self.transform, image, None, sample, shard), label
 
 
