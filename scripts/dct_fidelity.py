@@ -6,8 +6,10 @@ a multiple of the DCT block (the last reduced pixel is partial).
 
 Prints, per image and quality, the lowest and median PSNR over `--draws` random-resized crops (timm's train
 crop, no flip or augmentation) and the PSNR of the eval resize + center crop, then the floor over all.
+`--timing`: instead, the milliseconds of a train crop plus an eval crop of the benchmark's photographs
+(scripts/bench/photos.py, scaled to the size; one thread) with the DCT scales as they are and without them.
 
-    python scripts/dct_fidelity.py [--width 2003 --height 1501 --draws 12 --img-size 224]
+    python scripts/dct_fidelity.py [--width 2003 --height 1501 --draws 12 --img-size 224] [--timing]
 """
 
 from __future__ import annotations
@@ -83,13 +85,55 @@ def fidelity(data: bytes, img_size: int, draws: int) -> tuple[list[float], float
     return train, psnr(full_eval(whole), fast_eval(open_encoded(data)))
 
 
+def timing(width: int, height: int, img_size: int, rounds: int = 7) -> dict[str, float]:
+    """{"dct": ms, "no dct": ms}: the median over `rounds` of a train + eval crop of each bundled photo."""
+    import random
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench.photos import load_sources
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    from swin_train.data import decode
+
+    torch.set_num_threads(1)
+    files = []
+    for pixels in load_sources().values():
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS).save(
+            buffer, "JPEG", quality=90
+        )
+        files.append(buffer.getvalue())
+    train = decode.FastRandomResizedCrop(RandomResizedCropAndInterpolation(img_size), as_tensor=True)
+    evaluation = decode.FastResizeCenterCrop(
+        int(img_size / 0.875), (img_size, img_size), "bicubic", as_tensor=True
+    )
+    scales, times = decode.DCT_SCALES, {"dct": [], "no dct": []}
+    for round_ in range(rounds):
+        for name, decode.DCT_SCALES in (("dct", scales), ("no dct", ())):
+            random.seed(round_)
+            start = time.perf_counter()
+            for data in files:
+                train(decode.open_encoded(data)), evaluation(decode.open_encoded(data))
+            times[name].append((time.perf_counter() - start) * 1000 / len(files))
+    decode.DCT_SCALES = scales
+    return {name: float(np.median(ms)) for name, ms in times.items()}
+
+
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=2003)
     p.add_argument("--height", type=int, default=1501)
     p.add_argument("--draws", type=int, default=12, help="random-resized crops per image")
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--timing", action="store_true", help="time the DCT path against none instead")
     args = p.parse_args(argv)
+    if args.timing:
+        ms = timing(args.width, args.height, args.img_size)
+        print(
+            f"{args.width}x{args.height}: train + eval crop {ms['dct']:.1f} ms, without DCT scaling {ms['no dct']:.1f} ms"
+        )
+        return ms["dct"]
     floor = float("inf")
     for name, image in adversarial_images(args.width, args.height):
         for quality in QUALITIES:
