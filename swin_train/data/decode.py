@@ -162,6 +162,8 @@ def crop_resize(
     rounded to whole reduced pixels shifts the content by up to factor / 2 full-size pixels, far from the
     full path on fine periodic detail (stripes, text; docs/design.md)."""
     top, left, height, width = box
+    if height < 1 or width < 1:  # timm's draw on a 1 px side: its full path resizes the empty crop to black
+        return torch.zeros((pixels.shape[0], *size), dtype=torch.uint8)
     if factor == 1.0:
         return resize_pixels(pixels[:, top : top + height, left : left + width], size, interpolation)
     region = tuple(v / factor for v in (left, top, left + width, top + height))
