@@ -37,6 +37,7 @@ from swin_train.config_types import (
     with_origin,
 )
 from swin_train.config_yaml import deep_merge, dump_yaml, load_tree, nested, parse_override, record_origin
+from swin_train.data.augment_spec import auto_augment_problem
 from swin_train.errors import ConfigError
 from swin_train.models.arch import ArchitectureError, check_architecture
 from swin_train.models.registry import DEFAULT_VARIANT, VARIANTS, variant_arch
@@ -163,6 +164,11 @@ class ModelConfig:
             r.require(f"model.{key}", getattr(self, key), _drop_rate, "in [0, 1)")
         r.require("model.num_classes", self.num_classes, _at_least_one, ">= 1")
         r.choice("model.attention", self.attention, ATTENTION_BACKENDS)
+        if self.in_chans != 3:  # every reader (folders, shards, HF, predict, decode=cuda) hands over RGB
+            r.fail(
+                "model.in_chans",
+                f"model.in_chans={self.in_chans}: images are read as RGB (grayscale files too); set model.in_chans=3",
+            )
         for key in ("pretrained", "head_map"):
             value = getattr(self, key)
             if value is not None and not value.strip():
@@ -183,9 +189,12 @@ class DataConfig:
     interpolation: str = "bicubic"
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
-    skip_bad_images: bool = False  # replace an undecodable image by the next one (logged) instead of failing
-    # an ImageFolder split whose decoded images fit in this many MiB is decoded once per process and kept in
-    # memory, not decoded again every epoch (0: never); each data worker holds its own copy
+    # an undecodable image (logged) instead of failing: in training replaced by the next one, in evaluation
+    # left out of every count (and named)
+    skip_bad_images: bool = False
+    # an ImageFolder train split whose decoded images fit in this many MiB is decoded once per process and kept
+    # in memory, not decoded again every epoch; the val split keeps its transformed images (0: never); each
+    # data worker holds its own copy
     decoded_cache_mib: int = 256
     # decode only what the crop needs (the crop drawn on the file's header, reduced-scale JPEG decoding,
     # uint8 tensor resizes; data/decode.py): the same boxes, flips and RandAugment ops, pixels within the
@@ -358,8 +367,9 @@ class AugConfig:
                 "aug.crop_scale",
                 f"aug.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}",
             )
-        if self.auto_augment is not None and not self.auto_augment.strip():
-            r.fail("aug.auto_augment", "aug.auto_augment is empty; use null to disable it")
+        problem = None if self.auto_augment is None else auto_augment_problem(self.auto_augment)
+        if problem:
+            r.fail("aug.auto_augment", f"aug.auto_augment={shorten(repr(self.auto_augment))}: {problem}")
 
 
 @dataclass
@@ -394,7 +404,8 @@ class Config:
         for section in SECTIONS:
             getattr(self, section).check(r)
         r.choice("amp", self.amp, AMP_MODES)
-        r.require("seed", self.seed, _non_negative, ">= 0")
+        # torch's generators take seeds below 2**64, and run seeds add the rank, epoch and step to it
+        r.require("seed", self.seed, lambda x: 0 <= x < 2**63, "in [0, 2**63)")
         r.require("save_freq", self.save_freq, _at_least_one, ">= 1")
         r.require("print_freq", self.print_freq, _at_least_one, ">= 1")
         if not self.output.strip():

@@ -12,9 +12,10 @@ from torch import nn
 from tqdm import tqdm
 
 from swin_train.cpu_split import CpuSplit
+from swin_train.data.folder import SKIPPED_LABEL
 from swin_train.data.prefetch import DeviceTransform, prefetch
 from swin_train.device import Amp
-from swin_train.distributed import all_reduce_sum
+from swin_train.distributed import all_gather_objects, all_reduce_sum
 
 
 @torch.no_grad()
@@ -31,14 +32,16 @@ def evaluate(
 ) -> dict:
     """Top-1, top-k (k = min(5, classes)) and mean cross-entropy over the whole set, summed over ranks.
 
-    With an exact (non-padding) sampler, every image counts once whatever the number of processes.
+    With an exact (non-padding) sampler, every image counts once whatever the number of processes. A file
+    the data set could not read (data.skip_bad_images) comes as SKIPPED_LABEL and counts nowhere:
+    `num_samples` is the number of images evaluated, `num_skipped` and `skipped_files` what was left out.
     `device_transform` normalises uint8 batches on the device (no erasing in evaluation). `cpu_split` runs
     each batch's forward in parts at once, one thread each (cpu_split.py).
     """
     model.eval()
     k = min(5, num_classes)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-k hits, loss sum, count
-    count = 0  # on the host: a tensor made from it per batch would be a blocking copy to the device
+    # top-1 hits, top-k hits, loss sum, images evaluated, images skipped
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
     transform = None if device_transform is None else (lambda images, _: device_transform(images))
     bar = tqdm(
         prefetch(loader, device, transform),
@@ -56,16 +59,30 @@ def evaluate(
     with cpu_split.main_thread_share() if cpu_split is not None else nullcontext():
         for images, targets in bar:
             logits = torch.cat(cpu_split.map(forward, images)) if cpu_split is not None else forward(images)
-            hits = logits.topk(k, dim=-1).indices == targets[:, None]  # (B, k)
-            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-            totals[:3] += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum(), loss]).to(totals.dtype)
-            count += len(targets)
-    totals[3].fill_(count)
-    top1, topk, loss, count = all_reduce_sum(totals).tolist()
-    count = int(count)
-    if count == 0:
-        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "num_samples": 0, "topk": k}
-    return {"top1": top1 / count, "top5": topk / count, "loss": loss / count, "num_samples": count, "topk": k}
+            hits = logits.topk(k, dim=-1).indices == targets[:, None]  # (B, k); never for SKIPPED_LABEL
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=SKIPPED_LABEL)
+            counted = targets != SKIPPED_LABEL
+            sums = [hits[:, 0].sum(), hits.any(dim=-1).sum(), loss, counted.sum(), (~counted).sum()]
+            totals += torch.stack(sums).to(totals.dtype)
+    top1, topk, loss, count, skipped = all_reduce_sum(totals).tolist()
+    count, skipped = int(count), int(skipped)
+    files = [f for part in all_gather_objects(skipped_files(loader.dataset)) for f in part] if skipped else []
+    per_image = count or float("nan")  # no image evaluated: every mean is NaN
+    return {
+        "top1": top1 / per_image,
+        "top5": topk / per_image,
+        "loss": loss / per_image,
+        "num_samples": count,
+        "topk": k,
+        "num_skipped": skipped,  # the same on every rank: all of them gathered the files, or none
+        "skipped_files": sorted(files),
+    }
+
+
+def skipped_files(dataset) -> list[str]:
+    """The files this process's latest pass over `dataset` left out (an image folder's; others skip none)."""
+    method = getattr(dataset, "skipped_files", None)
+    return method() if method is not None else []
 
 
 def throughput(

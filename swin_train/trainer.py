@@ -19,6 +19,7 @@ from swin_train import checkpoint as ckpt
 from swin_train.allocator import keep_freed_memory
 from swin_train.config import Config, dump_config
 from swin_train.data.build import check_data_path
+from swin_train.data.folder import few
 from swin_train.data.prefetch import prefetch
 from swin_train.device import check_attention_backend, resolve_amp, resolve_device
 from swin_train.distributed import (
@@ -360,8 +361,16 @@ def evaluate_run(run: Run) -> dict:
         cpu_split=run.eval_split,
     )
     result = {f"val_{k}": v for k, v in evaluate(run.model, run.data.val_loader, **kw).items()}
+    if result["val_num_skipped"]:
+        log.warning(
+            "validation left out %d unreadable images (data.skip_bad_images; top-1 is over the other %d): %s",
+            result["val_num_skipped"],
+            result["val_num_samples"],
+            few(result["val_skipped_files"]),
+        )
     if run.ema is not None:
-        result.update({f"ema_{k}": v for k, v in evaluate(run.ema.module, run.data.val_loader, **kw).items()})
+        ema = evaluate(run.ema.module, run.data.val_loader, **kw)
+        result.update({f"ema_{k}": v for k, v in ema.items() if k != "skipped_files"})  # the same files
     return result
 
 

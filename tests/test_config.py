@@ -356,6 +356,68 @@ def test_value_errors(override, expected):
     assert override_error(override) == f"override '{override}': {expected}"
 
 
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (
+            "Rand-m9",
+            "'Rand' is not a policy: a spec starts with rand (RandAugment), augmix or an AutoAugment",
+        ),
+        ("random-m9", "a rand spec starts with 'rand-', got 'random'"),
+        ("orignal-mstd0.5", "did you mean 'original'?"),
+        ("rand-x9", "unknown section 'x9' (sections: m, n, p, mstd, mmax, inc, t<set>)"),
+        ("rand-m9x", "section 'm9x': m takes an integer, got '9x'"),
+        ("augmix-m3-b2", "section 'b2': b takes 0 or 1, got '2'"),
+        ("v0-mstd", "section 'mstd' has no number, so timm ignores it (sections: mstd)"),
+        # what timm builds without a word: a section without a number, an unknown set, a clipped magnitude
+        ("rand-m9-mstd-inc1", "section 'mstd' has no number, so timm ignores it"),
+        ("rand-m9-tfoo", "unknown transform set 'tfoo' (timm would use its default set; known: tweights"),
+        ("rand-m15-mstd0.5", "magnitude m15 is above the maximum 10, which timm clips it to; set mmax"),
+        ("rand-m9-m7", "section 'm' appears twice"),
+        ("rand-m9-p1.5", "p1.5: the probability of each op must be in [0, 1]"),
+    ],
+)
+def test_an_auto_augment_spec_timm_would_reject_or_partly_ignore_is_a_one_line_error(spec, expected):
+    msg = override_error(f"aug.auto_augment={spec}")
+    assert (
+        msg.startswith(f"override 'aug.auto_augment={spec}': aug.auto_augment={spec!r}: ") and expected in msg
+    )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "rand-m9-mstd0.5-inc1",
+        "rand-m7-n3-mstd1-tweights",
+        "rand-m15-mmax20-t3a",
+        "original-mstd0.5",
+        "v0r",
+        "3a",
+        "augmix-m5-w4-d2-a1-b1",
+        "none",
+    ],
+)
+def test_every_auto_augment_section_timm_applies_is_accepted(spec):
+    assert load_config(None, [f"aug.auto_augment={spec}"]).aug.auto_augment == spec
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("seed=18446744073709551616", "seed must be in [0, 2**63), got 18446744073709551616"),
+        ("seed=-1", "seed must be in [0, 2**63), got -1"),
+        (
+            "model.in_chans=1",
+            "model.in_chans=1: images are read as RGB (grayscale files too); set model.in_chans=3",
+        ),
+    ],
+)
+def test_a_seed_torch_cannot_take_and_other_than_3_channels_are_refused(override, expected):
+    assert override_error(override) == f"override '{override}': {expected}"
+    if override.startswith("seed"):
+        assert load_config(None, [f"seed={2**63 - 1}"]).seed == 2**63 - 1  # the largest accepted
+
+
 def test_warmup_equal_to_epochs_and_ema_best_are_valid():
     cfg = load_config(
         None, ["train.epochs=5", "train.warmup_epochs=5", "train.ema=true", "train.best_on=ema"]

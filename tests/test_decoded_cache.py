@@ -67,10 +67,23 @@ def test_a_set_that_would_not_fit_keeps_nothing(tmp_path):
         dataset[0]
 
 
+def test_the_whole_set_decides_whether_it_fits_not_its_first_image(tmp_path):
+    root = image_folder(tmp_path / "data", train=6, val=2)
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(root / "train" / "cat" / "0.png")  # sorted first
+    whole = 11 * PNG_BYTES + 3  # the 12 train images decoded
+    assert not _train_set(root, cache_bytes=whole - 1).cache.enabled  # the 1x1 image said 36 bytes fit
+    dataset = _train_set(root, cache_bytes=whole)
+    assert dataset.cache.enabled
+    for i in range(len(dataset)):
+        dataset[i]
+    assert dataset.cache.bytes == whole and len(dataset.cache.images) == 12
+
+
 def test_memory_never_exceeds_the_budget_when_later_images_are_larger(tmp_path):
     root = image_folder(tmp_path / "data", train=3, val=1)
+    dataset = _train_set(root, cache_bytes=6 * PNG_BYTES)  # the 6 images of 3 KiB fit
+    # a file that grew after the set was sized
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "train" / "dog" / "2.png")  # 4x the others
-    dataset = _train_set(root, cache_bytes=6 * PNG_BYTES)  # the first image says 6 images of 3 KiB fit
     for i in range(len(dataset)):
         dataset[i]
     assert dataset.cache.bytes <= 6 * PNG_BYTES and not dataset.cache.filling

@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import io
 import random
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import epoch_batches, photo_folder, photo_jpegs, repeatable_epoch_batches, shard_epoch_batches
+from helpers import (
+    epoch_batches,
+    load_module,
+    photo_folder,
+    photo_jpegs,
+    repeatable_epoch_batches,
+    shard_epoch_batches,
+)
 from PIL import Image
 from timm.data.auto_augment import AugmentOp
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from swin_train.config import AugConfig, DataConfig
-from swin_train.data.decode import dct_scale, open_encoded
+from swin_train.data.decode import dct_scale, open_encoded, pil_pixels
 from swin_train.data.folder import ImageFolderDataset, build_datasets, decode_image
 from swin_train.data.samplers import ResumableTrainSampler
 from swin_train.data.seeding import run_seeded, seeded_rng
+from swin_train.data.shards import Shard, decode_sample
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
 from swin_train.errors import DataError
 
@@ -108,6 +119,81 @@ def test_reduced_dct_scale_only_where_the_resize_still_shrinks_twice_and_within_
     assert _psnr(a, b) >= 33.0
 
 
+def test_reduced_dct_scale_stays_within_35_db_on_content_made_to_break_it():
+    # stripes whose period is twice the DCT factor, text and a zone plate: a crop box rounded to whole reduced
+    # pixels shifted them by up to half a period (16-27 dB); the exact fractional box keeps 36 dB and more
+    fidelity = load_module(
+        "dct_fidelity", Path(__file__).resolve().parents[1] / "scripts" / "dct_fidelity.py"
+    )
+    for name, image in fidelity.adversarial_images(2003, 1501):
+        if name in ("stripes 16px", "text", "zone plate"):
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=75)
+            assert dct_scale((2003, 1501), (2003 / 224, 1501 / 224)) == 2  # the eval crop takes the DCT path
+            train, evaluation = fidelity.fidelity(buffer.getvalue(), 224, draws=4)
+            assert min(train) >= 35.0 and evaluation >= 35.0, (name, train, evaluation)
+
+
+def test_a_1_px_image_gives_the_full_paths_crops_bitwise_even_where_timm_draws_an_empty_box():
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1), (200, 40, 90)).save(buffer, "PNG")
+    aug = AugConfig(auto_augment=None, color_jitter=0, hflip=0)
+    full = build_train_transform(DataConfig(img_size=32, fast_decode=False), aug, uint8=True)
+    fast = build_train_transform(DataConfig(img_size=32, fast_decode=True), aug, uint8=True)
+    black = 0
+    for seed in range(64):  # about one draw in six is an empty box, which the full path resizes to black
+        a = run_seeded(full, _decoded(buffer.getvalue()), seed)
+        b = run_seeded(fast, open_encoded(buffer.getvalue()), seed)  # was a RuntimeError from interpolate
+        assert torch.equal(a, b)
+        black += int(a.max() == 0)
+    assert 0 < black < 64
+
+
+def png16(values: np.ndarray) -> bytes:
+    """A 16-bit PNG of `values` (H, W) grayscale or (H, W, 3) RGB, written out (Pillow saves no 16-bit RGB)."""
+    height, width = values.shape[:2]
+    color_type = 2 if values.ndim == 3 else 0
+    rows = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_16_bit_grayscale_keeps_its_high_byte_on_the_pillow_and_fast_paths_alike(tmp_path):
+    values = np.random.default_rng(0).integers(0, 65536, (40, 56), dtype=np.uint16)
+    high = np.repeat((values >> 8).astype(np.uint8)[..., None], 3, 2)  # (H, W, 3)
+    gray, rgb = tmp_path / "gray16.png", tmp_path / "rgb16.png"
+    gray.write_bytes(png16(values))
+    rgb.write_bytes(png16(np.repeat(values[..., None], 3, 2)))
+    assert Image.open(gray).mode == "I;16"  # Pillow's convert("RGB") clipped it: every pixel 255
+    # the same values as 16-bit RGB, which Pillow reads by their high byte, and the fast path's pixels
+    assert np.array_equal(np.asarray(decode_image(gray)), high)
+    assert np.array_equal(np.asarray(decode_image(rgb)), high)
+    assert np.array_equal(pil_pixels(open_encoded(gray.read_bytes()).header).permute(1, 2, 0).numpy(), high)
+    # both transforms at the image's own size (no resize, whose kernels differ by a level): the same bytes
+    square = tmp_path / "square16.png"
+    square.write_bytes(png16(values[:32, :32]))
+    pre = Preprocess(32, 1.0, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    full, fast = (
+        build_eval_transform(pre, uint8=True),
+        build_eval_transform(pre, uint8=True, fast_decode=True),
+    )
+    expected = torch.from_numpy(high[:32, :32]).permute(2, 0, 1)
+    assert torch.equal(full(decode_image(square)), expected)
+    assert torch.equal(fast(open_encoded(square.read_bytes())), expected)
+    shard = Shard("x.tar", "x.tar", 1)
+    image, _ = decode_sample({"__key__": "k", "png": gray.read_bytes(), "cls": b"0"}, shard)
+    assert np.array_equal(np.asarray(image), high)
+
+
 def test_fast_decode_off_gives_todays_batches_bitwise(tmp_path, photos):
     root = photo_folder(tmp_path, photos[:6])
     transform = build_train_transform(DataConfig(fast_decode=False), AugConfig(), uint8=True)
@@ -177,13 +263,11 @@ def test_truncated_or_bad_jpegs_get_the_one_line_message_with_fast_decode(tmp_pa
         list(ds)
 
 
-def test_the_cache_decision_comes_from_the_first_files_header_not_from_what_was_decoded_first(
-    tmp_path, photos
-):
+def test_the_cache_decision_comes_from_the_files_headers_not_from_what_was_decoded_first(tmp_path, photos):
     root = photo_folder(tmp_path, photos[:4])
     transform = build_train_transform(DataConfig(fast_decode=True), AugConfig(), uint8=True)
-    first = Image.open(io.BytesIO(photos[1])).size  # a/01.jpg sorts first
-    need = first[0] * first[1] * 3 * 4
+    sizes = [Image.open(io.BytesIO(photo)).size for photo in photos[:4]]  # the whole set, not a/01.jpg alone
+    need = sum(width * height * 3 for width, height in sizes)
     fits = ImageFolderDataset(root / "train", transform, cache_bytes=need)
     too_small = ImageFolderDataset(root / "train", transform, cache_bytes=need - 1)
     assert fits.cache.enabled and not too_small.cache.enabled

@@ -72,6 +72,22 @@ def test_a_dataset_without_the_named_columns_is_a_one_line_error(hf_root, tmp_pa
         load_split(str(saved), "test")
 
 
+def test_an_unlabelled_or_out_of_range_row_is_a_one_line_error(hf_root):
+    saved, _, classes = hf_root
+    rows = load_split(str(saved), "validation").select(range(3))
+    image = rows[0]["img"]
+    # -1: how the Hub's ClassLabel marks a row without a label; plain integer labels: any negative one
+    class_label = datasets.Features({"img": datasets.Image(), "y": datasets.ClassLabel(names=classes)})
+    for label, features in ((-1, class_label), (-2, None)):
+        broken = datasets.Dataset.from_dict({"img": [image] * 3, "y": [0, label, 7]}, features=features)
+        ds = HFImageDataset(broken, None, image_column="img", label_column="y")
+        assert ds[0][1] == 0 and ds[2][1] == 7
+        with pytest.raises(
+            DataError, match=rf"row 1 of .*: label {label} is not one of the 8 classes 0\.\.7"
+        ):
+            ds[1]
+
+
 def test_kill_9_mid_epoch_then_rerun_is_bitwise_equal_from_an_hf_dataset(hf_root, tmp_path):
     from test_shards import _kill_when
 

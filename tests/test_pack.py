@@ -105,6 +105,12 @@ def test_bad_images_fail_the_pack_or_are_skipped_and_listed(tmp_path):
     assert info["splits"]["train"]["num_samples"] == 17
 
 
+def test_a_negative_seed_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(DataError, match="--seed must be >= 0, got -1"):
+        pack(_folder(tmp_path / "src"), tmp_path / "out", PackOptions(seed=-1), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_max_size_stores_resized_images(tmp_path):
     src = _folder(tmp_path / "src", size=(64, 48))
     pack(src, tmp_path / "small", PackOptions(shard_size=100, max_size=32), progress=False)
@@ -143,3 +149,75 @@ def test_a_rerun_with_other_options_is_refused(tmp_path):
     pack(src, tmp_path / "out", PackOptions(shard_size=4), progress=False)
     with pytest.raises(DataError, match="another source or other options"):
         pack(src, tmp_path / "out", PackOptions(shard_size=5), progress=False)
+
+
+def test_a_failed_pack_reruns_with_its_own_advice_and_ends_as_a_fresh_pack_would(tmp_path):
+    src = _folder(tmp_path / "src")
+    bad = src / "train" / "class_1" / "img_2.png"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:30])
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"cannot decode image .*img_2.png.*--skip-bad"):
+        pack(src, out, PackOptions(shard_size=4), progress=False)
+    assert not (out / "_info.json").exists()  # nothing that reads as a finished pack
+    # the advice: --skip-bad (the shards the failed run finished are kept)
+    lenient = PackOptions(shard_size=4, skip_bad=True)
+    info = json.loads(pack(src, out, lenient, progress=False).read_text())
+    assert info["skipped_images"] == [str(bad)] and info["splits"]["train"]["num_samples"] == 17
+    pack(src, tmp_path / "fresh", lenient, progress=False)
+    everything_but_the_plan = lambda folder: {k: v for k, v in _files(folder).items() if k != "_pack.json"}
+    assert everything_but_the_plan(out) == everything_but_the_plan(tmp_path / "fresh")
+    # or the image fixed, without --skip-bad: the shard that left it out is written again
+    bad.write_bytes(good)
+    (out / "_info.json").unlink()  # an unfinished pack (a finished one refuses any change, see below)
+    pack(src, out, PackOptions(shard_size=4), progress=False)
+    pack(src, tmp_path / "strict", PackOptions(shard_size=4), progress=False)
+    assert _files(out) == _files(tmp_path / "strict")
+
+
+def test_a_shard_that_left_an_image_out_is_not_reused_by_a_run_without_skip_bad(tmp_path):
+    src = _folder(tmp_path / "src")
+    bad = src / "val" / "class_0" / "img_1.png"
+    bad.write_bytes(bad.read_bytes()[:30])
+    out = tmp_path / "out"
+    pack(src, out, PackOptions(shard_size=4, skip_bad=True), progress=False)
+    (out / "_info.json").unlink()  # as if killed before the index
+    with pytest.raises(DataError, match=r"cannot decode image .*img_1.png"):
+        pack(src, out, PackOptions(shard_size=4), progress=False)
+
+
+def test_shard_files_no_pack_here_wrote_are_never_taken_for_finished_shards(tmp_path):
+    src = _folder(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "data-train-0000.tar").write_bytes(b"someone else's")
+    with pytest.raises(DataError, match="holds data-train-0000.tar, which no pack here wrote"):
+        pack(src, tmp_path / "out", PackOptions(shard_size=4), progress=False)
+
+
+@pytest.mark.parametrize(
+    "labels, expected",
+    [
+        (
+            {"class_1/img_0.png": "-1"},
+            r"train_map.txt:\d+: label -1 is negative; labels number the classes from 0",
+        ),
+        (
+            {"class_1/img_0.png": "1000000000"},
+            r"train_map.txt has no image of label 3 but labels up to 1000000000",
+        ),
+    ],
+)
+def test_a_zip_map_label_out_of_range_is_a_one_line_error(tmp_path, labels, expected):
+    folder = _folder(tmp_path / "folder")
+    zroot = tmp_path / "zips"
+    zroot.mkdir()
+    lines = []
+    with zipfile.ZipFile(zroot / "train.zip", "w") as z:
+        for path in sorted((folder / "train").rglob("*.png")):
+            rel = path.relative_to(folder / "train").as_posix()
+            z.write(path, rel)
+            lines.append(f"{rel}\t{labels.get(rel, rel[6])}")
+    (zroot / "train_map.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=expected) as error:
+        pack(zroot, tmp_path / "out", PackOptions(shard_size=5), progress=False)
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()

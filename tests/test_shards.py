@@ -17,6 +17,7 @@ from helpers import MICRO_OVERRIDES, assert_bitwise_equal, env_for_subprocess, r
 
 from swin_train.data import shards as S
 from swin_train.data.pack import PackOptions, pack
+from swin_train.errors import DataError
 
 TRAIN_ARGS = [*MICRO_OVERRIDES, "data.batch_size=16", "train.epochs=1"]
 
@@ -365,6 +366,29 @@ def test_bad_shards_are_one_line_errors(packed, tmp_path, capsys, damage, messag
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("label", [-1, 8])
+def test_a_shard_label_outside_the_classes_is_a_one_line_error(packed, tmp_path, capsys, label):
+    bad = _copy_packed(packed, tmp_path / "bad")
+    shard = bad / "data-validation-0003.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            data = str(label).encode() if m.name == "validation_00000025.cls" else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    assert _eval_error(tmp_path, bad, "data.num_workers=0") == 2  # the index names 8 classes
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert (
+        f"sample validation_00000025 in shard {shard}: label {label} is not one of the 8 classes 0..7" in err
+    )
+    png = next(data for m, data in members if m.name.endswith(".png"))
+    sample = {"__key__": "k", "png": png, "cls": b"-1"}  # no class list: a negative label is still wrong
+    with pytest.raises(DataError, match="label -1 is not a class index"):
+        S.decode_sample(sample, S.Shard(str(shard), shard.name, 8))
 
 
 def test_skip_bad_images_says_that_shards_have_no_fallback(packed, tmp_path, capsys):

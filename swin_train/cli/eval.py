@@ -22,7 +22,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=int, help="eval batch size per process")
     p.add_argument("--num-workers", type=int, help="data loader workers per process")
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
-    p.add_argument("--metrics-json", help='write {"top1", "top5", "loss", "num_samples"} (fractions) here')
+    p.add_argument(
+        "--metrics-json",
+        help='write {"top1", "top5", "loss", "num_samples", "num_skipped", "skipped_files"} (fractions) here',
+    )
     p.add_argument(
         "--throughput", action="store_true", help="measure inference img/s instead (no data needed)"
     )
@@ -125,13 +128,19 @@ def _evaluate(model, cfg, env, amp, expected_classes) -> dict:
 
 def _report(m: dict, num_classes: int, world_size: int, metrics_json: str | None) -> None:
     k = m["topk"]
+    from swin_train.data.folder import few
+
     note = f" (only {num_classes} classes: top-{k})" if k < 5 else ""
+    skipped = (
+        f"; {m['num_skipped']} unreadable left out: {few(m['skipped_files'])}" if m["num_skipped"] else ""
+    )
     print(
         f"top-1 {100 * m['top1']:.3f}% | top-5 {100 * m['top5']:.3f}%{note} | loss {m['loss']:.4f} | "
-        f"{m['num_samples']} images, {world_size} process(es)"
+        f"{m['num_samples']} images, {world_size} process(es){skipped}"
     )
     if metrics_json:
-        out = {key: m[key] for key in ("top1", "top5", "loss", "num_samples")}
+        keys = ("top1", "top5", "loss", "num_samples", "num_skipped", "skipped_files")
+        out = {key: m[key] for key in keys}
         Path(metrics_json).write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -267,6 +267,9 @@ def build_shard_data(cfg: Config, env: DistEnv, train_transform, eval_transform,
 
     d = cfg.data
     train_split, val_split = shard_splits(cfg)
+    classes = shard_class_names(cfg, train_split.class_names)
+    # the model's classes bound both splits' labels
+    train_split, val_split = (replace(s, class_names=tuple(classes)) for s in (train_split, val_split))
     workers = usable_workers(d.num_workers)
     # every process reads at least one shard per worker: fewer workers when the shards are few
     train_workers = min(workers, max(1, len(train_split.shards) // env.world_size))
@@ -308,7 +311,6 @@ def build_shard_data(cfg: Config, env: DistEnv, train_transform, eval_transform,
     val_loader = build_shard_loader(
         val_set, batch_size=cfg.eval_batch_size, num_workers=workers, drop_last=False, **common
     )
-    classes = shard_class_names(cfg, train_split.class_names)
     return Data(
         train_loader,
         val_loader,
@@ -333,6 +335,7 @@ def build_eval_data(
         from swin_train.data.shards import ShardEvalDataset, build_shard_loader
 
         _, split = shard_splits(cfg, train=False)
+        split = replace(split, class_names=tuple(shard_class_names(cfg, split.class_names)))
         dataset = ShardEvalDataset(
             split, transform, rank=env.rank, world_size=env.world_size, num_workers=workers
         )
@@ -343,7 +346,7 @@ def build_eval_data(
             pin_memory=d.pin_memory,
             drop_last=False,
         )
-        return loader, shard_class_names(cfg, split.class_names)
+        return loader, list(split.class_names)
     if source == "hf":
         from swin_train.data.hf_dataset import build_hf_split
 

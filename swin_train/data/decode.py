@@ -83,9 +83,27 @@ def dct_scale(image_size: tuple[int, int], need: tuple[float, float]) -> int:
     return 1
 
 
+# 16-bit grayscale as Pillow opens it: PNG and TIFF as I;16 (any byte order), 16-bit PGM as I
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """`image` in RGB, as every reader of files hands it over. 16-bit grayscale keeps the high byte of each
+    value, as Pillow reads 16-bit RGB PNGs and torchvision converts uint16 to uint8: Pillow's own
+    convert("RGB") clips its values at 255, which turns such an image white. Decodes a lazy image (a
+    truncated file fails here), so the result no longer needs its file."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image)  # uint16 (I;16*) or int32 (I)
+        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L")
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    image.load()
+    return image
+
+
 def pil_pixels(image: Image.Image) -> torch.Tensor:
     """(3, H, W) uint8 view of an RGB copy of `image` (channels-last memory)."""
-    image = image.convert("RGB") if image.mode != "RGB" else image
+    image = rgb_image(image)
     # a writable buffer (np.asarray of a Pillow image is read-only, which torch warns about)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return pixels.view(image.size[1], image.size[0], 3).permute(2, 0, 1)
@@ -126,6 +144,28 @@ def resize_pixels(pixels: torch.Tensor, size: tuple[int, int], interpolation: st
     return torch.from_numpy(np.asarray(resized)).permute(2, 0, 1)
 
 
+def crop_resize(
+    pixels: torch.Tensor,
+    box: tuple[int, int, int, int],
+    factor: float,
+    size: tuple[int, int],
+    interpolation: str,
+) -> torch.Tensor:
+    """The full-size `box` (top, left, height, width) of an image decoded at 1/`factor` of its size, resized
+    to `size` (H, W). At full size, the box's pixels (resize_pixels). Reduced, where the box falls between
+    pixels: Pillow's resize reads exactly the box's region (fractional), as the full path's crop does; a box
+    rounded to whole reduced pixels shifts the content by up to factor / 2 full-size pixels, far from the
+    full path on fine periodic detail (stripes, text; docs/design.md)."""
+    top, left, height, width = box
+    if height < 1 or width < 1:  # timm's draw on a 1 px side: its full path resizes the empty crop to black
+        return torch.zeros((pixels.shape[0], *size), dtype=torch.uint8)
+    if factor == 1.0:
+        return resize_pixels(pixels[:, top : top + height, left : left + width], size, interpolation)
+    region = tuple(v / factor for v in (left, top, left + width, top + height))
+    resized = to_pil(pixels).resize((size[1], size[0]), _PIL_FILTERS[interpolation], box=region)
+    return pil_pixels(resized)
+
+
 def to_pil(pixels: torch.Tensor) -> Image.Image:
     """(3, H, W) uint8 -> an RGB Pillow image (for the ops after the crop: flip, RandAugment)."""
     return Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
@@ -159,9 +199,7 @@ class FastRandomResizedCrop:
         (top, left, height, width), interpolation = self.draw(header)
         scale = dct_scale(header.size, (width / self.size[1], height / self.size[0]))
         pixels, factor = decode_pixels(image, scale)
-        box = [round(v / factor) for v in (top, left, top + height, left + width)]
-        crop = pixels[:, box[0] : max(box[2], box[0] + 1), box[1] : max(box[3], box[1] + 1)]
-        resized = resize_pixels(crop, self.size, interpolation)
+        resized = crop_resize(pixels, (top, left, height, width), factor, self.size, interpolation)
         return resized if self.as_tensor else to_pil(resized)
 
     def __repr__(self) -> str:
@@ -194,8 +232,8 @@ class FastResizeCenterCrop:
         width, height = image.size
         new_h, new_w = resized_size(width, height, self.resize)
         scale = dct_scale((width, height), (width / new_w, height / new_h))
-        pixels, _ = decode_pixels(image, scale)
-        resized = resize_pixels(pixels, (new_h, new_w), self.interpolation)
+        pixels, factor = decode_pixels(image, scale)
+        resized = crop_resize(pixels, (0, 0, height, width), factor, (new_h, new_w), self.interpolation)
         top, left = self.offsets(new_h, new_w)
         cropped = resized[:, top : top + self.crop[0], left : left + self.crop[1]]
         return cropped if self.as_tensor else to_pil(cropped)

@@ -10,17 +10,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, takes_encoded
+from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, rgb_image, takes_encoded
 from swin_train.data.seeding import transform_sample
 from swin_train.errors import DataError
 
 log = logging.getLogger("swin_train")
 
 SampleKey = tuple[int, int]  # (dataset index, augmentation seed) as yielded by ResumableTrainSampler
+
+# The label of a file evaluation left out (data.skip_bad_images): no class, so evaluation counts it nowhere
+SKIPPED_LABEL = -1
 
 # PIL raises these for unreadable / truncated / hostile files (UnidentifiedImageError is an OSError).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -51,7 +55,7 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
     """An RGB image, decoded the same way for training, evaluation and prediction (no EXIF rotation).
     Raises one of DECODE_ERRORS."""
     with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")  # convert() decodes: truncated data fails here
+        return rgb_image(Image.open(f))  # decodes: truncated data fails here
 
 
 def read_encoded(path: str | os.PathLike) -> Encoded:
@@ -122,17 +126,16 @@ class DecodedCache:
     `budget` bytes. Why our own: ImageFolder decodes every file again every epoch; for a small set that is
     most of a data worker's work, and on a machine where the workers share cores with the training threads
     every step waits for it. Nothing changes but where the pixels come from (the same RGB array, so
-    augmentations and batches are bitwise the same). The set's first image decides (`first_size`, from its
-    header, so the decision is the same in every process and after a resume): if the set would not fit at
-    its size, nothing is kept (`enabled` is False); nor is anything beyond `budget` bytes. Each data worker
-    has its own."""
+    augmentations and batches are bitwise the same). The whole set decides (`decoded_set_fits`: every file's
+    header, so the decision is the same in every process and after a resume): if it would not fit, nothing
+    is kept (`enabled` is False); nor is anything beyond `budget` bytes (a file that grew since). Each data
+    worker has its own."""
 
-    def __init__(self, budget: int, num_images: int, first_size: tuple[int, int] | None = None):
-        self.budget, self.num_images = budget, num_images
+    def __init__(self, budget: int, paths: Sequence[str] = ()):
+        self.budget = budget
         self.images: dict[int, np.ndarray] = {}
         self.bytes = 0
-        fits = first_size is not None and first_size[0] * first_size[1] * 3 * num_images <= budget
-        self.enabled = budget > 0 and fits
+        self.enabled = budget > 0 and decoded_set_fits(paths, budget)
         self.filling = self.enabled
 
     def get(self, index: int) -> Image.Image | None:
@@ -150,14 +153,57 @@ class DecodedCache:
             self.bytes += pixels.nbytes
 
 
+def decoded_set_fits(paths: Sequence[str], budget: int) -> bool:
+    """Whether the files at `paths`, decoded to RGB, fit in `budget` bytes, from their headers (cheap: no
+    pixel is decoded); reading stops at the first file past the budget, so a large set costs a few opens.
+    A file whose header does not read counts nothing: it is skipped or stops the run when it is loaded."""
+    total = 0
+    for path in paths:
+        width, height = _header_size(path) or (0, 0)
+        total += width * height * 3
+        if total > budget:
+            return False
+    return True
+
+
+class OutputCache:
+    """Evaluation's transformed images (tensors), kept by the process that computed them, up to `budget`
+    bytes. The evaluation transform draws nothing at random, so a kept output is bitwise the one computing
+    it again gives: training's validation (which keeps them) and swin-eval (which does not) feed the model
+    the same pixels, whichever decode path the transform takes. Each data worker has its own."""
+
+    def __init__(self, budget: int):
+        self.budget, self.bytes = budget, 0
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def get(self, index: int) -> torch.Tensor | None:
+        return self.outputs.get(index)  # the batch collation copies it: never changed in place
+
+    def add(self, index: int, output: object) -> None:
+        if not isinstance(output, torch.Tensor):
+            return
+        kept = output.clone()  # a center crop is a view of the whole resized image
+        size = kept.untyped_storage().nbytes()
+        if self.bytes + size <= self.budget:
+            self.outputs[index] = kept
+            self.bytes += size
+
+
 class ImageFolderDataset(Dataset):
     """`root/<class>/**/<image>` as (image, label) pairs; keys may be ints or `SampleKey`s, whose seed
     makes the augmentation of a sample a pure function of the key (`transform_sample`), whichever worker
-    decodes it. With `skip_bad_images`, an undecodable file is logged and replaced by the next index
-    (deterministic); `num_skipped` counts such replacements across all worker processes. `cache_bytes` > 0
-    keeps decoded images in memory when the set fits (DecodedCache). A transform that takes undecoded
-    files (decode.takes_encoded) gets them, except from a set the cache holds: there every image is
-    decoded whole, cached or not, so a sample's pixels never depend on what a process decoded before."""
+    decodes it. A transform that takes undecoded files (decode.takes_encoded) gets them.
+
+    Training (`evaluation` False): with `skip_bad_images`, an undecodable file is logged and replaced by the
+    next index (deterministic: the batch keeps its size); `num_skipped` counts such replacements across all
+    worker processes. `cache_bytes` > 0 keeps decoded images in memory when the whole set fits
+    (DecodedCache); a set the cache holds is decoded whole, cached or not, so a sample's pixels never depend
+    on what a process decoded before.
+
+    `evaluation`: an undecodable file (with `skip_bad_images`) is not replaced but handed over as a
+    placeholder labelled SKIPPED_LABEL, which evaluation leaves out of every count; `skipped_files()` names
+    the files the latest pass skipped. `cache_bytes` keeps transformed images (OutputCache), never decoded
+    ones, so every pass feeds the model the pixels of an uncached pass."""
 
     def __init__(
         self,
@@ -167,22 +213,36 @@ class ImageFolderDataset(Dataset):
         skip_bad_images: bool = False,
         scanned: tuple[list[str], list[tuple[str, int]]] | None = None,
         cache_bytes: int = 0,
+        evaluation: bool = False,
     ) -> None:
         self.root = Path(split_dir)
         self.classes, self.samples = scanned if scanned is not None else scan_image_folder(self.root)
         self.targets = [label for _, label in self.samples]
         self.transform = transform
         self.skip_bad_images = skip_bad_images
+        self.evaluation = evaluation
         # shared memory: workers are separate processes, a plain int would count per worker
         self._skipped = multiprocessing.Value("q", 0)
+        # evaluation: 1 where the latest pass skipped the file, written by whichever worker read it
+        self._skipped_flags = (
+            multiprocessing.Array("b", len(self.samples), lock=False) if evaluation else None
+        )
         self._warned: set[str] = set()
-        first_size = _header_size(self.samples[0][0]) if cache_bytes > 0 and self.samples else None
-        self.cache = DecodedCache(cache_bytes, len(self.samples), first_size)
+        paths = [path for path, _ in self.samples] if cache_bytes > 0 and not evaluation else []
+        self.cache = DecodedCache(0 if evaluation else cache_bytes, paths)
+        self.outputs = OutputCache(cache_bytes if evaluation else 0)
 
     @property
     def num_skipped(self) -> int:
-        """How many times a bad image was replaced (all processes, since construction)."""
+        """How many times a bad image was replaced or left out (all processes, since construction)."""
         return int(self._skipped.value)
+
+    def skipped_files(self) -> list[str]:
+        """The files this process's latest evaluation pass left out (the indices its sampler gave it)."""
+        if self._skipped_flags is None:
+            return []
+        flags = np.frombuffer(self._skipped_flags, dtype=np.int8)
+        return [self.samples[i][0] for i in np.flatnonzero(flags)]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -214,6 +274,8 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, key: int | SampleKey) -> tuple[object, int]:
         index, sample_seed = split_key(key)
+        if self.evaluation:
+            return self._evaluation_sample(index)
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
             path, label = self.samples[i]
@@ -229,6 +291,31 @@ class ImageFolderDataset(Dataset):
             except UndecodableImage as e:  # an undecoded file's data failed in the transform
                 self._bad_image(path, e.cause)
         raise DataError(f"no image under {self.root} can be decoded")
+
+    def _evaluation_sample(self, index: int) -> tuple[object, int]:
+        """(the transformed image, its label), or a placeholder labelled SKIPPED_LABEL for a bad file."""
+        path, label = self.samples[index]
+        kept = self.outputs.get(index)
+        if kept is None:
+            try:
+                kept = self._load(index)
+            except DECODE_ERRORS as e:
+                return self._placeholder(index, path, e)
+            try:
+                kept = kept if self.transform is None else self.transform(kept)
+            except UndecodableImage as e:  # an undecoded file's data failed in the transform
+                return self._placeholder(index, path, e.cause)
+            self.outputs.add(index, kept)
+        self._skipped_flags[index] = 0
+        return kept, label
+
+    def _placeholder(self, index: int, path: str, e: BaseException) -> tuple[object, int]:
+        """What stands in a batch for a file evaluation leaves out: a 1x1 black image through the same
+        transform (so that it collates with the others), labelled SKIPPED_LABEL."""
+        self._bad_image(path, e)
+        self._skipped_flags[index] = 1
+        blank = Image.new("RGB", (1, 1))
+        return (blank if self.transform is None else self.transform(blank)), SKIPPED_LABEL
 
 
 def _header_size(path: str) -> tuple[int, int] | None:
@@ -281,7 +368,7 @@ def build_datasets(
         )
     common = dict(skip_bad_images=skip_bad_images, cache_bytes=cache_bytes)
     train = ImageFolderDataset(root / "train", train_transform, scanned=train_scan, **common)
-    val = ImageFolderDataset(root / "val", eval_transform, scanned=val_scan, **common)
+    val = ImageFolderDataset(root / "val", eval_transform, scanned=val_scan, evaluation=True, **common)
     return train, val, list(train.classes)
 
 
@@ -294,7 +381,7 @@ def build_eval_dataset(
 ) -> tuple[ImageFolderDataset, list[str]]:
     """The evaluation split alone (`root/val` by default) and its class names."""
     root = check_root(root, (split,))
-    ds = ImageFolderDataset(root / split, transform, skip_bad_images=skip_bad_images)
+    ds = ImageFolderDataset(root / split, transform, skip_bad_images=skip_bad_images, evaluation=True)
     return ds, list(ds.classes)
 
 

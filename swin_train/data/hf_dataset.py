@@ -12,8 +12,9 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, takes_encoded
+from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, rgb_image, takes_encoded
 from swin_train.data.folder import DECODE_ERRORS, SampleKey, decode_error_reason, split_key
+from swin_train.data.labels import checked_label
 from swin_train.data.seeding import transform_sample
 from swin_train.errors import DataError
 
@@ -138,16 +139,21 @@ class HFImageDataset(Dataset):
         try:
             row = self.dataset[index]
             image = row[self.image_column]
+            # -1: the Hub's mark of an unlabelled row
+            fix = "filter such rows out or set data.label_column"
+            label = checked_label(
+                int(row[self.label_column]), len(self.classes), f"row {index} of {self.where}", fix
+            )
             if isinstance(image, dict) and self.encoded:
                 data = image.get("bytes") or Path(image["path"]).read_bytes()
-                return open_encoded(data, f"row {index} of {self.where}"), int(row[self.label_column])
+                return open_encoded(data, f"row {index} of {self.where}"), label
             if isinstance(image, dict):  # an undecoded Image feature: {'bytes': ..., 'path': ...}
                 image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
             if not isinstance(image, Image.Image):
                 raise DataError(
                     f"column '{self.image_column}' of {self.where} does not hold images; set data.image_column"
                 )
-            return image.convert("RGB"), int(row[self.label_column])
+            return rgb_image(image), label
         except DECODE_ERRORS as e:
             raise self._undecodable(index, e) from None
 

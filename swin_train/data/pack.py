@@ -11,6 +11,7 @@ again skips the finished shards and ends with byte-identical files.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -19,7 +20,7 @@ import re
 import tarfile
 import zipfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,9 +63,14 @@ def read_map(map_file: Path) -> list[tuple[str, int]]:
         if not line.strip():
             continue
         parts = line.rsplit("\t", 1)
-        if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
+        label = parts[1].strip() if len(parts) == 2 else ""
+        if not label.lstrip("-").isdigit():
             raise DataError(f"{map_file}:{number}: expected 'path<TAB>label', got {line[:80]!r}")
-        entries.append((parts[0].strip().lstrip("/"), int(parts[1])))
+        if int(label) < 0:
+            raise DataError(
+                f"{map_file}:{number}: label {label} is negative; labels number the classes from 0"
+            )
+        entries.append((parts[0].strip().lstrip("/"), int(label)))
     if not entries:
         raise DataError(f"{map_file} lists no images")
     return entries
@@ -82,7 +88,14 @@ def zip_split(root: Path, split: str) -> tuple[list[str], list[Item]]:
     missing = [p for p, _ in entries if p not in names]
     if missing:
         raise DataError(f"{map_file} lists {len(missing)} path(s) not in {archive}, e.g. {missing[0]}")
-    num_classes = max(label for _, label in entries) + 1
+    labels = {label for _, label in entries}
+    num_classes = max(labels) + 1
+    if len(labels) < num_classes:  # the first missing label is at most len(labels): a short search
+        missing = next(i for i in range(num_classes) if i not in labels)
+        raise DataError(
+            f"{map_file} has no image of label {missing} but labels up to {num_classes - 1}; labels number the "
+            "classes 0..N-1 and every class needs images"
+        )
     folders: dict[int, set[str]] = {}
     for path, label in entries:
         folders.setdefault(label, set()).add(path.split("/", 1)[0] if "/" in path else "")
@@ -245,19 +258,58 @@ def plan_tasks(src: Path, out: Path, found: dict, options: PackOptions) -> dict[
     return tasks
 
 
-def check_plan(out: Path, plan: dict) -> None:
-    """A re-run continues only the same pack: same source, options and image list."""
+def shard_fingerprint(task: ShardTask) -> str:
+    """What a shard's bytes are a function of: its images (paths, labels, order), class names, split, first
+    key and --max-size. Not --skip-bad: a shard written without it holds every image, as with it."""
+    items = [[item.path, item.label, item.archive] for item in task.items]
+    what = [task.split, task.first, items, list(task.class_names), task.source_root, task.options.max_size]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def settle_plan(out: Path, src: Path, tasks: dict[str, list[ShardTask]], options: PackOptions) -> None:
+    """Keep in `out` only the finished shards this pack can reuse, then write its plan (PLAN_NAME): each
+    shard's fingerprint and whether it was written with --skip-bad. Written before any shard, so every shard
+    on disk is one the plan describes.
+
+    A re-run continues an unfinished pack of the same source whatever else changed (what a failed pack
+    advises: --skip-bad, or an image fixed or deleted): a shard is reused when its fingerprint is unchanged
+    and, without --skip-bad, it left no image out; any other is deleted and written again. Refused: another
+    source's pack, a shard file no plan here describes, and any change to a finished pack (`_info.json`)."""
     from swin_train.checkpoint import write_atomically
 
-    path = out / PLAN_NAME
+    path, planned = out / PLAN_NAME, {Path(t.path).name: t for ts in tasks.values() for t in ts}
+    old = json.loads(path.read_text()) if path.is_file() else {"source": str(src), "shards": {}}
+    if not isinstance(old.get("shards"), dict):
+        raise DataError(
+            f"{out} holds a pack of an earlier swin-train ({PLAN_NAME} lists no shards); use an empty folder"
+        )
+    if old.get("source") != str(src):
+        raise DataError(f"{out} holds a pack of another source, {old.get('source')}; use an empty folder")
+    described = old["shards"]
+    strange = [name for name in planned if (out / name).exists() and name not in described]
+    if strange:
+        raise DataError(f"{out} holds {strange[0]}, which no pack here wrote; use an empty folder")
+    shards, stale = {}, []
+    for name, task in planned.items():
+        entry, fingerprint = described.get(name), shard_fingerprint(task)
+        reusable = entry is not None and entry["fingerprint"] == fingerprint and (out / name).is_file()
+        if reusable and entry["skip_bad"] and not options.skip_bad:  # kept only if it left nothing out
+            reusable = len(shard_contents(out / name)) == len(task.items)
+        if not reusable and (out / name).is_file():
+            stale.append(out / name)
+        # whether the shard on disk may lack images: written now, or reused (checked above without it)
+        skip_bad = entry["skip_bad"] and options.skip_bad if reusable else options.skip_bad
+        shards[name] = {"fingerprint": fingerprint, "skip_bad": skip_bad}
+    stale += [out / name for name in described if name not in planned and (out / name).is_file()]
+    if stale and (out / "_info.json").is_file():
+        raise DataError(
+            f"{out} holds a finished pack of another source or other options ({PLAN_NAME} differs); "
+            "use an empty folder or the same command"
+        )
+    for file in stale:
+        file.unlink()
+    plan = {"source": str(src), "shards": shards}
     text = json.dumps(plan, indent=1, sort_keys=True) + "\n"
-    if path.is_file():
-        if path.read_text() != text:
-            raise DataError(
-                f"{out} holds a pack of another source or other options ({PLAN_NAME} differs); "
-                "use an empty folder or the same command"
-            )
-        return
     write_atomically(path, lambda tmp: tmp.write_text(text), what="pack plan ")
 
 
@@ -276,6 +328,8 @@ def pack(
 
     if options.shard_size < 1:
         raise DataError(f"--shard-size must be >= 1, got {options.shard_size}")
+    if options.seed < 0:
+        raise DataError(f"--seed must be >= 0, got {options.seed}")
     if options.max_size is not None and options.max_size < 1:
         raise DataError(f"--max-size must be >= 1, got {options.max_size}")
     if not re.fullmatch(r"[A-Za-z0-9_]+", options.name):
@@ -292,14 +346,7 @@ def pack(
     for path in remove_stale_temp_files(out):
         log.info("removed %s, left by a pack that was killed", path.name)
     tasks = plan_tasks(src, out, found, options)
-    check_plan(
-        out,
-        {
-            "source": str(src),
-            "options": asdict(options),
-            "images": {s: len(items) for s, (_, items) in found.items()},
-        },
-    )
+    settle_plan(out, src, tasks, options)
     todo = [t for split_tasks in tasks.values() for t in split_tasks if not Path(t.path).is_file()]
     done = sum(len(t) for t in tasks.values()) - len(todo)
     if done:

@@ -37,8 +37,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, takes_encoded
+from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, rgb_image, takes_encoded
 from swin_train.data.folder import DECODE_ERRORS, decode_error_reason
+from swin_train.data.labels import shard_label
 from swin_train.data.seeding import derive_seed, seed_generator, seed_globals_from, transform_sample
 from swin_train.data.tar_stream import iter_tar_files
 from swin_train.errors import DataError
@@ -340,21 +341,20 @@ def _undecodable(where: str, e: BaseException) -> DataError:
     return DataError(f"cannot decode image {where} ({reason}); re-pack with `swin-data pack --skip-bad`")
 
 
-def decode_sample(sample: dict, shard: Shard, *, encoded: bool = False) -> tuple[Image.Image | Encoded, int]:
+def decode_sample(
+    sample: dict, shard: Shard, *, encoded: bool = False, classes: tuple[str, ...] | None = None
+) -> tuple[Image.Image | Encoded, int]:
     """(RGB image, label) from a webdataset sample's raw bytes; `encoded`: the image undecoded (Encoded)."""
     where = f"{sample.get('__key__')} in shard {shard.url}"
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None or LABEL_EXTENSION not in sample:
         found = ", ".join(k for k in sample if not k.startswith("__"))
         raise DataError(f"sample {where} has no image (.jpg/.png/...) or no .cls label (it has: {found})")
-    try:
-        label = int(bytes(sample[LABEL_EXTENSION]).decode().strip())
-    except ValueError:
-        raise DataError(f"sample {where}: its .cls is not an integer label") from None
+    label = shard_label(sample[LABEL_EXTENSION], f"sample {where}", classes)
     try:
         if encoded:
             return open_encoded(bytes(sample[ext]), where), label
-        return Image.open(io.BytesIO(sample[ext])).convert("RGB"), label
+        return rgb_image(Image.open(io.BytesIO(sample[ext]))), label
     except DECODE_ERRORS as e:
         raise _undecodable(where, e) from None
 
@@ -449,7 +449,7 @@ class ShardTrainDataset(IterableDataset):
         encoded = takes_encoded(self.transform)
         for shard_index, member, sample in self.stream_samples(stream, start):
             shard = self.split.shards[shard_index]
-            image, label = decode_sample(sample, shard, encoded=encoded)
+            image, label = decode_sample(sample, shard, encoded=encoded, classes=self.split.class_names)
             seed = int(shard_sample_seeds(self.seed, self.epoch, shard_index, shard.num_samples)[member])
             yield _transformed(self.transform, image, seed, sample, shard), label
 
@@ -523,7 +523,7 @@ class ShardEvalDataset(IterableDataset):
         for shard_id in stream_shards(range(len(self.split.shards)), stream, self.num_streams):
             shard = self.split.shards[shard_id]
             for sample in read_shard(shard):
-                image, label = decode_sample(sample, shard, encoded=encoded)
+                image, label = decode_sample(sample, shard, encoded=encoded, classes=self.split.class_names)
                 yield _transformed(self.transform, image, None, sample, shard), label
 
 

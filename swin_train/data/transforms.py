@@ -20,6 +20,7 @@ from torchvision import transforms as tv_transforms
 
 from swin_train.config import AugConfig, Config, DataConfig
 from swin_train.data.augment_draws import AugmentDraws, UnsupportedOnDevice
+from swin_train.data.augment_spec import is_disabled
 from swin_train.data.decode import FastCompose, FastRandomResizedCrop, FastResizeCenterCrop, PILToUint8
 from swin_train.data.device_decode import EvalDecodeDraws, TrainDecodeDraws
 from swin_train.errors import CheckpointError
@@ -83,7 +84,7 @@ def build_train_transform(
     device applies (device_augment.py); UnsupportedOnDevice when the chain has a step the device does not
     apply. With `data.decode: cuda` it stops before decoding and hands over `Undecoded` samples: the file,
     the crop box and the same draws (device_decode.py). The chain's `draws` attribute is its AugmentDraws."""
-    aa = None if not aug.auto_augment or aug.auto_augment.lower() == "none" else aug.auto_augment
+    aa = None if is_disabled(aug.auto_augment) else aug.auto_augment
     transform = create_transform(
         data.img_size,
         is_training=True,
