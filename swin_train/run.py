@@ -140,9 +140,12 @@ class Run:
         )
 
     def close(self) -> None:
-        """Stop the threads the run started (the data loaders' workers stop with their iterators)."""
+        """Stop the threads and data workers the run started (after a stop's checkpoint too: the workers
+        leave stop signals to this process, so it ends them)."""
         for split in {self.cpu_split, self.eval_split} - {None}:
             split.close()
+        self.data.train_loader.close()
+        self.data.val_loader.close()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, name: str) -> Path:

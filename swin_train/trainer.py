@@ -138,7 +138,11 @@ def log_run_summary(run: Run) -> None:
 def train_epochs(run: Run) -> dict:
     """Epochs from where `run.state` stands to `train.epochs`; returns the last epoch's record."""
     cfg, env, t = run.cfg, run.env, run.cfg.train
-    stopper = Stopper(steps_unsaved=lambda: run.state.global_step - run.last_saved_step, announce=env.is_main)
+    stopper = Stopper(
+        steps_unsaved=lambda: run.state.global_step - run.last_saved_step,
+        global_step=lambda: run.state.global_step,
+        announce=env.is_main,
+    )
     record: dict = {}
     with (
         stopper,
