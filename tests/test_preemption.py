@@ -318,6 +318,24 @@ def test_loader_workers_ignore_the_stop_signals_and_deliver_the_same_batches():
     assert not any(worker.is_alive() for worker in batches._workers)
 
 
+def test_a_process_that_exits_with_its_workers_running_ends_them_quietly(tmp_path):
+    """Workers that ignore SIGTERM would hang multiprocessing's exit clean-up (terminate, then join) or,
+    killed, set off torch's SIGCHLD error: a loader nobody closed is shut down at exit like `close`."""
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from test_preemption import _loader\n"
+        "batches = iter(_loader())\n"
+        "next(batches)\n"
+        "print(*[w.pid for w in batches._workers])\n"
+    )
+    cmd = [sys.executable, "-c", script, str(Path(__file__).parent)]
+    proc = _start_session(cmd, tmp_path / "output.txt")
+    assert proc.wait(timeout=120) == 0
+    output = (tmp_path / "output.txt").read_text()
+    assert len(output.split()) == 2 and "Traceback" not in output and "Exception" not in output, output
+    assert _group_ends(proc.pid, timeout=5)
+
+
 def test_a_stop_signal_while_workers_start_waits_for_the_main_process_and_kills_no_worker(monkeypatch):
     from torch.utils.data import DataLoader
 

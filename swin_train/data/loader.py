@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -99,6 +100,20 @@ def _name_worker_deaths() -> None:
     signal.signal(signal.SIGCHLD, named)
 
 
+_ITERATORS_WITH_WORKERS: weakref.WeakSet = (
+    weakref.WeakSet()
+)  # of every SignalSafeLoader (an iterator may outlive it)
+
+
+@atexit.register  # registered after torch's and multiprocessing's exit handlers, so it runs before them
+def _shut_down_workers_at_exit() -> None:
+    """Workers still running at exit (nobody closed their loader) are shut down as `close` does:
+    multiprocessing's own clean-up would SIGKILL them (they ignore SIGTERM), which torch's SIGCHLD handler
+    would report as a dead worker."""
+    for iterator in list(_ITERATORS_WITH_WORKERS):
+        iterator._shutdown_workers()
+
+
 class SignalSafeLoader(DataLoader):
     """A DataLoader whose workers leave SIGTERM, SIGINT, SIGUSR1 and SIGHUP to the main process, which shuts
     them down itself (`close`) once it has saved.
@@ -121,6 +136,7 @@ class SignalSafeLoader(DataLoader):
         for worker in iterator._workers:
             worker._popen.terminate = worker._popen.kill
         self._live_iterators.add(iterator)
+        _ITERATORS_WITH_WORKERS.add(iterator)
         _name_worker_deaths()
         return iterator
 
