@@ -49,6 +49,17 @@ class TrainState:
         self.epoch_nonfinite = 0
 
 
+def check_pretrained_given(cfg: Config, resume: str | None) -> None:
+    """A fine-tuning recipe started without its weights would fine-tune random ones, for as long as asked;
+    refused before anything is written. A resume takes its weights from the checkpoint."""
+    if cfg.model.pretrained_required and not cfg.model.pretrained and not resume:
+        raise ConfigError(
+            "this recipe fine-tunes weights (model.pretrained_required: true) but model.pretrained is not set; "
+            "pass model.pretrained=WEIGHTS (released or your own), or model.pretrained_required=false to "
+            "train from random weights"
+        )
+
+
 def build_model(cfg: Config, num_classes: int) -> SwinTransformer:
     if cfg.model.num_classes != num_classes:
         raise DataError(
@@ -259,7 +270,7 @@ def resume_if_possible(run: Run, resume: str | None) -> None:
     log.info(
         "resuming from %s: epoch %d, step %d of %d (global step %d)",
         path,
-        s.epoch,
+        s.epoch + 1,  # counted from 1, as the log's epoch and step lines count it
         s.step_in_epoch,
         run.steps_per_epoch,
         s.global_step,

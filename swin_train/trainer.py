@@ -26,7 +26,7 @@ from swin_train.errors import TrainingError
 from swin_train.evaluation import evaluate
 from swin_train.metrics import Metrics, StepMeter, epoch_line, step_line
 from swin_train.models.arch import largest_activation_bytes
-from swin_train.run import Run, TrainState, checkpoint_bytes, resume_if_possible
+from swin_train.run import Run, TrainState, check_pretrained_given, checkpoint_bytes, resume_if_possible
 from swin_train.stopping import Stopper, TrainingStopped
 
 log = logging.getLogger("swin_train")
@@ -39,6 +39,7 @@ def train(
     SIGUSR1. `device_pipeline`: see `Run`."""
     resolve_device(device)  # a missing GPU is a one-line error, before any process group or file
     check_data_path(cfg)  # nothing is written for a run that cannot start
+    check_pretrained_given(cfg, resume)
     env = init_distributed(device)
     # what this machine cannot run is a one-line error before the output folder is touched (Run resolves
     # the same Amp again for itself)
@@ -268,7 +269,7 @@ def progress_bar(run: Run):
     bar = tqdm(
         total=run.steps_per_epoch,
         initial=run.state.step_in_epoch,
-        desc=f"epoch {run.state.epoch}",
+        desc=f"epoch {run.state.epoch + 1}",
         disable=not show,
         dynamic_ncols=True,
         mininterval=1.0,
