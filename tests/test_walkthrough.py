@@ -16,8 +16,7 @@ from swin_train.cli.model import cli as swin_model_cli
 from swin_train.cli.train import cli as train_cli
 from swin_train.config import load_config
 from swin_train.metrics import epoch_line, step_line
-from swin_train.models.registry import ARCHITECTURE_ONLY, variant_names
-from swin_train.run import check_pretrained_given
+from swin_train.models import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("_"))
@@ -49,12 +48,12 @@ def test_a_22k_name_alone_has_the_21841_class_head_that_readme_sizes(name, param
 
 def test_every_name_has_a_recipe_but_the_architectures_that_swin_model_help_sets_apart(capsys):
     recipe_names = {load_config(str(path)).model.name for path in RECIPES}
-    assert set(variant_names()) - recipe_names == set(ARCHITECTURE_ONLY)
+    assert set(registry.variant_names()) - recipe_names == set(registry.ARCHITECTURE_ONLY)
     with pytest.raises(SystemExit):
         swin_model_cli(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     with_recipe, architectures = help_text.split("architecture only")
-    assert all(name in architectures and name not in with_recipe for name in ARCHITECTURE_ONLY)
+    assert all(name in architectures and name not in with_recipe for name in registry.ARCHITECTURE_ONLY)
     assert "swin_tiny_patch4_window7_224," in with_recipe
 
 
@@ -114,6 +113,8 @@ def test_a_finetune_recipe_without_weights_is_refused_before_anything_is_written
         in err
     )
     assert "model.pretrained_required=false" in err and not out.exists()
+    from swin_train.run import check_pretrained_given
+
     on_purpose = load_config(str(finetune[0]), ["model.pretrained_required=false"])
     check_pretrained_given(on_purpose, resume=None)  # random weights, on purpose
     check_pretrained_given(load_config(str(finetune[0])), resume=os.fspath(tmp_path / "step.pth"))
