@@ -304,7 +304,7 @@ def stop(run: Run, stopper: Stopper) -> None:
     save_step_checkpoint(run)
     log.info(
         "stop requested (%s): checkpoint written at global step %d; run the same command to continue",
-        stopper.signal_name,
+        stopper.signal_name if stopper.requested else "by a signal to another rank",
         run.state.global_step,
     )
     raise TrainingStopped(stopper.exit_code)

@@ -501,3 +501,20 @@ def test_sighup_stops_the_run_unless_it_was_ignored_at_start_as_nohup_does():
         assert not stopper.requested and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_rank_stopped_by_a_signal_to_another_rank_says_so(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from swin_train import trainer
+    from swin_train.stopping import Stopper, TrainingStopped
+
+    caplog.set_level("INFO", logger="swin_train")
+    monkeypatch.setattr(trainer, "save_step_checkpoint", lambda run: None)
+    with pytest.raises(TrainingStopped) as stopped:
+        trainer.stop(SimpleNamespace(state=SimpleNamespace(global_step=7)), Stopper())  # its own: no signal
+    assert stopped.value.exit_code == 143
+    assert caplog.messages == [
+        "stop requested (by a signal to another rank): checkpoint written at global step 7; "
+        "run the same command to continue"
+    ]
