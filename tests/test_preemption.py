@@ -295,17 +295,23 @@ class _Keys(torch.utils.data.Dataset):
         return (torch.tensor([float(key[0]), float(key[1] % 1000)]),)
 
 
-def _loader(workers: int = 2):
+def _loader(workers: int = 2, start_method: str | None = None):
     from swin_train.data.loader import build_loader
     from swin_train.data.samplers import ResumableTrainSampler
 
     sampler = ResumableTrainSampler(64, num_replicas=1, rank=0, seed=1)
-    return build_loader(_Keys(), batch_size=4, sampler=sampler, num_workers=workers, pin_memory=False)
+    loader = build_loader(_Keys(), batch_size=4, sampler=sampler, num_workers=workers, pin_memory=False)
+    if start_method:
+        loader.multiprocessing_context = start_method
+    return loader
 
 
-def test_loader_workers_ignore_the_stop_signals_and_deliver_the_same_batches():
+# fork: Linux's default up to Python 3.13; forkserver: from 3.14 (its workers start slowly enough that the
+# signals below reach one while it starts)
+@pytest.mark.parametrize("start_method", [None, "forkserver"])
+def test_loader_workers_ignore_the_stop_signals_and_deliver_the_same_batches(start_method):
     expected = [batch.clone() for (batch,) in _loader(0)]
-    loader = _loader()
+    loader = _loader(start_method=start_method)
     batches = iter(loader)
     got = [next(batches)[0].clone()]
     for worker in batches._workers:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing
 import os
 import signal
 import threading
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
 
@@ -34,10 +36,14 @@ def usable_workers(requested: int) -> int:
 
 
 def _init_worker(seed: int, rank: int, worker_id: int) -> None:
-    """Stop signals left to the main process; deterministic global RNGs for code outside the seeded
-    transforms."""
-    leave_stop_signals_to_main()
+    """Deterministic global RNGs in each worker, for code outside the seeded transforms."""
     seed_globals_from(seed, rank, worker_id)
+
+
+def _leave_stop_signals_then_init(init: Callable[[int], None] | None, worker_id: int) -> None:
+    leave_stop_signals_to_main()
+    if init is not None:
+        init(worker_id)
 
 
 def leave_stop_signals_to_main() -> None:
@@ -48,6 +54,16 @@ def leave_stop_signals_to_main() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _start_resource_tracker(context) -> None:
+    """spawn and forkserver start multiprocessing's resource tracker with the first worker, and it unblocks
+    SIGINT and SIGTERM once it is up (its own version of the block below, bpo-33613): start it first."""
+    method = context.get_start_method() if context is not None else multiprocessing.get_start_method()
+    if method != "fork":
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
 
 
 @contextmanager
@@ -100,9 +116,8 @@ def _name_worker_deaths() -> None:
     signal.signal(signal.SIGCHLD, named)
 
 
-_ITERATORS_WITH_WORKERS: weakref.WeakSet = (
-    weakref.WeakSet()
-)  # of every SignalSafeLoader (an iterator may outlive it)
+# the multi-process iterators of every SignalSafeLoader (an iterator may outlive its loader)
+_ITERATORS_WITH_WORKERS: weakref.WeakSet = weakref.WeakSet()
 
 
 @atexit.register  # registered after torch's and multiprocessing's exit handlers, so it runs before them
@@ -124,13 +139,15 @@ class SignalSafeLoader(DataLoader):
     starts. Ending a worker that ignores SIGTERM takes SIGKILL: its `terminate` (torch's last resort for a
     worker that did not stop, and multiprocessing's at exit) becomes `kill`, so neither can hang."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, worker_init_fn: Callable[[int], None] | None = None, **kwargs):
+        init = partial(_leave_stop_signals_then_init, worker_init_fn)
+        super().__init__(*args, worker_init_fn=init, **kwargs)
         self._live_iterators: weakref.WeakSet = weakref.WeakSet()
 
     def __iter__(self):
         if self.num_workers == 0:
             return super().__iter__()
+        _start_resource_tracker(self.multiprocessing_context)
         with _stop_signals_blocked():
             iterator = super().__iter__()
         for worker in iterator._workers:
@@ -150,8 +167,7 @@ class SignalSafeLoader(DataLoader):
 
 
 def worker_options(num_workers: int, seed: int, rank: int) -> dict:
-    """The DataLoader arguments every loader of a run shares: workers seeded from (seed, rank, worker_id)
-    that leave the stop signals to the main process (with SignalSafeLoader)."""
+    """The DataLoader arguments every loader of a run shares: workers seeded from (seed, rank, worker_id)."""
     return {
         "num_workers": num_workers,
         "worker_init_fn": partial(_init_worker, seed, rank) if num_workers > 0 else None,
