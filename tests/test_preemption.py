@@ -367,7 +367,8 @@ def test_a_stop_signal_while_workers_start_waits_for_the_main_process_and_kills_
     try:
         loader = _loader()
         assert len([batch for (batch,) in loader]) == 16  # both workers lived through their SIGTERM
-        assert received == ["forked", signal.SIGUSR1]  # held while forking, then the main process's
+        # the main process's, once: held while this thread forks, or taken at once by another of its threads
+        assert received.count(signal.SIGUSR1) == 1 and "forked" in received
         loader.close()
     finally:
         signal.signal(signal.SIGUSR1, previous)
