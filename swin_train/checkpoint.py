@@ -100,6 +100,18 @@ def _os_error_in(exc: BaseException) -> OSError | None:
     return None
 
 
+def _not_a_write_failure(exc: BaseException) -> BaseException | None:
+    """The user error or interrupt behind `exc` (a second Ctrl-C, a data worker's death raised by a signal
+    handler mid-write), which must pass on as itself, also when torch.save reports it as its own
+    RuntimeError ('unexpected pos ...') with the real one as its context; None for a failed write."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, SwinTrainError) or not isinstance(exc, Exception):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable. Some file systems cannot open or fsync a directory; the
     file itself is already fsynced there, so that is not an error."""
@@ -206,15 +218,18 @@ def write_atomically(path: Path, write: Callable[[Path], None], *, what: str = "
     except BaseException as exc:
         with contextlib.suppress(OSError):  # also when the temp file was never created
             tmp.unlink()
-        if isinstance(exc, SwinTrainError) or not isinstance(exc, Exception):
+        passed_on = _not_a_write_failure(exc)
+        if passed_on is exc:
             raise  # KeyboardInterrupt etc.: the temp file is gone, the old file untouched
+        if passed_on is not None:
+            raise passed_on from None
         os_err = _os_error_in(exc)
-        if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if os_err is None:  # not the file system's: no advice about the folder
+            raise CheckpointError(f"could not write {what}{path}: {str(exc).splitlines()[0]}") from exc
+        hint = "check the output folder or change --output"
+        if os_err.errno in (errno.ENOSPC, errno.EDQUOT):
             hint = "free space or change --output"
-        else:
-            hint = "check the output folder or change --output"
-        reason = (os_err.strerror or str(os_err)) if os_err is not None else str(exc).splitlines()[0]
-        raise CheckpointError(f"could not write {what}{path}: {reason}; {hint}") from exc
+        raise CheckpointError(f"could not write {what}{path}: {os_err.strerror or os_err}; {hint}") from exc
     _fsync_dir(path.parent)
 
 

@@ -156,6 +156,8 @@ class ModelConfig:
     # evaluation and prediction elsewhere fall back to "auto"
     attention: str = "auto"
     pretrained: str | None = None  # weights to start from, any supported layout
+    # set by the fine-tuning recipes: a run without model.pretrained is refused (it would fine-tune random weights)
+    pretrained_required: bool = False
     head_map: str | None = None  # a file of source class indices, one per line (official map22kto1k.txt)
 
     def check(self, r: Rules) -> None:
@@ -289,11 +291,11 @@ class TrainConfig:
         r.require("train.ema_decay", self.ema_decay, lambda x: 0 < x < 1, "in (0, 1)")
         r.require("train.ema_every", self.ema_every, _at_least_one, ">= 1")
         r.choice("train.best_on", self.best_on, BEST_ON)
-        if self.warmup_epochs > self.epochs:
+        if self.warmup_epochs >= self.epochs:  # the schedule decays after the warmup: it must end first
             r.fail(
                 ("train.warmup_epochs", "train.epochs"),
-                f"train.warmup_epochs={self.warmup_epochs} is larger than train.epochs={self.epochs}; "
-                f"set train.warmup_epochs to at most {self.epochs}",
+                f"train.warmup_epochs={self.warmup_epochs} is not less than train.epochs={self.epochs}; "
+                f"set train.warmup_epochs to at most {self.epochs - 1}",
             )
         if self.min_lr > self.base_lr:
             r.fail(
@@ -448,7 +450,7 @@ class Config:
 
 
 # ModelConfig fields that are not SwinTransformer arguments (they say where weights come from)
-_NOT_MODEL_KWARGS = ("name", "pretrained", "head_map")
+_NOT_MODEL_KWARGS = ("name", "pretrained", "pretrained_required", "head_map")
 
 
 # --------------------------------------------------------------------------------------------------

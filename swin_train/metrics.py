@@ -98,7 +98,8 @@ class StepMeter:
 def step_line(
     epoch: int, step: int, steps: int, loss: float, lr: float, grad_norm: float, img_s: float
 ) -> str:
-    return f"epoch {epoch} step {step}/{steps}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, {img_s:.1f} img/s"
+    """A step's line; `epoch` 0-based as the state counts it, shown from 1 as the epoch lines show it."""
+    return f"epoch {epoch + 1} step {step}/{steps}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, {img_s:.1f} img/s"
 
 
 def epoch_line(r: dict, epochs: int) -> str:

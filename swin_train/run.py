@@ -93,6 +93,17 @@ class PendingSteps:
                 )
 
 
+def check_pretrained_given(cfg: Config, resume: str | None) -> None:
+    """A fine-tuning recipe started without its weights would fine-tune random ones, for as long as asked;
+    refused before anything is written. A resume takes its weights from the checkpoint."""
+    if cfg.model.pretrained_required and not cfg.model.pretrained and not resume:
+        raise ConfigError(
+            "this recipe fine-tunes weights (model.pretrained_required: true) but model.pretrained is not set; "
+            "pass model.pretrained=WEIGHTS (released or your own), or model.pretrained_required=false to "
+            "train from random weights"
+        )
+
+
 def build_model(cfg: Config, num_classes: int) -> SwinTransformer:
     if cfg.model.num_classes != num_classes:
         raise DataError(
@@ -184,14 +195,17 @@ class Run:
         )
 
     def close(self) -> None:
-        """Stop the threads the run started (the data loaders' workers stop with their iterators); a
-        checkpoint still being written is finished first (a failed one is logged: an error is on its way)."""
+        """Stop the threads and data workers the run started (after a stop's checkpoint too: the workers
+        leave stop signals to this process, so it ends them); a checkpoint still being written is finished
+        first (a failed one is logged: an error is on its way)."""
         for split in {self.cpu_split, self.eval_split} - {None}:
             split.close()
         try:
             self.writer.wait()
         except Exception as exc:
             log.error("%s", exc)
+        self.data.train_loader.close()
+        self.data.val_loader.close()
 
     def wait_for_saves(self) -> None:
         """Return once every checkpoint asked for is on disk; raises the error of one that failed."""
@@ -316,7 +330,7 @@ def resume_if_possible(run: Run, resume: str | None) -> None:
     log.info(
         "resuming from %s: epoch %d, step %d of %d (global step %d)",
         path,
-        s.epoch,
+        s.epoch + 1,  # counted from 1, as the log's epoch and step lines count it
         s.step_in_epoch,
         run.steps_per_epoch,
         s.global_step,

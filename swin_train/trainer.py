@@ -33,7 +33,7 @@ from swin_train.distributed import (
 from swin_train.evaluation import evaluate
 from swin_train.metrics import Metrics, StepMeter, epoch_line, step_line
 from swin_train.models.arch import largest_activation_bytes
-from swin_train.run import Run, checkpoint_bytes, resume_if_possible
+from swin_train.run import Run, check_pretrained_given, checkpoint_bytes, resume_if_possible
 from swin_train.stopping import Stopper, TrainingStopped
 
 log = logging.getLogger("swin_train")
@@ -46,6 +46,7 @@ def train(
     SIGUSR1. `device_pipeline`: see `Run`."""
     resolve_device(device)  # a missing GPU is a one-line error, before any process group or file
     check_data_path(cfg)  # nothing is written for a run that cannot start
+    check_pretrained_given(cfg, resume)
     env = init_distributed(device)
     # what this machine cannot run is a one-line error before the output folder is touched (Run resolves
     # the same Amp again for itself)
@@ -150,7 +151,11 @@ def log_run_summary(run: Run) -> None:
 def train_epochs(run: Run) -> dict:
     """Epochs from where `run.state` stands to `train.epochs`; returns the last epoch's record."""
     cfg, env, t = run.cfg, run.env, run.cfg.train
-    stopper = Stopper(steps_unsaved=lambda: run.state.global_step - run.last_saved_step, announce=env.is_main)
+    stopper = Stopper(
+        steps_unsaved=lambda: run.state.global_step - run.last_saved_step,
+        global_step=lambda: run.state.global_step,
+        announce=env.is_main,
+    )
     vote = StopVote()  # every rank stops after the same step, without a per-step wait (distributed.py)
     record: dict = {}
     with (
@@ -293,7 +298,7 @@ def progress_bar(run: Run):
     bar = tqdm(
         total=run.steps_per_epoch,
         initial=run.state.step_in_epoch,
-        desc=f"epoch {run.state.epoch}",
+        desc=f"epoch {run.state.epoch + 1}",
         disable=not show,
         dynamic_ncols=True,
         mininterval=1.0,
@@ -320,7 +325,7 @@ def stop(run: Run, stopper: Stopper) -> None:
     run.wait_for_saves()
     log.info(
         "stop requested (%s): checkpoint written at global step %d; run the same command to continue",
-        stopper.signal_name,
+        stopper.signal_name if stopper.requested else "by a signal to another rank",
         run.state.global_step,
     )
     raise TrainingStopped(stopper.exit_code)

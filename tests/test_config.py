@@ -340,7 +340,7 @@ def test_enum_values(override, expected):
         ("model.depths=[2,0,6,2]", "model.depths must be a non-empty list of ints >= 1, got [2, 0, 6, 2]"),
         (
             "train.warmup_epochs=301",
-            "train.warmup_epochs=301 is larger than train.epochs=300; set train.warmup_epochs to at most 300",
+            "train.warmup_epochs=301 is not less than train.epochs=300; set train.warmup_epochs to at most 299",
         ),
         ("train.min_lr=1", "train.min_lr=1.0 is larger than train.base_lr=0.0005"),
         ("train.best_on=ema", "train.best_on='ema' needs train.ema=true"),
@@ -418,11 +418,19 @@ def test_a_seed_torch_cannot_take_and_other_than_3_channels_are_refused(override
         assert load_config(None, [f"seed={2**63 - 1}"]).seed == 2**63 - 1  # the largest accepted
 
 
-def test_warmup_equal_to_epochs_and_ema_best_are_valid():
+def test_warmup_up_to_the_last_epoch_and_ema_best_are_valid():
     cfg = load_config(
-        None, ["train.epochs=5", "train.warmup_epochs=5", "train.ema=true", "train.best_on=ema"]
+        None, ["train.epochs=5", "train.warmup_epochs=4", "train.ema=true", "train.best_on=ema"]
     )
-    assert (cfg.train.warmup_epochs, cfg.train.best_on) == (5, "ema")
+    assert (cfg.train.warmup_epochs, cfg.train.best_on) == (4, "ema")
+
+
+def test_a_warmup_as_long_as_the_run_names_train_warmup_epochs():
+    # the quick start with train.epochs=1 (its warmup is 1 epoch): the schedule's own error named steps only
+    assert error_of(load_config, os.path.join(CONFIGS, "quickstart.yaml"), ["train.epochs=1"]) == (
+        "override 'train.epochs=1': train.warmup_epochs=1 is not less than train.epochs=1; "
+        "set train.warmup_epochs to at most 0"
+    )
 
 
 @pytest.mark.parametrize(
@@ -575,8 +583,8 @@ def test_errors_from_files_name_the_defining_line(tmp_path):
     write(tmp_path, "p.yaml", "train:\n  warmup_epochs: 50\n")
     child = write(tmp_path, "c.yaml", "_base_: p.yaml\ntrain:\n  epochs: 40\n")
     assert error_of(load_config, child) == (
-        f"{child}:3: train.warmup_epochs=50 is larger than train.epochs=40; "
-        "set train.warmup_epochs to at most 40"
+        f"{child}:3: train.warmup_epochs=50 is not less than train.epochs=40; "
+        "set train.warmup_epochs to at most 39"
     )
 
 

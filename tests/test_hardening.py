@@ -249,18 +249,20 @@ def test_a_damaged_checkpoint_is_moved_aside_and_best_is_rewritten(trained_run, 
 # 8. Ctrl-C feedback
 
 
-def test_first_ctrl_c_says_what_happens_and_the_second_aborts(capsys):
+def test_first_ctrl_c_says_what_happens_and_the_second_aborts(caplog):
+    caplog.set_level("WARNING", logger="swin_train")  # the lines go to the log (and log.txt), not bare stderr
     with Stopper(steps_unsaved=lambda: 17) as stopper:
         os.kill(os.getpid(), signal.SIGINT)
         assert stopper.requested and stopper.exit_code == 130
-        err = capsys.readouterr().err
+        err = caplog.text
+        caplog.clear()
         assert "SIGINT received: stopping with a checkpoint after this step or validation" in err
         assert "press Ctrl-C again to abort (the last 17 steps are lost)" in err
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     with Stopper() as stopper:
         os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning before the time limit
-        assert stopper.exit_code == 138 and "Ctrl-C" not in capsys.readouterr().err
+        assert stopper.exit_code == 138 and "Ctrl-C" not in caplog.text
 
 
 # 9. what differs on resume

@@ -204,7 +204,7 @@ def test_training_through_the_device_path_resumes_bitwise(tiny_shapes, tmp_path,
     shutil.copy(ref / "step-000000005.pth", run / "step-000000005.pth")
     train(load_config(None, overrides, data_path=str(tiny_shapes), output=str(run)), device="cpu")
     assert (
-        f"resuming from {run / 'step-000000005.pth'}: epoch 1, step 1 of 4" in (run / "log.txt").read_text()
+        f"resuming from {run / 'step-000000005.pth'}: epoch 2, step 1 of 4" in (run / "log.txt").read_text()
     )
 
     assert_bitwise_equal(weights(ref / "last.pth"), weights(run / "last.pth"))

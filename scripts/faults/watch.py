@@ -80,9 +80,10 @@ class Watch:
         if m := STEP_LINE.search(line):
             epoch, step, per_epoch = map(int, m.groups())
             self.step_times.append(now)
-            self.global_steps.append(epoch * per_epoch + step)
+            done = (epoch - 1) * per_epoch + step  # the log counts epochs from 1
+            self.global_steps.append(done)
             if step == per_epoch and self.epoch_end_at is None:
-                self.epoch_end_at, self.epoch_end_step = now, epoch * per_epoch + step
+                self.epoch_end_at, self.epoch_end_step = now, done
         elif m := RESUME_LINE.search(line):
             self.resumed_at = (int(m.group(4)), int(m.group(2)))
         elif m := STEPS_PER_EPOCH_LINE.search(line):

@@ -8,7 +8,7 @@ import torch
 
 from swin_train.cli.common import ArgumentParser, add_debug_flag, exit_process, run_cli
 from swin_train.errors import ConfigError
-from swin_train.models.registry import build_model, variant_names
+from swin_train.models.registry import ARCHITECTURE_ONLY, build_model, default_num_classes, variant_names
 from swin_train.models.summary import describe_model
 
 
@@ -84,7 +84,13 @@ def format_table(title: str, d: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="swin-model", description=__doc__)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help=f"variant name ({', '.join(variant_names())})")
+    with_recipe = [name for name in variant_names() if name not in ARCHITECTURE_ONLY]
+    source.add_argument(
+        "--model",
+        help=f"variant name, with its recipe in configs/: {', '.join(with_recipe)}; architecture only (no "
+        f"official weights or recipe): {', '.join(ARCHITECTURE_ONLY)}. A *_22k name has the 21841-class "
+        "head of its ImageNet-22k weights",
+    )
     source.add_argument("--config", help="a swin-train YAML config (its model section and data.img_size)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.window_size=12")
     parser.add_argument("--num-classes", type=int, help="override the number of classes")
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
         name = args.model or DEFAULT_VARIANT
         try:
-            kwargs = variant_arch(name)
+            kwargs = {"num_classes": default_num_classes(name), **variant_arch(name)}
         except KeyError as e:
             raise ConfigError(str(e).strip("'\"") + "; pass --model with a known name") from None
         title = name

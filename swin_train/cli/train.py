@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     setup_logging()
     from swin_train.config import load_config
-    from swin_train.stopping import TrainingStopped
+    from swin_train.data.loader import worker_death
+    from swin_train.stopping import StopAborted, TrainingStopped
     from swin_train.trainer import train
 
     cfg = load_config(
@@ -44,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, resume=args.resume, device=args.device)
     except TrainingStopped as stop:
         return stop.exit_code
+    except StopAborted:  # the second Ctrl-C, which the log has already reported
+        return 130
+    except RuntimeError as error:  # a worker found dead while its batch was awaited: one line, no traceback
+        died = worker_death(error)
+        if died is None:
+            raise
+        raise died from None
     return 0
 
 

@@ -73,9 +73,54 @@ def data_source(cfg: Config) -> str:
     return "imagefolder"
 
 
+# what each data.dataset reads, for the message when data.data_path holds another
+DATASET_WORDS = {
+    "imagefolder": "an ImageFolder root (train/ and val/)",
+    "shapes": "the generated shapes set",
+    "wds": "webdataset shards",
+    "hf": "a Hugging Face dataset",
+}
+
+
+def found_dataset(path: str) -> str | None:
+    """The data.dataset value that reads what `path` holds, by its layout; None when it holds nothing known
+    (a folder that does not exist yet, a Hub name)."""
+    from swin_train.data.hf_dataset import is_hf_source
+    from swin_train.data.shapes import is_shapes_set
+    from swin_train.data.shards import is_shard_source
+
+    root = Path(path).expanduser()
+    if is_shard_source(path):
+        return "wds"
+    if is_hf_source(path):
+        return "hf"
+    if is_shapes_set(root):
+        return "shapes"
+    return "imagefolder" if (root / "train").is_dir() and (root / "val").is_dir() else None
+
+
+def check_dataset_matches(cfg: Config) -> None:
+    """A data.dataset that contradicts what data.data_path holds is named, with the setting that reads it,
+    before a check of the wrong format gives advice that points elsewhere (a shapes cache, a shard index)."""
+    d = cfg.data
+    if d.dataset == "imagefolder" or not d.data_path:  # "imagefolder" reads shards and HF datasets too
+        return
+    found = found_dataset(d.data_path)
+    if found is None or found == d.dataset:
+        return
+    reads = DATASET_WORDS[d.dataset] + (", cached in data.data_path" if d.dataset == "shapes" else "")
+    raise DataError(
+        f"data path {d.data_path} holds {DATASET_WORDS[found]}, but data.dataset='{d.dataset}' reads {reads}; "
+        "set data.dataset=imagefolder (it reads ImageFolders, shards and Hugging Face datasets by their layout)"
+    )
+
+
 def check_data_path(cfg: Config) -> None:
     """Fail before anything is written when the data cannot exist (the shapes set is generated later)."""
-    if cfg.data.synthetic or cfg.data.dataset == "shapes":
+    if cfg.data.synthetic:
+        return
+    check_dataset_matches(cfg)
+    if cfg.data.dataset == "shapes":
         return
     if not cfg.data.data_path:
         raise DataError(

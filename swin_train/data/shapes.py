@@ -178,6 +178,11 @@ def _install(tmp: Path, root: Path, meta: dict) -> None:
     raise DataError(f"could not install the shapes set at {root} (concurrent writers?); try again")
 
 
+def is_shapes_set(root: Path) -> bool:
+    """Whether `root` holds a generated shapes set (of any version)."""
+    return (_read_meta(root) or {}).get("generator") == GENERATOR
+
+
 def _read_meta(root: Path) -> dict | None:
     try:
         return json.loads((root / "meta.json").read_text())

@@ -29,18 +29,19 @@ import os
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from swin_train.data.decode import Encoded, UndecodableImage, open_encoded, rgb_image, takes_encoded
 from swin_train.data.folder import DECODE_ERRORS, decode_error_reason
 from swin_train.data.labels import shard_label
-from swin_train.data.seeding import derive_seed, seed_generator, seed_globals_from, transform_sample
+from swin_train.data.loader import SignalSafeLoader, worker_options
+from swin_train.data.seeding import derive_seed, transform_sample
 from swin_train.data.tar_stream import iter_tar_files
 from swin_train.errors import DataError
 
@@ -527,10 +528,6 @@ class ShardEvalDataset(IterableDataset):
                 yield _transformed(self.transform, image, None, sample, shard), label
 
 
-def _init_worker(seed: int, rank: int, worker_id: int) -> None:
-    seed_globals_from(seed, rank, worker_id)
-
-
 def build_shard_loader(
     dataset: ShardTrainDataset | ShardEvalDataset,
     *,
@@ -540,18 +537,16 @@ def build_shard_loader(
     drop_last: bool,
     seed: int = 0,
     rank: int = 0,
-) -> DataLoader:
+) -> SignalSafeLoader:
     """A DataLoader over a shard dataset. Workers are started per epoch (not persistent): each epoch's
     workers receive the dataset as the loop left it (epoch, start batch)."""
-    return DataLoader(
+    return SignalSafeLoader(
         dataset,
         batch_size=batch_size,
-        num_workers=num_workers,
         pin_memory=pin_memory and torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=False,
-        worker_init_fn=partial(_init_worker, seed, rank) if num_workers > 0 else None,
-        generator=seed_generator(seed, rank),
+        **worker_options(num_workers, seed, rank),
     )
 
 

@@ -46,9 +46,20 @@ for _size, _arch in (("base", _BASE), ("large", _LARGE)):
 # The architecture of a config that names none (model.name: null): Swin-T, as the official default.
 DEFAULT_VARIANT = "swin_tiny_patch4_window7_224"
 
+# Names without a recipe in configs/: the official zoo has no Swin-T/S at 384 (architectures only).
+ARCHITECTURE_ONLY = ("swin_small_patch4_window12_384", "swin_tiny_patch4_window12_384")
+
+IMAGENET_22K_CLASSES = 21841  # the head of the official ImageNet-22k weights
+
 
 def variant_names() -> list[str]:
     return sorted(VARIANTS)
+
+
+def default_num_classes(name: str | None) -> int:
+    """The head a named variant has when no number of classes is given: a `*_22k` name is its ImageNet-22k
+    model (what its weights and README's sizes hold), any other ImageNet-1k's 1000."""
+    return IMAGENET_22K_CLASSES if name and name.endswith("_22k") else 1000
 
 
 def variant_arch(name: str) -> dict:
@@ -64,10 +75,11 @@ def variant_arch(name: str) -> dict:
 
 def build_model(name: str | None = None, **overrides):
     """A Swin Transformer (random weights) from a variant name and/or explicit architecture fields:
-    `build_model("swin_tiny_patch4_window7_224", num_classes=10)`, `build_model(embed_dim=32, depths=(2, 2),
-    num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`. Loading weights is `swin_train.loading`."""
+    `build_model("swin_tiny_patch4_window7_224", num_classes=10)` (a name's own head otherwise:
+    `default_num_classes`), `build_model(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=32,
+    patch_size=2, window_size=4)`. Loading weights is `swin_train.loading`."""
     from swin_train.models.swin import SwinTransformer
 
-    arch = variant_arch(name) if name else {}
+    arch = {"num_classes": default_num_classes(name), **variant_arch(name)} if name else {}
     arch.update(overrides)
     return SwinTransformer(**arch)
