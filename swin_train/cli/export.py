@@ -106,7 +106,12 @@ def _load(args) -> Exported:
     from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, load_checkpoint
     from swin_train.config import config_to_dict
     from swin_train.loading import bare_model, load_trained_model, select_weights
-    from swin_train.models.convert import check_saved_geometry, convert_state_dict, unwrap_state_dict
+    from swin_train.models.convert import (
+        check_saved_geometry,
+        check_version,
+        convert_state_dict,
+        unwrap_state_dict,
+    )
     from swin_train.models.hf import is_hf_folder
 
     hf = is_hf_folder(args.checkpoint)
@@ -128,6 +133,7 @@ def _load(args) -> Exported:
     raw = select_weights(state, args.ema, f"checkpoint {args.checkpoint}")
     sd = convert_state_dict(raw)
     model = bare_model(sd, args.img_size, args.model)
+    check_version(sd, model, args.checkpoint)  # --model of the other Swin version
     # the export writes the model's buffers: they must be those the weights were trained with
     check_saved_geometry(unwrap_state_dict(raw), model, args.checkpoint)
     return Exported(model, sd)
@@ -141,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     _check_out(out, args.format)
+    loaded = _load(args)  # what is wrong with the input is said first
     _check_not_replacing(out, args)
-    loaded = _load(args)
     model, suffix = loaded.model, ", EMA" if args.ema else ""
     if args.format not in RUNNABLE_FORMATS:
         count = save_weights(loaded.state_dict, args.format, out, model, loaded.metadata)
