@@ -276,6 +276,13 @@ def load_resume_checkpoint(run: Run, resume: str | None) -> Resume | None:
     return Resume(path, damaged)
 
 
+def needs_tidying(run: Run, resume: Resume) -> bool:
+    """Whether continuing from `resume` has files to put right (continue_run): newer checkpoints that did not
+    load, or step checkpoints beyond train.keep_checkpoints that a kill left between a save and its pruning."""
+    steps = [p for p in ckpt.checkpoint_candidates(run.out) if p.name not in (ckpt.LAST, ckpt.BEST)]
+    return bool(resume.damaged) or len(steps) > run.cfg.train.keep_checkpoints
+
+
 def continue_run(run: Run, resume: Resume) -> None:
     """Once the output folder is the run's: the newer checkpoints that failed to load are moved aside, so
     that nothing damaged stays where the next step (`swin-eval OUT/best.pth`, a later resume) would pick it up,

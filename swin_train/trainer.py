@@ -29,7 +29,14 @@ from swin_train.errors import CheckpointError, TrainingError
 from swin_train.evaluation import evaluate
 from swin_train.metrics import Metrics, StepMeter, epoch_line, step_line
 from swin_train.models.arch import largest_activation_bytes
-from swin_train.run import Run, TrainState, checkpoint_bytes, continue_run, load_resume_checkpoint
+from swin_train.run import (
+    Run,
+    TrainState,
+    checkpoint_bytes,
+    continue_run,
+    load_resume_checkpoint,
+    needs_tidying,
+)
 from swin_train.stopping import Stopper, TrainingStopped
 
 log = logging.getLogger("swin_train")
@@ -78,7 +85,7 @@ def train(
                 if env.is_main:
                     check_output_space(run.out, checkpoint_bytes(run.model))
                 resumed = load_resume_checkpoint(run, resume)
-                if resumed is not None and run.finished and not resumed.damaged:
+                if resumed is not None and run.finished and not needs_tidying(run, resumed):
                     log_finished(run, resumed.path)
                     return {}
                 with output_folder(cfg, env, held):
