@@ -81,9 +81,11 @@ def check_outputs(args) -> None:
     the source read as shards) and continues only its own pack; an index replaces an _info.json only with
     --force."""
     from swin_train.data.pack import PLAN_NAME
+    from swin_train.data.shards import require_webdataset
     from swin_train.errors import ConfigError
     from swin_train.outputs import check_output_file
 
+    require_webdataset()  # a missing package is said first: nothing can be written without it
     if args.command == "index":
         check_output_file(Path(args.folder) / "_info.json", inputs=[], force=args.force, option="the index")
         return
