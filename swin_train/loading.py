@@ -43,9 +43,10 @@ from swin_train.models.convert import (
     infer_arch,
     unwrap_state_dict,
 )
-from swin_train.models.hf import is_hf_folder, load_hf_folder
+from swin_train.models.hf import HfCheckpoint, is_hf_folder, load_hf_folder
 from swin_train.models.registry import build_model, variant_arch
 from swin_train.models.swin import SwinTransformer
+from swin_train.outputs import is_run_config
 
 log = logging.getLogger("swin_train")
 
@@ -274,8 +275,11 @@ def load_trained_model(source: str | os.PathLike | dict, *, ema: bool = False) -
     """The one way to load a trained model: from a training checkpoint (`ema`: its EMA weights) or a
     safetensors export that carries its config, class names and preprocessing. Used by swin-eval,
     swin-predict, swin-export and `create_model(checkpoint=...)`; a run's resume loads the same weights
-    through the same checks."""
+    through the same checks. A Hugging Face Swin folder gives its config.json's architecture, id2label's
+    class names (transformers' LABEL_i without them) and preprocessor_config.json's preprocessing."""
     where = "the checkpoint" if isinstance(source, dict) else str(source)
+    if not isinstance(source, dict) and is_hf_folder(source):
+        return _trained_from_hf(source, ema)
     state = source if isinstance(source, dict) else load_checkpoint(source)
     if not holds_trained_model(state):
         raise CheckpointError(
@@ -299,6 +303,17 @@ def load_trained_model(source: str | os.PathLike | dict, *, ema: bool = False) -
     load_exact_weights(model, weights, where)
     preprocess = Preprocess.from_dict(state["preprocess"], where)
     return TrainedModel(model.eval(), cfg, class_names, preprocess, where + (" (EMA)" if ema else ""))
+
+
+def _trained_from_hf(source: str | os.PathLike, ema: bool) -> TrainedModel:
+    if ema:
+        raise CheckpointError(f"{source} is a Hugging Face folder, which holds no EMA weights; drop --ema")
+    hf = load_hf_folder(source)
+    cfg = config_of_hf_folder(hf, source)
+    model = SwinTransformer(**cfg.model_kwargs() | {"grad_checkpointing": False})
+    load_exact_weights(model, hf.state_dict, str(source))
+    names = hf.class_names or [f"LABEL_{i}" for i in range(cfg.model.num_classes)]  # transformers' own
+    return TrainedModel(model.eval(), cfg, names, Preprocess.from_config(cfg), str(source))
 
 
 def load_exact_weights(model: torch.nn.Module, weights: dict, where: str) -> None:
@@ -341,36 +356,73 @@ def load_for_evaluation(
     model_name: str | None = None,
     overrides: Sequence[str] = (),
     ema: bool = False,
+    data_path: str | None = None,
 ) -> tuple[nn.Module, Config, list[str] | None]:
     """(model with weights, config, class names or None) for swin-eval. A swin-train checkpoint or export
     carries its own architecture, class names and preprocessing (a config or overrides may change the rest,
     not the architecture); bare weights take them from the variant `model_name` (--model) or `config`
-    (--config); a transformers folder from its config.json and preprocessor_config.json."""
-    if is_hf_folder(source):
-        return _hf_for_evaluation(source, config, model_name, overrides, ema)
-    state = load_checkpoint(source)
+    (--config); a transformers folder from its config.json and preprocessor_config.json. `data_path`
+    (--data-path) replaces the config's; data sources the user did not type that come from a file (the
+    checkpoint's config, a run folder's config.yaml) are only plain local paths (data.build.check_stored_paths)."""
     overrides = list(overrides)
-    if holds_trained_model(state):
-        trained = load_trained_model(state, ema=ema)
-        own = trained.config.model_kwargs()
-        if model_name:
-            arch = variant_arch(model_name)
-            plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v
-            differs = [f"{k} {own[k]} (--model: {arch[k]})" for k in arch if plain(own[k]) != plain(arch[k])]
-            if differs:
-                raise ConfigError(
-                    f"{source} is a swin-train checkpoint with its own architecture, which --model "
-                    f"{model_name} contradicts ({'; '.join(differs[:3])}); drop --model"
-                )
-        base = None if config else config_to_dict(trained.config)
-        cfg = load_config(config, overrides, base=base)
-        changed = {k for k, v in cfg.model_kwargs().items() if k in ARCH_KEYS and v != own[k]}
-        if changed:
+    if is_hf_folder(source):
+        if ema or model_name:
             raise ConfigError(
-                f"{source} carries its own architecture; the config or overrides change "
-                f"{', '.join(sorted(changed))}: drop them"
+                f"{source} is a Hugging Face folder with its own architecture and no EMA weights; "
+                "drop --model / --ema"
             )
-        return trained.model, cfg, trained.class_names
+        hf = load_hf_folder(source)
+        cfg = config_of_hf_folder(hf, source, config, overrides)
+        model = SwinTransformer(**cfg.model_kwargs())
+        load_exact_weights(model, hf.state_dict, str(source))
+        model, class_names, stored = model.eval(), hf.class_names, None
+    else:
+        state = load_checkpoint(source)
+        if holds_trained_model(state):
+            model, cfg, class_names = _trained_for_evaluation(
+                state, source, config, model_name, overrides, ema
+            )
+            stored = None if config else f"the config stored in {source}"
+        else:
+            model, cfg, class_names = _bare_for_evaluation(state, source, config, model_name, overrides, ema)
+            stored = None
+    if data_path:
+        cfg.data.data_path = data_path
+    if stored is None and config and is_run_config(config):
+        stored = str(config)
+    if stored:
+        from swin_train.data.build import DATA_SOURCE_KEYS, check_stored_paths, typed_keys
+
+        typed = typed_keys(overrides) | ({"data.data_path"} if data_path else set())
+        check_stored_paths(cfg, stored, typed, DATA_SOURCE_KEYS)  # evaluation reads only data
+    return model, cfg, class_names
+
+
+def _trained_for_evaluation(state, source, config, model_name, overrides, ema):
+    trained = load_trained_model(state, ema=ema)
+    own = trained.config.model_kwargs()
+    if model_name:
+        arch = variant_arch(model_name)
+        differs = [f"{k} {own[k]} (--model: {arch[k]})" for k in arch if _plain(own[k]) != _plain(arch[k])]
+        if differs:
+            raise ConfigError(
+                f"{source} is a swin-train checkpoint with its own architecture, which --model "
+                f"{model_name} contradicts ({'; '.join(differs[:3])}); drop --model"
+            )
+    base = None if config else config_to_dict(trained.config)
+    if base is not None:  # what training read its weights from: done, the weights hold it
+        base["model"].update(pretrained=None, head_map=None)
+    cfg = load_config(config, overrides, base=base)
+    changed = {k for k, v in cfg.model_kwargs().items() if k in ARCH_KEYS and v != own[k]}
+    if changed:
+        raise ConfigError(
+            f"{source} carries its own architecture; the config or overrides change "
+            f"{', '.join(sorted(changed))}: drop them"
+        )
+    return trained.model, cfg, trained.class_names
+
+
+def _bare_for_evaluation(state, source, config, model_name, overrides, ema):
     if model_name:
         overrides.append(f"model.name={model_name}")
     if config:
@@ -386,34 +438,63 @@ def load_for_evaluation(
     return model, cfg, None
 
 
-def _hf_for_evaluation(
-    source, config, model_name, overrides, ema
-) -> tuple[nn.Module, Config, list[str] | None]:
-    """A transformers Swin folder: architecture from config.json, eval transform from preprocessor_config.json,
-    class names from id2label (None for transformers' LABEL_i placeholders)."""
-    if ema or model_name:
-        raise ConfigError(
-            f"{source} is a Hugging Face folder with its own architecture and no EMA weights; "
-            "drop --model / --ema"
-        )
-    hf = load_hf_folder(source)
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+# preprocessor_config.json's settings, as config keys and Preprocess fields
+_HF_PREPROCESS_KEYS = {
+    "eval.crop_pct": "crop_pct",
+    "data.interpolation": "interpolation",
+    "data.mean": "mean",
+    "data.std": "std",
+}
+
+
+def config_of_hf_folder(hf: HfCheckpoint, source, config=None, overrides: Sequence[str] = ()) -> Config:
+    """The config of a transformers Swin folder: the architecture from its config.json, which `config` and
+    `overrides` may not change (ConfigError), the eval preprocessing from its preprocessor_config.json, which
+    they may (said in the log), the rest from `config` and `overrides`."""
     arch = dict(hf.arch)
     hf_overrides = [
         f"data.img_size={arch.pop('img_size')}",
-        *(f"model.{k}={json.dumps(v)}" for k, v in arch.items()),
+        *(f"model.{k}={json.dumps(v)}" for k, v in (arch | hf.rates).items()),
     ]
     if hf.preprocess:
-        p = hf.preprocess
         hf_overrides += [
-            f"eval.crop_pct={p['crop_pct']}",
-            f"data.interpolation={p['interpolation']}",
-            f"data.mean={json.dumps(p['mean'])}",
-            f"data.std={json.dumps(p['std'])}",
+            f"{key}={json.dumps(hf.preprocess[name])}" for key, name in _HF_PREPROCESS_KEYS.items()
         ]
     cfg = load_config(config, [*hf_overrides, *overrides])
-    model = SwinTransformer(**cfg.model_kwargs())
-    load_exact_weights(model, hf.state_dict, str(source))
-    return model.eval(), cfg, hf.class_names
+    ours = cfg.model_kwargs()
+    changed = [k for k in ARCH_KEYS if k in hf.arch and _plain(ours[k]) != _plain(hf.arch[k])]
+    if changed:
+        shown = "; ".join(f"{k} {hf.arch[k]} -> {ours[k]}" for k in changed[:3])
+        raise ConfigError(
+            f"{source} carries its own architecture (config.json), which the overrides change ({shown}); "
+            "drop them"
+        )
+    if not hf.preprocess:
+        log.warning(
+            "%s has no preprocessor_config.json swin-train can follow: it is fed as the config says "
+            "(crop_pct %s, %s, mean %s, std %s)",
+            source,
+            cfg.eval.crop_pct,
+            cfg.data.interpolation,
+            cfg.data.mean,
+            cfg.data.std,
+        )
+    else:
+        mine = Preprocess.from_config(cfg).to_dict()
+        for key, name in _HF_PREPROCESS_KEYS.items():
+            if _plain(mine[name]) != _plain(hf.preprocess[name]):
+                log.warning(
+                    "%s=%s replaces %s's preprocessor_config.json (%s)",
+                    key,
+                    mine[name],
+                    source,
+                    hf.preprocess[name],
+                )
+    return cfg
 
 
 def bare_model(sd: dict, img_size: int | None, name: str | None, device: str = "meta"):

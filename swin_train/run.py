@@ -25,6 +25,7 @@ from swin_train.loading import ARCH_KEYS, load_exact_weights, load_pretrained
 from swin_train.losses import build_mixup, build_train_criterion
 from swin_train.models.swin import SwinTransformer
 from swin_train.optim import build_optimizer, build_schedule, scaled_lrs
+from swin_train.v2_windows import fit_pretrained_windows
 
 log = logging.getLogger("swin_train")
 
@@ -110,6 +111,7 @@ def build_model(cfg: Config, num_classes: int) -> SwinTransformer:
             f"the data has {num_classes} classes but model.num_classes is {cfg.model.num_classes}; "
             f"set model.num_classes={num_classes}"
         )
+    fit_pretrained_windows(cfg)  # a V2 fine-tune at another window: the windows its weights learned with
     model = SwinTransformer(**cfg.model_kwargs())
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained, head_map=cfg.model.head_map)
@@ -249,6 +251,7 @@ class Run:
             raise CheckpointError(
                 f"{path} is not a swin-train training checkpoint; use model.pretrained for weights"
             )
+        self._check_same_classes(state, path)
         load_exact_weights(self.model, state["model"], str(path))  # names a tensor of another shape
         self._check_same_architecture(state, path)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -291,6 +294,26 @@ class Run:
                 "; ".join(changed),
             )
 
+    @property
+    def finished(self) -> bool:
+        """Every epoch of train.epochs is trained (a resumed run may have nothing left to do)."""
+        return self.state.epoch >= self.cfg.train.epochs
+
+    def _check_same_classes(self, state: dict, path: Path) -> None:
+        """DataError when the data's classes are not the checkpoint's: resuming would relabel every class whose
+        index now names another (the head's row 0 learned 'cat'; the data's class 0 is 'ant')."""
+        theirs, ours = [str(c) for c in state.get("class_names", ())], self.data.class_names
+        if theirs == ours:
+            return
+        differ = next(
+            (f"class {i} is '{a}' there, '{b}' here" for i, (a, b) in enumerate(zip(theirs, ours)) if a != b),
+            f"{len(theirs)} classes there, {len(ours)} here",
+        )
+        raise DataError(
+            f"{path} was trained on other classes than the data's ({differ}); resume it on its own data, or "
+            f"fine-tune from it in a new output folder (model.pretrained={path})"
+        )
+
     def _check_same_architecture(self, state: dict, path: Path) -> None:
         """ConfigError when the config builds another architecture than the checkpoint's run: weights that
         fit are not enough (a Swin V2's window, pre-training windows and image size change no shape)."""
@@ -304,21 +327,42 @@ class Run:
             )
 
 
-def resume_if_possible(run: Run, resume: str | None) -> None:
-    """Continue from `resume`, or from the newest loadable checkpoint in the output folder (if any).
-    A newer checkpoint that failed to load is moved aside, so that nothing damaged stays where the next
-    step (`swin-eval OUT/best.pth`, a later resume) would pick it up."""
+@dataclass
+class Resume:
+    """The checkpoint a run continues from, and the newer ones that did not load (to move aside)."""
+
+    path: Path
+    damaged: list[Path]
+
+
+def load_resume_checkpoint(run: Run, resume: str | None) -> Resume | None:
+    """Restore `run` from `resume`, or from the newest loadable checkpoint in the output folder (None: there is
+    none). Reads only: a resume that is refused (another model, other classes) leaves the folder as it was."""
     damaged: list[Path] = []
     if resume:
         found = (Path(resume), ckpt.load_checkpoint(resume))
     else:
         found = ckpt.find_resume_checkpoint(run.out, logger=log, damaged=damaged)
     if found is None:
-        return
+        return None
     path, state = found
     run.load(state, path)
+    return Resume(path, damaged)
+
+
+def needs_tidying(run: Run, resume: Resume) -> bool:
+    """Whether continuing from `resume` has files to put right (continue_run): newer checkpoints that did not
+    load, or step checkpoints beyond train.keep_checkpoints that a kill left between a save and its pruning."""
+    steps = [p for p in ckpt.checkpoint_candidates(run.out) if p.name not in (ckpt.LAST, ckpt.BEST)]
+    return bool(resume.damaged) or len(steps) > run.cfg.train.keep_checkpoints
+
+
+def continue_run(run: Run, resume: Resume) -> None:
+    """Once the output folder is the run's: the newer checkpoints that failed to load are moved aside, so
+    that nothing damaged stays where the next step (`swin-eval OUT/best.pth`, a later resume) would pick it up,
+    and step checkpoints beyond train.keep_checkpoints pruned."""
     barrier()  # every rank has read its checkpoint before the damaged ones move
-    for bad in damaged:
+    for bad in resume.damaged:
         if run.env.is_main:
             log.warning("moved %s aside to %s: it does not load", bad, ckpt.set_aside(bad).name)
         if bad.name == ckpt.BEST:  # its weights are gone: the next validation writes a new best.pth
@@ -329,7 +373,7 @@ def resume_if_possible(run: Run, resume: str | None) -> None:
     s = run.state
     log.info(
         "resuming from %s: epoch %d, step %d of %d (global step %d)",
-        path,
+        resume.path,
         s.epoch + 1,  # counted from 1, as the log's epoch and step lines count it
         s.step_in_epoch,
         run.steps_per_epoch,

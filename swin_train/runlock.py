@@ -199,6 +199,30 @@ def acquire_output_lock(folder: str | os.PathLike) -> OutputLock:
     return OutputLock(path, fd, holder)
 
 
+def check_not_locked(folder: str | os.PathLike) -> None:
+    """TrainingError when another process holds `folder`'s lock; creates and writes nothing (a run checks this
+    before it builds its model and data, so a second run fails at once). A shared lock taken and dropped at
+    once: it conflicts with a holder's exclusive one, and needs only read access."""
+    path = Path(folder) / LOCK_FILE_NAME
+    if fcntl is None or not path.is_file():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # acquire_output_lock reports what is wrong with the file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = _read_holder(fd)
+        raise TrainingError(busy_message(other, Path(folder))) from None
+    except OSError:
+        return  # no locks on this file system: acquire_output_lock warns
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _write_holder(fd: int, holder: LockHolder) -> None:
     data = holder.to_text().encode()
     os.ftruncate(fd, 0)
@@ -216,4 +240,11 @@ def _read_holder(fd: int) -> LockHolder | None:
         time.sleep(0.05)
 
 
-__all__ = ["LOCK_FILE_NAME", "LockHolder", "OutputLock", "acquire_output_lock", "busy_message"]
+__all__ = [
+    "LOCK_FILE_NAME",
+    "LockHolder",
+    "OutputLock",
+    "acquire_output_lock",
+    "busy_message",
+    "check_not_locked",
+]

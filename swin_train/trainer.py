@@ -7,7 +7,10 @@ for each epoch:    for each optimizer step: train_step, maybe log, maybe stop, m
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import math
+import os
+import shutil
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -18,7 +21,7 @@ from tqdm import tqdm
 from swin_train import checkpoint as ckpt
 from swin_train.allocator import keep_freed_memory
 from swin_train.config import Config, dump_config
-from swin_train.data.build import check_data_path
+from swin_train.data.build import check_data_path, check_output_outside_data
 from swin_train.data.folder import few
 from swin_train.data.prefetch import prefetch
 from swin_train.device import check_attention_backend, resolve_amp, resolve_device
@@ -30,10 +33,18 @@ from swin_train.distributed import (
     init_distributed,
     shutdown,
 )
+from swin_train.errors import CheckpointError
 from swin_train.evaluation import evaluate
 from swin_train.metrics import Metrics, StepMeter, epoch_line, step_line
 from swin_train.models.arch import largest_activation_bytes
-from swin_train.run import Run, check_pretrained_given, checkpoint_bytes, resume_if_possible
+from swin_train.run import (
+    Run,
+    check_pretrained_given,
+    checkpoint_bytes,
+    continue_run,
+    load_resume_checkpoint,
+    needs_tidying,
+)
 from swin_train.stopping import Stopper, TrainingStopped
 
 log = logging.getLogger("swin_train")
@@ -42,10 +53,15 @@ log = logging.getLogger("swin_train")
 def train(
     cfg: Config, *, resume: str | None = None, device: str | None = None, device_pipeline: bool = True
 ) -> dict:
-    """Train as `cfg` says; returns the last epoch's record. Raises TrainingStopped after SIGTERM/SIGINT/
-    SIGUSR1. `device_pipeline`: see `Run`."""
+    """Train as `cfg` says; returns the last epoch's record ({} when there was nothing left to train). Raises
+    TrainingStopped after SIGTERM/SIGINT/SIGUSR1. `device_pipeline`: see `Run`.
+
+    Everything that can be checked is checked before the output folder is touched (data, device, model,
+    pretrained weights, the checkpoint to resume and whether it fits): a run that cannot start writes nothing,
+    and an existing run's files stay as they were."""
     resolve_device(device)  # a missing GPU is a one-line error, before any process group or file
     check_data_path(cfg)  # nothing is written for a run that cannot start
+    check_output_outside_data(cfg)
     check_pretrained_given(cfg, resume)
     env = init_distributed(device)
     # what this machine cannot run is a one-line error before the output folder is touched (Run resolves
@@ -65,7 +81,9 @@ def train(
             env.rendezvous,
         )
     try:
-        with output_folder(cfg, env):
+        with held_log_records(env.is_main) as held:
+            if env.is_main:
+                check_output_usable(Path(cfg.output))
             log.info(
                 "effective config (also in %s):\n%s",
                 Path(cfg.output) / "config.yaml",
@@ -74,10 +92,16 @@ def train(
             run = Run(cfg, env, device_pipeline=device_pipeline)
             try:
                 if env.is_main:
-                    ckpt.check_output_writable(run.out, checkpoint_bytes(run.model))
-                resume_if_possible(run, resume)
-                log_run_summary(run)
-                return train_epochs(run)
+                    check_output_space(run.out, checkpoint_bytes(run.model))
+                resumed = load_resume_checkpoint(run, resume)
+                if resumed is not None and run.finished and not needs_tidying(run, resumed):
+                    log_finished(run, resumed.path)
+                    return {}
+                with output_folder(cfg, env, held):
+                    if resumed is not None:
+                        continue_run(run, resumed)
+                    log_run_summary(run)
+                    return train_epochs(run)
             finally:
                 run.close()
     except TrainingStopped:
@@ -89,20 +113,81 @@ def train(
         shutdown()
 
 
+def check_output_usable(out: Path) -> None:
+    """Before a run builds anything: --output is not a file, can be created, and no other run is using it."""
+    from swin_train.runlock import check_not_locked
+
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise CheckpointError(
+            f"output folder {out} is not writable: {existing} is a file; choose another --output"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(
+            f"output folder {out} is not writable: permission denied on {existing}; choose another --output"
+        )
+    check_not_locked(out)
+
+
+def check_output_space(out: Path, min_free_bytes: int) -> None:
+    """A checkpoint of `min_free_bytes` fits where the output folder is or will be (checked once more, with
+    a written probe, when the folder is created)."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < min_free_bytes:
+        raise CheckpointError(
+            f"only {free // 10**6} MB free in {existing}, a checkpoint needs about "
+            f"{-(-min_free_bytes // 10**6)} MB; free space or change --output"
+        )
+
+
 @contextmanager
-def output_folder(cfg: Config, env: DistEnv):
-    """Rank 0 owns the output folder for the run: checked writable, locked against a second run, log.txt
-    started, leftovers of killed saves removed, config.yaml written. Released on the way out."""
+def held_log_records(hold: bool):
+    """Log records held in memory until log.txt exists (`output_folder` hands them over): a start that fails
+    leaves no log.txt, one that starts has every line from the first."""
+    held = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1, target=None)
+    if hold:
+        log.addHandler(held)
+    try:
+        yield held
+    finally:
+        log.removeHandler(held)
+        held.close()
+
+
+def log_finished(run: Run, path: Path) -> None:
+    """A run resumed with nothing left to train: say so and what to do, write nothing."""
+    s, epochs = run.state, run.cfg.train.epochs
+    log.info(
+        "%s has finished its run (%d of train.epochs=%d epochs trained): nothing to train, nothing written. "
+        "To train it longer, run it again with train.epochs=N (N > %d); to start a new run, choose another "
+        "--output",
+        path,
+        s.epoch,
+        epochs,
+        s.epoch,
+    )
+
+
+@contextmanager
+def output_folder(cfg: Config, env: DistEnv, held: logging.handlers.MemoryHandler | None = None):
+    """Rank 0 owns the output folder for the run: created and checked writable, locked against a second run,
+    log.txt started (with the `held` records of the start), leftovers of killed saves removed, config.yaml
+    written. Released on the way out."""
     from swin_train.runlock import acquire_output_lock
 
     out = Path(cfg.output)
     handler = lock = None
     try:
         if env.is_main:
-            ckpt.check_output_writable(out, min_free_bytes=0)  # the size check follows once the model exists
+            ckpt.check_output_writable(out, min_free_bytes=0)
             lock = acquire_output_lock(out)
             handler = logging.FileHandler(out / "log.txt")
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            if held is not None:
+                held.setTarget(handler)
+                held.flush()
+                log.removeHandler(held)
             log.addHandler(handler)
             for path in ckpt.remove_stale_temp_files(out):
                 log.warning("removed %s, left behind by a save that was killed before it finished", path)

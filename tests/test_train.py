@@ -105,6 +105,12 @@ def test_a_cpu_split_the_model_cannot_take_is_one_line_and_nothing_is_trained(sh
     assert not (out / "last.pth").exists()
 
 
+def _children(pid: int) -> list[int]:
+    """The direct children of `pid`, from /proc."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(child) for task in tasks for child in (task / "children").read_text().split()]
+
+
 def _kill_when(proc, path, timeout=240):
     """kill -9 `proc` as soon as `path` exists; fails if the run ended first (the test would prove nothing)."""
     deadline = time.time() + timeout
@@ -297,7 +303,10 @@ def test_torchrun_resume_after_kill_9_is_bitwise(shapes_root, tmp_path):
     while not (out / "step-000000040.pth").exists():  # epoch 1, step 8 of 32
         assert proc.poll() is None and time.time() < deadline, "run ended before the checkpoint appeared"
         time.sleep(0.01)
+    workers = _children(proc.pid)  # torchrun starts each in a session of its own: killpg misses them
     os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        os.killpg(pid, signal.SIGKILL)  # the worker and its data loader processes
     proc.wait()
     resumed = torchrun(2, "train", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -51,7 +51,9 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _eval_args(path, ema: bool) -> argparse.Namespace:
-    return argparse.Namespace(checkpoint=str(path), ema=ema, model=None, config=None, overrides=[])
+    return argparse.Namespace(
+        checkpoint=str(path), ema=ema, model=None, config=None, overrides=[], data_path=None
+    )
 
 
 @pytest.mark.parametrize("ema", [False, True])

@@ -7,6 +7,7 @@ swin-data index DIR       the per-shard sample counts (_info.json) for shards th
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from swin_train.cli.common import ArgumentParser, add_debug_flag, exit_process, run_cli, setup_logging
 
@@ -34,9 +35,15 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train split's shuffle before sharding")
     p.add_argument("--name", default="data", help="shard name prefix: NAME-train-0000.tar (default data)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="pack into a folder that holds a shard index not written by a pack",
+    )
     add_debug_flag(p)
     i = commands.add_parser("index", help="count the samples of NAME-SPLIT-NNNN.tar shards into _info.json")
     i.add_argument("folder")
+    i.add_argument("--force", action="store_true", help="replace an existing _info.json")
     add_debug_flag(i)
     return parser
 
@@ -44,6 +51,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = setup_logging()
+    check_outputs(args)
     if args.command == "pack":
         from swin_train.data.pack import PackOptions, pack
 
@@ -66,6 +74,29 @@ def main(argv: list[str] | None = None) -> int:
 
         log.info("wrote %s", write_index(args.folder))
     return 0
+
+
+def check_outputs(args) -> None:
+    """Before anything is written: a pack goes outside its source (shards and an _info.json inside it would make
+    the source read as shards) and continues only its own pack; an index replaces an _info.json only with
+    --force."""
+    from swin_train.data.pack import PLAN_NAME
+    from swin_train.data.shards import require_webdataset
+    from swin_train.errors import ConfigError
+    from swin_train.outputs import check_output_file
+
+    require_webdataset()  # a missing package is said first: nothing can be written without it
+    if args.command == "index":
+        check_output_file(Path(args.folder) / "_info.json", inputs=[], force=args.force, option="the index")
+        return
+    src, out = (Path(p).expanduser().resolve() for p in (args.src, args.out))
+    if out == src or src in out.parents:
+        raise ConfigError(f"OUT {args.out} is inside SRC {args.src}; write the shards to a folder outside it")
+    if (out / "_info.json").exists() and not (out / PLAN_NAME).exists() and not args.force:
+        raise ConfigError(
+            f"{args.out} holds a shard index that no pack wrote; pack into an empty folder, or pass --force to "
+            "replace its _info.json"
+        )
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ def build_parser() -> ArgumentParser:
         "--metrics-json",
         help='write {"top1", "top5", "loss", "num_samples", "num_skipped", "skipped_files"} (fractions) here',
     )
+    p.add_argument("--force", action="store_true", help="replace an existing --metrics-json file")
     p.add_argument(
         "--throughput", action="store_true", help="measure inference img/s instead (no data needed)"
     )
@@ -40,7 +41,12 @@ def load_model_and_config(args):
     from swin_train.loading import load_for_evaluation
 
     return load_for_evaluation(
-        args.checkpoint, config=args.config, model_name=args.model, overrides=args.overrides, ema=args.ema
+        args.checkpoint,
+        config=args.config,
+        model_name=args.model,
+        overrides=args.overrides,
+        ema=args.ema,
+        data_path=args.data_path,
     )
 
 
@@ -52,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     from swin_train.evaluation import throughput
 
     resolve_device(args.device)
+    if args.metrics_json and not args.throughput:  # refused before minutes of evaluation, not after
+        from swin_train.outputs import check_output_file
+
+        check_output_file(
+            args.metrics_json, inputs=[args.checkpoint], force=args.force, option="--metrics-json"
+        )
     env = init_distributed(args.device)
     try:
         model, cfg, expected_classes = load_model_and_config(args)
@@ -82,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _apply_command_line(cfg, args) -> None:
-    """--data-path, --batch-size and --num-workers over the checkpoint's or config's values."""
-    if args.data_path:
-        cfg.data.data_path = args.data_path
+    """--batch-size and --num-workers over the checkpoint's or config's values (--data-path: load_for_evaluation)."""
     if args.batch_size:
         cfg.data.batch_size = cfg.eval.batch_size = args.batch_size
     if args.num_workers is not None:

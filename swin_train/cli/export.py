@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from swin_train.cli.common import ArgumentParser, add_debug_flag, exit_process, run_cli, setup_logging
 from swin_train.errors import CheckpointError, ConfigError
@@ -27,7 +30,21 @@ from swin_train.models.convert import EXPORT_FORMATS
 
 # Formats that hold a runnable model (the others are state-dict layouts, `models.convert.EXPORT_FORMATS`)
 RUNNABLE_FORMATS = ("onnx", "hf")
-# Image size of bare weights by window, as in the official variant names (window7_224, window12_384).
+# The run's dropout and stochastic-depth rates: a Hugging Face config.json holds them for training there
+_TRAINING_RATES = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
+@dataclass
+class Exported:
+    """What --checkpoint gives to write: the model, its weights in our layout, and for a trained model (not bare
+    weights) its class names, preprocessing, safetensors metadata and training rates."""
+
+    model: torch.nn.Module
+    state_dict: dict
+    class_names: list[str] | None = None
+    preprocess: dict | None = None
+    metadata: dict = field(default_factory=dict)
+    rates: dict | None = None
 
 
 def build_parser() -> ArgumentParser:
@@ -42,6 +59,11 @@ def build_parser() -> ArgumentParser:
         "--out", required=True, help="file to write (.safetensors, .onnx), or the folder for --format hf"
     )
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out file (never the input, nor a checkpoint of a training run)",
+    )
     p.add_argument(
         "--img-size",
         type=int,
@@ -68,55 +90,84 @@ def _check_out(out: Path, fmt: str) -> None:
         raise CheckpointError(f"output folder {out.parent} does not exist; create it or change --out")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    log = setup_logging()
+def _check_not_replacing(out: Path, args) -> None:
+    """Nothing exported replaces its input, a training run's checkpoint, or (without --force) another file."""
+    from swin_train.models.hf import EXPORTED_FILES
+    from swin_train.outputs import check_output_file, check_output_folder
+
+    if args.format == "hf":
+        check_output_folder(out, EXPORTED_FILES, inputs=[args.checkpoint], force=args.force)
+    else:
+        check_output_file(out, inputs=[args.checkpoint], force=args.force)
+
+
+def _load(args) -> Exported:
+    """--checkpoint read: a swin-train checkpoint or export, a Hugging Face folder, or bare weights."""
     from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, load_checkpoint
-    from swin_train.loading import bare_model, load_exact_weights, load_trained_model, select_weights
+    from swin_train.config import config_to_dict
+    from swin_train.loading import bare_model, load_trained_model, select_weights
     from swin_train.models.convert import (
         check_saved_geometry,
+        check_version,
         convert_state_dict,
-        save_weights,
         unwrap_state_dict,
     )
+    from swin_train.models.hf import is_hf_folder
 
-    out = Path(args.out)
-    _check_out(out, args.format)
-    state = load_checkpoint(args.checkpoint)
-    bare = not holds_trained_model(state)
-    if not bare:
+    hf = is_hf_folder(args.checkpoint)
+    state = None if hf else load_checkpoint(args.checkpoint)
+    if hf or holds_trained_model(state):
         if args.img_size is not None or args.model is not None:
             raise ConfigError(
                 "--img-size and --model are only for bare weights; this checkpoint's config fixes the model"
             )
-        trained = load_trained_model(state, ema=args.ema)
-        model, sd = trained.model, trained.model.state_dict()
-        class_names, preprocess = trained.class_names, trained.preprocess.to_dict()
-        metadata = {key: json.dumps(state[key]) for key in EXPORT_METADATA_KEYS}  # as stored, checked above
-    else:
-        raw = select_weights(state, args.ema, f"checkpoint {args.checkpoint}")
-        sd = convert_state_dict(raw)
-        model, class_names, preprocess, metadata = bare_model(sd, args.img_size, args.model), None, None, {}
-        # the export writes the model's buffers: they must be those the weights were trained with
-        check_saved_geometry(unwrap_state_dict(raw), model, args.checkpoint)
-    suffix = ", EMA" if args.ema else ""
+        trained = load_trained_model(args.checkpoint if hf else state, ema=args.ema)
+        preprocess = trained.preprocess.to_dict()
+        if hf:  # what a swin-train export stores, so that the file works with every command
+            state = {"config": config_to_dict(trained.config), "class_names": trained.class_names}
+            state["preprocess"] = preprocess
+        metadata = {key: json.dumps(state[key]) for key in EXPORT_METADATA_KEYS}  # checked above
+        rates = {key: getattr(trained.config.model, key) for key in _TRAINING_RATES}
+        model = trained.model
+        return Exported(model, model.state_dict(), trained.class_names, preprocess, metadata, rates)
+    raw = select_weights(state, args.ema, f"checkpoint {args.checkpoint}")
+    sd = convert_state_dict(raw)
+    model = bare_model(sd, args.img_size, args.model)
+    check_version(sd, model, args.checkpoint)  # --model of the other Swin version
+    # the export writes the model's buffers: they must be those the weights were trained with
+    check_saved_geometry(unwrap_state_dict(raw), model, args.checkpoint)
+    return Exported(model, sd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = setup_logging()
+    from swin_train.loading import bare_model, load_exact_weights
+    from swin_train.models.convert import save_weights
+
+    out = Path(args.out)
+    _check_out(out, args.format)
+    loaded = _load(args)  # what is wrong with the input is said first
+    _check_not_replacing(out, args)
+    model, suffix = loaded.model, ", EMA" if args.ema else ""
     if args.format not in RUNNABLE_FORMATS:
-        count = save_weights(sd, args.format, out, model, metadata)
+        count = save_weights(loaded.state_dict, args.format, out, model, loaded.metadata)
         log.info("wrote %d tensors (%s%s) to %s", count, args.format, suffix, out)
         return 0
-    if bare:  # a real model to run
-        model = bare_model(sd, args.img_size, args.model, device="cpu")
-        load_exact_weights(model, sd, args.checkpoint)
+    if loaded.rates is None:  # bare weights: a real model to run
+        model = bare_model(loaded.state_dict, args.img_size, args.model, device="cpu")
+        load_exact_weights(model, loaded.state_dict, args.checkpoint)
+    names, preprocess = loaded.class_names, loaded.preprocess
     if args.format == "onnx":
         from swin_train.models.onnx import export_onnx
 
-        difference = export_onnx(model.eval(), out, class_names=class_names, preprocess=preprocess)
+        difference = export_onnx(model.eval(), out, class_names=names, preprocess=preprocess)
         log.info("wrote %s (onnx%s); onnxruntime logits within %.2e of PyTorch's", out, suffix, difference)
     else:
         from swin_train.models.hf import write_hf_folder
         from swin_train.models.hf_layout import HF_CLASSES
 
-        write_hf_folder(model.eval(), out, class_names=class_names, preprocess=preprocess)
+        write_hf_folder(model.eval(), out, class_names=names, preprocess=preprocess, rates=loaded.rates)
         log.info("wrote %s (hf%s): %s.from_pretrained loads it", out, suffix, HF_CLASSES[model.version])
     return 0
 

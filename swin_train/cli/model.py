@@ -98,21 +98,27 @@ def main(argv: list[str] | None = None) -> int:
     add_debug_flag(parser)
     args = parser.parse_intermixed_args(argv)
 
+    from swin_train.models.registry import DEFAULT_VARIANT, variant_arch
+
+    if args.model:
+        try:
+            variant = variant_arch(args.model)
+        except KeyError as e:
+            raise ConfigError(str(e).strip("'\"") + "; pass --model with a known name") from None
     if args.config or args.overrides:
         from swin_train.config import load_config
 
-        cfg = load_config(args.config, args.overrides)
+        # --model with overrides: the variant at its own image size, then the overrides
+        named = [f"model.name={args.model}", f"data.img_size={variant['img_size']}"] if args.model else []
+        cfg = load_config(args.config, [*named, *args.overrides])
         kwargs = cfg.model_kwargs()
         title = cfg.model.name or "custom Swin"
     else:
-        from swin_train.models.registry import DEFAULT_VARIANT, variant_arch
-
-        name = args.model or DEFAULT_VARIANT
-        try:
-            kwargs = {"num_classes": default_num_classes(name), **variant_arch(name)}
-        except KeyError as e:
-            raise ConfigError(str(e).strip("'\"") + "; pass --model with a known name") from None
-        title = name
+        title = args.model or DEFAULT_VARIANT
+        kwargs = {
+            "num_classes": default_num_classes(title),
+            **(variant if args.model else variant_arch(title)),
+        }
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     with torch.device("meta"):  # shapes only: parameters and FLOPs, no memory and no initialisation

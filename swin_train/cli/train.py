@@ -34,13 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     setup_logging()
     from swin_train.config import load_config
+    from swin_train.data.build import check_stored_paths, typed_keys
     from swin_train.data.loader import worker_death
+    from swin_train.outputs import is_run_config
     from swin_train.stopping import StopAborted, TrainingStopped
     from swin_train.trainer import train
 
     cfg = load_config(
         args.config, args.overrides, data_path=args.data_path, output=args.output, batch_size=args.batch_size
     )
+    if args.config and is_run_config(args.config):  # a stored config: its paths are plain local paths
+        shortcuts = {"data.data_path": args.data_path, "output": args.output}
+        typed = typed_keys(args.overrides) | {key for key, value in shortcuts.items() if value}
+        check_stored_paths(cfg, args.config, typed)
     try:
         train(cfg, resume=args.resume, device=args.device)
     except TrainingStopped as stop:

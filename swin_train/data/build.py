@@ -3,7 +3,10 @@ loaders and (on CUDA) the device half of the input pipeline."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from swin_train.config import Config
+from swin_train.config_types import shorten
 from swin_train.data.augment_draws import UnsupportedOnDevice
 from swin_train.data.device_augment import DeviceAugment
 from swin_train.data.folder import build_datasets, build_eval_dataset, check_root
@@ -115,6 +119,56 @@ def check_dataset_matches(cfg: Config) -> None:
     )
 
 
+# The config fields that say where data is read from, and those a run also reads (weights, a class map) or
+# writes (its output folder): a config read from a file may give them only as plain local paths
+DATA_SOURCE_KEYS = ("data.data_path", "data.val_path", "data.shard_info")
+STORED_PATH_KEYS = (*DATA_SOURCE_KEYS, "model.pretrained", "model.head_map", "output")
+_OPTIONS = {"data.data_path": "--data-path", "output": "--output"}
+# What makes a string a URL that webdataset's gopen opens with a program (pipe:, http: -> curl, gs:, ...);
+# urllib strips leading spaces and control characters before reading the scheme
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_STRIPPED = "".join(map(chr, range(33)))
+
+
+def command_or_url(value: str) -> str | None:
+    """The part of a data source that is a command or URL (`pipe:...`, `https://...`), also after webdataset's
+    brace expansion and `::` joining (shards.expand_urls); None for plain local paths."""
+    try:
+        from braceexpand import braceexpand  # webdataset's; without it no shard is read at all
+    except ImportError:
+        braceexpand = lambda part: [part]
+    for part in value.split("::"):
+        for url in braceexpand(part):  # lazily: a stored pattern may expand to very many names
+            if _SCHEME.match(url.lstrip(_STRIPPED)):
+                return url
+    return None
+
+
+def typed_keys(overrides) -> set[str]:
+    """The dotted keys that command-line overrides set (a whole section counts as each of its keys)."""
+    keys = {item.split("=", 1)[0].strip() for item in overrides}
+    return keys | {k for k in STORED_PATH_KEYS if k.split(".")[0] in keys}
+
+
+def check_stored_paths(cfg: Config, where: str, typed: set[str], keys=STORED_PATH_KEYS) -> None:
+    """The paths of a config read from a file (a checkpoint's or an export's config, a run folder's
+    config.yaml) are used only as plain local paths: a `pipe:` command or URL there would run a program or open
+    a stream the user never typed, so it is a DataError unless this command line gives that key (`typed`).
+    The log says which of `keys` came from the file."""
+    for key in keys:
+        value = functools.reduce(getattr, key.split("."), cfg)
+        if value is None or key in typed:
+            continue
+        found = command_or_url(value)
+        option = _OPTIONS.get(key, f"{key}=...")
+        if found is not None:
+            raise DataError(
+                f"{key} in {where} is {shorten(repr(found), 60)}, a command or URL, which swin-train runs only "
+                f"when typed on the command line; pass {option} to use it"
+            )
+        log.info("%s %s: from %s (pass %s to change it)", key, value, where, option)
+
+
 def check_data_path(cfg: Config) -> None:
     """Fail before anything is written when the data cannot exist (the shapes set is generated later)."""
     if cfg.data.synthetic:
@@ -135,6 +189,49 @@ def check_data_path(cfg: Config) -> None:
             raise DataError(f"data path {cfg.data.data_path} does not exist")
     else:
         check_root(cfg.data.data_path, ())
+
+
+def check_output_outside_data(cfg: Config) -> None:
+    """ConfigError when the output folder is a data folder or inside one: the run's files would be read as data
+    by the next start (a class folder named after the run, checkpoints beside the shards)."""
+    out = Path(cfg.output).expanduser().resolve()
+    folders = [cfg.data.data_path, cfg.data.val_path]
+    if cfg.data.dataset == "shapes" and not cfg.data.data_path:
+        from swin_train.data.shapes import default_shapes_root
+
+        folders[0] = str(default_shapes_root())
+    for folder in folders:
+        if not folder or command_or_url(folder) is not None or not Path(folder).expanduser().is_dir():
+            continue
+        root = Path(folder).expanduser().resolve()
+        if out == root or root in out.parents:
+            where = "is the data folder" if out == root else f"is inside the data folder {folder}"
+            raise ConfigError(
+                f"output {cfg.output} {where}: the next start would read the run's files as data; "
+                "choose an --output outside it"
+            )
+
+
+def warn_if_val_is_train(
+    train: list[str], val: list[str], *, unit: str = "images", by_folder: bool = True
+) -> None:
+    """Validation on training data measures memory, not accuracy: say so when val files resolve to train files
+    (a linked val/ or class folder, the same shards or split). `by_folder`: compare the folders, which for an
+    image folder is enough (a folder that resolves to a train folder holds the same files) and costs one
+    realpath per folder, not per image."""
+    key = os.path.dirname if by_folder else str
+    real = functools.lru_cache(maxsize=None)(os.path.realpath)
+    train_keys = {real(k) for k in {key(f) for f in train}}
+    shared = sum(real(key(f)) in train_keys for f in val)
+    if shared:
+        log.warning(
+            "%d of %d val %s are train %s (the same files): validation will measure the training data; "
+            "give validation data of its own",
+            shared,
+            len(val),
+            unit,
+            unit,
+        )
 
 
 def shard_splits(cfg: Config, *, train: bool = True):
@@ -283,6 +380,7 @@ def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> D
         train_set = build_hf_split(d.data_path, d.train_split, train_transform, **columns)
         val_set = build_hf_split(d.data_path, d.val_split, eval_transform, **columns)
         classes = train_set.classes
+        warn_if_val_is_train([d.train_split], [d.val_split], unit="splits", by_folder=False)
     else:
         train_set, val_set, classes = build_datasets(
             data_root(cfg, env),
@@ -291,6 +389,7 @@ def build_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> D
             skip_bad_images=d.skip_bad_images,
             cache_bytes=cache_mib << 20,
         )
+        warn_if_val_is_train([f for f, _ in train_set.samples], [f for f, _ in val_set.samples])
     train_sampler = ResumableTrainSampler(
         len(train_set), num_replicas=env.world_size, rank=env.rank, seed=cfg.seed
     )
@@ -315,6 +414,8 @@ def build_shard_data(cfg: Config, env: DistEnv, train_transform, eval_transform,
     classes = shard_class_names(cfg, train_split.class_names)
     # the model's classes bound both splits' labels
     train_split, val_split = (replace(s, class_names=tuple(classes)) for s in (train_split, val_split))
+    urls = lambda split: [shard.url for shard in split.shards]
+    warn_if_val_is_train(urls(train_split), urls(val_split), unit="shards", by_folder=False)
     workers = usable_workers(d.num_workers)
     # every process reads at least one shard per worker: fewer workers when the shards are few
     train_workers = min(workers, max(1, len(train_split.shards) // env.world_size))

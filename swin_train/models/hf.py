@@ -66,6 +66,7 @@ from swin_train.models.hf_layout import (
     hf_preprocessor_config,
     model_arch,
     preprocess_from_hf,
+    rates_from_hf_config,
     to_hf_state_dict,
 )
 from swin_train.models.swin import SwinTransformer
@@ -75,6 +76,8 @@ log = logging.getLogger("swin_train")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PROCESSOR_FILE = "preprocessor_config.json"
+# What an export writes (or removes: a preprocessor_config.json of another model) in its folder
+EXPORTED_FILES = (WEIGHTS_FILE, PROCESSOR_FILE, CONFIG_FILE)
 # Weight files transformers writes, in the order it prefers them; an index file names the shards of a split save.
 _WEIGHT_FILES = (
     "model.safetensors",
@@ -96,18 +99,21 @@ def write_hf_folder(
     *,
     class_names: Sequence[str] | None,
     preprocess: dict | None,
+    rates: Mapping[str, float] | None = None,
 ) -> None:
     """Write `model` as a folder for transformers' `SwinForImageClassification.from_pretrained` and
     `AutoImageProcessor.from_pretrained`: model.safetensors, preprocessor_config.json (without `preprocess`
     an older one is removed) and config.json, each atomically with mode 0644; config.json comes last, so a
-    folder with one is complete. The folder is created; its parent must exist.
+    folder with one is complete. The folder is created; its parent must exist. `rates`: the dropout and
+    stochastic-depth rates the model was trained with (drop_rate, attn_drop_rate, drop_path_rate), which
+    config.json keeps for training in transformers; without them, SwinTransformer's defaults.
 
     ConfigError for a model transformers' Swin cannot compute as ours does (check_hf_compatible), class names
     that do not fit the head, or preprocessing it cannot describe.
     """
     from safetensors.torch import save_file
 
-    arch = model_arch(model)
+    arch = {**model_arch(model), **(rates or {})}
     config = hf_config(arch, class_names)
     processor = hf_preprocessor_config(preprocess) if preprocess is not None else None
     tensors = {
@@ -139,6 +145,7 @@ class HfCheckpoint:
     arch: dict  # SwinTransformer(**arch)
     class_names: list[str] | None  # from id2label; None for transformers' placeholder names LABEL_i
     preprocess: dict | None  # from preprocessor_config.json; None without one or when ours cannot express it
+    rates: dict  # dropout and stochastic depth for training (drop_rate, attn_drop_rate, drop_path_rate)
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
@@ -235,4 +242,5 @@ def load_hf_folder(path: str | os.PathLike) -> HfCheckpoint:
     check_fits(sd, model, where=f"the weights in {folder}")
     processor = folder / PROCESSOR_FILE
     preprocess = preprocess_from_hf(_read_json(processor), processor) if processor.is_file() else None
-    return HfCheckpoint(sd, arch, class_names_from_hf(config, arch["num_classes"], folder), preprocess)
+    names = class_names_from_hf(config, arch["num_classes"], folder)
+    return HfCheckpoint(sd, arch, names, preprocess, rates_from_hf_config(config))

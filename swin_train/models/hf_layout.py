@@ -293,9 +293,7 @@ def hf_config(arch: Mapping, class_names: Sequence[str] | None) -> dict:
         "use_absolute_embeddings": bool(arch["ape"]),
         "hidden_act": _HIDDEN_ACT,
         "layer_norm_eps": _LAYER_NORM_EPS,
-        "hidden_dropout_prob": float(arch["drop_rate"]),
-        "attention_probs_dropout_prob": float(arch["attn_drop_rate"]),
-        "drop_path_rate": float(arch["drop_path_rate"]),
+        **{theirs: float(arch[ours]) for ours, theirs in _RATE_NAMES.items()},
         "id2label": {str(i): name for i, name in enumerate(labels)},
         "label2id": {name: i for i, name in enumerate(labels)},
     }
@@ -447,6 +445,26 @@ def arch_from_hf_config(config: Mapping, sd: Mapping[str, torch.Tensor], folder:
         ape=bool(c["use_absolute_embeddings"]),
         patch_norm=True,
     )
+
+
+# our training rates and the names config.json gives them (hf_config writes them)
+_RATE_NAMES = {
+    "drop_rate": "hidden_dropout_prob",
+    "attn_drop_rate": "attention_probs_dropout_prob",
+    "drop_path_rate": "drop_path_rate",
+}
+
+
+def rates_from_hf_config(config: Mapping) -> dict[str, float]:
+    """Dropout and stochastic-depth rates of a config.json (transformers' defaults where it has none)."""
+    defaults = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "drop_path_rate": 0.1}
+    rates = {}
+    for ours, theirs in _RATE_NAMES.items():
+        value = config.get(theirs, defaults[theirs])
+        if not isinstance(value, int | float) or not 0 <= value < 1:
+            raise CheckpointError(f"config.json's {theirs} must be a number in [0, 1), got {value!r}")
+        rates[ours] = float(value)
+    return rates
 
 
 def class_names_from_hf(config: Mapping, num_classes: int, folder: Path) -> list[str] | None:
