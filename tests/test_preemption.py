@@ -446,8 +446,12 @@ def test_a_worker_killed_mid_run_is_a_one_line_error_naming_it(small_set, tmp_pa
     assert proc.wait(timeout=120) == 2
     output = (tmp_path / "output.txt").read_text()
     (error,) = _lines_with(output, "swin-train: error:")
+    # torch names the death from its SIGCHLD handler, or from the loader's own check when that runs first
     assert error.startswith(
-        f"swin-train: error: DataLoader worker (pid {worker}) is killed by signal: Killed;"
+        (
+            f"swin-train: error: DataLoader worker (pid {worker}) is killed by signal: Killed;",
+            f"swin-train: error: DataLoader worker (pid(s) {worker}) exited unexpectedly;",
+        )
     )
     assert "Traceback" not in output and "output folder" not in output
     assert _group_ends(proc.pid)
