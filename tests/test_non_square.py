@@ -24,9 +24,11 @@ from test_train import _kill_when, _records
 
 from swin_train.cli.eval import cli as eval_cli
 from swin_train.cli.export import cli as export_cli
+from swin_train.cli.predict import cli as predict_cli
 from swin_train.cli.train import cli as train_cli
 from swin_train.data.transforms import Preprocess, build_eval_transform
 from swin_train.loading import load_trained_model
+from swin_train.predict import Predictor, own_size_transform
 
 # 36 x 52 px, patches of 4: a 9 x 13 grid, padded to 12 x 16 for windows of 4 (masked shifts), then 5 x 7
 # (padded to 8 x 8); the eval crop keeps the photos' aspect ratio (crop_pct on the side that binds, as timm).
@@ -113,6 +115,33 @@ def test_resume_refuses_another_image_size_and_fine_tuning_to_it_loads_the_weigh
     log = (tuned / "log.txt").read_text()
     assert "loaded" in log and "interpolated" not in log  # the position tables do not depend on the size
     assert load_trained_model(tuned / "last.pth").model.img_size == (48, 48)
+
+
+def test_predict_at_each_images_own_size_pads_and_batches_by_size(trained, photos, tmp_path, capsys):
+    files = sorted((photos / "val").rglob("*.jpg"))[:4]
+    trained_model = load_trained_model(trained / "last.pth")
+    predictor = Predictor.from_checkpoint(trained / "last.pth", device="cpu", own_size=True)
+    results = list(predictor.predict_files(files, topk=2, batch_size=4))
+    transform = own_size_transform(trained_model.preprocess)
+    from swin_train.data.folder import decode_image
+
+    for path, result in zip(files, results):
+        image = transform(decode_image(path))
+        assert image.shape[1:] == decode_image(path).size[::-1]  # its own H x W, no crop
+        with torch.no_grad():
+            probs = trained_model.model.eval()(image[None]).softmax(-1)[0]
+        assert [c.index for c in result.topk] == probs.topk(2).indices.tolist()
+        assert [c.prob for c in result.topk] == pytest.approx(probs.topk(2).values.tolist(), abs=1e-6)
+    small = tmp_path / "small.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 6)).save(small)
+    assert (
+        predict_cli(["--checkpoint", str(trained / "last.pth"), "--own-size", str(small), str(files[0])]) == 1
+    )
+    out, err = capsys.readouterr()
+    assert str(files[0]) in out
+    assert f"cannot read {small}: 6x40 is smaller than the model's smallest input 16x16" in err
 
 
 def test_the_eval_crop_of_a_non_square_size_keeps_the_aspect_ratio_as_timm_and_the_fast_path_agrees(photos):
