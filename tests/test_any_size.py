@@ -10,6 +10,7 @@ from test_model import _official_mask
 from timm.models.swin_transformer import SwinTransformer as TimmSwinV1
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
+from swin_train.loading import load_pretrained
 from swin_train.models import swin
 from swin_train.models.convert import convert_state_dict
 from swin_train.models.flex import flex_window_attention
@@ -322,3 +323,13 @@ def test_sdpa_and_flex_take_the_mask_of_a_padded_map(shift):
         )
         out = out.transpose(1, 2).reshape(18, 16, 16)
         torch.testing.assert_close(attn.proj(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_square_absolute_position_embedding_fine_tunes_into_a_non_square_model_bicubically():
+    square = micro(ape=True)  # a 16 x 16 grid
+    wide = SwinTransformer(**{**PINNED_ARCH, "img_size": (32, 48)}, ape=True)  # 16 x 24
+    report = load_pretrained(wide, square.state_dict())
+    assert report.interpolated == ["absolute_pos_embed"]
+    grid = square.absolute_pos_embed.detach().view(1, 16, 16, 24).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(16, 24), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    assert torch.equal(wide.absolute_pos_embed.detach(), expected.reshape(1, 16 * 24, 24))
