@@ -21,12 +21,18 @@ from helpers import (
     weights,
 )
 from test_train import _kill_when, _records
+from torch.utils.data import default_collate
 
 from swin_train.cli.eval import cli as eval_cli
 from swin_train.cli.export import cli as export_cli
 from swin_train.cli.predict import cli as predict_cli
 from swin_train.cli.train import cli as train_cli
-from swin_train.data.transforms import Preprocess, build_eval_transform
+from swin_train.config import AugConfig, DataConfig
+from swin_train.data.decode import open_encoded
+from swin_train.data.device_augment import DeviceAugment
+from swin_train.data.device_decode import DeviceDecode
+from swin_train.data.seeding import run_seeded
+from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
 from swin_train.loading import load_trained_model
 from swin_train.predict import Predictor, own_size_transform
 
@@ -188,3 +194,31 @@ def test_a_non_square_model_exports_to_onnx_with_its_size_and_refuses_the_transf
         err.count("\n") == 1
         and "image size 36x52 is not square: the transformers export writes square" in err
     )
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "original-mstd0.5"])
+def test_device_augmented_non_square_batches_are_bitwise_the_workers(spec):
+    photos = photo_jpegs(6, seed=3)
+    data, aug = DataConfig(img_size=[40, 64]), AugConfig(auto_augment=spec)
+    workers = build_train_transform(data, aug, uint8=True)
+    on_device = build_train_transform(data, aug, uint8=True, on_device=True)
+    keys = [(i, seed) for seed in range(3) for i in range(len(photos))]
+    expected = torch.stack([run_seeded(workers, open_encoded(photos[i]), s) for i, s in keys])
+    batch = default_collate([run_seeded(on_device, open_encoded(photos[i]), s) for i, s in keys])
+    got = DeviceAugment(on_device.transforms[-1].fill)(batch)
+    assert got.shape == (len(keys), 3, 40, 64) and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("size", [[224, 320], [320, 224]])
+def test_device_decoded_non_square_eval_crops_stay_within_65_db_of_the_cpu_fast_path(size):
+    """The same floor as at 224 x 224 (test_device_decode); sizes the photos shrink to at most 2x, where the CPU
+    path decodes at full scale as the device does."""
+    photos = photo_jpegs(6, seed=4)
+    pre = Preprocess(size, 0.875, "bicubic", (0.5,) * 3, (0.25,) * 3)
+    cpu = build_eval_transform(pre, uint8=True, fast_decode=True)
+    cuda = build_eval_transform(pre, uint8=True, fast_decode=True, decode="cuda")
+    expected = torch.stack([cpu(open_encoded(p)) for p in photos])
+    got = DeviceDecode("cpu")(default_collate([cuda(open_encoded(p)) for p in photos]))
+    assert got.shape == (6, 3, *size)
+    mse = ((got.float() - expected.float()) ** 2).flatten(1).mean(1)
+    assert (10 * torch.log10(255**2 / mse.clamp(min=1e-12))).min() >= 65.0
