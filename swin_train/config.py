@@ -41,7 +41,7 @@ from swin_train.data.augment_spec import auto_augment_problem
 from swin_train.errors import ConfigError
 from swin_train.models.arch import ArchitectureError, check_architecture
 from swin_train.models.registry import DEFAULT_VARIANT, VARIANTS, variant_arch
-from swin_train.models.swin import ATTENTION_BACKENDS
+from swin_train.models.swin import ATTENTION_BACKENDS, config_size
 
 ARCH_FIELDS = (
     "patch_size",
@@ -120,6 +120,10 @@ def _at_least_one(x: int) -> bool:
     return x >= 1
 
 
+def _height_width(x: list[int]) -> bool:
+    return len(x) == 2 and all(map(_at_least_one, x))
+
+
 def _probability(x: float) -> bool:
     return 0 <= x <= 1
 
@@ -184,7 +188,8 @@ class DataConfig:
     # datasets). An "imagefolder" data_path that holds shards or a saved/parquet dataset is read as such.
     dataset: str = "imagefolder"
     synthetic: bool = False  # in-memory random tensors, no decoding (benchmarks)
-    img_size: int = 224  # the single source of the image size
+    # the single source of the image size: one side (square) or [height, width]
+    img_size: int | list[int] = 224
     batch_size: int = 128  # per process
     num_workers: int = 8  # per process; at most one per usable CPU is started
     pin_memory: bool = True
@@ -222,7 +227,10 @@ class DataConfig:
             r.require(f"data.{key}", getattr(self, key), named, "a non-empty name")
         r.choice("data.interpolation", self.interpolation, INTERPOLATIONS)
         r.choice("data.decode", self.decode, DECODERS)
-        r.require("data.img_size", self.img_size, _at_least_one, ">= 1")
+        if isinstance(self.img_size, int):
+            r.require("data.img_size", self.img_size, _at_least_one, ">= 1")
+        else:
+            r.require("data.img_size", self.img_size, _height_width, "[height, width], two ints >= 1")
         r.require("data.batch_size", self.batch_size, _at_least_one, ">= 1")
         r.require("data.num_workers", self.num_workers, _non_negative, ">= 0")
         r.require("data.decoded_cache_mib", self.decoded_cache_mib, _non_negative, ">= 0 (0: never)")
@@ -402,7 +410,7 @@ class Config:
     print_freq: int = 50  # a log line every this many optimizer steps
 
     def check(self, r: Rules) -> None:
-        """Each section's own fields, then what spans sections (the architecture needs data.img_size)."""
+        """Each section's own fields, then what spans sections."""
         for section in SECTIONS:
             getattr(self, section).check(r)
         r.choice("amp", self.amp, AMP_MODES)
@@ -415,9 +423,7 @@ class Config:
         m = self.model
         try:
             check_architecture(
-                img_size=self.data.img_size,
                 **{f: getattr(m, f) for f in ARCH_FIELDS},
-                built_for_img_size=VARIANTS.get(m.name or "", {}).get("img_size"),
                 built_for_version=VARIANTS[m.name]["version"] if m.name in VARIANTS else None,
                 name=m.name,
             )
@@ -446,7 +452,7 @@ class Config:
         kwargs = {
             f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in _NOT_MODEL_KWARGS
         }
-        return {"img_size": self.data.img_size, **kwargs, **_resolved_arch(m)}
+        return {"img_size": config_size(self.data.img_size), **kwargs, **_resolved_arch(m)}
 
 
 # ModelConfig fields that are not SwinTransformer arguments (they say where weights come from)

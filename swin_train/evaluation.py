@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
@@ -16,6 +17,7 @@ from swin_train.data.folder import SKIPPED_LABEL
 from swin_train.data.prefetch import DeviceTransform, prefetch
 from swin_train.device import Amp
 from swin_train.distributed import all_gather_objects, all_reduce_sum
+from swin_train.models.swin import image_size
 
 
 @torch.no_grad()
@@ -90,14 +92,14 @@ def throughput(
     *,
     batch_size: int,
     in_chans: int,
-    img_size: int,
+    img_size: int | Sequence[int],
     device: torch.device,
     amp: Amp,
     batches: int = 10,
     warmup: int = 3,
 ) -> float:
     """Inference images per second on random input (no data, no loader)."""
-    x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    x = torch.randn(batch_size, in_chans, *image_size(img_size), device=device)
     model.eval()
     with torch.inference_mode(), amp.autocast():
         for _ in range(warmup):

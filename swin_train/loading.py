@@ -99,14 +99,14 @@ def resize_relative_position_bias_table(table: torch.Tensor, num_entries: int) -
     return grid.reshape(heads, new_side * new_side).T.contiguous().to(table.dtype)
 
 
-def resize_absolute_pos_embed(embed: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """(1, L, C) -> (1, num_patches, C) by bicubic interpolation of the square patch grid (as official)."""
+def resize_absolute_pos_embed(embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, L, C) on a square patch grid -> (1, H*W, C) on the (H, W) `grid` by bicubic interpolation (as
+    official)."""
     old_side = _square_side(embed.shape[1], "the absolute position embedding")
-    new_side = _square_side(num_patches, "the absolute position embedding")
     C = embed.shape[2]
-    grid = embed.float().reshape(1, old_side, old_side, C).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, new_side * new_side, C).to(embed.dtype)
+    pixels = embed.float().reshape(1, old_side, old_side, C).permute(0, 3, 1, 2)
+    pixels = F.interpolate(pixels, size=tuple(grid), mode="bicubic", align_corners=False)
+    return pixels.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], C).to(embed.dtype)
 
 
 def read_class_map(path: str | Path) -> list[int]:
@@ -172,7 +172,7 @@ def adapt_state_dict(
                 value = resize_relative_position_bias_table(value, want[0])
                 report.interpolated.append(key)
             elif key == "absolute_pos_embed" and value.ndim == 3 and value.shape[::2] == want[::2]:
-                value = resize_absolute_pos_embed(value, want[1])
+                value = resize_absolute_pos_embed(value, model.stage_resolutions[0])
                 report.interpolated.append(key)
             else:
                 raise CheckpointError(

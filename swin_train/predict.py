@@ -7,7 +7,9 @@
 
 Images are decoded as the training run's evaluation decoded them (no EXIF rotation; with the run's
 `data.fast_decode` the eval fast path of data/decode.py: a JPEG decoded once and resized on tensors) and go
-through the checkpoint's own eval transform, so predictions match `swin-eval`.
+through the checkpoint's own eval transform, so predictions match `swin-eval`. With `own_size` each image is
+classified at its own size instead (decoded whole and normalised, no resize or crop; the model pads it to
+whole patches and windows), batched with the images of the same size.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision import transforms as tv_transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from swin_train.data.decode import UndecodableImage, takes_encoded
@@ -30,7 +33,7 @@ from swin_train.data.folder import (
     is_image_file,
     read_encoded,
 )
-from swin_train.data.transforms import build_eval_transform
+from swin_train.data.transforms import Preprocess, build_eval_transform
 from swin_train.device import resolve_device
 from swin_train.errors import DataError
 from swin_train.loading import load_trained_model
@@ -113,7 +116,7 @@ def _images_under(folder: Path) -> list[Path]:
 
 
 def load_image(path: Path, transform: Callable) -> torch.Tensor | str:
-    """The transformed image (C, S, S), or a one-line reason why it cannot be read."""
+    """The transformed image (C, H, W), or a one-line reason why it cannot be read."""
     try:
         if takes_encoded(transform):  # the eval fast path decodes the file itself
             return transform(read_encoded(path))
@@ -137,18 +140,21 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike, *, device: str | None = None, ema: bool = False
+        cls, path: str | os.PathLike, *, device: str | None = None, ema: bool = False, own_size: bool = False
     ) -> Predictor:
         """Build from a swin-train checkpoint or export (`loading.load_trained_model`); `ema` takes
-        the EMA weights."""
+        the EMA weights; `own_size`: each image at its own size (`own_size_transform`)."""
         dev = resolve_device(device)
         trained = load_trained_model(path, ema=ema)
-        transform = build_eval_transform(trained.preprocess, fast_decode=trained.config.data.fast_decode)
+        if own_size:
+            transform = own_size_transform(trained.preprocess)
+        else:
+            transform = build_eval_transform(trained.preprocess, fast_decode=trained.config.data.fast_decode)
         return cls(trained.model, transform, trained.class_names, dev)
 
     @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor, topk: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) preprocessed images -> (probs, indices), each (B, k), k = min(topk, classes),
+        """(B, 3, H, W) preprocessed images -> (probs, indices), each (B, k), k = min(topk, classes),
         most probable first."""
         logits = self.model(images.to(self.device, non_blocking=True))  # (B, num_classes)
         probs = logits.float().softmax(dim=-1)
@@ -183,11 +189,15 @@ class Predictor:
     def _predict_loaded(
         self, chunk: list[Path], loaded: list[torch.Tensor | str], topk: int
     ) -> list[Prediction | Failure]:
-        good = [i for i, x in enumerate(loaded) if isinstance(x, torch.Tensor)]
+        loaded = [self._fits(x) if isinstance(x, torch.Tensor) else x for x in loaded]
         results: list[Prediction | Failure] = [
             Failure(str(path), x) if isinstance(x, str) else None for path, x in zip(chunk, loaded)
         ]
-        if good:
+        by_size: dict[tuple, list[int]] = {}  # images of one size make one batch (one batch without own_size)
+        for i, x in enumerate(loaded):
+            if isinstance(x, torch.Tensor):
+                by_size.setdefault(tuple(x.shape), []).append(i)
+        for good in by_size.values():
             probs, indices = self.predict_batch(torch.stack([loaded[i] for i in good]), topk)
             for row, i in enumerate(good):
                 top = [
@@ -196,3 +206,21 @@ class Predictor:
                 ]
                 results[i] = Prediction(str(chunk[i]), top)
         return results
+
+    def _fits(self, image: torch.Tensor) -> torch.Tensor | str:
+        """The image, or why the model cannot take it (smaller than its smallest input, at its own size)."""
+        min_h, min_w = getattr(self.model, "min_input_size", (0, 0))
+        if image.shape[1] < min_h or image.shape[2] < min_w:
+            return f"{image.shape[1]}x{image.shape[2]} is smaller than the model's smallest input {min_h}x{min_w}"
+        return image
+
+
+def own_size_transform(preprocess: Preprocess) -> Callable:
+    """An RGB image at its own size, made a tensor and normalised as timm's eval transform does (ToTensor,
+    Normalize): (3, H, W) float."""
+    return tv_transforms.Compose(
+        [
+            tv_transforms.ToTensor(),
+            tv_transforms.Normalize(torch.tensor(preprocess.mean), torch.tensor(preprocess.std)),
+        ]
+    )

@@ -9,6 +9,7 @@ import re
 import textwrap
 
 import pytest
+import torch
 import yaml
 
 from swin_train.config import (
@@ -21,6 +22,7 @@ from swin_train.config import (
     load_config,
 )
 from swin_train.errors import ConfigError
+from swin_train.models.swin import SwinTransformer
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 RECIPES = sorted(glob.glob(os.path.join(CONFIGS, "[!_]*.yaml")))
@@ -502,37 +504,39 @@ def test_heads_must_match_stages_and_divide_widths():
     )
 
 
-def test_img_size_must_fit_patches_and_merging(tmp_path):
+def test_any_img_size_builds_one_int_square_or_height_and_width(tmp_path):
+    """Sizes that patches, merges or windows do not tile build (the model pads: docs/design.md); the size
+    reaches the model as one int when square, else [H, W]."""
     path = write(tmp_path, "m.yaml", MICRO_YAML)
     assert load_config(path).model_kwargs()["img_size"] == 32
-    assert error_of(load_config, path, ["data.img_size=33"]).endswith(
-        "data.img_size=33 is not divisible by model.patch_size=2"
-    )
-    # 36 / 2 = 18 -> 9 at stage 1, which would need merging in a 3-stage model
-    msg = error_of(load_config, path, ["data.img_size=36", "model.depths=[1,1,1]", "model.num_heads=[2,4,8]"])
-    assert msg.endswith(
-        "stage 1 resolution 9x9 (data.img_size=36 / model.patch_size=2 / 2**1) is odd and cannot be "
-        "patch-merged; use a data.img_size that is a multiple of 8"
-    )
-    # 18 -> 9 is fine when 9 is the last stage (no merging after it); windows of 9 tile 18 and hold 9
-    assert load_config(path, ["data.img_size=36", "model.window_size=9"]).data.img_size == 36
+    three_stages = ["model.depths=[1,1,1]", "model.num_heads=[2,4,8]"]
+    for size, kwarg in [
+        ("33", 33),
+        ("36", 36),
+        ("[32, 48]", [32, 48]),
+        ("[48, 33]", [48, 33]),
+        ("[32, 32]", 32),
+    ]:
+        cfg = load_config(path, [f"data.img_size={size}", *three_stages])
+        assert cfg.model_kwargs()["img_size"] == kwarg
+    model = SwinTransformer(**load_config(path, ["data.img_size=[32, 48]", *three_stages]).model_kwargs())
+    assert model.img_size == (32, 48) and model.stage_resolutions == [(16, 24), (8, 12), (4, 6)]
+    for size in ("[32]", "[0, 32]", "[32, 48, 3]"):
+        message = f"data.img_size must be [height, width], two ints >= 1, got {size}"
+        assert override_error(f"data.img_size={size}").endswith(message)
 
 
-def test_window_rule():
-    # Swin-T at 320: stage 0 is 80x80, not a multiple of 7 -> names the stage and suggests a window.
-    assert override_error("data.img_size=320") == (
-        "override 'data.img_size=320': model.window_size=7 does not tile stage 0 (resolution 80x80 for "
-        "data.img_size=320, model.patch_size=4); use model.window_size=5 or a data.img_size that is a "
-        "multiple of 224"
-    )
-    # Stages no larger than the window use one window of their own size: 56, 28 tile into 14; 14 and 7 shrink.
+def test_every_window_builds_and_pads_the_stages_it_does_not_tile():
+    # Swin-T at 320: stage 0 is 80x80, padded to 84x84 for windows of 7 (was refused before any size ran)
+    with torch.device("meta"):
+        model = SwinTransformer(**load_config(None, ["data.img_size=320"]).model_kwargs())
+    assert model.layers[0].blocks[1].attn_mask.shape == (12 * 12, 49, 49)
+    # stages no larger than the window use one window of their own size: 56, 28 tile into 14; 14 and 7 shrink
     assert load_config(None, ["model.window_size=14"]).model.window_size == 14
     assert load_config(None, ["model.window_size=56"]).model.window_size == 56
-    assert load_config(None, ["data.img_size=448"]).data.img_size == 448  # 112, 56, 28, 14 tile into 7
-    msg = override_error("model.window_size=12")
-    assert "stage 0 (resolution 56x56" in msg and "use model.window_size=14" in msg
-    msg = override_error("model.name=swin_base_patch4_window12_384")
-    assert msg.endswith("(model.name 'swin_base_patch4_window12_384' is built for data.img_size=384)")
+    assert load_config(None, ["data.img_size=448"]).data.img_size == 448
+    assert load_config(None, ["model.window_size=12"]).model.window_size == 12  # 56 padded to 60
+    assert load_config(None, ["model.name=swin_base_patch4_window12_384"]).model.window_size == 12  # at 224
 
 
 def test_swinv2_is_chosen_by_name_or_version_and_contradictions_are_one_line_errors(tmp_path):
@@ -577,8 +581,10 @@ def test_swinv2_is_chosen_by_name_or_version_and_contradictions_are_one_line_err
 
 
 def test_errors_from_files_name_the_defining_line(tmp_path):
-    path = write(tmp_path, "x.yaml", "model:\n  name: swin_tiny_patch4_window7_224\n  window_size: 12\n")
-    assert error_of(load_config, path).startswith(f"{path}:3: model.window_size=12 does not tile stage 0")
+    path = write(
+        tmp_path, "x.yaml", "model:\n  name: swin_tiny_patch4_window7_224\n  num_heads: [3, 6, 12, 25]\n"
+    )
+    assert error_of(load_config, path).startswith(f"{path}:3: model.num_heads[3]=25 does not divide stage 3")
     # a cross-field error names the most recently set of its keys: here the child's epochs
     write(tmp_path, "p.yaml", "train:\n  warmup_epochs: 50\n")
     child = write(tmp_path, "c.yaml", "_base_: p.yaml\ntrain:\n  epochs: 40\n")

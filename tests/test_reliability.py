@@ -185,7 +185,7 @@ def _bad_image_folder(root: Path, shapes_root: Path) -> Path:
         ("yaml_syntax", "bad.yaml:3: invalid YAML"),
         ("unknown_key", "did you mean 'train.epochs'"),
         ("wrong_type", "train.epochs must be an int"),
-        ("impossible_arch", "window"),
+        ("impossible_arch", "model.num_heads[0]=3 does not divide stage 0 width 32"),
         ("missing_data", "does not exist or is not a folder"),
         ("no_val", "has no val/ subfolder"),
         ("empty_class", "no images"),
@@ -215,7 +215,7 @@ def test_bad_input_is_one_line_exit_2(case, message, tmp_path, shapes_root, caps
     elif case == "wrong_type":
         extra = ["train.epochs=ten"]
     elif case == "impossible_arch":
-        extra = ["model.window_size=5"]
+        extra = ["model.num_heads=[3,4]"]  # any window and image size build (the model pads)
     elif case == "flex_on_cpu":
         extra = ["model.attention=flex"]
     elif case == "missing_data":

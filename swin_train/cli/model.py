@@ -26,7 +26,7 @@ def format_table(title: str, d: dict) -> str:
     rows.append(
         (
             "PatchEmbed",
-            f"{d['img_size']}x{d['img_size']}",
+            "x".join(map(str, d["img_size"])),
             str(d["embed_dim"]),
             "",
             "",

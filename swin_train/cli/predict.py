@@ -35,6 +35,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass")
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    parser.add_argument(
+        "--own-size",
+        action="store_true",
+        help="classify each image at its own size (no resize or crop; the model pads it), not the eval crop",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     add_debug_flag(parser)
     return parser
@@ -52,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from swin_train.predict import Failure, Predictor, find_images
 
     files, missing = find_images(args.inputs)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, ema=args.ema)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, device=args.device, ema=args.ema, own_size=args.own_size
+    )
     failed = [Failure(str(path), "No such file or directory") for path in missing]
     for failure in failed:
         print(f"swin-predict: cannot read {failure.file}: {failure.error}", file=sys.stderr)

@@ -26,6 +26,7 @@ from swin_train.data.synthetic import SyntheticDataset
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
 from swin_train.distributed import DistEnv, barrier
 from swin_train.errors import ConfigError, DataError
+from swin_train.models.swin import image_size
 
 log = logging.getLogger("swin_train")
 
@@ -270,7 +271,8 @@ def data_root(cfg: Config, env: DistEnv) -> Path:
 
         root = Path(cfg.data.data_path) if cfg.data.data_path else default_shapes_root()
         if env.is_main:
-            ensure_shapes_dataset(root, img_size=cfg.data.img_size, seed=0)
+            # drawn square, at the larger side: the crops resize them to data.img_size
+            ensure_shapes_dataset(root, img_size=max(image_size(cfg.data.img_size)), seed=0)
         barrier()
         return root
     check_data_path(cfg)

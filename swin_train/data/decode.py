@@ -206,9 +206,21 @@ class FastRandomResizedCrop:
         return f"FastRandomResizedCrop({self.rrc!r})"
 
 
-def resized_size(width: int, height: int, size: int | Sequence[int]) -> tuple[int, int]:
+class CoverSize(tuple):
+    """(height, width) that a resize keeping the aspect ratio must cover: timm's eval ResizeKeepRatio for a
+    non-square image size (the smaller of the two scale factors, each side rounded)."""
+
+    def __new__(cls, height: int, width: int):
+        return super().__new__(cls, (int(height), int(width)))
+
+
+def resized_size(width: int, height: int, size: int | Sequence[int] | CoverSize) -> tuple[int, int]:
     """(H, W) after torchvision's Resize(size) of a (width, height) image: an int scales the shorter side
-    to it (the longer one truncated), a pair is the size itself."""
+    to it (the longer one truncated), a pair is the size itself; after timm's ResizeKeepRatio(size) for a
+    CoverSize: both sides scaled by the factor that makes the image just cover it, rounded."""
+    if isinstance(size, CoverSize):
+        ratio = min(height / size[0], width / size[1])
+        return round(height / ratio), round(width / ratio)
     if not isinstance(size, int) and len(size) == 2:
         return int(size[0]), int(size[1])
     size = size if isinstance(size, int) else int(size[0])

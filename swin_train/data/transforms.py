@@ -1,6 +1,6 @@
 """Image transforms: timm's ImageNet train recipe and the eval resize/crop, from whole config sections.
 
-Two pipelines: by default the transforms end in a normalised float (3, S, S) image (ToTensor, Normalize and
+Two pipelines: by default the transforms end in a normalised float (3, H, W) image (ToTensor, Normalize and
 random erasing run in the data workers). With `uint8=True` they stop at a uint8 (3, S, S) tensor (timm's
 `use_prefetcher` pipeline): a quarter of the bytes to pin and copy, and less worker CPU; conversion,
 normalisation and random erasing then run on the device (`swin_train.data.prefetch.DeviceTransform`).
@@ -8,29 +8,36 @@ normalisation and random erasing then run on the device (`swin_train.data.prefet
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageOps
 from timm.data import auto_augment as timm_auto_augment
 from timm.data import create_transform
 from timm.data.auto_augment import AutoAugment, RandAugment
-from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
+from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation, ResizeKeepRatio
 from torchvision import transforms as tv_transforms
 
 from swin_train.config import AugConfig, Config, DataConfig
 from swin_train.data.augment_draws import AugmentDraws, UnsupportedOnDevice
 from swin_train.data.augment_spec import is_disabled
-from swin_train.data.decode import FastCompose, FastRandomResizedCrop, FastResizeCenterCrop, PILToUint8
+from swin_train.data.decode import (
+    CoverSize,
+    FastCompose,
+    FastRandomResizedCrop,
+    FastResizeCenterCrop,
+    PILToUint8,
+)
 from swin_train.data.device_decode import EvalDecodeDraws, TrainDecodeDraws
 from swin_train.errors import CheckpointError
+from swin_train.models.swin import config_size, image_size
 
 
 @dataclass(frozen=True)
 class Preprocess:
     """What a user of a trained model needs to feed it images; stored in every checkpoint and export."""
 
-    img_size: int
+    img_size: int | list[int]  # as data.img_size: one side (square) or [height, width]
     crop_pct: float
     interpolation: str
     mean: tuple[float, ...]
@@ -39,7 +46,7 @@ class Preprocess:
     @classmethod
     def from_config(cls, cfg: Config) -> Preprocess:
         d = cfg.data
-        return cls(d.img_size, cfg.eval.crop_pct, d.interpolation, tuple(d.mean), tuple(d.std))
+        return cls(config_size(d.img_size), cfg.eval.crop_pct, d.interpolation, tuple(d.mean), tuple(d.std))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -54,7 +61,7 @@ class Preprocess:
             )
         try:
             pre = cls(
-                int(d["img_size"]),
+                config_size(d["img_size"]),
                 float(d["crop_pct"]),
                 str(d["interpolation"]),
                 tuple(float(x) for x in d["mean"]),
@@ -71,7 +78,8 @@ def build_train_transform(
 ) -> Callable:
     """timm's ImageNet train transform (random-resized crop, flip, RandAugment or colour jitter,
     normalise, random erasing); the config defaults are the official Swin recipe. As in timm and the
-    official code, colour jitter is ignored when RandAugment/AutoAugment is on. PIL image -> (3, S, S).
+    official code, colour jitter is ignored when RandAugment/AutoAugment is on. PIL image -> (3, H, W), the crop
+    resized to data.img_size (H x W when it is [H, W]).
 
     `uint8=True`: stop before ToTensor, as timm's `use_prefetcher`: no normalisation and no random erasing
     (the device does both). The random draws before that point are the same, so the images are those of
@@ -86,7 +94,7 @@ def build_train_transform(
     the crop box and the same draws (device_decode.py). The chain's `draws` attribute is its AugmentDraws."""
     aa = None if is_disabled(aug.auto_augment) else aug.auto_augment
     transform = create_transform(
-        data.img_size,
+        image_size(data.img_size),
         is_training=True,
         scale=tuple(aug.crop_scale),
         hflip=aug.hflip,
@@ -111,6 +119,8 @@ def build_eval_transform(
 ) -> Callable:
     """Resize the shorter side to int(img_size / crop_pct), center-crop img_size, normalise.
     crop_pct == 1.0 is a plain resize to img_size x img_size (the official 384 eval: no crop).
+    A non-square [H, W] resizes as timm does: keeping the aspect ratio, to the smallest size that covers
+    floor(H / crop_pct) x floor(W / crop_pct), then center-crops H x W.
     `uint8=True`: (3, S, S) uint8 without normalisation (done on the device). `fast_decode`: the resize
     and crop take undecoded files (decode.FastResizeCenterCrop); with `decode="cuda"` (and `uint8`) the
     device decodes, resizes and crops (device_decode.EvalDecodeDraws)."""
@@ -118,7 +128,7 @@ def build_eval_transform(
         raise ValueError(f"crop_pct must be in (0, 1], got {pre.crop_pct}")
     # timm: floor(img_size / crop_pct) == int(...) for positive sizes; 'squash' resizes both edges.
     transform = create_transform(
-        pre.img_size,
+        image_size(pre.img_size),
         is_training=False,
         crop_pct=pre.crop_pct,
         crop_mode="squash" if pre.crop_pct == 1.0 else "center",
@@ -129,7 +139,7 @@ def build_eval_transform(
     )
     if decode == "cuda" and uint8:
         resize, crop = transform.transforms[:2]
-        return FastCompose([EvalDecodeDraws(resize.size, crop.size, resize.interpolation.value)])
+        return FastCompose([EvalDecodeDraws(_resize_size(resize), crop.size, interpolation_name(resize))])
     return _fast_chain(transform) if fast_decode else transform
 
 
@@ -141,13 +151,29 @@ def _fast_chain(transform: Callable) -> FastCompose:
     first = steps[0]
     if isinstance(first, RandomResizedCropAndInterpolation):
         steps[0] = FastRandomResizedCrop(first)
-    elif isinstance(first, tv_transforms.Resize) and isinstance(steps[1], tv_transforms.CenterCrop):
+    elif isinstance(first, tv_transforms.Resize | ResizeKeepRatio) and isinstance(
+        steps[1], tv_transforms.CenterCrop
+    ):
         uint8 = isinstance(steps[2], MaybePILToTensor)  # the next step takes the tensor as it is
-        interpolation = first.interpolation.value
-        steps[:2] = [FastResizeCenterCrop(first.size, steps[1].size, interpolation, as_tensor=uint8)]
+        resize, interpolation = _resize_size(first), interpolation_name(first)
+        steps[:2] = [FastResizeCenterCrop(resize, steps[1].size, interpolation, as_tensor=uint8)]
     else:
         raise ValueError(f"fast_decode: no fast first step for {first!r}")
     return FastCompose([PILToUint8() if isinstance(s, MaybePILToTensor) else s for s in steps])
+
+
+def _resize_size(resize: tv_transforms.Resize | ResizeKeepRatio) -> int | Sequence[int] | CoverSize:
+    """The size argument of FastResizeCenterCrop for timm's eval resize: torchvision's (the shorter side, or
+    the exact size), or for a non-square target timm's ResizeKeepRatio (the size to cover)."""
+    if isinstance(resize, ResizeKeepRatio):
+        if resize.longest != 0.0 or resize.random_scale_prob or resize.random_aspect_prob:
+            raise ValueError(f"fast_decode: no fast resize for {resize!r}")
+        return CoverSize(*resize.size)
+    return resize.size
+
+
+def interpolation_name(resize: tv_transforms.Resize | ResizeKeepRatio) -> str:
+    return resize.interpolation.value
 
 
 def _device_chain(transform: Callable, *, fast_decode: bool, decode: str) -> Callable:

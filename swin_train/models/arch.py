@@ -1,6 +1,6 @@
-"""Swin's architecture rules: what makes a (image size, patch, depths, heads, window) combination buildable.
+"""Swin's architecture rules: what makes a (patch, depths, heads, window, version) combination buildable.
 
-Messages name the config keys (`model.window_size`, `data.img_size`) because that is where users set them;
+Messages name the config keys (`model.num_heads`, `model.version`) because that is where users set them;
 `ArchitectureError.keys` lists the keys involved so the config can point at the line that set them.
 """
 
@@ -15,20 +15,8 @@ class ArchitectureError(ValueError):
         self.keys = keys
 
 
-def window_hint(res: Sequence[int], window: int, unit: int) -> str:
-    """Suggest the valid window closest to `window` (ties: larger), and the image sizes that keep it."""
-
-    def fits(w: int) -> bool:
-        return all(r <= w or r % w == 0 for r in res)
-
-    candidates = [w for w in range(2, max(res) + 1) if fits(w)]
-    best = min(candidates, key=lambda w: (abs(w - window), -w)) if candidates else max(res)
-    return f"use model.window_size={best} or a data.img_size that is a multiple of {unit * window}"
-
-
 def check_architecture(
     *,
-    img_size: int,
     patch_size: int,
     in_chans: int,
     embed_dim: int,
@@ -37,13 +25,12 @@ def check_architecture(
     window_size: int,
     version: int = 1,
     pretrained_window_sizes: Sequence[int] | None = None,
-    built_for_img_size: int | None = None,
     built_for_version: int | None = None,
     name: str | None = None,
 ) -> None:
-    """Raise ArchitectureError when Swin cannot be built this way. `built_for_img_size` / `built_for_version`:
-    the image size and Swin version of the named variant `name`, to say so when another size breaks its window
-    or another version contradicts it."""
+    """Raise ArchitectureError when Swin cannot be built this way. `built_for_version`: the Swin version of the
+    named variant `name`, to say so when another version contradicts it. Every image size builds: the model
+    pads the image to whole patches and each stage's map to whole windows (docs/design.md, "Any image size")."""
     _check_version(version, pretrained_window_sizes, len(depths), built_for_version, name)
     for key, value in (
         ("patch_size", patch_size),
@@ -72,33 +59,6 @@ def check_architecture(
                 ("model.num_heads", "model.embed_dim"),
                 f"model.num_heads[{i}]={h} does not divide stage {i} width {dim} "
                 f"(model.embed_dim={embed_dim} * 2**{i}); use a divisor of {dim}",
-            )
-    if img_size % patch_size:
-        raise ArchitectureError(
-            ("data.img_size", "model.patch_size"),
-            f"data.img_size={img_size} is not divisible by model.patch_size={patch_size}",
-        )
-    res = [img_size // patch_size]
-    for i in range(len(depths) - 1):
-        if res[i] % 2:
-            raise ArchitectureError(
-                ("data.img_size", "model.patch_size", "model.depths"),
-                f"stage {i} resolution {res[i]}x{res[i]} (data.img_size={img_size} / model.patch_size="
-                f"{patch_size} / 2**{i}) is odd and cannot be patch-merged; use a data.img_size that is "
-                f"a multiple of {patch_size * 2 ** (len(depths) - 1)}",
-            )
-        res.append(res[i] // 2)
-    # Swin's window rule: a stage no larger than the window uses one window of its own size (no shift);
-    # a larger stage must tile into whole windows.
-    for i, r in enumerate(res):
-        if r > window_size and r % window_size:
-            hint = window_hint(res, window_size, patch_size * 2 ** (len(res) - 1))
-            if built_for_img_size is not None and built_for_img_size != img_size:
-                hint += f" (model.name '{name}' is built for data.img_size={built_for_img_size})"
-            raise ArchitectureError(
-                ("model.window_size", "data.img_size", "model.patch_size", "model.depths", "model.name"),
-                f"model.window_size={window_size} does not tile stage {i} (resolution {r}x{r} for "
-                f"data.img_size={img_size}, model.patch_size={patch_size}); {hint}",
             )
 
 
@@ -138,9 +98,16 @@ def _check_version(
 
 
 def largest_activation_bytes(
-    *, batch_size: int, img_size: int, patch_size: int, embed_dim: int, mlp_ratio: float, **_: object
+    *,
+    batch_size: int,
+    img_size: int | Sequence[int],
+    patch_size: int,
+    embed_dim: int,
+    mlp_ratio: float,
+    **_: object,
 ) -> int:
     """Bytes of the largest fp32 activation of a step: stage 1's MLP hidden map (batch x tokens x
     embed_dim x mlp_ratio), which every later stage halves. Takes `Config.model_kwargs()` whole."""
-    tokens = (img_size // patch_size) ** 2
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    tokens = -(-height // patch_size) * -(-width // patch_size)  # the image padded to whole patches
     return batch_size * tokens * int(embed_dim * mlp_ratio) * 4

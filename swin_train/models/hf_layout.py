@@ -23,6 +23,7 @@ from swin_train.models.swin import (
     DOWNSAMPLE_KEY,
     BlockSpec,
     SwinTransformer,
+    config_size,
     relative_position_index,
 )
 
@@ -119,7 +120,7 @@ def model_arch(model: SwinTransformer) -> dict:
     windows (V2 weights do not hold them)."""
     return {
         **infer_arch(model.state_dict()),
-        "img_size": model.img_size,
+        "img_size": config_size(model.img_size),
         "window_size": model.window_size,
         "pretrained_window_sizes": model.pretrained_window_sizes and list(model.pretrained_window_sizes),
     }
@@ -134,6 +135,11 @@ def check_hf_compatible(arch: Mapping) -> None:
             "export it as safetensors or official instead"
         )
     img_size, patch, window = arch["img_size"], arch["patch_size"], arch["window_size"]
+    if not isinstance(img_size, int):
+        raise ConfigError(
+            f"image size {'x'.join(map(str, img_size))} is not square: the transformers export writes square "
+            "sizes only; export it as safetensors, official or onnx instead"
+        )
     if img_size % patch:
         raise ConfigError(
             f"image size {img_size} is not a multiple of the patch size {patch}: transformers' Swin pads the "

@@ -1,10 +1,11 @@
-"""ONNX export: one self-contained .onnx file with a dynamic batch dimension, checked against PyTorch in
+"""ONNX export: one self-contained .onnx file with dynamic batch, height and width, checked against PyTorch in
 onnxruntime before it is kept.
 
     logits = onnxruntime.InferenceSession("swin.onnx").run(["logits"], {"images": batch})[0]  # (B, classes)
 
-The input `images` is (batch, in_chans, img_size, img_size) float32, preprocessed as the model was evaluated
-(the `preprocess` metadata entry); the output `logits` is (batch, num_classes), or `features` (batch,
+The input `images` is (batch, in_chans, height, width) float32, preprocessed as the model was evaluated
+(the `preprocess` metadata entry: its img_size is the size it was trained at; any height and width of at least
+the model's `min_input_size` run, padded and masked as in PyTorch); the output `logits` is (batch, num_classes), or `features` (batch,
 num_features) for a model without a head. The file's metadata_props hold `class_names` (a JSON list) and
 `preprocess` (a JSON object: img_size, crop_pct, interpolation, mean, std) when they are given, so a server
 needs neither torch nor swin-train.
@@ -12,7 +13,9 @@ needs neither torch nor swin-train.
 The exporter is torch's recommended one (`torch.onnx.export(dynamo=True)`, which needs onnxscript). It traces
 with torch.export, under which `torch.compiler.is_compiling()` is true, so the model takes its portable paths:
 F.linear instead of the oneDNN kernels of ops.py, and `_GatherTokens` (a custom autograd Function around
-index_select) becomes an ONNX Gather. The window attention on CPU is plain matmul + softmax.
+index_select) becomes an ONNX Gather. The window attention on CPU is plain matmul + softmax. With symbolic
+height and width the model computes its window tables in the graph (models/windows.py), so one graph serves
+every size.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from swin_train.checkpoint import write_atomically
 from swin_train.errors import CheckpointError, ConfigError, ExportError
@@ -61,19 +65,28 @@ def output_name(model: SwinTransformer) -> str:
     return "logits" if model.num_classes > 0 else "features"
 
 
+def verify_sizes(model: SwinTransformer) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The image sizes an export is checked at: the configured one, and one about 1.4x larger whose patch grid
+    and stages windows do not tile (every padding path runs) and that was not traced."""
+    H, W = model.img_size
+    return (H, W), (H + H // 2 + 1, W + W // 4 + 3)
+
+
 def max_abs_difference(
     path: str | os.PathLike, model: SwinTransformer, batch_sizes: Sequence[int] = VERIFY_BATCH_SIZES
 ) -> float:
     """Largest |onnxruntime - PyTorch| output difference of the ONNX file at `path` against `model` (eval
-    mode, CPU) on random images of each batch size; inf when an output is not finite or has another shape."""
+    mode, CPU) on random images of each batch size at each of `verify_sizes`; inf when an output is not finite
+    or has another shape."""
     import numpy as np
     import onnxruntime
 
     session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
-    for batch in batch_sizes:
-        images = torch.randn(batch, model.in_chans, model.img_size, model.img_size, generator=generator)
+    checks = [(batch, size) for size in verify_sizes(model) for batch in batch_sizes]
+    for batch, (height, width) in checks:
+        images = torch.randn(batch, model.in_chans, height, width, generator=generator)
         with torch.no_grad():
             expected = model(images).numpy()
         (got,) = session.run([output_name(model)], {INPUT_NAME: images.numpy()})
@@ -91,8 +104,9 @@ def export_onnx(
     preprocess: dict | None,
     tolerance: float = 1e-4,
 ) -> float:
-    """Write `model` (float32, on the CPU) to `path` as ONNX with a dynamic batch dimension; return the largest
-    absolute logit difference between onnxruntime and PyTorch over batches of VERIFY_BATCH_SIZES.
+    """Write `model` (float32, on the CPU) to `path` as ONNX with dynamic batch, height and width; return the
+    largest absolute logit difference between onnxruntime and PyTorch over batches of VERIFY_BATCH_SIZES at
+    both `verify_sizes`.
 
     The file is written beside `path` first and only renamed to it (mode 0644) when that difference is at
     most `tolerance`; otherwise ExportError, and `path` is untouched. ExportError also when onnx, onnxruntime
@@ -143,20 +157,28 @@ def export_onnx(
         write_atomically(path, write_and_check)
     finally:
         model.train(was_training)
-    log.info("wrote %s (ONNX, dynamic batch; onnxruntime matches PyTorch within %.2g)", path, difference)
+    log.info(
+        "wrote %s (ONNX, dynamic batch, height and width; onnxruntime matches PyTorch within %.2g)",
+        path,
+        difference,
+    )
     return difference
 
 
 def _onnx_program(model: SwinTransformer):
-    """torch.onnx.ONNXProgram of `model` (eval mode) with a dynamic batch dimension, graph-optimised."""
-    images = torch.randn(_TRACE_BATCH, model.in_chans, model.img_size, model.img_size)
+    """torch.onnx.ONNXProgram of `model` (eval mode) with dynamic batch, height and width, graph-optimised."""
+    images = torch.randn(_TRACE_BATCH, model.in_chans, *model.img_size)
+    min_h, min_w = model.min_input_size
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
+    height, width = torch.export.Dim("height", min=min_h), torch.export.Dim("width", min=min_w)
+    # size-oblivious tracing: a size that could be 1 (one window across a stage) is traced as the general case
+    # rather than guarded on, so that one graph serves every height and width (the tests run it at 1 too)
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
         return torch.onnx.export(
             model,
             (images,),
             dynamo=True,
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=({0: batch, 2: height, 3: width},),
             input_names=[INPUT_NAME],
             output_names=[output_name(model)],
             optimize=True,

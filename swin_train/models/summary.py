@@ -13,9 +13,9 @@ def _params(module: nn.Module | None) -> int:
 
 def describe_model(model: SwinTransformer) -> dict:
     """Per-module params and multiply-adds (the paper's "FLOPs"); totals equal model.flops()/param count."""
-    grid = model.img_size // model.patch_size
+    grid_h, grid_w = model.stage_resolutions[0]
     has_norm = isinstance(model.patch_embed.norm, nn.LayerNorm)
-    embed_flops = grid * grid * model.embed_dim * (model.in_chans * model.patch_size**2 + has_norm)
+    embed_flops = grid_h * grid_w * model.embed_dim * (model.in_chans * model.patch_size**2 + has_norm)
     layers = []
     for i, layer in enumerate(model.layers):
         blocks = [
@@ -51,12 +51,12 @@ def describe_model(model: SwinTransformer) -> dict:
     ape = model.absolute_pos_embed.numel() if model.absolute_pos_embed is not None else 0
     return {
         "version": model.version,
-        "img_size": model.img_size,
+        "img_size": list(model.img_size),  # [H, W]
         "patch_size": model.patch_size,
         "embed_dim": model.embed_dim,
         "num_classes": model.num_classes,
         "patch_embed": {
-            "resolution": [grid, grid],
+            "resolution": [grid_h, grid_w],
             "params": _params(model.patch_embed) + ape,
             "flops": embed_flops,
         },

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 from torch import nn
@@ -35,9 +36,41 @@ from .attention import relative_position_index as relative_position_index
 from .attention import sdpa_windows as sdpa_windows
 from .ops import Linear, linear_gelu
 
-# Logit offset for token pairs that come from different image regions after the cyclic shift. The official
-# code uses -100 (not -inf), which keeps a fully masked row finite; we keep it for identical numerics.
-MASKED_LOGIT = -100.0
+# the window tables (windows.py), re-exported: tests and convert.py look them up here
+from .windows import MASKED_LOGIT as MASKED_LOGIT
+from .windows import GatherTokens, known_equal, pad_right_bottom, whole_windows, window_layout
+from .windows import GatherTokens as _GatherTokens  # noqa: F401 (its name before windows.py)
+from .windows import shifted_window_mask as shifted_window_mask
+from .windows import window_partition as window_partition
+from .windows import window_token_order as window_token_order
+
+# Sizes whose window tables a block keeps besides its configured one (a few evaluation or detection sizes;
+# swin-predict at each image's own size would otherwise keep one per photograph)
+CACHED_SIZES = 8
+
+
+def image_size(size: int | Sequence[int]) -> tuple[int, int]:
+    """(H, W) of an image size given as one side (square) or [H, W]."""
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def stage_sizes(size: int | Sequence[int], patch_size: int, num_stages: int) -> list[tuple[int, int]]:
+    """(H_i, W_i) of each stage's map for an image of `size`: the patch grid (the image padded to whole
+    patches), then halved and rounded up at each merge."""
+    sizes = [tuple(whole_windows(side, patch_size) for side in image_size(size))]
+    for _ in range(num_stages - 1):
+        sizes.append(tuple(whole_windows(side, 2) for side in sizes[-1]))
+    return sizes
+
+
+def config_size(size: int | Sequence[int]) -> int | list[int]:
+    """An image size as a config writes it (`data.img_size`): one int when square, else [H, W]."""
+    height, width = image_size(size)
+    return height if height == width else [height, width]
+
 
 # Parameter-name patterns of our (the official) layout: `layers.{stage}.blocks.{block}.` and the patch merging
 # that ends a stage, `layers.{stage}.downsample.`; group 1 is the stage, group 2 the block.
@@ -45,57 +78,10 @@ BLOCK_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
 DOWNSAMPLE_KEY = re.compile(r"^layers\.(\d+)\.downsample\.")
 
 
-def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B * num_windows, window * window, C), windows in row-major order."""
-    B, H, W, C = x.shape
-    x = x.view(B, H // window, window, W // window, window, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
-
-
-def window_token_order(H: int, W: int, window: int, shift: int) -> torch.Tensor:
-    """(H*W,) row-major token index of each token of window_partition(roll(x, -shift)), in window order.
-
-    Gathering the flattened map with it is the cyclic shift and the window partition in one copy."""
-    tokens = torch.arange(H * W).view(1, H, W, 1)
-    if shift:
-        tokens = torch.roll(tokens, shifts=(-shift, -shift), dims=(1, 2))
-    return window_partition(tokens, window).flatten()
-
-
-class _GatherTokens(torch.autograd.Function):
-    """out[:, i] = x[:, order[i]] for a permutation `order` of the tokens; its gradient is the inverse gather.
-
-    Why our own: `x[:, order]` would back-propagate through index_put with accumulation (a scatter-add), and
-    roll + permute-copy takes three passes over the map; one index_select each way is the cheapest."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(1, order)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
-
-
-def shifted_window_mask(H: int, W: int, window: int, shift: int) -> torch.Tensor:
-    """(num_windows, N, N) additive mask for SW-MSA: 0 within a region, MASKED_LOGIT across regions.
-
-    After the cyclic shift by `shift`, a window at the border holds tokens from up to four image regions
-    that are not neighbours in the image; attention between them is masked.
-    """
-    region = torch.zeros(1, H, W, 1)
-    bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    for label, (rows, cols) in enumerate((r, c) for r in bands for c in bands):
-        region[:, rows, cols, :] = label
-    region_windows = window_partition(region, window).squeeze(-1)  # (num_windows, N)
-    different = region_windows[:, None, :] != region_windows[:, :, None]  # (num_windows, N, N)
-    return different.float() * MASKED_LOGIT
-
-
 class PatchEmbed(nn.Module):
-    """Split the image into non-overlapping patches and project each to `embed_dim` (a strided conv)."""
+    """Split the image into non-overlapping patches and project each to `embed_dim` (a strided conv). An image
+    that patches do not tile is padded with zeros at the bottom and right first (the official detection
+    backbone's rule)."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, patch_norm: bool = True):
         super().__init__()
@@ -104,6 +90,9 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim) if patch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, ceil(H/p), ceil(W/p), embed_dim)."""
+        H, W, p = x.shape[2], x.shape[3], self.patch_size
+        x = pad_right_bottom(x, whole_windows(H, p) * p, whole_windows(W, p) * p, channels_first=True)
         x = self.proj(x)  # (B, C, H/p, W/p)
         return self.norm(x.permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
 
@@ -186,8 +175,15 @@ class SwinBlock(nn.Module):
     """One Swin block: (shifted) window attention and an MLP, each a residual branch; V1 normalises a branch's
     input (pre-norm), V2 its output (res-post-norm, which keeps activations from growing with depth).
 
-    When the feature map is not larger than the window, the window shrinks to the map and no shift is used
-    (as in the official code): there is then a single window and nothing to shift.
+    The window and shift are fixed here, from the `resolution` the model is configured for. The
+    classification rule (the official classification code's): when the map's smaller side is not larger than
+    the window, the window shrinks to it and no shift is used (there is then a single window, or a row of
+    them, and nothing to shift). `always_partition` (the detection rule, timm's name): every block keeps the
+    configured window and shift, whatever the map.
+
+    The block runs on any H x W: the map is padded to whole windows and the shift masked as the official
+    detection backbone does (windows.py). Its tables for the configured resolution are buffers; those of other
+    sizes are made on first use and kept per (H, W, device), so a loop at a fixed size computes them once.
     """
 
     def __init__(
@@ -201,10 +197,11 @@ class SwinBlock(nn.Module):
         spec: BlockSpec = BlockSpec(),
         drop_path: float = 0.0,
         pretrained_window: int = 0,
+        always_partition: bool = False,
     ):
         super().__init__()
-        self.resolution = resolution
-        if min(resolution) <= window:
+        self.resolution = tuple(resolution)
+        if not always_partition and min(resolution) <= window:
             window, shift = min(resolution), 0
         self.window, self.shift = window, shift
         self.post_norm = spec.version == 2
@@ -216,27 +213,53 @@ class SwinBlock(nn.Module):
         self.drop_path = Residual(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * spec.mlp_ratio), spec.drop_rate)
-        mask = shifted_window_mask(*resolution, window, shift) if shift else None
+        # order: pad + shift + partition as one gather; inverse: its way back (windows.window_layout)
+        order, inverse, mask = window_layout(*self.resolution, window, shift)
         self.register_buffer("attn_mask", mask, persistent=False)
-        order = window_token_order(*resolution, window, shift)  # (H*W,): shift + partition as one gather
         self.register_buffer("token_order", order, persistent=False)
-        self.register_buffer("token_order_inverse", torch.argsort(order), persistent=False)
+        self.register_buffer("token_order_inverse", inverse, persistent=False)
+        self._layouts: dict[tuple, tuple] = {}  # (H, W, device) -> (order, inverse, mask), other sizes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
-        x = self.drop_path(x, self.attention_branch)
+    def layout(self, H, W, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(order, inverse, mask) of this block on an H x W map: the buffers at the configured resolution, the
+        cached tables of another size, or (inside torch.compile / torch.export at other or symbolic sizes)
+        the tables computed in the graph from the sizes, where a Python cache cannot live."""
+        if known_equal((H, W), self.resolution):
+            return self.token_order, self.token_order_inverse, self.attn_mask
+        if torch.compiler.is_compiling():
+            return window_layout(H, W, self.window, self.shift, device)
+        key = (H, W, device)
+        tables = self._layouts.pop(
+            key, None
+        )  # re-inserted last: the dict's order is least recently used first
+        if tables is None:
+            tables = window_layout(H, W, self.window, self.shift, device)
+            while len(self._layouts) >= CACHED_SIZES:
+                del self._layouts[next(iter(self._layouts))]
+        self._layouts[key] = tables
+        return tables
+
+    def forward(self, x: torch.Tensor, tables: tuple | None = None) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C). `tables`: this block's `layout` for the map's size, when the stage has
+        it already (its blocks of one shift share them)."""
+        tables = tables or self.layout(x.shape[1], x.shape[2], x.device)
+        x = self.drop_path(x, lambda t: self.attention_branch(t, tables))
         return self.drop_path(x, self.mlp_branch)
 
-    def attention_branch(self, x: torch.Tensor) -> torch.Tensor:
+    def attention_branch(self, x: torch.Tensor, tables: tuple) -> torch.Tensor:
         """(Shifted) window attention of LN(x) (V1), or LN of the attention of x (V2), back in map layout:
-        (B, H, W, C) -> (B, H, W, C)."""
+        (B, H, W, C) -> (B, H, W, C). `tables`: (order, inverse, mask) of `layout`."""
         B, H, W, C = x.shape
+        order, inverse, mask = tables
         tokens = (x if self.post_norm else self.norm1(x)).reshape(B, H * W, C)
-        # cyclic shift by -shift and window partition: (B, H*W, C) in window order = (B*nW, N, C)
-        windows = _GatherTokens.apply(tokens, self.token_order, self.token_order_inverse)
-        windows = self.attn(windows.view(-1, self.window * self.window, C), self.attn_mask)  # (B*nW, N, C)
-        # window reverse and the shift back, again one gather
-        out = _GatherTokens.apply(windows.view(B, H * W, C), self.token_order_inverse, self.token_order)
+        # zero padding to whole windows, cyclic shift by -shift and window partition in one gather:
+        # (B, H*W, C) -> (B, Hp*Wp, C) in window order = (B*nW, N, C)
+        windows = GatherTokens.apply(tokens, order, inverse)
+        # explicit sizes, not -1: the ONNX exporter turns a -1 into the traced size (wrong at other sizes)
+        N, tokens_in_windows = self.window * self.window, order.shape[0]
+        windows = self.attn(windows.view(B * (tokens_in_windows // N), N, C), mask)  # (B*nW, N, C)
+        # window reverse, the shift back and the padding dropped, again one gather
+        out = GatherTokens.apply(windows.view(B, tokens_in_windows, C), inverse, order)
         return self.norm1(out.view(B, H, W, C)) if self.post_norm else out.view(B, H, W, C)
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +269,7 @@ class SwinBlock(nn.Module):
         """Multiply-adds, counted as the official repository does (norms, attention, MLP; V2 as V1)."""
         H, W = self.resolution
         dim, N, heads = self.attn.dim, self.window * self.window, self.attn.num_heads
-        num_windows = H * W // N
+        num_windows = whole_windows(H, self.window) * whole_windows(W, self.window)  # padded to whole windows
         attn = N * dim * 3 * dim + 2 * heads * N * N * (dim // heads) + N * dim * dim
         mlp = 2 * H * W * dim * self.mlp.fc1.out_features
         return 2 * H * W * dim + num_windows * attn + mlp
@@ -254,7 +277,8 @@ class SwinBlock(nn.Module):
 
 class PatchMerging(nn.Module):
     """Downsample 2x: concatenate each 2x2 neighbourhood (4C) and project it to 2C; V1 normalises the 4C input,
-    V2 (`norm_last`) the 2C output."""
+    V2 (`norm_last`) the 2C output. A map of odd height or width is padded with zeros at the bottom or right
+    first (the official detection backbone's rule): H x W -> ceil(H/2) x ceil(W/2)."""
 
     def __init__(self, dim: int, resolution: tuple[int, int], norm_last: bool = False):
         super().__init__()
@@ -263,17 +287,20 @@ class PatchMerging(nn.Module):
         self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H/2, W/2, 2C)."""
+        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
         B, H, W, C = x.shape
+        h, w = whole_windows(H, 2), whole_windows(W, 2)
+        x = pad_right_bottom(x, 2 * h, 2 * w)
         # Channel order (row, col) offsets (0,0), (1,0), (0,1), (1,1), as in the official code.
-        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
+        x = x.reshape(B, h, 2, w, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, h, w, 4 * C)
         return self.norm(self.reduction(x)) if self.norm_last else self.reduction(self.norm(x))
 
     def flops(self) -> int:
         """The norm (over 4C, or 2C in V2) and the reduction at the merged resolution."""
         H, W = self.resolution
         dim = self.reduction.out_features // 2
-        return (H // 2) * (W // 2) * (self.norm.normalized_shape[0] + 4 * dim * 2 * dim)
+        merged = whole_windows(H, 2) * whole_windows(W, 2)
+        return merged * (self.norm.normalized_shape[0] + 4 * dim * 2 * dim)
 
 
 class SwinLayer(nn.Module):
@@ -294,9 +321,10 @@ class SwinLayer(nn.Module):
         downsample: bool = False,
         grad_checkpointing: bool = False,
         pretrained_window: int = 0,
+        always_partition: bool = False,
     ):
         super().__init__()
-        self.dim, self.resolution, self.depth = dim, resolution, depth
+        self.dim, self.resolution, self.depth = dim, tuple(resolution), depth
         self.grad_checkpointing = grad_checkpointing
         drop_path = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList(
@@ -309,18 +337,23 @@ class SwinLayer(nn.Module):
                 spec=spec,
                 drop_path=drop_path[j],
                 pretrained_window=pretrained_window,
+                always_partition=always_partition,
             )
             for j in range(depth)
         )
         self.downsample = PatchMerging(dim, resolution, norm_last=spec.version == 2) if downsample else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, H, W, C) -> (stage output (B, H, W, C), next stage input (B, H/2, W/2, 2C) or the same)."""
+        """(B, H, W, C) -> (stage output (B, H, W, C), next stage input (B, ceil(H/2), ceil(W/2), 2C) or the
+        same)."""
+        by_shift = {}  # the window tables, made (or looked up) once per shift for the stage's blocks
         for block in self.blocks:
+            if block.shift not in by_shift:
+                by_shift[block.shift] = block.layout(x.shape[1], x.shape[2], x.device)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, by_shift[block.shift], use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, by_shift[block.shift])
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 
@@ -329,12 +362,17 @@ class SwinTransformer(nn.Module):
 
     The architecture is given whole (`create_model(name)` takes it from the registry); the rest are
     training choices with the official defaults. `pretrained_window_sizes` (V2 only): each stage's window in
-    pre-training, 0 for this one (the default); see SwinLayer."""
+    pre-training, 0 for this one (the default); see SwinLayer.
+
+    `img_size` (one side, or (H, W)) is the configured size: it fixes the blocks' windows and shifts (the
+    classification rule, or with `always_partition` the detection rule: SwinBlock) and the grid of an absolute
+    position embedding. The model runs on any image of at least `min_input_size`: the image is padded to whole
+    patches, each stage's map to whole windows, odd maps before merging (docs/design.md, "Any image size")."""
 
     def __init__(
         self,
         *,
-        img_size: int,
+        img_size: int | Sequence[int],
         patch_size: int,
         embed_dim: int,
         depths: tuple[int, ...],
@@ -347,35 +385,30 @@ class SwinTransformer(nn.Module):
         patch_norm: bool = True,
         grad_checkpointing: bool = False,
         pretrained_window_sizes: Sequence[int] | None = None,
+        always_partition: bool = False,
         **block_settings,
     ):
         super().__init__()
         spec = BlockSpec(
             **block_settings
         )  # mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, attention, version
-        if spec.version == 1 and pretrained_window_sizes is not None:
-            raise ValueError("pretrained_window_sizes is a Swin V2 setting; give version=2 or leave it None")
-        if pretrained_window_sizes is not None and len(pretrained_window_sizes) != len(depths):
-            raise ValueError(f"pretrained_window_sizes needs one window per stage ({len(depths)})")
-        if pretrained_window_sizes is not None and any(w < 0 or w == 1 for w in pretrained_window_sizes):
-            # the offsets are divided by (window - 1): a window of 1 has no offsets, a negative one no meaning
-            raise ValueError(
-                f"pretrained_window_sizes: 0 or windows >= 2, got {list(pretrained_window_sizes)}"
-            )
+        _check_pretrained_windows(spec.version, pretrained_window_sizes, len(depths))
         self.version = spec.version
         self.pretrained_window_sizes = (
             None if spec.version == 1 else tuple(pretrained_window_sizes or [0] * len(depths))
         )
-        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.img_size, self.patch_size, self.in_chans = image_size(img_size), patch_size, in_chans
         self.num_classes, self.embed_dim = num_classes, embed_dim
         self.depths, self.num_heads, self.window_size = tuple(depths), tuple(num_heads), window_size
+        self.always_partition = always_partition
         self.num_stages = len(depths)
         self.num_features = embed_dim * 2 ** (self.num_stages - 1)
-        grid = img_size // patch_size
+        self.stage_resolutions = stage_sizes(self.img_size, patch_size, self.num_stages)  # configured size
+        grid_h, grid_w = self.stage_resolutions[0]
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
-        # (1, L, C) as in the official checkpoints; viewed as (1, H, W, C) when added
-        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, embed_dim)) if ape else None
+        # (1, L, C) as in the official checkpoints; viewed as (1, H, W, C) when added, interpolated at other sizes
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid_h * grid_w, embed_dim)) if ape else None
         self.pos_drop = nn.Dropout(spec.drop_rate)
         # Stochastic depth rate grows linearly from 0 to drop_path_rate over all blocks.
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
@@ -385,7 +418,7 @@ class SwinTransformer(nn.Module):
             self.layers.append(
                 SwinLayer(
                     dim=embed_dim * 2**i,
-                    resolution=(grid // 2**i, grid // 2**i),
+                    resolution=self.stage_resolutions[i],
                     depth=depth,
                     num_heads=num_heads[i],
                     window=window_size,
@@ -394,6 +427,7 @@ class SwinTransformer(nn.Module):
                     downsample=i < self.num_stages - 1,
                     grad_checkpointing=grad_checkpointing,
                     pretrained_window=self.pretrained_window_sizes[i] if spec.version == 2 else 0,
+                    always_partition=always_partition,
                 )
             )
         self.norm = nn.LayerNorm(self.num_features)
@@ -414,20 +448,58 @@ class SwinTransformer(nn.Module):
         for layer in self.layers:
             layer.grad_checkpointing = enable
 
+    @property
+    def min_input_size(self) -> tuple[int, int]:
+        """The smallest (H, W) image the model takes: one first-stage window of patches each way (a smaller
+        image would be mostly padding)."""
+        side = self.layers[0].blocks[0].window * self.patch_size
+        return side, side
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """ValueError (one line) unless `x` is a (B, in_chans, H, W) batch of at least `min_input_size`."""
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"the model takes images (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[2:]
+        min_h, min_w = self.min_input_size
+        if H < min_h or W < min_w:
+            window = self.layers[0].blocks[0].window
+            raise ValueError(
+                f"a {H}x{W} image is {whole_windows(H, self.patch_size)}x{whole_windows(W, self.patch_size)} "
+                f"patches, smaller than one window ({window}x{window}); give images of at least {min_h}x{min_w}"
+            )
+
+    def absolute_position_embedding(self, height, width) -> torch.Tensor:
+        """(1, height, width, C): the absolute position embedding on a height x width patch grid, bicubically
+        interpolated from the configured grid elsewhere (as the official detection backbone does)."""
+        grid_h, grid_w = self.stage_resolutions[0]
+        embed = self.absolute_pos_embed.view(1, grid_h, grid_w, -1)
+        if known_equal((height, width), (grid_h, grid_w)):
+            return embed
+        embed = F.interpolate(
+            embed.permute(0, 3, 1, 2), size=(height, width), mode="bicubic", align_corners=False
+        )
+        return embed.permute(0, 2, 3, 1)
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         x = self.patch_embed(x)  # (B, H/p, W/p, C)
         if self.absolute_pos_embed is not None:
-            x = x + self.absolute_pos_embed.view(1, *x.shape[1:])
+            x = x + self.absolute_position_embedding(x.shape[1], x.shape[2])
         return self.pos_drop(x)
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Per-stage feature maps, each (B, C_i, H_i, W_i), taken after the stage's blocks (before merging)."""
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-stage feature maps, channels-last (B, H_i, W_i, C_i), taken after the stage's blocks (before
+        merging), at any input size: H_0 = ceil(H / patch_size), then halved and rounded up per stage."""
         x = self._embed(x)
-        features = []
+        stages = []
         for layer in self.layers:
             stage_output, x = layer(x)
-            features.append(stage_output.permute(0, 3, 1, 2))
-        return features
+            stages.append(stage_output)
+        return stages
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-stage feature maps, each (B, C_i, H_i, W_i) (views of `forward_stages`'s maps)."""
+        return [stage.permute(0, 3, 1, 2) for stage in self.forward_stages(x)]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, H, W, C) final-stage map -> (B, num_classes) logits (or pooled features)."""
@@ -435,25 +507,40 @@ class SwinTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, img_size, img_size) -> (B, num_classes)."""
+        """(B, in_chans, H, W) -> (B, num_classes), H x W at least `min_input_size`."""
         x = self._embed(x)
         for layer in self.layers:
             _, x = layer(x)
         return self.forward_head(x)
 
     def flops(self) -> int:
-        """Multiply-adds per image, counted as the official repository (and the paper) does."""
-        grid = self.img_size // self.patch_size
-        total = grid * grid * self.embed_dim * self.in_chans * self.patch_size**2
+        """Multiply-adds per image at the configured size, counted as the official repository (and the paper)
+        does (windows of a padded map counted whole)."""
+        grid_h, grid_w = self.stage_resolutions[0]
+        total = grid_h * grid_w * self.embed_dim * self.in_chans * self.patch_size**2
         if isinstance(self.patch_embed.norm, nn.LayerNorm):
-            total += grid * grid * self.embed_dim
+            total += grid_h * grid_w * self.embed_dim
         for layer in self.layers:
             total += sum(block.flops() for block in layer.blocks)
             total += layer.downsample.flops() if layer.downsample is not None else 0
-        final = grid // 2 ** (self.num_stages - 1)
-        total += self.num_features * final * final  # final norm
+        final_h, final_w = self.stage_resolutions[-1]
+        total += self.num_features * final_h * final_w  # final norm
         total += self.num_features * self.num_classes  # head
         return total
+
+
+def _check_pretrained_windows(version: int, windows: Sequence[int] | None, stages: int) -> None:
+    """ValueError unless `windows` (V2's pretrained_window_sizes) is None, or one window per stage of a V2
+    model, each 0 or at least 2."""
+    if windows is None:
+        return
+    if version == 1:
+        raise ValueError("pretrained_window_sizes is a Swin V2 setting; give version=2 or leave it None")
+    if len(windows) != stages:
+        raise ValueError(f"pretrained_window_sizes needs one window per stage ({stages})")
+    if any(w < 0 or w == 1 for w in windows):
+        # the offsets are divided by (window - 1): a window of 1 has no offsets, a negative one no meaning
+        raise ValueError(f"pretrained_window_sizes: 0 or windows >= 2, got {list(windows)}")
 
 
 def _init_weights(module: nn.Module) -> None:
