@@ -523,7 +523,9 @@ def test_a_rank_stopped_by_a_signal_to_another_rank_says_so(monkeypatch, caplog)
     caplog.set_level("INFO", logger="swin_train")
     monkeypatch.setattr(trainer, "save_step_checkpoint", lambda run: None)
     with pytest.raises(TrainingStopped) as stopped:
-        trainer.stop(SimpleNamespace(state=SimpleNamespace(global_step=7)), Stopper())  # its own: no signal
+        trainer.stop(
+            SimpleNamespace(state=SimpleNamespace(global_step=7), wait_for_saves=lambda: None), Stopper()
+        )  # its own: no signal
     assert stopped.value.exit_code == 143
     assert caplog.messages == [
         "stop requested (by a signal to another rank): checkpoint written at global step 7; "
