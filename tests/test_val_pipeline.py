@@ -76,7 +76,7 @@ def trained(folders, tmp_path_factory) -> Path:
 def test_swin_eval_gives_the_validation_loss_training_logged_to_the_last_bit(trained, folders, tmp_path):
     logged = _logged(trained)
     for cache in ("data.decoded_cache_mib=256", "data.decoded_cache_mib=0"):
-        result = _eval(trained / "last.pth", folders[0], tmp_path / "m.json", cache)
+        result = _eval(trained / "last.pth", folders[0], tmp_path / f"m-{cache}.json", cache)
         assert result["num_samples"] == logged["val_num_samples"] == 8
         assert (result["loss"], result["top1"]) == (logged["val_loss"], logged["val_top1"])
 
