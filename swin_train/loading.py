@@ -47,6 +47,14 @@ from swin_train.models.hf import HfCheckpoint, is_hf_folder, load_hf_folder
 from swin_train.models.registry import build_model, variant_arch
 from swin_train.models.swin import SwinTransformer
 from swin_train.outputs import is_run_config
+from swin_train.simmim_weights import (
+    classifier_arch,
+    describe,
+    is_simmim_file,
+    pretraining_checkpoint_error,
+    remap_bias_tables,
+    simmim_encoder,
+)
 
 log = logging.getLogger("swin_train")
 
@@ -59,6 +67,7 @@ class LoadReport:
     interpolated: list[str] = field(default_factory=list)
     reinitialised: list[str] = field(default_factory=list)  # missing from the checkpoint or head replaced
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model: ignored
+    dropped: list[str] = field(default_factory=list)  # a SimMIM checkpoint's mask token and decoder
     head_mapped: bool = False
 
     def summary(self) -> str:
@@ -71,6 +80,8 @@ class LoadReport:
             parts.append(f"re-initialised {len(self.reinitialised)} ({_short(self.reinitialised)})")
         if self.unexpected:
             parts.append(f"ignored {len(self.unexpected)} unexpected ({_short(self.unexpected)})")
+        if self.dropped:
+            parts.append(f"left out {len(self.dropped)} of pre-training ({_short(self.dropped)})")
         return "; ".join(parts)
 
 
@@ -222,6 +233,7 @@ def load_pretrained(
     """
     is_file = isinstance(source, str | Path)
     name = name or (str(source) if is_file else "state dict")
+    encoder = None
     if is_file and is_hf_folder(source):
         if use_ema:
             raise CheckpointError(
@@ -231,9 +243,16 @@ def load_pretrained(
     else:
         obj = load_checkpoint(source) if is_file else source
         obj = select_weights(obj, use_ema, f"checkpoint {source}" if is_file else "the checkpoint")
+        if (encoder := simmim_encoder(obj, name)) is not None:  # pre-training weights: the encoder alone
+            log.info(describe(encoder, name))
+            obj = encoder.weights
         layout = detect_layout(unwrap_state_dict(obj))
+    layout = layout if encoder is None else f"SimMIM encoder, {layout}"
     report = LoadReport(source=name + (" (EMA)" if use_ema else ""), layout=layout)
     converted = convert_state_dict(obj)
+    if encoder is not None:  # its own fine-tuning's table remap (remap_bias_tables says why two exist)
+        report.dropped = encoder.dropped
+        converted = remap_bias_tables(converted, model, report.interpolated)
     check_version(converted, model, report.source)
     if strict:
         check_saved_geometry(unwrap_state_dict(obj), model, report.source)
@@ -281,6 +300,8 @@ def load_trained_model(source: str | os.PathLike | dict, *, ema: bool = False) -
     if not isinstance(source, dict) and is_hf_folder(source):
         return _trained_from_hf(source, ema)
     state = source if isinstance(source, dict) else load_checkpoint(source)
+    if simmim_encoder(state) is not None:
+        raise pretraining_checkpoint_error(where)
     if not holds_trained_model(state):
         raise CheckpointError(
             f"{where} is not a swin-train checkpoint or export (no config, class names and preprocessing); "
@@ -331,8 +352,15 @@ def create_model(
     `create_model(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`;
     `create_model(checkpoint="output/run/best.pth")`: a swin-train checkpoint or export, with its own
     architecture (`load_trained_model`); with a name or fields, `checkpoint` may hold weights of any
-    supported layout, adapted to that architecture (`load_pretrained`).
+    supported layout, adapted to that architecture (`load_pretrained`). A SimMIM pre-training checkpoint
+    gives its encoder (num_classes 0, or a fresh head with num_classes=N), in the architecture its config
+    records (an official file's: from `name` or fields), with `overrides` (e.g. another window) over it.
     """
+    if checkpoint is not None and name is None and is_simmim_file(checkpoint):
+        state = load_checkpoint(checkpoint)
+        model = build_model(None, **classifier_arch(simmim_encoder(state), str(checkpoint), overrides))
+        load_pretrained(model, state, name=str(checkpoint))
+        return model
     if checkpoint is not None and name is None and not overrides:
         return load_trained_model(checkpoint).model
     model = build_model(name, **overrides)
@@ -378,6 +406,8 @@ def load_for_evaluation(
         model, class_names, stored = model.eval(), hf.class_names, None
     else:
         state = load_checkpoint(source)
+        if simmim_encoder(state) is not None:
+            raise pretraining_checkpoint_error(str(source))
         if holds_trained_model(state):
             model, cfg, class_names = _trained_for_evaluation(
                 state, source, config, model_name, overrides, ema
