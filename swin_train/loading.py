@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swin_train import simmim_weights
 from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, load_checkpoint
 from swin_train.config import ARCH_FIELDS, Config, config_from_dict, config_to_dict, load_config
 from swin_train.data.transforms import Preprocess
@@ -47,14 +48,6 @@ from swin_train.models.hf import HfCheckpoint, is_hf_folder, load_hf_folder
 from swin_train.models.registry import build_model, variant_arch
 from swin_train.models.swin import SwinTransformer
 from swin_train.outputs import is_run_config
-from swin_train.simmim_weights import (
-    classifier_arch,
-    describe,
-    is_simmim_file,
-    pretraining_checkpoint_error,
-    remap_bias_tables,
-    simmim_encoder,
-)
 
 log = logging.getLogger("swin_train")
 
@@ -243,8 +236,9 @@ def load_pretrained(
     else:
         obj = load_checkpoint(source) if is_file else source
         obj = select_weights(obj, use_ema, f"checkpoint {source}" if is_file else "the checkpoint")
-        if (encoder := simmim_encoder(obj, name)) is not None:  # pre-training weights: the encoder alone
-            log.info(describe(encoder, name))
+        encoder = simmim_weights.simmim_encoder(obj)  # pre-training weights: the encoder alone
+        if encoder is not None:
+            log.info(simmim_weights.describe(encoder, name))
             obj = encoder.weights
         layout = detect_layout(unwrap_state_dict(obj))
     layout = layout if encoder is None else f"SimMIM encoder, {layout}"
@@ -252,7 +246,7 @@ def load_pretrained(
     converted = convert_state_dict(obj)
     if encoder is not None:  # its own fine-tuning's table remap (remap_bias_tables says why two exist)
         report.dropped = encoder.dropped
-        converted = remap_bias_tables(converted, model, report.interpolated)
+        converted = simmim_weights.remap_bias_tables(converted, model, report.interpolated)
     check_version(converted, model, report.source)
     if strict:
         check_saved_geometry(unwrap_state_dict(obj), model, report.source)
@@ -300,8 +294,8 @@ def load_trained_model(source: str | os.PathLike | dict, *, ema: bool = False) -
     if not isinstance(source, dict) and is_hf_folder(source):
         return _trained_from_hf(source, ema)
     state = source if isinstance(source, dict) else load_checkpoint(source)
-    if simmim_encoder(state) is not None:
-        raise pretraining_checkpoint_error(where)
+    if simmim_weights.simmim_encoder(state) is not None:
+        raise simmim_weights.pretraining_checkpoint_error(where)
     if not holds_trained_model(state):
         raise CheckpointError(
             f"{where} is not a swin-train checkpoint or export (no config, class names and preprocessing); "
@@ -356,10 +350,11 @@ def create_model(
     gives its encoder (num_classes 0, or a fresh head with num_classes=N), in the architecture its config
     records (an official file's: from `name` or fields), with `overrides` (e.g. another window) over it.
     """
-    if checkpoint is not None and name is None and is_simmim_file(checkpoint):
-        state = load_checkpoint(checkpoint)
-        model = build_model(None, **classifier_arch(simmim_encoder(state), str(checkpoint), overrides))
-        load_pretrained(model, state, name=str(checkpoint))
+    if checkpoint is not None and name is None and simmim_weights.is_simmim_file(checkpoint):
+        state, where = load_checkpoint(checkpoint), str(checkpoint)
+        arch = simmim_weights.classifier_arch(state, where, overrides)
+        model = build_model(None, **arch)
+        load_pretrained(model, state, name=where)
         return model
     if checkpoint is not None and name is None and not overrides:
         return load_trained_model(checkpoint).model
@@ -406,8 +401,8 @@ def load_for_evaluation(
         model, class_names, stored = model.eval(), hf.class_names, None
     else:
         state = load_checkpoint(source)
-        if simmim_encoder(state) is not None:
-            raise pretraining_checkpoint_error(str(source))
+        if simmim_weights.simmim_encoder(state) is not None:
+            raise simmim_weights.pretraining_checkpoint_error(str(source))
         if holds_trained_model(state):
             model, cfg, class_names = _trained_for_evaluation(
                 state, source, config, model_name, overrides, ema

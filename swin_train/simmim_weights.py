@@ -40,12 +40,10 @@ FINETUNE_RECIPE = "configs/simmim/simmim_finetune__swin_base__img224_window7__80
 @dataclass
 class SimMIMEncoder:
     """The encoder of a SimMIM checkpoint: `weights` with `encoder.` stripped (the official buffers kept, for
-    the loaders to drop or check as for any official file), what was `dropped` (mask token, decoder), and the
-    encoder's SwinTransformer arguments from a swin-train checkpoint's config (None for an official file)."""
+    the loaders to drop or check as for any official file) and what was `dropped` (mask token, decoder)."""
 
     weights: dict[str, torch.Tensor]
     dropped: list[str]
-    arch: dict | None = None
 
 
 def is_simmim_state_dict(sd: Mapping) -> bool:
@@ -55,7 +53,7 @@ def is_simmim_state_dict(sd: Mapping) -> bool:
     )
 
 
-def simmim_encoder(obj: Mapping, where: str = "the checkpoint") -> SimMIMEncoder | None:
+def simmim_encoder(obj: Mapping) -> SimMIMEncoder | None:
     """The encoder of `obj` (a checkpoint, `{'model': sd}` or a state dict) if it is a SimMIM model, else None."""
     try:
         sd = unwrap_state_dict(obj)
@@ -70,11 +68,12 @@ def simmim_encoder(obj: Mapping, where: str = "the checkpoint") -> SimMIMEncoder
             weights[key.removeprefix(ENCODER_PREFIX).replace(".rpe_mlp.", ".cpb_mlp.")] = value
         else:
             dropped.append(key)
-    return SimMIMEncoder(weights, dropped, encoder_arch(obj, where))
+    return SimMIMEncoder(weights, dropped)
 
 
 def encoder_arch(obj: Mapping, where: str) -> dict | None:
-    """The encoder's SwinTransformer arguments (headless) from the config a swin-train checkpoint stores."""
+    """The encoder's SwinTransformer arguments (headless) from the config a swin-train checkpoint stores (None
+    for an official file)."""
     stored = obj.get("config") if isinstance(obj, Mapping) else None
     if not isinstance(stored, Mapping):
         return None
@@ -150,13 +149,14 @@ def is_simmim_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def classifier_arch(encoder: SimMIMEncoder, where: str, overrides: Mapping) -> dict:
+def classifier_arch(state: Mapping, where: str, overrides: Mapping) -> dict:
     """SwinTransformer arguments for `create_model(checkpoint=SimMIM file, **overrides)`: the encoder's own
     (its config; num_classes 0, a feature extractor) with `overrides` (num_classes, window_size, ...) over them."""
-    if encoder.arch is None:
+    arch = encoder_arch(state, where)
+    if arch is None:
         raise ConfigError(
             f"{where} is an official SimMIM checkpoint, which holds no architecture: pass the classifier's "
             "variant name or fields, e.g. create_model('swin_base_patch4_window7_224', checkpoint=..., "
             "num_classes=N)"
         )
-    return encoder.arch | dict(overrides)
+    return arch | dict(overrides)

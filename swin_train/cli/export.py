@@ -119,7 +119,7 @@ def _load(args) -> Exported:
     hf = is_hf_folder(args.checkpoint)
     state = None if hf else load_checkpoint(args.checkpoint)
     raw = None if hf else select_weights(state, args.ema, f"checkpoint {args.checkpoint}")
-    if raw is not None and (encoder := simmim_encoder(raw, args.checkpoint)) is not None:
+    if raw is not None and (encoder := simmim_encoder(raw)) is not None:
         return _simmim_encoder(args, state, encoder)
     if hf or holds_trained_model(state):
         if args.img_size is not None or args.model is not None:
