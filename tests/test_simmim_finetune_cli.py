@@ -109,3 +109,24 @@ def test_swin_export_refuses_what_an_encoder_cannot_be(files, tmp_path, capsys):
     assert export_cli(argv) == 2
     assert "only for bare weights; this checkpoint's config fixes the model" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists() and not (tmp_path / "t.pth").exists()
+
+
+def test_few_labels_keeps_a_stratified_fraction_of_train_and_all_of_val(tmp_path):
+    from pathlib import Path
+
+    from helpers import load_module
+
+    few = load_module("few_labels", Path(__file__).resolve().parents[1] / "scripts" / "few_labels.py")
+    for split, per_class in (("train", {"a": 20, "b": 7}), ("val", {"a": 3, "b": 2})):
+        for name, count in per_class.items():
+            (tmp_path / "root" / split / name).mkdir(parents=True)
+            for i in range(count):
+                (tmp_path / "root" / split / name / f"{i:02d}.png").write_bytes(bytes([i]))
+    assert few.main([str(tmp_path / "root"), str(tmp_path / "out"), "--fraction", "0.1"]) == 0
+    kept = {d.name: sorted(f.name for f in d.iterdir()) for d in (tmp_path / "out" / "train").iterdir()}
+    assert {k: len(v) for k, v in kept.items()} == {"a": 2, "b": 1}  # round(2.0), at least one
+    assert len(list((tmp_path / "out" / "val").rglob("*.png"))) == 5
+    assert few.main([str(tmp_path / "root"), str(tmp_path / "out2"), "--fraction", "0.1"]) == 0
+    again = {d.name: sorted(f.name for f in d.iterdir()) for d in (tmp_path / "out2" / "train").iterdir()}
+    assert again == kept  # the seed fixes the choice
+    assert few.main([str(tmp_path / "root"), str(tmp_path / "out"), "--fraction", "0.1"]) == 2
