@@ -140,7 +140,9 @@ class Run:
             base_batch=t.lr_base_batch,
             world_size=env.world_size,
         )
-        self.optimizer = build_optimizer(self.model, t, lr=self.lrs["lr"], device_type=env.device.type)
+        self.optimizer = build_optimizer(
+            self.model, t, lr=self.lrs["lr"], device_type=env.device.type, skip_names=self.task.no_decay_names
+        )
         self.schedule, schedule_text = build_schedule(
             self.optimizer, t, self.lrs, steps_per_epoch=self.steps_per_epoch
         )

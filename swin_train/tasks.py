@@ -25,6 +25,7 @@ from swin_train.loading import load_pretrained
 from swin_train.metrics import epoch_line, reconstruction_epoch_line
 from swin_train.models.simmim import MaskedSwinEncoder, SimMIM
 from swin_train.models.swin import SwinTransformer
+from swin_train.optim import NO_DECAY_NAMES, PRETRAINING_NO_DECAY_NAMES
 from swin_train.reconstruction import reconstruction_loss, reconstruction_picture, save_picture
 from swin_train.v2_windows import fit_pretrained_windows
 
@@ -48,6 +49,7 @@ class Classification:
     name = "classification"
     labels = True  # batches carry labels (mixup/cutmix apply)
     best_key = "top1"  # best.pth: the highest val (or EMA) top-1
+    no_decay_names = NO_DECAY_NAMES  # parameters without weight decay (besides biases and norms)
 
     @staticmethod
     def better(value: float, best: float) -> bool:
@@ -106,6 +108,7 @@ class PreTraining:
     name = "simmim"
     labels = False
     best_key = "loss"  # best.pth: the lowest val (or EMA) masked reconstruction loss
+    no_decay_names = PRETRAINING_NO_DECAY_NAMES
 
     @staticmethod
     def better(value: float, best: float) -> bool:

@@ -89,6 +89,7 @@ class SimMIM(nn.Module):
         if norm_target is not None and (norm_target < 1 or norm_target % 2 != 1):
             raise ValueError(f"norm_target must be None or an odd patch size, got {norm_target}")
         self.encoder, self.norm_target = encoder, norm_target
+        self.version = encoder.version
         self.encoder_stride = ENCODER_STRIDE
         self.in_chans, self.patch_size = encoder.in_chans, encoder.patch_size
         self.decoder = nn.Sequential(
