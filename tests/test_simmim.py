@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +228,84 @@ def test_bad_input_is_a_one_line_error(tmp_path):
         with pytest.raises(ConfigError) as e:
             load_config(None, [*micro, *overrides])
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------- the recipes under the official names
+
+# recipe -> (version, window, img, drop path, epochs, warmup, base lr, warmup lr, min lr, layer decay, schedule,
+# norm target); official config.py defaults where its yaml says nothing (MIN_LR 5e-6, LAYER_DECAY 1, cosine)
+SIMMIM_RECIPES = {
+    "simmim_pretrain__swin_base__img192_window6__800ep": (1, 6, 192, 0.0, 800, 10, 1e-4, 5e-7, 5e-6, 1.0, "multistep", None),
+    "simmim_pretrain__swinv2_base__img192_window12__800ep": (2, 12, 192, 0.1, 800, 10, 1e-4, 5e-7, 5e-6, 1.0, "multistep", 47),
+    "simmim_finetune__swin_base__img224_window7__800ep": (1, 7, 224, 0.1, 100, 20, 1.25e-3, 2.5e-7, 2.5e-7, 0.8, "cosine", None),
+    "simmim_finetune__swinv2_base__img224_window14__800ep": (2, 14, 224, 0.1, 100, 20, 1.25e-3, 2.5e-7, 2.5e-7, 0.75, "cosine", None),
+}  # fmt: skip
+
+
+def _recipe(name: str):
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / "simmim" / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name", SIMMIM_RECIPES)
+def test_simmim_recipes_hold_the_official_numbers(name):
+    version, window, img, drop_path, epochs, warmup, lr, warmup_lr, min_lr, layer_decay, schedule, norm = (
+        SIMMIM_RECIPES[name]
+    )
+    cfg = _recipe(name)
+    m, t, s = cfg.model, cfg.train, cfg.simmim
+    assert (m.embed_dim, m.depths, m.num_heads, m.patch_size) == (128, [2, 2, 18, 2], [4, 8, 16, 32], 4)
+    assert (m.version, m.window_size, cfg.data.img_size, m.drop_path_rate) == (
+        version,
+        window,
+        img,
+        drop_path,
+    )
+    assert (t.epochs, t.warmup_epochs, t.base_lr, t.warmup_lr, t.min_lr) == (
+        epochs,
+        warmup,
+        lr,
+        warmup_lr,
+        min_lr,
+    )
+    assert (t.layer_decay, t.lr_schedule, t.weight_decay, t.clip_grad, t.lr_base_batch) == (
+        layer_decay, schedule, 0.05, 5.0, 512
+    )  # fmt: skip
+    assert (cfg.data.batch_size, cfg.save_freq, cfg.output) == (128, 5, f"output/{name}")
+    if "pretrain" in name:
+        assert cfg.task == "simmim" and (t.lr_milestones, t.lr_decay_rate) == ([700], 0.1)
+        assert (s.mask_patch_size, s.mask_ratio, s.norm_target) == (32, 0.6, norm)
+    else:
+        assert cfg.task == "classification" and m.pretrained_required and m.num_classes == 1000
+        assert m.pretrained_window_sizes == ([12, 12, 12, 6] if version == 2 else None)
+        assert (cfg.aug.mixup, cfg.aug.cutmix, cfg.aug.reprob, cfg.eval.crop_pct) == (0.8, 1.0, 0.25, 0.875)
+
+
+@pytest.mark.parametrize("name", SIMMIM_RECIPES)
+def test_simmim_recipes_match_the_official_yaml(name):
+    yaml = pytest.importorskip("yaml")
+    official = yaml.safe_load(official_source(f"configs/simmim/{name}.yaml"))
+    cfg = _recipe(name)
+    model, train, data = official["MODEL"], official["TRAIN"], official["DATA"]
+    arch = model["SWIN" if model["TYPE"] == "swin" else "SWINV2"]
+    assert (cfg.model.version, cfg.model.embed_dim, cfg.model.depths, cfg.model.num_heads) == (
+        1 if model["TYPE"] == "swin" else 2, arch["EMBED_DIM"], arch["DEPTHS"], arch["NUM_HEADS"]
+    )  # fmt: skip
+    assert (cfg.model.window_size, cfg.model.drop_path_rate, cfg.data.img_size) == (
+        arch["WINDOW_SIZE"], model["DROP_PATH_RATE"], data["IMG_SIZE"]
+    )  # fmt: skip
+    assert cfg.model.pretrained_window_sizes == arch.get("PRETRAINED_WINDOW_SIZES")
+    t = cfg.train
+    assert (t.epochs, t.warmup_epochs, t.base_lr, t.warmup_lr, t.weight_decay) == (
+        train["EPOCHS"], train["WARMUP_EPOCHS"], float(train["BASE_LR"]), float(train["WARMUP_LR"]), train["WEIGHT_DECAY"]
+    )  # fmt: skip
+    assert t.min_lr == float(train.get("MIN_LR", 5e-6)) and t.layer_decay == train.get("LAYER_DECAY", 1.0)
+    scheduler = train.get("LR_SCHEDULER", {"NAME": "cosine"})
+    assert t.lr_schedule == scheduler["NAME"] and t.lr_milestones == scheduler.get("MULTISTEPS", [])
+    assert t.lr_decay_rate == scheduler.get("GAMMA", 0.1) and cfg.save_freq == official["SAVE_FREQ"]
+    if "MASK_PATCH_SIZE" in data:
+        assert (cfg.simmim.mask_patch_size, cfg.simmim.mask_ratio) == (
+            data["MASK_PATCH_SIZE"],
+            data["MASK_RATIO"],
+        )
+        target = model.get("SIMMIM", {}).get("NORM_TARGET", {"ENABLE": False})
+        assert cfg.simmim.norm_target == (target["PATCH_SIZE"] if target["ENABLE"] else None)
