@@ -23,8 +23,8 @@ from swin_train.loading import load_pretrained
 from swin_train.models.convert import official_buffers
 from swin_train.models.simmim_remap import remap_relative_position_bias_table
 from swin_train.models.swin import SwinTransformer
-from swin_train.run import build_model
 from swin_train.simmim_weights import is_simmim_state_dict, simmim_encoder
+from swin_train.tasks import build_classifier
 
 # pre-training at window 6 (48 px: 24x24 then 12x12 tokens), fine-tuning at window 7 (56 px: 28x28, 14x14)
 PRETRAIN = dict(img_size=48, patch_size=2, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=6)
@@ -136,7 +136,7 @@ def test_window_6_to_7_remaps_each_table_with_the_geometric_spline(tmp_path):
     encoder = _pretrained()
     path = tmp_path / "simmim.pth"
     save_checkpoint({"model": simmim_state_dict(encoder, official=True)}, path)
-    model = build_model(_micro_config(path), 10)  # model.pretrained in a classification config
+    model = build_classifier(_micro_config(path), 10)  # model.pretrained in a classification config
     tables = [k for k in encoder.state_dict() if k.endswith(TABLE)]
     for key in tables:
         src = encoder.state_dict()[key]
@@ -186,7 +186,7 @@ def test_v2_encoder_needs_no_remap_and_takes_its_pretraining_windows(tmp_path, c
     save_checkpoint({"model": sd}, path)
     with caplog.at_level(logging.INFO, logger="swin_train"):
         cfg = _micro_config(path, version=2)
-        model = build_model(cfg, 10)
+        model = build_classifier(cfg, 10)
     assert cfg.model.pretrained_window_sizes == [6, 6]  # read off the encoder's relative_coords_table
     assert "model.pretrained_window_sizes=[6, 6]" in caplog.text
     assert all(torch.equal(model.state_dict()[k], v) for k, v in encoder.state_dict().items())
@@ -235,7 +235,7 @@ def test_fine_tuning_recipe_loads_a_swin_train_simmim_checkpoint(tmp_path):
     encoder = _pretrained()
     path = tmp_path / "last.pth"
     _swin_train_simmim_checkpoint(path, encoder)
-    model = build_model(_micro_config(path), 10)
+    model = build_classifier(_micro_config(path), 10)
     key = f"layers.0.blocks.0.attn.{TABLE}"
     assert torch.equal(
         model.state_dict()[key], remap_relative_position_bias_table(encoder.state_dict()[key], 6, 7)
@@ -315,7 +315,7 @@ def test_official_simmim_checkpoint_gives_the_official_classifiers_logits(
         and not any(k.startswith("encoder.head") for k in sd)
     )
     theirs = _official_fine_tune(official, path, version, PRETRAIN, monkeypatch)
-    ours = build_model(_micro_config(path, version, window=6, img=48), 10)
+    ours = build_classifier(_micro_config(path, version, window=6, img=48), 10)
     x = torch.randn(2, 3, 48, 48)
     torch.testing.assert_close(_logits(ours, x, head_from=theirs), _logits(theirs, x), rtol=0, atol=1e-5)
     theirs_sd = theirs.state_dict()
@@ -331,7 +331,7 @@ def test_official_window_6_to_7_fine_tuning_is_reproduced(official, version, tmp
     extra = {"pretrained_window_sizes": [6, 6]} if version == 2 else {}  # as the official V2 recipe sets it
     theirs = _official_fine_tune(official, path, version, FINETUNE, monkeypatch, **extra)
     cfg = _micro_config(path, version)
-    ours = build_model(cfg, 10)  # V2: pretrained_window_sizes taken from the file
+    ours = build_classifier(cfg, 10)  # V2: pretrained_window_sizes taken from the file
     if version == 2:
         assert cfg.model.pretrained_window_sizes == [6, 6]
     theirs_sd = theirs.state_dict()
@@ -342,3 +342,21 @@ def test_official_window_6_to_7_fine_tuning_is_reproduced(official, version, tmp
             assert torch.equal(value, theirs_sd[key]), key
     x = torch.randn(2, 3, 56, 56)
     torch.testing.assert_close(_logits(ours, x, head_from=theirs), _logits(theirs, x), rtol=0, atol=1e-5)
+
+
+def test_swin_trains_own_simmim_model_fine_tunes_to_the_same_features(tmp_path):
+    """create_simmim's state dict (what a task: simmim run saves) gives a classifier whose pooled features are
+    the pre-trained encoder's on unmasked images."""
+    from swin_train import create_simmim
+
+    arch = dict(img_size=64, patch_size=8, embed_dim=24, depths=(2, 2, 2), num_heads=(2, 2, 4), window_size=4)
+    simmim = create_simmim(arch).eval()
+    classifier = SwinTransformer(**arch, num_classes=10)
+    report = load_pretrained(classifier, {"model": simmim.state_dict()})
+    assert sorted(report.reinitialised) == ["head.bias", "head.weight"] and not report.unexpected
+    assert sorted(report.dropped) == ["decoder.0.bias", "decoder.0.weight", "encoder.mask_token"]
+    classifier.head = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = simmim.encoder(x, torch.zeros(2, 8, 8)).mean(dim=(2, 3))
+    torch.testing.assert_close(_logits(classifier, x), expected, rtol=0, atol=1e-6)
