@@ -36,13 +36,15 @@ def files(tmp_path):
     return encoder, ours, official, state
 
 
-@pytest.mark.parametrize("which", ["ours", "official"])
-def test_swin_eval_says_how_to_fine_tune_a_pretraining_checkpoint(files, which, capsys):
+@pytest.mark.parametrize("which", ["official", "classification config"])
+def test_swin_eval_says_how_to_fine_tune_a_simmim_file_without_a_pretraining_config(files, which, capsys):
     _, ours, official, _ = files
-    path = ours if which == "ours" else official
-    argv = ["--checkpoint", str(path), "--device", "cpu", "--throughput"]
+    path = (
+        official if which == "official" else ours
+    )  # ours: a SimMIM state dict, a task: classification config
     assert (
-        eval_cli([*argv, *(["--model", "swin_tiny_patch4_window7_224"] if which == "official" else [])]) == 2
+        eval_cli(["--checkpoint", str(path), "--device", "cpu", "--model", "swin_tiny_patch4_window7_224"])
+        == 2
     )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -50,6 +52,45 @@ def test_swin_eval_says_how_to_fine_tune_a_pretraining_checkpoint(files, which, 
     assert f"swin-train --config {FINETUNE_RECIPE} model.pretrained={path}" in err
     with pytest.raises(CheckpointError, match="is a SimMIM pre-training checkpoint .* fine-tune it first"):
         load_trained_model(path)  # swin-predict's loader
+
+
+# a micro pre-training (task simmim needs stride 32: patches of 8, three stages) on 8 random 64 px images
+PRETRAINING = [
+    "task=simmim",
+    "model.patch_size=8",
+    "model.embed_dim=24",
+    "model.depths=[2,2,2]",
+    "model.num_heads=[2,2,4]",
+    "model.window_size=4",
+    "data.img_size=64",
+    "simmim.mask_patch_size=16",
+    "simmim.pictures=0",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "train.epochs=1",
+    "train.warmup_epochs=0",
+    "amp=none",
+]
+
+
+def test_swin_eval_reports_a_pretraining_runs_reconstruction_loss(tmp_path, capsys):
+    from helpers import png, run_cli
+
+    for i in range(8):
+        png(tmp_path / "photos" / f"{i}.png", i, size=64)
+    out = tmp_path / "run"
+    done = run_cli("train", "--data-path", tmp_path / "photos", "--output", out, *PRETRAINING)
+    assert done.returncode == 0, done.stderr[-2000:]
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    metrics = tmp_path / "eval.json"
+    argv = ["--checkpoint", str(out / "last.pth"), "--device", "cpu", "--metrics-json", str(metrics)]
+    assert eval_cli(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"masked reconstruction loss {logged['val_loss']:.4f} | 8 images, 1 process(es)" in printed
+    got = json.loads(metrics.read_text())
+    assert got["num_samples"] == 8 and got["loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
+    assert eval_cli([*argv[:4], "model.embed_dim=32"]) == 2  # its own architecture
+    assert "the config or overrides change embed_dim" in capsys.readouterr().err
 
 
 def test_swin_export_writes_the_encoder_of_an_official_file(files, tmp_path, capsys):
