@@ -10,9 +10,9 @@ initialisation; remap_pretrained_keys_swin then interpolates every V1 bias table
 geometric-progression cubic spline (`models.simmim_remap`), drops the buffers (rebuilt for the new window),
 renames V2's old `rpe_mlp` to `cpb_mlp`, and loads with strict=False. Swin V2 has no table: nothing to remap.
 
-Recognised by its keys (a swin-train SimMIM checkpoint also marks the task in its config, but official files
-carry no config we can read: their yacs `config` entry is a pickled object, which `checkpoint.load_checkpoint`
-refuses as it refuses any pickle).
+Recognised by its keys: a swin-train SimMIM checkpoint also marks the task in its config, official files hold
+no config we can read (the official trainer's checkpoints store a yacs CfgNode, a pickled object, which
+`checkpoint.load_checkpoint` refuses as it refuses any pickle; the released weights are `{'model': ...}`).
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def encoder_arch(obj: Mapping, where: str) -> dict | None:
 
 
 def describe(encoder: SimMIMEncoder, where: str) -> str:
+    """The log line of a SimMIM checkpoint loaded into a classifier."""
     return (
         f"{where} is a SimMIM pre-training checkpoint: its encoder is loaded ('{ENCODER_PREFIX}' prefix "
         f"stripped), its mask token and decoder ({len(encoder.dropped)} tensors) are left out, and the "
