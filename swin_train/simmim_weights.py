@@ -9,6 +9,8 @@ prefix stripped, so the mask token and the decoder are never loaded and the clas
 initialisation; remap_pretrained_keys_swin then interpolates every V1 bias table whose window differs with its
 geometric-progression cubic spline (`models.simmim_remap`), drops the buffers (rebuilt for the new window),
 renames V2's old `rpe_mlp` to `cpb_mlp`, and loads with strict=False. Swin V2 has no table: nothing to remap.
+An absolute position embedding (ape) is loaded as it is there, so another patch grid fails in the official
+code; here it is resized bicubically as for any other source (`loading.adapt_state_dict`).
 
 Recognised by its keys: a swin-train SimMIM checkpoint also marks the task in its config, official files hold
 no config we can read (the official trainer's checkpoints store a yacs CfgNode, a pickled object, which

@@ -167,6 +167,14 @@ def test_window_6_to_7_equals_scipy_fitpack_per_head(tmp_path):
             torch.testing.assert_close(model.state_dict()[key][:, head], expected, rtol=0, atol=1e-5)
 
 
+def test_an_absolute_position_embedding_is_resized_to_the_new_grid():
+    """The official loader fails on another patch grid (load_state_dict's size check); ours resizes it."""
+    encoder = SwinTransformer(**PRETRAIN, num_classes=0, ape=True)
+    model = SwinTransformer(**FINETUNE, num_classes=10, ape=True)
+    report = load_pretrained(model, {"model": simmim_state_dict(encoder)})
+    assert "absolute_pos_embed" in report.interpolated and model.absolute_pos_embed.shape == (1, 28 * 28, 24)
+
+
 def test_classification_checkpoints_keep_the_bicubic_resize(tmp_path):
     """Only SimMIM sources take the geometric remap; a classifier's tables are resized as before."""
     classifier = SwinTransformer(**PRETRAIN, num_classes=10)
