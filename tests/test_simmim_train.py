@@ -164,3 +164,21 @@ def test_a_checkpoint_of_one_task_is_refused_by_the_other_in_one_line(pretrained
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "is a classification checkpoint, this run is task=simmim" in line
+
+
+def test_pretraining_reads_shards_and_a_flat_folder_with_its_own_val_folder_in_bf16_with_ema(pile, tmp_path):
+    from swin_train.data.pack import PackOptions, pack
+
+    labelled = photo_folder(tmp_path / "photos", photo_jpegs(8, seed=2))
+    pack(labelled, tmp_path / "wds", PackOptions(shard_size=2), progress=False)
+    short = [*PRETRAIN, "train.epochs=1", "data.num_workers=2"]
+    done = run_cli("train", "--data-path", tmp_path / "wds", "--output", tmp_path / "wds_run", *short)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 train / 8 val images, no labels (task simmim)" in done.stdout  # the shards' labels ignored
+    assert _records(tmp_path / "wds_run")[0]["val_num_samples"] == 8
+    ema = ["amp=bf16", "train.ema=true", "train.best_on=ema", f"data.val_path={labelled / 'val'}"]
+    done = run_cli("train", "--data-path", pile, "--output", tmp_path / "flat", *short, *ema)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = _records(tmp_path / "flat")
+    assert record["val_num_samples"] == record["ema_num_samples"] == 8
+    assert record["best_loss"] == record["ema_loss"] and torch.isfinite(torch.tensor(record["val_loss"]))
