@@ -182,3 +182,25 @@ def test_pretraining_reads_shards_and_a_flat_folder_with_its_own_val_folder_in_b
     (record,) = _records(tmp_path / "flat")
     assert record["val_num_samples"] == record["ema_num_samples"] == 8
     assert record["best_loss"] == record["ema_loss"] and torch.isfinite(torch.tensor(record["val_loss"]))
+
+
+def test_pretraining_reads_a_hugging_face_dataset_ignoring_its_labels(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from swin_train.data.folder import scan_image_folder
+
+    folder = photo_folder(tmp_path / "photos", photo_jpegs(8, seed=4))
+    splits = {}
+    for split, name in (("train", "train"), ("validation", "val")):
+        _, samples = scan_image_folder(folder / name)
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": [p for p, _ in samples], "label": [y for _, y in samples]},
+            features=datasets.Features(
+                {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}
+            ),
+        )
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "hf"))
+    out = tmp_path / "run"
+    done = run_cli("train", "--data-path", tmp_path / "hf", "--output", out, *PRETRAIN, "train.epochs=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 train / 8 val images, no labels (task simmim)" in done.stdout
+    assert _records(out)[0]["val_num_samples"] == 8 and (out / "reconstructions" / "epoch_0001.png").exists()
