@@ -54,6 +54,11 @@ class SimMIMConfig:
                 f"simmim.mask_patch_size={self.mask_patch_size} must divide data.img_size={d.img_size} and be a "
                 f"multiple of model.patch_size={m.patch_size}; change one of them",
             )
+        if d.synthetic:
+            r.fail(
+                ("data.synthetic", "task"),
+                "task simmim reads images; data.synthetic gives random tensors, set it false",
+            )
         if d.decode == "cuda":
             r.fail(("data.decode", "task"), "task simmim decodes in the data workers; set data.decode=cpu")
         if cfg.model.pretrained:

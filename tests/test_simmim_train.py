@@ -204,3 +204,16 @@ def test_pretraining_reads_a_hugging_face_dataset_ignoring_its_labels(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "8 train / 8 val images, no labels (task simmim)" in done.stdout
     assert _records(out)[0]["val_num_samples"] == 8 and (out / "reconstructions" / "epoch_0001.png").exists()
+
+
+def test_bad_pretraining_settings_stop_the_command_in_one_line_before_anything_is_written(pile, tmp_path):
+    for bad, message in [
+        ("simmim.mask_patch_size=24", "simmim.mask_patch_size=24 must divide data.img_size=64"),
+        ("simmim.mask_ratio=1.5", "simmim.mask_ratio must be in (0, 1), got 1.5"),
+        ("data.synthetic=true", "task simmim reads images"),
+    ]:
+        done = run_cli("train", "--data-path", pile, "--output", tmp_path / "run", *PRETRAIN, bad)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        (line,) = done.stderr.strip().splitlines()
+        assert message in line
+        assert not (tmp_path / "run").exists()
