@@ -18,9 +18,8 @@ class SimMIMConfig:
     # null: the decoder reconstructs the normalised image; an odd patch size (official NORM_TARGET.PATCH_SIZE 47,
     # the SwinV2 recipe): each pixel standardised by the mean and variance of the window around it
     norm_target: int | None = None
-    pictures: int = (
-        4  # validation images in each epoch's picture (original | masked | reconstruction); 0: none
-    )
+    # validation images (of the first val batch) in each epoch's picture: original | masked | reconstruction; 0: none
+    pictures: int = 4
 
     def check(self, r) -> None:
         r.require("simmim.mask_patch_size", self.mask_patch_size, lambda x: x >= 1, ">= 1")
@@ -53,6 +52,11 @@ class SimMIMConfig:
                 ("simmim.mask_patch_size", "data.img_size", "model.patch_size"),
                 f"simmim.mask_patch_size={self.mask_patch_size} must divide data.img_size={d.img_size} and be a "
                 f"multiple of model.patch_size={m.patch_size}; change one of them",
+            )
+        if d.synthetic:
+            r.fail(
+                ("data.synthetic", "task"),
+                "task simmim reads images; data.synthetic gives random tensors, set it false",
             )
         if d.decode == "cuda":
             r.fail(("data.decode", "task"), "task simmim decodes in the data workers; set data.decode=cpu")

@@ -103,7 +103,7 @@ class Classification:
 
 
 class PreTraining:
-    """SimMIM pre-training (task: simmim)."""
+    """SimMIM pre-training (task: simmim). Holds the epoch's picture from its validation to its record."""
 
     name = "simmim"
     labels = False
@@ -113,6 +113,9 @@ class PreTraining:
     @staticmethod
     def better(value: float, best: float) -> bool:
         return value < best
+
+    def __init__(self) -> None:
+        self.picture: torch.Tensor | None = None  # the epoch's reconstructions (rank 0), until recorded
 
     def initial_best(self, best_on: str) -> dict:
         return {"loss": math.inf, "epoch": -1, "on": best_on}
@@ -142,12 +145,12 @@ class PreTraining:
             result.update({f"ema_{k}": v for k, v in ema.items()})
         if kept is not None:
             d = run.cfg.data
-            run.picture = reconstruction_picture(run.model, *kept, d.mean, d.std, run.amp)
+            self.picture = reconstruction_picture(run.model, *kept, d.mean, d.std, run.amp)
         return result
 
     def after_epoch(self, run, metrics) -> None:
         """The epoch's picture (made by `evaluate`) to TensorBoard and OUT/reconstructions/epoch_NNNN.png."""
-        picture, run.picture = getattr(run, "picture", None), None
+        picture, self.picture = self.picture, None
         if picture is not None:
             save_picture(picture, run.out, run.state.epoch)
             metrics.image("val/reconstruction", picture, run.state.global_step)
@@ -162,9 +165,9 @@ class PreTraining:
         )
 
 
-TASKS = {"classification": Classification(), "simmim": PreTraining()}
+TASKS = {"classification": Classification, "simmim": PreTraining}
 
 
-def task_of(cfg: Config):
-    """The task `cfg.task` names."""
-    return TASKS[cfg.task]
+def task_of(cfg: Config) -> Classification | PreTraining:
+    """The task `cfg.task` names, for one run."""
+    return TASKS[cfg.task]()

@@ -309,3 +309,45 @@ def test_simmim_recipes_match_the_official_yaml(name):
         )
         target = model.get("SIMMIM", {}).get("NORM_TARGET", {"ENABLE": False})
         assert cfg.simmim.norm_target == (target["PATCH_SIZE"] if target["ENABLE"] else None)
+
+
+# ---------------------------------------------------------------- validation: loss over the set, fixed masks
+
+
+def test_validation_loss_is_the_official_loss_over_the_whole_set_in_any_batches():
+    from swin_train.device import resolve_amp
+    from swin_train.reconstruction import reconstruction_loss
+
+    torch.manual_seed(3)
+    model = SimMIM(MaskedSwinEncoder(**ARCH), norm_target=47).eval()
+    images, masks = torch.randn(5, 3, 64, 64), _masks(5)
+    with torch.no_grad():
+        whole = model(images, masks).item()  # one batch: the official loss
+    amp = resolve_amp("none", torch.device("cpu"))
+    left_out = (
+        torch.randn(1, 3, 64, 64),
+        torch.zeros(1, 16, 16, dtype=torch.uint8),
+    )  # a file that did not decode
+    batches = [
+        (images[:2], masks[:2]),
+        (torch.cat([images[2:], left_out[0]]), torch.cat([masks[2:], left_out[1]])),
+    ]
+    numbers, kept = reconstruction_loss(model, batches, device=torch.device("cpu"), amp=amp, keep=3)
+    assert numbers["num_samples"] == 5 and numbers["num_skipped"] == 1
+    assert numbers["loss"] == pytest.approx(whole, rel=1e-6)
+    assert torch.equal(kept[0], images[:2]) and torch.equal(kept[1], masks[:2])  # the first batch's, up to 3
+
+
+def test_validation_masks_are_fixed_by_the_image_and_batches_drop_labels():
+    from swin_train.data.folder import SKIPPED_LABEL
+    from swin_train.data.simmim import FixedMaskTransform, masked_batch
+
+    transform = FixedMaskTransform(lambda image: image, MaskGenerator(64, 16, 4, 0.6))
+    a, b = (
+        torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8),
+        torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8),
+    )
+    (_, mask_a), (_, again), (_, mask_b) = transform(a), transform(a.clone()), transform(b)
+    assert torch.equal(mask_a, again) and not torch.equal(mask_a, mask_b) and mask_a.sum() == 10 * 16
+    images, masks = masked_batch([((a, mask_a), -2), ((b, mask_b), SKIPPED_LABEL)])
+    assert torch.equal(images, torch.stack([a, b])) and torch.equal(masks[0], mask_a) and masks[1].sum() == 0

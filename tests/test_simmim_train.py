@@ -164,3 +164,56 @@ def test_a_checkpoint_of_one_task_is_refused_by_the_other_in_one_line(pretrained
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "is a classification checkpoint, this run is task=simmim" in line
+
+
+def test_pretraining_reads_shards_and_a_flat_folder_with_its_own_val_folder_in_bf16_with_ema(pile, tmp_path):
+    from swin_train.data.pack import PackOptions, pack
+
+    labelled = photo_folder(tmp_path / "photos", photo_jpegs(8, seed=2))
+    pack(labelled, tmp_path / "wds", PackOptions(shard_size=2), progress=False)
+    short = [*PRETRAIN, "train.epochs=1", "data.num_workers=2"]
+    done = run_cli("train", "--data-path", tmp_path / "wds", "--output", tmp_path / "wds_run", *short)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 train / 8 val images, no labels (task simmim)" in done.stdout  # the shards' labels ignored
+    assert _records(tmp_path / "wds_run")[0]["val_num_samples"] == 8
+    ema = ["amp=bf16", "train.ema=true", "train.best_on=ema", f"data.val_path={labelled / 'val'}"]
+    done = run_cli("train", "--data-path", pile, "--output", tmp_path / "flat", *short, *ema)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = _records(tmp_path / "flat")
+    assert record["val_num_samples"] == record["ema_num_samples"] == 8
+    assert record["best_loss"] == record["ema_loss"] and torch.isfinite(torch.tensor(record["val_loss"]))
+
+
+def test_pretraining_reads_a_hugging_face_dataset_ignoring_its_labels(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from swin_train.data.folder import scan_image_folder
+
+    folder = photo_folder(tmp_path / "photos", photo_jpegs(8, seed=4))
+    splits = {}
+    for split, name in (("train", "train"), ("validation", "val")):
+        _, samples = scan_image_folder(folder / name)
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": [p for p, _ in samples], "label": [y for _, y in samples]},
+            features=datasets.Features(
+                {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}
+            ),
+        )
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "hf"))
+    out = tmp_path / "run"
+    done = run_cli("train", "--data-path", tmp_path / "hf", "--output", out, *PRETRAIN, "train.epochs=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 train / 8 val images, no labels (task simmim)" in done.stdout
+    assert _records(out)[0]["val_num_samples"] == 8 and (out / "reconstructions" / "epoch_0001.png").exists()
+
+
+def test_bad_pretraining_settings_stop_the_command_in_one_line_before_anything_is_written(pile, tmp_path):
+    for bad, message in [
+        ("simmim.mask_patch_size=24", "simmim.mask_patch_size=24 must divide data.img_size=64"),
+        ("simmim.mask_ratio=1.5", "simmim.mask_ratio must be in (0, 1), got 1.5"),
+        ("data.synthetic=true", "task simmim reads images"),
+    ]:
+        done = run_cli("train", "--data-path", pile, "--output", tmp_path / "run", *PRETRAIN, bad)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        (line,) = done.stderr.strip().splitlines()
+        assert message in line
+        assert not (tmp_path / "run").exists()

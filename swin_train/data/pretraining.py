@@ -28,7 +28,6 @@ from swin_train.data.samplers import ExactEvalSampler, ResumableTrainSampler
 from swin_train.data.simmim import FixedMaskTransform, MaskGenerator, build_simmim_transform, masked_batch
 from swin_train.data.unlabeled import scan_unlabeled_folder, unlabeled_image_folder
 from swin_train.distributed import DistEnv
-from swin_train.errors import DataError
 
 log = logging.getLogger("swin_train")
 
@@ -42,10 +41,6 @@ def build_pretraining_data(cfg: Config, env: DistEnv, *, device_pipeline: bool =
     images (val: data.val_path, else a fixed spread of its own images), webdataset shards, a Hugging Face
     dataset, the shapes set. `device_pipeline`: see build_data."""
     d, s = cfg.data, cfg.simmim
-    if d.synthetic:
-        raise DataError(
-            "task simmim reads images; data.synthetic gives random tensors with labels, not images"
-        )
     train_transform = build_simmim_transform(
         d,
         model_patch_size=cfg.model.patch_size,

@@ -71,7 +71,7 @@ class MaskedSwinEncoder(SwinTransformer):
                 f"these images, got {tuple(mask.shape)}"
             )
         w = mask.unsqueeze(-1).type_as(x)  # (B, H/p, W/p, 1): 1 where the token is masked
-        x = x * (1.0 - w) + self.mask_token * w
+        x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w  # under autocast: the embedding's dtype
         if self.absolute_pos_embed is not None:
             x = x + self.absolute_position_embedding(x.shape[1], x.shape[2])
         x = self.pos_drop(x)
