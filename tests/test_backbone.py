@@ -325,3 +325,31 @@ def test_padding_is_the_official_rule_for_the_patch_embedding():
     with torch.no_grad():
         for a, b in zip(backbone(images), backbone(F.pad(images, (0, 1, 0, 1))), strict=True):
             assert torch.equal(a, b)
+
+
+def test_swin_export_writes_the_detection_layout_and_refuses_swin_v2_in_one_line(
+    micro_arch, tmp_path, capsys
+):
+    from swin_train.cli.export import cli as swin_export
+
+    path, state = _swin_train_checkpoint(tmp_path, micro_arch)
+    out = tmp_path / "pretrained.pth"
+    assert swin_export(["--checkpoint", str(path), "--format", "detection", "--out", str(out)]) == 0
+    assert f"(detection) to {out}" in capsys.readouterr().out
+    sd = torch.load(out, weights_only=True)["model"]
+    expected = {k for k in state["model"] if not k.startswith(("norm.", "head."))}
+    assert {k for k in sd if not k.endswith("relative_position_index")} == expected
+    state["config"]["model"]["version"] = 2
+    state["model"] = SwinTransformer(**micro_arch, version=2, num_classes=5).state_dict()
+    save_checkpoint(state, tmp_path / "v2.pth")
+    args = [
+        "--checkpoint",
+        str(tmp_path / "v2.pth"),
+        "--format",
+        "detection",
+        "--out",
+        str(tmp_path / "v2.out"),
+    ]
+    assert swin_export(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the official detection and segmentation code has Swin V1 only" in err
