@@ -137,3 +137,23 @@ def test_full_swin_t_features_equal_the_official_backbone(official, tmp_path):
     with torch.no_grad():
         for a, b in zip(ours(images), theirs(images), strict=True):
             assert (a - b).abs().max() < 1e-4
+
+
+def test_the_benchmark_features_row_times_ours_the_official_backbone_and_timm_with_the_same_weights(official):
+    from helpers import load_module
+
+    benchmark = load_module(
+        "benchmark_features", Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    )
+    micro = ["--embed-dim", "16", "--depths", "2", "2", "2", "2", "--num-heads", "1", "2", "2", "4"]
+    report = benchmark.main(["--features", "61x93", *micro, "--repeats", "2", "--warmup", "0", "--json"])
+    assert report["size"] == [61, 93] and report["batch_size"] == 1
+    assert report["official_max_abs_diff"] < 1e-4
+    assert set(report["seconds"]) == {"ours", "official", "timm"} and all(
+        len(t) == 2 for t in report["seconds"].values()
+    )
+    expected = {
+        name: sorted(a / b for a, b in zip(report["seconds"]["ours"], report["seconds"][name]))
+        for name in ("official", "timm")
+    }
+    assert report["ratios"] == {name: sum(r) / 2 for name, r in expected.items()}  # the median of two rounds

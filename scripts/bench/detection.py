@@ -123,7 +123,7 @@ def same_weight_backbones(arch: dict, repo: Path = DETECTION_REPO) -> dict[str, 
     import timm
 
     from swin_train import create_model
-    from swin_train.models.convert import convert_state_dict
+    from swin_train.models.convert import convert_state_dict, to_layout
 
     official = official_detection_module(repo).SwinTransformer(
         pretrain_img_size=arch["img_size"],
@@ -135,9 +135,8 @@ def same_weight_backbones(arch: dict, repo: Path = DETECTION_REPO) -> dict[str, 
         drop_path_rate=0.0,
     )
     official.init_weights()
-    sd = {k: v for k, v in official.state_dict().items()}
     ours = create_model(**arch, features_only=True, drop_path_rate=0.0)
-    ours.load_state_dict(convert_state_dict({f"backbone.{k}": v for k, v in sd.items()}))
+    ours.load_state_dict(convert_state_dict(mmdet_checkpoint(official.state_dict())))
     timm_model = timm.create_model(
         "swin_tiny_patch4_window7_224",
         features_only=True,
@@ -153,19 +152,15 @@ def same_weight_backbones(arch: dict, repo: Path = DETECTION_REPO) -> dict[str, 
         window_size=arch["window_size"],
         drop_path_rate=0.0,
     )
-    timm_sd = {k: v for k, v in ours.state_dict().items() if not k.startswith("norm")}
-    timm_sd = {k.replace("layers.", "layers_", 1): v for k, v in _to_timm(timm_sd).items()}
-    timm_model.load_state_dict(timm_sd, strict=True)
+    stages = {k: v for k, v in ours.state_dict().items() if not k.startswith("norm")}  # timm has no norm{i}
+    # features_only names timm's stages layers_{i}
+    timm_model.load_state_dict(
+        {k.replace("layers.", "layers_", 1): v for k, v in to_layout(stages, "timm").items()}
+    )
     models = {"ours": ours, "official": official, "timm": timm_model}
     for model in models.values():
         model.train()  # the official backbone's train() returns None
     return models
-
-
-def _to_timm(sd: dict) -> dict:
-    from swin_train.models.convert import to_layout
-
-    return to_layout(sd, "timm")
 
 
 def whole_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
