@@ -343,30 +343,24 @@ def create_model(
     architecture (`load_trained_model`); with a name or fields, `checkpoint` may hold weights of any
     supported layout, adapted to that architecture (`load_pretrained`).
 
-    `features_only=True`: the backbone (models/backbone.py: per-stage maps through norms `norm{i}`, the
-    detection rule) with `out_indices` (None: every stage) and `frozen_stages`; a trained checkpoint gives its
-    architecture, an mmdet / mmseg checkpoint its backbone; stage norms the weights lack start fresh (the log
-    lists them).
+    `features_only=True`: the backbone (models/backbone.py) with `out_indices` (None: all) and `frozen_stages`;
+    stage norms the weights lack start fresh (the log lists them).
     """
+    trained = None
+    if checkpoint is not None and name is None and not overrides:  # a trained model: its architecture
+        trained = load_trained_model(checkpoint)
+        if not features_only:
+            return trained.model
+        # the backbone's window rule is the detection rule, not the classifier's
+        overrides = {k: v for k, v in trained.config.model_kwargs().items() if k != "always_partition"}
     if features_only:
-        trained = None
-        if checkpoint is not None and name is None and not overrides:  # a trained model: its architecture
-            trained = load_trained_model(checkpoint)
-            # without the classifier's window rule: a backbone's is the detection rule
-            overrides = {k: v for k, v in trained.config.model_kwargs().items() if k != "always_partition"}
-        try:
-            model = build_backbone(name, out_indices=out_indices, frozen_stages=frozen_stages, **overrides)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if checkpoint is not None:
-            weights = checkpoint if trained is None else trained.model.state_dict()
-            load_pretrained(model, weights, name=str(checkpoint))
-        return model
-    if checkpoint is not None and name is None and not overrides:
-        return load_trained_model(checkpoint).model
-    model = build_model(name, **overrides)
+        model = build_backbone(name, out_indices=out_indices, frozen_stages=frozen_stages, **overrides)
+    else:
+        model = build_model(name, **overrides)
     if checkpoint is not None:
-        load_pretrained(model, checkpoint)
+        load_pretrained(
+            model, checkpoint if trained is None else trained.model.state_dict(), name=str(checkpoint)
+        )
     return model
 
 

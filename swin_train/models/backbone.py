@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from swin_train.errors import ConfigError
+
 from .registry import variant_arch
 from .swin import SwinTransformer, stage_sizes
 
@@ -48,7 +50,7 @@ class SwinBackbone(SwinTransformer):
             all_stages if out_indices is None else out_indices, self.num_stages
         )
         if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(
+            raise ConfigError(
                 f"frozen_stages {frozen_stages} is out of range: -1 (none) to {self.num_stages} for a "
                 f"model of {self.num_stages} stages"
             )
@@ -111,15 +113,15 @@ class SwinBackbone(SwinTransformer):
 
 
 def check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
-    """`out_indices` as a sorted tuple; ValueError (one line) unless they are distinct stages 0..num_stages-1."""
+    """`out_indices` as a sorted tuple; ConfigError (one line) unless they are distinct stages 0..num_stages-1."""
     indices = tuple(out_indices)
     if not indices or any(not isinstance(i, int) or not 0 <= i < num_stages for i in indices):
-        raise ValueError(
+        raise ConfigError(
             f"out_indices {list(indices)} are out of range: give stages from 0 to {num_stages - 1} "
             f"(the model has {num_stages})"
         )
     if len(set(indices)) != len(indices):
-        raise ValueError(f"out_indices {list(indices)} name a stage twice; give each once")
+        raise ConfigError(f"out_indices {list(indices)} name a stage twice; give each once")
     return tuple(sorted(indices))
 
 
