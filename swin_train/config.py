@@ -26,6 +26,7 @@ from typing import Any
 
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from swin_train.config_simmim import TASKS, SimMIMConfig
 from swin_train.config_types import all_keys as _all_keys
 from swin_train.config_types import (
     build_typed,
@@ -393,7 +394,7 @@ class EvalConfig:
             r.require("eval.batch_size", self.batch_size, _at_least_one, ">= 1 (or null: data.batch_size)")
 
 
-SECTIONS = ("model", "data", "train", "aug", "eval")
+SECTIONS = ("model", "data", "train", "aug", "eval", "simmim")
 
 
 @dataclass
@@ -403,6 +404,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)  # task: simmim's settings
+    task: str = "classification"  # "classification" | "simmim" (masked-image pre-training, no labels)
     amp: str = "auto"  # "auto" (bf16 where supported, resolved at run time) | "bf16" | "fp16" | "none"
     seed: int = 0
     output: str = "output/run"
@@ -414,6 +417,9 @@ class Config:
         for section in SECTIONS:
             getattr(self, section).check(r)
         r.choice("amp", self.amp, AMP_MODES)
+        r.choice("task", self.task, TASKS)
+        if self.task == "simmim":
+            self.simmim.check_task(self, r)
         # torch's generators take seeds below 2**64, and run seeds add the rank, epoch and step to it
         r.require("seed", self.seed, lambda x: 0 <= x < 2**63, "in [0, 2**63)")
         r.require("save_freq", self.save_freq, _at_least_one, ">= 1")

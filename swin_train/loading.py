@@ -47,6 +47,7 @@ from swin_train.models.convert import (
 from swin_train.models.detection_layout import not_backbone_keys
 from swin_train.models.hf import HfCheckpoint, is_hf_folder, load_hf_folder
 from swin_train.models.registry import build_model, variant_arch
+from swin_train.models.simmim import MaskedSwinEncoder, SimMIM, simmim_state_dict
 from swin_train.models.swin import SwinTransformer
 from swin_train.outputs import is_run_config
 
@@ -361,6 +362,46 @@ def create_model(
         load_pretrained(
             model, checkpoint if trained is None else trained.model.state_dict(), name=str(checkpoint)
         )
+    return model
+
+
+def create_simmim(
+    name_or_fields: str | Mapping | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    norm_target: int | None = None,
+    **overrides,
+) -> SimMIM:
+    """A SimMIM pre-training model (models/simmim.py) whose `forward(images, mask)` is the official loss.
+
+    `create_simmim("swinv2_base_patch4_window12_192_22k", norm_target=47)`; `create_simmim({"embed_dim": 32,
+    ...})`; `checkpoint`: SimMIM weights, ours or the official `{'model': ...}` files; a swin-train pre-training
+    checkpoint alone (no name or fields) brings its own architecture and norm_target."""
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    if name_or_fields is None:
+        if state is None or not holds_trained_model(state) or state["config"].get("task") != "simmim":
+            raise ConfigError(
+                "create_simmim needs a variant name or architecture fields, or a swin-train pre-training "
+                "checkpoint (task: simmim) that carries its own"
+            )
+        cfg = config_from_dict(state["config"])
+        arch, norm_target = cfg.model_kwargs(), norm_target or cfg.simmim.norm_target
+    elif isinstance(name_or_fields, str):
+        try:
+            arch = variant_arch(name_or_fields)
+        except KeyError as e:
+            raise ConfigError(e.args[0]) from None
+    else:
+        arch = dict(name_or_fields)
+    model = SimMIM(MaskedSwinEncoder(**{**arch, **overrides}), norm_target)
+    if state is not None:
+        weights = simmim_state_dict(state)
+        if not any(key.startswith("encoder.") for key in weights):
+            raise CheckpointError(
+                f"{checkpoint} holds classifier weights, not SimMIM's (encoder.*, decoder.*); load it with "
+                "create_model"
+            )
+        load_exact_weights(model, weights, str(checkpoint))
     return model
 
 

@@ -55,6 +55,12 @@ class Metrics:
                 self.tb.add_scalar(key.replace("_", "/", 1), value, step)
         self.tb.flush()
 
+    def image(self, tag: str, picture, step: int) -> None:
+        """A (3, H, W) uint8 picture to TensorBoard."""
+        if self.enabled:
+            self.tb.add_image(tag, picture, step)
+            self.tb.flush()
+
 
 def _epoch_of(line: str) -> float:
     """The epoch of a metrics.jsonl line; infinity for a line cut off by a crash (its epoch is trained again)."""
@@ -114,3 +120,16 @@ def epoch_line(r: dict, epochs: int) -> str:
     if r["train_nonfinite_steps"]:
         line += f" | {r['train_nonfinite_steps']} non-finite steps skipped"
     return line + f" | best {100 * r['best_top1']:.2f}%"
+
+
+def reconstruction_epoch_line(r: dict, epochs: int) -> str:
+    """A pre-training epoch's line (task: simmim): the masked reconstruction losses."""
+    line = (
+        f"epoch {r['epoch'] + 1}/{epochs}: loss {r['train_loss']:.4f}, lr {r['train_lr']:.2e}, "
+        f"{r['train_img_s']:.1f} img/s, {r['train_epoch_time']:.1f}s | val masked loss {r['val_loss']:.4f}"
+    )
+    if "ema_loss" in r:
+        line += f" | ema masked loss {r['ema_loss']:.4f}"
+    if r["train_nonfinite_steps"]:
+        line += f" | {r['train_nonfinite_steps']} non-finite steps skipped"
+    return line + f" | best {r['best_loss']:.4f}"

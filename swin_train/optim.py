@@ -22,6 +22,10 @@ from swin_train.models.swin import BLOCK_KEY, DOWNSAMPLE_KEY
 
 # the official no_weight_decay (+ V2's no_weight_decay_keywords: its position bias MLP and logit scales)
 NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "cpb_mlp", "logit_scale")
+# the official SimMIM pre-training's: its SimMIM prefixes the encoder's no-decay keywords with "encoder.", which no
+# parameter name contains, so only the exact names (and biases, norms) skip decay; the bias tables, V2's cpb_mlp
+# and logit scales decay
+PRETRAINING_NO_DECAY_NAMES = ("encoder.absolute_pos_embed", "encoder.mask_token")
 
 
 def _fmt(x: float) -> str:
@@ -173,14 +177,21 @@ def param_group_names(
 
 
 def build_optimizer(
-    model: nn.Module, train: TrainConfig, *, lr: float, device_type: str = "cpu"
+    model: nn.Module,
+    train: TrainConfig,
+    *,
+    lr: float,
+    device_type: str = "cpu",
+    skip_names: Sequence[str] = NO_DECAY_NAMES,
 ) -> torch.optim.Optimizer:
     """train.optimizer over `param_groups` (train.weight_decay, train.layer_decay), each group starting at
     lr x lr_scale (`lr`: the scaled lr, see `scaled_lrs`), with the official build_optimizer's arguments:
     "adamw" (train.betas, train.eps) or "sgd" (train.momentum, train.nesterov). The fused kernel on CUDA and
     CPU, one pass over each tensor where foreach and the per-tensor default take several
-    (`scripts/benchmark.py` times each trainer's own)."""
-    groups = param_groups(model, weight_decay=train.weight_decay, layer_decay=train.layer_decay)
+    (`scripts/benchmark.py` times each trainer's own). `skip_names`: see param_groups."""
+    groups = param_groups(
+        model, weight_decay=train.weight_decay, layer_decay=train.layer_decay, skip_names=skip_names
+    )
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     impl = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}

@@ -14,18 +14,17 @@ from torch import nn
 from swin_train import checkpoint as ckpt
 from swin_train.config import Config, config_diff, config_from_dict, config_to_dict
 from swin_train.cpu_split import CpuSplit, choose_parts, evaluation_split
-from swin_train.data.build import Data, build_data
+from swin_train.data.build import Data
 from swin_train.data.seeding import seed_everything
 from swin_train.data.transforms import Preprocess
 from swin_train.device import Amp, resolve_amp, wrap_for_training
 from swin_train.distributed import DistEnv, all_gather_objects, barrier
 from swin_train.ema import ModelEma
 from swin_train.errors import CheckpointError, ConfigError, DataError, TrainingError
-from swin_train.loading import ARCH_KEYS, load_exact_weights, load_pretrained
+from swin_train.loading import ARCH_KEYS, load_exact_weights
 from swin_train.losses import build_mixup, build_train_criterion
-from swin_train.models.swin import SwinTransformer
 from swin_train.optim import build_optimizer, build_schedule, scaled_lrs
-from swin_train.v2_windows import fit_pretrained_windows
+from swin_train.tasks import task_of
 
 log = logging.getLogger("swin_train")
 
@@ -105,19 +104,6 @@ def check_pretrained_given(cfg: Config, resume: str | None) -> None:
         )
 
 
-def build_model(cfg: Config, num_classes: int) -> SwinTransformer:
-    if cfg.model.num_classes != num_classes:
-        raise DataError(
-            f"the data has {num_classes} classes but model.num_classes is {cfg.model.num_classes}; "
-            f"set model.num_classes={num_classes}"
-        )
-    fit_pretrained_windows(cfg)  # a V2 fine-tune at another window: the windows its weights learned with
-    model = SwinTransformer(**cfg.model_kwargs())
-    if cfg.model.pretrained:
-        load_pretrained(model, cfg.model.pretrained, head_map=cfg.model.head_map)
-    return model
-
-
 class Run:
     """Everything a training run holds, and how it is saved and restored.
 
@@ -135,8 +121,9 @@ class Run:
         if env.device.type == "cuda":  # TF32 tensor cores for the fp32 matmuls/convs left outside autocast
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.seed + env.rank)
-        self.data: Data = build_data(cfg, env, device_pipeline=device_pipeline)
-        self.model = build_model(cfg, self.data.num_classes).to(env.device)
+        self.task = task_of(cfg)  # what differs between classification and pre-training (tasks.py)
+        self.data: Data = self.task.build_data(cfg, env, device_pipeline=device_pipeline)
+        self.model = self.task.build_model(cfg, self.data).to(env.device)
         self.steps_per_epoch = len(self.data.train_loader) // t.accumulation_steps
         if self.steps_per_epoch == 0:
             raise DataError(
@@ -153,12 +140,14 @@ class Run:
             base_batch=t.lr_base_batch,
             world_size=env.world_size,
         )
-        self.optimizer = build_optimizer(self.model, t, lr=self.lrs["lr"], device_type=env.device.type)
+        self.optimizer = build_optimizer(
+            self.model, t, lr=self.lrs["lr"], device_type=env.device.type, skip_names=self.task.no_decay_names
+        )
         self.schedule, schedule_text = build_schedule(
             self.optimizer, t, self.lrs, steps_per_epoch=self.steps_per_epoch
         )
         self.lr_text += f"; {schedule_text}"
-        self.mixup = build_mixup(cfg.aug, self.data.num_classes)
+        self.mixup = build_mixup(cfg.aug, self.data.num_classes) if self.task.labels else None
         if self.mixup is not None and cfg.data.batch_size % 2:
             raise ConfigError(f"mixup/cutmix needs an even data.batch_size, got {cfg.data.batch_size}")
         self.criterion = build_train_criterion(cfg.aug, mixup_active=self.mixup is not None)
@@ -166,7 +155,7 @@ class Run:
         self.pending = PendingSteps()  # steps whose numbers are not in `state` yet (`flush_steps`)
         # rank 0 writes; on a GPU in the background, so that nobody waits for the disk (checkpoint.py)
         self.writer = ckpt.CheckpointWriter(background=env.device.type == "cuda")
-        self.best = {"top1": -1.0, "epoch": -1, "on": t.best_on}
+        self.best = self.task.initial_best(t.best_on)
         self.last_saved_step = 0
         self.train_model: nn.Module = wrap_for_training(
             self.model, compile=t.compile, distributed=env.distributed, device=env.device
@@ -251,6 +240,7 @@ class Run:
             raise CheckpointError(
                 f"{path} is not a swin-train training checkpoint; use model.pretrained for weights"
             )
+        self._check_same_task(state, path)
         self._check_same_classes(state, path)
         load_exact_weights(self.model, state["model"], str(path))  # names a tensor of another shape
         self._check_same_architecture(state, path)
@@ -298,6 +288,22 @@ class Run:
     def finished(self) -> bool:
         """Every epoch of train.epochs is trained (a resumed run may have nothing left to do)."""
         return self.state.epoch >= self.cfg.train.epochs
+
+    def _check_same_task(self, state: dict, path: Path) -> None:
+        """CheckpointError when the checkpoint's run trained for another task (a classifier resumed as
+        pre-training, or the reverse): its weights, optimizer and best.pth mean something else here."""
+        theirs = state["config"].get("task", "classification")
+        if theirs == self.cfg.task:
+            return
+        fix = (
+            f"fine-tune from it in a new output folder (model.pretrained={path})"
+            if theirs == "simmim"
+            else "resume it with task=classification, or pre-train in a new output folder"
+        )
+        raise CheckpointError(
+            f"{path} is a {theirs} checkpoint, this run is task={self.cfg.task}; resume it with its own task, "
+            f"or {fix}"
+        )
 
     def _check_same_classes(self, state: dict, path: Path) -> None:
         """DataError when the data's classes are not the checkpoint's: resuming would relabel every class whose
@@ -366,7 +372,7 @@ def continue_run(run: Run, resume: Resume) -> None:
         if run.env.is_main:
             log.warning("moved %s aside to %s: it does not load", bad, ckpt.set_aside(bad).name)
         if bad.name == ckpt.BEST:  # its weights are gone: the next validation writes a new best.pth
-            run.best = {"top1": -1.0, "epoch": -1, "on": run.cfg.train.best_on}
+            run.best = run.task.initial_best(run.cfg.train.best_on)
     if run.env.is_main:  # a run killed between a step checkpoint and its pruning left one too many
         for extra in ckpt.prune_step_checkpoints(run.out, run.cfg.train.keep_checkpoints):
             log.info("removed %s: train.keep_checkpoints=%d", extra, run.cfg.train.keep_checkpoints)

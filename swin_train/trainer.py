@@ -22,7 +22,6 @@ from swin_train import checkpoint as ckpt
 from swin_train.allocator import keep_freed_memory
 from swin_train.config import Config, dump_config
 from swin_train.data.build import check_data_path, check_output_outside_data
-from swin_train.data.folder import few
 from swin_train.data.prefetch import prefetch
 from swin_train.device import check_attention_backend, resolve_amp, resolve_device
 from swin_train.distributed import (
@@ -34,8 +33,7 @@ from swin_train.distributed import (
     shutdown,
 )
 from swin_train.errors import CheckpointError
-from swin_train.evaluation import evaluate
-from swin_train.metrics import Metrics, StepMeter, epoch_line, step_line
+from swin_train.metrics import Metrics, StepMeter, step_line
 from swin_train.models.arch import largest_activation_bytes
 from swin_train.run import (
     Run,
@@ -212,14 +210,14 @@ def log_run_summary(run: Run) -> None:
         else "in the data workers"
     )
     log.info(
-        "device %s x %d processes, amp %s; %d train / %d val images, %d classes; %d steps per epoch; "
+        "device %s x %d processes, amp %s; %d train / %d val images, %s; %d steps per epoch; "
         "images normalised %s",
         env.device,
         env.world_size,
         run.amp.name,
         data.num_train,
         data.num_val,
-        data.num_classes,
+        f"{data.num_classes} classes" if run.task.labels else f"no labels (task {run.task.name})",
         run.steps_per_epoch,
         where,
     )
@@ -229,7 +227,7 @@ def log_run_summary(run: Run) -> None:
         log.info(
             "CPU threads: train step %s; evaluation %s (train.cpu_split)", run.cpu_split_text, evaluation
         )
-    if data.num_classes < 5:
+    if run.task.labels and data.num_classes < 5:
         log.info("only %d classes: 'top5' is reported as top-%d", data.num_classes, data.num_classes)
 
 
@@ -268,7 +266,7 @@ def train_epochs(run: Run) -> dict:
             if vote.now(stopper.requested):  # a signal during the epoch's last step: no validation first
                 stop(run, stopper)
             record = epoch_record(run, meter)
-            record.update(evaluate_run(run))
+            record.update(run.task.evaluate(run))
             if vote.now(stopper.requested):  # a signal during validation: redo only validation
                 stop(run, stopper)
             finish_epoch(run, record, metrics)
@@ -278,14 +276,7 @@ def train_epochs(run: Run) -> dict:
         )  # resumed a finished run (e.g. from best.pth after last.pth was damaged): rewrite it
     run.wait_for_saves()
     if record:
-        log.info(
-            "done: top-1 %.2f%%, top-%d %.2f%% on %d val images; checkpoints in %s",
-            100 * record["val_top1"],
-            record["val_topk"],
-            100 * record["val_top5"],
-            record["val_num_samples"],
-            run.out,
-        )
+        log.info(run.task.done_line(record, run.out))
     return record
 
 
@@ -323,7 +314,7 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, int]:
     def forward(images, targets, share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss, what to backpropagate: the loss scaled for accumulation, a part's share and AMP)"""
         with amp.autocast():
-            loss = run.criterion(model(images), targets)
+            loss = run.task.loss(run, model, images, targets)
         scaled = loss * share / t.accumulation_steps  # share 1: loss / accumulation_steps, bitwise as before
         return loss.detach().float(), amp.scaler.scale(scaled) if amp.scaler else scaled
 
@@ -441,41 +432,20 @@ def epoch_record(run: Run, meter: StepMeter) -> dict:
     }
 
 
-def evaluate_run(run: Run) -> dict:
-    """Validation of the model (`val_*`) and of its EMA (`ema_*`) on the whole val set."""
-    kw = dict(
-        device=run.env.device,
-        amp=run.amp,
-        num_classes=run.data.num_classes,
-        device_transform=run.data.device_transform,
-        cpu_split=run.eval_split,
-    )
-    result = {f"val_{k}": v for k, v in evaluate(run.model, run.data.val_loader, **kw).items()}
-    if result["val_num_skipped"]:
-        log.warning(
-            "validation left out %d unreadable images (data.skip_bad_images; top-1 is over the other %d): %s",
-            result["val_num_skipped"],
-            result["val_num_samples"],
-            few(result["val_skipped_files"]),
-        )
-    if run.ema is not None:
-        ema = evaluate(run.ema.module, run.data.val_loader, **kw)
-        result.update({f"ema_{k}": v for k, v in ema.items() if k != "skipped_files"})  # the same files
-    return result
-
-
 def finish_epoch(run: Run, record: dict, metrics: Metrics) -> None:
-    """Best so far, the epoch's record and line, then last.pth / best.pth."""
-    s, t = run.state, run.cfg.train
+    """Best so far (the task's number: top-1, or the masked loss), the epoch's record and line (and the
+    task's picture), then last.pth / best.pth."""
+    s, t, key = run.state, run.cfg.train, run.task.best_key
     s.next_epoch()
-    top1 = record[f"{'val' if t.best_on == 'raw' else 'ema'}_top1"]
-    improved = top1 > run.best["top1"]
+    value = record[f"{'val' if t.best_on == 'raw' else 'ema'}_{key}"]
+    improved = run.task.better(value, run.best[key])
     if improved:
-        run.best = {"top1": top1, "epoch": s.epoch - 1, "on": t.best_on}
-    record["best_top1"] = run.best["top1"]
+        run.best = {key: value, "epoch": s.epoch - 1, "on": t.best_on}
+    record[f"best_{key}"] = run.best[key]
     # The record goes first: a kill before the checkpoint re-trains this epoch and rewrites it.
     metrics.epoch(record, s.global_step)
-    log.info(epoch_line(record, t.epochs))
+    run.task.after_epoch(run, metrics)
+    log.info(run.task.epoch_line(record, t.epochs))
     if improved:  # before last.pth: a kill in between resumes before this validation and saves best again
         run.save(ckpt.BEST)
     if s.epoch % run.cfg.save_freq == 0 or s.epoch == t.epochs:

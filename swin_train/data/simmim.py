@@ -10,14 +10,17 @@ device) with the official SimMIM settings.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from swin_train.config import AugConfig, DataConfig
 from swin_train.data.decode import takes_encoded
+from swin_train.data.folder import SKIPPED_LABEL
 from swin_train.data.transforms import build_train_transform
 from swin_train.errors import ConfigError
 
@@ -119,3 +122,35 @@ def build_simmim_transform(
     decodes only the crop, as for classification."""
     image = build_train_transform(replace(data, interpolation=SIMMIM_INTERPOLATION), SIMMIM_AUG, uint8=uint8)
     return SimMIMTransform(image, MaskGenerator(data.img_size, mask_patch_size, model_patch_size, mask_ratio))
+
+
+class FixedMaskTransform:
+    """image -> (image, mask) for validation: the eval transform, then a mask drawn from a generator seeded by
+    the transformed image's bytes (crc32). Each validation image has one mask whatever its position, the
+    number of processes or workers, or the epoch, from any data source, so epochs compare like for like."""
+
+    def __init__(self, image_transform: Callable, mask_generator: MaskGenerator) -> None:
+        self.image_transform, self.mask_generator = image_transform, mask_generator
+
+    @property
+    def takes_encoded(self) -> bool:
+        return takes_encoded(self.image_transform)
+
+    def __call__(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = self.image_transform(image)
+        seed = zlib.crc32(pixels.numpy().tobytes())
+        return pixels, self.mask_generator(np.random.RandomState(seed))
+
+    def __repr__(self) -> str:
+        return f"FixedMaskTransform({self.image_transform!r}, {self.mask_generator!r})"
+
+
+def masked_batch(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loaders' collate for SimMIM: ((image, mask), label) samples -> (images, masks), the labels dropped.
+    An image evaluation left out (SKIPPED_LABEL: a file that did not decode) gets an empty mask, so that it
+    counts in no loss."""
+    images = default_collate([image for (image, _), _ in samples])
+    masks = torch.stack([mask for (_, mask), _ in samples])
+    skipped = torch.tensor([label == SKIPPED_LABEL for _, label in samples])
+    masks[skipped] = 0
+    return images, masks

@@ -20,7 +20,8 @@ from swin_train.errors import DataError
 
 log = logging.getLogger("swin_train")
 
-NO_LABEL = -1  # the label of an image that has none
+# the label of an image that has none; not folder.SKIPPED_LABEL (-1), evaluation's mark of a file left out
+NO_LABEL = -2
 
 
 def scan_unlabeled_folder(root: str | Path) -> list[str]:
@@ -47,13 +48,21 @@ def unlabeled_image_folder(
     *,
     skip_bad_images: bool = False,
     cache_bytes: int = 0,
+    evaluation: bool = False,
+    paths: list[str] | None = None,
 ) -> ImageFolderDataset:
     """Every image under `root` (scan_unlabeled_folder) as (image, NO_LABEL) samples of an ImageFolderDataset:
     its decoding (undecoded files for a fast-decode transform), per-sample seeds, data.skip_bad_images
     (a bad file is logged and replaced by the next one, counted in num_skipped) and decoded-image cache.
-    It has no classes."""
+    It has no classes. `evaluation`: a bad file is left out as ImageFolders leave it out of evaluation (a
+    placeholder labelled SKIPPED_LABEL). `paths`: these files of `root` only (a scan's subset)."""
     root = Path(root).expanduser()
-    samples = [(path, NO_LABEL) for path in scan_unlabeled_folder(root)]
+    samples = [(path, NO_LABEL) for path in (scan_unlabeled_folder(root) if paths is None else paths)]
     return ImageFolderDataset(
-        root, transform, skip_bad_images=skip_bad_images, scanned=([], samples), cache_bytes=cache_bytes
+        root,
+        transform,
+        skip_bad_images=skip_bad_images,
+        scanned=([], samples),
+        cache_bytes=cache_bytes,
+        evaluation=evaluation,
     )
