@@ -203,23 +203,26 @@ def test_a_hugging_face_folder_loads_as_a_backbone(micro_arch, tmp_path):
     assert _stage_weights_equal(backbone, classifier.state_dict())
 
 
-@pytest.mark.parametrize("ape", [False, True])
-def test_an_mmdet_checkpoint_loads_its_backbone_and_counts_the_rest(ape, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "ape,others",
+    [
+        (False, ["neck.fpn_convs.0.conv.weight", "roi_head.bbox_head.fc_cls.bias"]),  # mmdet
+        (True, ["decode_head.conv_seg.weight", "auxiliary_head.conv_seg.bias"]),  # mmseg
+    ],
+)
+def test_an_mmdet_or_mmseg_checkpoint_loads_its_backbone_and_counts_the_rest(ape, others, tmp_path, caplog):
     source = randomised(create_model(**ARCH, ape=ape, features_only=True))
     sd = dict(source.state_dict())
     if ape:  # the detection backbone holds it as (1, C, H, W)
         sd["absolute_pos_embed"] = sd["absolute_pos_embed"].view(1, 16, 16, 16).permute(0, 3, 1, 2)
     state = {f"backbone.{k}": v for k, v in sd.items()}
-    state |= {
-        "neck.fpn_convs.0.conv.weight": torch.randn(4, 4, 3, 3),
-        "roi_head.bbox_head.fc_cls.bias": torch.zeros(3),
-    }
+    state |= {key: torch.randn(4, 4) for key in others}
     save_checkpoint({"meta": {"epoch": 3}, "state_dict": state}, tmp_path / "mask_rcnn.pth")
     with caplog.at_level(logging.INFO, logger="swin_train"):
         backbone = create_model(**ARCH, ape=ape, features_only=True, checkpoint=tmp_path / "mask_rcnn.pth")
     line = caplog.records[-1].getMessage()
     assert f"loaded {len(source.state_dict())} tensors" in line and "(mmdet layout)" in line
-    assert "ignored 2 unexpected (neck.fpn_convs.0.conv.weight, roi_head.bbox_head.fc_cls.bias)" in line
+    assert f"ignored 2 unexpected ({', '.join(others)})" in line
     assert "re-initialised" not in line
     images = torch.randn(1, 3, 45, 37)
     with torch.no_grad():
