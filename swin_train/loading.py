@@ -34,6 +34,7 @@ from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, loa
 from swin_train.config import ARCH_FIELDS, Config, config_from_dict, config_to_dict, load_config
 from swin_train.data.transforms import Preprocess
 from swin_train.errors import CheckpointError, ConfigError, SwinTrainError
+from swin_train.models.backbone import build_backbone
 from swin_train.models.convert import (
     check_fits,
     check_saved_geometry,
@@ -43,6 +44,7 @@ from swin_train.models.convert import (
     infer_arch,
     unwrap_state_dict,
 )
+from swin_train.models.detection_layout import not_backbone_keys
 from swin_train.models.hf import HfCheckpoint, is_hf_folder, load_hf_folder
 from swin_train.models.registry import build_model, variant_arch
 from swin_train.models.simmim import MaskedSwinEncoder, SimMIM, simmim_state_dict
@@ -234,6 +236,8 @@ def load_pretrained(
         obj = select_weights(obj, use_ema, f"checkpoint {source}" if is_file else "the checkpoint")
         layout = detect_layout(unwrap_state_dict(obj))
     report = LoadReport(source=name + (" (EMA)" if use_ema else ""), layout=layout)
+    if layout == "mmdet":  # a detection / segmentation model: its neck and heads are ignored (and counted)
+        report.unexpected = not_backbone_keys(unwrap_state_dict(obj))
     converted = convert_state_dict(obj)
     check_version(converted, model, report.source)
     if strict:
@@ -324,7 +328,13 @@ def load_exact_weights(model: torch.nn.Module, weights: dict, where: str) -> Non
 
 
 def create_model(
-    name: str | None = None, *, checkpoint: str | os.PathLike | None = None, **overrides
+    name: str | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
+    frozen_stages: int = -1,
+    **overrides,
 ) -> nn.Module:
     """A Swin Transformer from a variant name and/or architecture fields, or a trained one from a file.
 
@@ -333,12 +343,25 @@ def create_model(
     `create_model(checkpoint="output/run/best.pth")`: a swin-train checkpoint or export, with its own
     architecture (`load_trained_model`); with a name or fields, `checkpoint` may hold weights of any
     supported layout, adapted to that architecture (`load_pretrained`).
+
+    `features_only=True`: the backbone (models/backbone.py) with `out_indices` (None: all) and `frozen_stages`;
+    stage norms the weights lack start fresh (the log lists them).
     """
-    if checkpoint is not None and name is None and not overrides:
-        return load_trained_model(checkpoint).model
-    model = build_model(name, **overrides)
+    trained = None
+    if checkpoint is not None and name is None and not overrides:  # a trained model: its architecture
+        trained = load_trained_model(checkpoint)
+        if not features_only:
+            return trained.model
+        # the backbone's window rule is the detection rule, not the classifier's
+        overrides = {k: v for k, v in trained.config.model_kwargs().items() if k != "always_partition"}
+    if features_only:
+        model = build_backbone(name, out_indices=out_indices, frozen_stages=frozen_stages, **overrides)
+    else:
+        model = build_model(name, **overrides)
     if checkpoint is not None:
-        load_pretrained(model, checkpoint)
+        load_pretrained(
+            model, checkpoint if trained is None else trained.model.state_dict(), name=str(checkpoint)
+        )
     return model
 
 
