@@ -9,6 +9,12 @@ and reported as the median of those pairwise ratios, so slow drifts of the machi
     python scripts/benchmark.py                                    # CPU: Swin-T, fp32, batch 8, 224
     python scripts/benchmark.py --device cuda --dtype bf16 --batch-size 128 --compile --json
 
+Features mode (`--features HxW`): forward+backward of the features model (`create_model(features_only=True)`)
+against the official detection backbone (read from a snapshot of its repository) and timm's `features_only`,
+same weights, at one image size, ratios round by round (bench/detection.py).
+
+    python scripts/benchmark.py --features 800x1333 --batch-size 1 --repeats 3
+
 Data mode (`--data-loader DIR`): the input pipeline of a training run over the images under DIR, timm's
 create_loader against ours (folder, and shards with `--data-shards OUT` or `--photos N`), train and eval,
 interleaved, with each of `--workers` worker counts: img/s per worker, CPU ms per image of the process
@@ -49,6 +55,7 @@ if (scripts_dir := str(Path(__file__).resolve().parent)) not in sys.path:
 
 from bench.common import DEFAULTS, DTYPES, Setup, log, usable_cores
 from bench.data_loader import run_data_loader
+from bench.detection import format_features_table, run_features
 from bench.kernels import check_linear_kernels, run_linear_kernels
 from bench.memory import memory_probe, peak_memory, process_malloc
 from bench.mfu import CPU_PEAK_REPEATS, CPU_PEAK_SIZE, mfu, resolve_peak
@@ -188,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="time each Linear shape of --model at --batch-size on CPU: F.linear (MKL) against the oneDNN\n"
         "kernel of swin_train/models/ops.py, forward and input gradient, GFLOP/s",
+    )
+    p.add_argument(
+        "--features",
+        metavar="HxW",
+        help="time forward+backward of the features model (create_model(features_only=True)) at HxW against\n"
+        "the official detection backbone (SWIN_DETECTION_REPO snapshot) and timm's features_only, same\n"
+        "weights (bench/detection.py); --batch-size default 1, --repeats 3, --warmup 1",
     )
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one CPU memory measurement
     return p
@@ -389,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         # before resolve, so that --device cuda is told these are CPU kernels, not that CUDA is missing
         check_linear_kernels(args.device)
         report, table = run_linear_kernels(resolve(args), args, argv), format_kernel_table
+    elif args.features:
+        report, table = run_features(args, argv), format_features_table
     elif args.data_loader:
         report, table = run_data_loader(args, argv), format_data_table
     else:

@@ -35,6 +35,7 @@ from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, loa
 from swin_train.config import ARCH_FIELDS, Config, config_from_dict, config_to_dict, load_config
 from swin_train.data.transforms import Preprocess
 from swin_train.errors import CheckpointError, ConfigError, SwinTrainError
+from swin_train.models.backbone import build_backbone
 from swin_train.models.convert import (
     check_fits,
     check_saved_geometry,
@@ -44,6 +45,7 @@ from swin_train.models.convert import (
     infer_arch,
     unwrap_state_dict,
 )
+from swin_train.models.detection_layout import not_backbone_keys
 from swin_train.models.hf import HfCheckpoint, is_hf_folder, load_hf_folder
 from swin_train.models.registry import build_model, variant_arch
 from swin_train.models.simmim import MaskedSwinEncoder, SimMIM, simmim_state_dict
@@ -74,8 +76,6 @@ class LoadReport:
             parts.append(f"re-initialised {len(self.reinitialised)} ({_short(self.reinitialised)})")
         if self.unexpected:
             parts.append(f"ignored {len(self.unexpected)} unexpected ({_short(self.unexpected)})")
-        if self.dropped:
-            parts.append(f"left out {len(self.dropped)} of pre-training ({_short(self.dropped)})")
         return "; ".join(parts)
 
 
@@ -227,27 +227,21 @@ def load_pretrained(
     """
     is_file = isinstance(source, str | Path)
     name = name or (str(source) if is_file else "state dict")
-    encoder = None
     if is_file and is_hf_folder(source):
         if use_ema:
             raise CheckpointError(
                 f"{source} is a Hugging Face folder, which holds no EMA weights; drop --ema"
             )
-        obj, layout = load_hf_folder(source).state_dict, "transformers"
+        obj, layout, encoder = load_hf_folder(source).state_dict, "transformers", None
     else:
         obj = load_checkpoint(source) if is_file else source
         obj = select_weights(obj, use_ema, f"checkpoint {source}" if is_file else "the checkpoint")
-        encoder = simmim_weights.simmim_encoder(obj)  # pre-training weights: the encoder alone
-        if encoder is not None:
-            log.info(simmim_weights.describe(encoder, name))
-            obj = encoder.weights
+        obj, encoder = simmim_weights.encoder_or_weights(obj, name)  # a SimMIM file: its encoder alone
         layout = detect_layout(unwrap_state_dict(obj))
-    layout = layout if encoder is None else f"SimMIM encoder, {layout}"
     report = LoadReport(source=name + (" (EMA)" if use_ema else ""), layout=layout)
-    converted = convert_state_dict(obj)
-    if encoder is not None:  # its own fine-tuning's table remap (remap_bias_tables says why two exist)
-        report.dropped = encoder.dropped
-        converted = simmim_weights.remap_bias_tables(converted, model, report.interpolated)
+    if layout == "mmdet":  # a detection / segmentation model: its neck and heads are ignored (and counted)
+        report.unexpected = not_backbone_keys(unwrap_state_dict(obj))
+    converted = simmim_weights.fit_encoder(convert_state_dict(obj), model, encoder, report)  # its own remap
     check_version(converted, model, report.source)
     if strict:
         check_saved_geometry(unwrap_state_dict(obj), model, report.source)
@@ -295,8 +289,7 @@ def load_trained_model(source: str | os.PathLike | dict, *, ema: bool = False) -
     if not isinstance(source, dict) and is_hf_folder(source):
         return _trained_from_hf(source, ema)
     state = source if isinstance(source, dict) else load_checkpoint(source)
-    if simmim_weights.simmim_encoder(state) is not None:
-        raise simmim_weights.pretraining_checkpoint_error(where)
+    simmim_weights.refuse_pretraining(state, where)
     if not holds_trained_model(state):
         raise CheckpointError(
             f"{where} is not a swin-train checkpoint or export (no config, class names and preprocessing); "
@@ -339,7 +332,13 @@ def load_exact_weights(model: torch.nn.Module, weights: dict, where: str) -> Non
 
 
 def create_model(
-    name: str | None = None, *, checkpoint: str | os.PathLike | None = None, **overrides
+    name: str | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
+    frozen_stages: int = -1,
+    **overrides,
 ) -> nn.Module:
     """A Swin Transformer from a variant name and/or architecture fields, or a trained one from a file.
 
@@ -347,21 +346,27 @@ def create_model(
     `create_model(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`;
     `create_model(checkpoint="output/run/best.pth")`: a swin-train checkpoint or export, with its own
     architecture (`load_trained_model`); with a name or fields, `checkpoint` may hold weights of any
-    supported layout, adapted to that architecture (`load_pretrained`). A SimMIM pre-training checkpoint
-    gives its encoder (num_classes 0, or a fresh head with num_classes=N), in the architecture its config
-    records (an official file's: from `name` or fields), with `overrides` (e.g. another window) over it.
+    supported layout, adapted to that architecture (`load_pretrained`). A SimMIM file without a name: its
+    encoder (num_classes 0) in the architecture its config records, `overrides` (num_classes=N, ...) over it.
+
+    `features_only=True`: the backbone (models/backbone.py) with `out_indices` (None: all) and `frozen_stages`;
+    stage norms the weights lack start fresh (the log lists them).
     """
-    if checkpoint is not None and name is None and simmim_weights.is_simmim_file(checkpoint):
-        state, where = load_checkpoint(checkpoint), str(checkpoint)
-        arch = simmim_weights.classifier_arch(state, where, overrides)
-        model = build_model(None, **arch)
-        load_pretrained(model, state, name=where)
-        return model
-    if checkpoint is not None and name is None and not overrides:
-        return load_trained_model(checkpoint).model
-    model = build_model(name, **overrides)
+    trained, (source, overrides) = None, simmim_weights.source_and_arch(checkpoint, name, overrides)
+    if checkpoint is not None and name is None and not overrides:  # a trained model: its architecture
+        trained = load_trained_model(checkpoint)
+        if not features_only:
+            return trained.model
+        # the backbone's window rule is the detection rule, not the classifier's
+        overrides = {k: v for k, v in trained.config.model_kwargs().items() if k != "always_partition"}
+    if features_only:
+        model = build_backbone(name, out_indices=out_indices, frozen_stages=frozen_stages, **overrides)
+    else:
+        model = build_model(name, **overrides)
     if checkpoint is not None:
-        load_pretrained(model, checkpoint)
+        load_pretrained(
+            model, source if trained is None else trained.model.state_dict(), name=str(checkpoint)
+        )
     return model
 
 
@@ -442,8 +447,6 @@ def load_for_evaluation(
         model, class_names, stored = model.eval(), hf.class_names, None
     else:
         state = load_checkpoint(source)
-        if simmim_weights.simmim_encoder(state) is not None:
-            raise simmim_weights.pretraining_checkpoint_error(str(source))
         if holds_trained_model(state):
             model, cfg, class_names = _trained_for_evaluation(
                 state, source, config, model_name, overrides, ema

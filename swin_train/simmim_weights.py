@@ -19,6 +19,7 @@ no config we can read (the official trainer's checkpoints store a yacs CfgNode, 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,10 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from swin_train.checkpoint import load_checkpoint
 from swin_train.config import config_from_dict
 from swin_train.errors import CheckpointError, ConfigError, SwinTrainError
 from swin_train.models.convert import table_window, unwrap_state_dict
 from swin_train.models.simmim_remap import remap_relative_position_bias_table
+
+log = logging.getLogger("swin_train")
 
 ENCODER_PREFIX = "encoder."
 MASK_TOKEN = "encoder.mask_token"
@@ -89,7 +93,7 @@ def describe(encoder: SimMIMEncoder, where: str) -> str:
     """The log line of a SimMIM checkpoint loaded into a classifier."""
     return (
         f"{where} is a SimMIM pre-training checkpoint: its encoder is loaded ('{ENCODER_PREFIX}' prefix "
-        f"stripped), its mask token and decoder ({len(encoder.dropped)} tensors) are left out, and the "
+        f"stripped), its mask token and decoder are left out ({', '.join(encoder.dropped)}), and the "
         "classifier head starts from its initialisation"
     )
 
@@ -127,6 +131,43 @@ def remap_bias_tables(
     return out
 
 
+# ------------------------------------------------------------- the hooks in loading.py (one line each there)
+
+
+def encoder_or_weights(obj: Mapping, where: str) -> tuple[Mapping, SimMIMEncoder | None]:
+    """(what load_pretrained loads, the SimMIM encoder or None): a SimMIM checkpoint's encoder alone (logged),
+    anything else as it is."""
+    encoder = simmim_encoder(obj)
+    if encoder is None:
+        return obj, None
+    log.info(describe(encoder, where))
+    return encoder.weights, encoder
+
+
+def fit_encoder(sd: dict[str, torch.Tensor], model: nn.Module, encoder: SimMIMEncoder | None, report) -> dict:
+    """`sd` (our layout) made to fit `model` as the SimMIM fine-tuning does (remap_bias_tables), and the
+    loading.LoadReport told what it is and what was left out; `sd` as it is for any other source."""
+    if encoder is None:
+        return sd
+    report.layout, report.dropped = f"SimMIM encoder, {report.layout}", encoder.dropped
+    return remap_bias_tables(sd, model, report.interpolated)
+
+
+def refuse_pretraining(state: Mapping, where: str) -> None:
+    """A classifier's loader (swin-eval, swin-predict) on a SimMIM checkpoint: one line on how to fine-tune it."""
+    if simmim_encoder(state) is not None:
+        raise pretraining_checkpoint_error(where)
+
+
+def source_and_arch(checkpoint, name: str | None, overrides: dict) -> tuple:
+    """(what create_model loads, its architecture arguments): for a SimMIM file given without a variant name,
+    the loaded checkpoint and its encoder's architecture under `overrides` (classifier_arch); else as given."""
+    if checkpoint is None or name is not None or not is_simmim_file(checkpoint):
+        return checkpoint, overrides
+    state = load_checkpoint(checkpoint)
+    return state, classifier_arch(state, str(checkpoint), overrides)
+
+
 def pretraining_checkpoint_error(where: str) -> CheckpointError:
     """What a command that needs a classifier (swin-eval, swin-predict) says about a SimMIM checkpoint."""
     return CheckpointError(
@@ -146,7 +187,10 @@ def is_simmim_file(path: str | os.PathLike) -> bool:
 
             with safe_open(path, "pt") as f:
                 return is_simmim_state_dict(dict.fromkeys(f.keys()))
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (not zip) torch file cannot be mapped: read it whole
+            state = torch.load(path, map_location="cpu", weights_only=True)
         return is_simmim_state_dict(unwrap_state_dict(state))
     except Exception:  # noqa: BLE001 - any failure to read means "not recognised here", never an error
         return False

@@ -6,6 +6,9 @@ torchvision  torchvision's swin_t/s/b, swin_v2_t/s/b .load_state_dict(strict=Tru
              relative_position_index; V2 also its relative_coords_table, ours: pre-training windows included)
 official     {'model': ...} with relative_position_index / attn_mask (V2: relative_coords_table), for
              microsoft/Swin-Transformer
+detection    {'model': ...} for the official detection and segmentation code's `pretrained` (Swin V1): the
+             backbone's weights (no final norm or head) with relative_position_index at the model's window;
+             their stage norms norm{i} start fresh there
 onnx         an ONNX graph (dynamic batch) with class names and preprocessing in its metadata, checked against
              PyTorch with onnxruntime at export time (pip install 'swin-train[onnx]')
 hf           a folder for transformers' SwinForImageClassification / Swinv2ForImageClassification

@@ -1,4 +1,5 @@
-"""swin-model: print the Layer/Block hierarchy of a Swin variant with parameters and FLOPs."""
+"""swin-model: print the Layer/Block hierarchy of a Swin variant with parameters and FLOPs, or with --features HxW
+the feature maps its backbone (create_model(features_only=True)) gives for an H x W image."""
 
 from __future__ import annotations
 
@@ -95,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.window_size=12")
     parser.add_argument("--num-classes", type=int, help="override the number of classes")
     parser.add_argument("--json", action="store_true", help="print JSON (top-level 'params' and 'flops')")
+    parser.add_argument(
+        "--features",
+        metavar="HxW",
+        help="print the backbone's feature maps (norm{i}: channels, stride, C x H x W) for an H x W image",
+    )
     add_debug_flag(parser)
     args = parser.parse_intermixed_args(argv)
 
@@ -121,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
+    if args.features:
+        print(describe_features(title, kwargs, args.features, args.json))
+        return 0
     with torch.device("meta"):  # shapes only: parameters and FLOPs, no memory and no initialisation
         model = build_model(**kwargs)
     summary = describe_model(model)
@@ -132,6 +141,39 @@ def main(argv: list[str] | None = None) -> int:
         heading = f"{title}: Swin V{model.version}, {model.num_classes} classes, window {model.window_size}"
         print(format_table(heading + windows, summary))
     return 0
+
+
+def describe_features(title: str, kwargs: dict, size: str, as_json: bool) -> str:
+    """The backbone's maps for an image of `size` ("HxW") as a table or JSON; ConfigError for a bad size."""
+    from swin_train.models.backbone import SwinBackbone
+
+    try:
+        height, width = (int(side) for side in size.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--features takes HxW, e.g. 800x1333, got {size!r}") from None
+    with torch.device("meta"):
+        backbone = SwinBackbone(**{k: v for k, v in kwargs.items() if k != "always_partition"})
+        try:
+            backbone.check_input(torch.empty(1, backbone.in_chans, height, width))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    shapes = backbone.feature_shapes((height, width))
+    maps = [dict(info, shape=list(shape)) for info, shape in zip(backbone.feature_info, shapes)]
+    if as_json:
+        return json.dumps({"model": title, "size": [height, width], "features": maps}, indent=2)
+    rows = [("map", "channels", "stride", "C x H x W")]
+    rows += [
+        (m["module"], str(m["num_chs"]), str(m["reduction"]), " x ".join(map(str, m["shape"]))) for m in maps
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [
+        f"{title} as a backbone (detection rule: window {backbone.window_size} in every stage) at {height}x{width}:"
+    ]
+    lines += [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    return "\n".join(lines)
 
 
 def cli(argv: list[str] | None = None) -> int:

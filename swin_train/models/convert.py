@@ -28,6 +28,7 @@ from torch import nn
 
 from swin_train.errors import CheckpointError
 from swin_train.models.attention import log_spaced_coords
+from swin_train.models.detection_layout import from_detection, is_detection_checkpoint, to_detection
 from swin_train.models.swin import (
     BLOCK_KEY,
     DOWNSAMPLE_KEY,
@@ -37,7 +38,7 @@ from swin_train.models.swin import (
 )
 
 LAYOUTS = ("swin-train", "official", "timm", "torchvision")
-EXPORT_FORMATS = ("safetensors", "timm", "torchvision", "official")
+EXPORT_FORMATS = ("safetensors", "timm", "torchvision", "official", "detection")
 _BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "relative_coords_table")
 # Key patterns of our layout; anything else is unexpected.
 _OUR_KEY = re.compile(
@@ -46,7 +47,7 @@ _OUR_KEY = re.compile(
     r"|layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table"
     r"|layers\.\d+\.blocks\.\d+\.attn\.(q_bias|v_bias|logit_scale|cpb_mlp\.0\.(weight|bias)|cpb_mlp\.2\.weight)"
     r"|layers\.\d+\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)"
-    r"|norm\.(weight|bias)|head\.(weight|bias))$"
+    r"|norm\d*\.(weight|bias)|head\.(weight|bias))$"  # norm{i}: a backbone's stage norms (backbone.py)
 )
 # What only Swin V2's attention has (any layout): its per-head logit scale and position bias MLP
 _V2_KEY = re.compile(r"attn\.(logit_scale|cpb_mlp\.)")
@@ -76,8 +77,11 @@ def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
 
 
 def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
-    """'official' (with buffers), 'timm', 'torchvision' or 'swin-train' (official names, no buffers)."""
+    """'official' (with buffers), 'timm', 'torchvision', 'mmdet' (a detection or segmentation model) or
+    'swin-train' (official names, no buffers)."""
     keys = list(sd)
+    if is_detection_checkpoint(sd):
+        return "mmdet"
     if any(k.startswith("features.") for k in keys):
         return "torchvision"
     if "head.fc.weight" in sd or "head.fc.bias" in sd:
@@ -114,10 +118,12 @@ def convert_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
     """Any supported Swin checkpoint (or its state dict) -> a state dict in our layout.
 
     Derived buffers are dropped (they are rebuilt from the architecture). Keys that belong to no known
-    layout raise CheckpointError naming them.
+    layout raise CheckpointError naming them. Of an mmdet / mmseg model, only its backbone is read.
     """
     sd = unwrap_state_dict(obj)
     layout = detect_layout(sd)
+    if layout == "mmdet":
+        sd = from_detection(sd)
     rename = {"timm": _from_timm, "torchvision": _from_torchvision}.get(layout, lambda k: k)
     out = {}
     for key, value in sd.items():
@@ -433,14 +439,20 @@ def save_weights(
     """Write `sd` (any Swin layout) atomically as `fmt` (EXPORT_FORMATS); returns the number of tensors.
 
     'safetensors' holds our layout with `metadata` (str -> str); 'timm' and 'torchvision' are bare state dicts
-    for their models' `load_state_dict`; 'official' is `{'model': sd}` with the buffers (needs `model`).
+    for their models' `load_state_dict`; 'official' is `{'model': sd}` with the buffers (needs `model`);
+    'detection' is `{'model': sd}` for the official detection / segmentation configs' `pretrained`
+    (detection_layout.to_detection, at the model's window).
     """
     from swin_train.checkpoint import save_checkpoint
 
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
     path = Path(path)
-    out = to_layout(sd, "swin-train" if fmt == "safetensors" else fmt, model)
+    out = to_layout(sd, "swin-train" if fmt in ("safetensors", "detection") else fmt, model)
+    if fmt == "detection":
+        if model is None:
+            raise ValueError("the detection layout needs the model: its window fixes the saved index tables")
+        out = to_detection(out, model.window_size)
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
@@ -451,5 +463,5 @@ def save_weights(
         write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     else:
         out = {k: v.detach() for k, v in out.items()}
-        save_checkpoint({"model": out} if fmt == "official" else out, path)
+        save_checkpoint({"model": out} if fmt in ("official", "detection") else out, path)
     return len(out)

@@ -6,7 +6,8 @@ onnxruntime before it is kept.
 The input `images` is (batch, in_chans, height, width) float32, preprocessed as the model was evaluated
 (the `preprocess` metadata entry: its img_size is the size it was trained at; any height and width of at least
 the model's `min_input_size` run, padded and masked as in PyTorch); the output `logits` is (batch, num_classes), or `features` (batch,
-num_features) for a model without a head. The file's metadata_props hold `class_names` (a JSON list) and
+num_features) for a model without a head, or for a backbone (models/backbone.py) one `stage{i}` (batch, C_i, H_i,
+W_i) per returned map. The file's metadata_props hold `class_names` (a JSON list) and
 `preprocess` (a JSON object: img_size, crop_pct, interpolation, mean, std) when they are given, so a server
 needs neither torch nor swin-train.
 
@@ -32,6 +33,7 @@ import torch.fx.experimental._config as fx_config
 
 from swin_train.checkpoint import write_atomically
 from swin_train.errors import CheckpointError, ConfigError, ExportError
+from swin_train.models.backbone import SwinBackbone
 from swin_train.models.swin import SwinTransformer
 
 log = logging.getLogger("swin_train")
@@ -61,8 +63,10 @@ def require_onnx() -> None:
         )
 
 
-def output_name(model: SwinTransformer) -> str:
-    return "logits" if model.num_classes > 0 else "features"
+def output_names(model: SwinTransformer) -> list[str]:
+    if isinstance(model, SwinBackbone):
+        return [f"stage{i}" for i in model.out_indices]
+    return ["logits" if model.num_classes > 0 else "features"]
 
 
 def verify_sizes(model: SwinTransformer) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -88,11 +92,13 @@ def max_abs_difference(
     for batch, (height, width) in checks:
         images = torch.randn(batch, model.in_chans, height, width, generator=generator)
         with torch.no_grad():
-            expected = model(images).numpy()
-        (got,) = session.run([output_name(model)], {INPUT_NAME: images.numpy()})
-        if got.shape != expected.shape or not np.isfinite(got).all():
-            return float("inf")
-        worst = max(worst, float(np.abs(got - expected).max()))
+            expected = model(images)
+        expected = [expected] if isinstance(expected, torch.Tensor) else expected  # a backbone: a list
+        for got, wanted in zip(session.run(output_names(model), {INPUT_NAME: images.numpy()}), expected):
+            wanted = wanted.numpy()
+            if got.shape != wanted.shape or not np.isfinite(got).all():
+                return float("inf")
+            worst = max(worst, float(np.abs(got - wanted).max()))
     return worst
 
 
@@ -180,7 +186,7 @@ def _onnx_program(model: SwinTransformer):
             dynamo=True,
             dynamic_shapes=({0: batch, 2: height, 3: width},),
             input_names=[INPUT_NAME],
-            output_names=[output_name(model)],
+            output_names=output_names(model),
             optimize=True,
             verbose=False,
         )
