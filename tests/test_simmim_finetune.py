@@ -239,6 +239,19 @@ def test_create_model_from_a_swin_train_simmim_checkpoint(tmp_path):
         create_model(checkpoint=official)
 
 
+def test_a_simmim_checkpoint_gives_a_features_backbone(tmp_path):
+    encoder = _pretrained()
+    path = tmp_path / "last.pth"
+    _swin_train_simmim_checkpoint(path, encoder)
+    backbone = create_model(checkpoint=path, features_only=True).eval()
+    assert torch.equal(backbone.patch_embed.proj.weight, encoder.patch_embed.proj.weight)
+    key = f"layers.1.blocks.1.attn.{TABLE}"
+    assert torch.equal(backbone.state_dict()[key], encoder.state_dict()[key])
+    with torch.no_grad():
+        maps = backbone(torch.randn(1, 3, 48, 48))
+    assert [tuple(m.shape[1:]) for m in maps] == [(24, 24, 24), (48, 12, 12)]
+
+
 def test_fine_tuning_recipe_loads_a_swin_train_simmim_checkpoint(tmp_path):
     encoder = _pretrained()
     path = tmp_path / "last.pth"

@@ -137,6 +137,7 @@ def test_swin_export_refuses_what_an_encoder_cannot_be(files, tmp_path, capsys):
     assert export_cli(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "its encoder has no classifier head for transformers" in err
+    assert "export it as safetensors, timm, torchvision, official, detection or onnx" in err
     argv = [
         "--checkpoint",
         str(ours),

@@ -157,7 +157,7 @@ def _simmim_encoder(args, state, encoder) -> Exported:
     if args.format == "hf":
         raise ConfigError(
             f"{args.checkpoint} is a SimMIM pre-training checkpoint: its encoder has no classifier head for "
-            "transformers' ImageClassification; export it as safetensors, official, timm, torchvision or onnx"
+            f"transformers' ImageClassification; export it as {', '.join(EXPORT_FORMATS)} or onnx"
         )
     sd = convert_state_dict(encoder.weights)
     arch = encoder_arch(state, args.checkpoint)
