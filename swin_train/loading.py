@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swin_train import simmim_weights
 from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, load_checkpoint
 from swin_train.config import ARCH_FIELDS, Config, config_from_dict, config_to_dict, load_config
 from swin_train.data.transforms import Preprocess
@@ -62,6 +63,7 @@ class LoadReport:
     interpolated: list[str] = field(default_factory=list)
     reinitialised: list[str] = field(default_factory=list)  # missing from the checkpoint or head replaced
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model: ignored
+    dropped: list[str] = field(default_factory=list)  # a SimMIM checkpoint's mask token and decoder
     head_mapped: bool = False
 
     def summary(self) -> str:
@@ -230,15 +232,16 @@ def load_pretrained(
             raise CheckpointError(
                 f"{source} is a Hugging Face folder, which holds no EMA weights; drop --ema"
             )
-        obj, layout = load_hf_folder(source).state_dict, "transformers"
+        obj, layout, encoder = load_hf_folder(source).state_dict, "transformers", None
     else:
         obj = load_checkpoint(source) if is_file else source
         obj = select_weights(obj, use_ema, f"checkpoint {source}" if is_file else "the checkpoint")
+        obj, encoder = simmim_weights.encoder_or_weights(obj, name)  # a SimMIM file: its encoder alone
         layout = detect_layout(unwrap_state_dict(obj))
     report = LoadReport(source=name + (" (EMA)" if use_ema else ""), layout=layout)
     if layout == "mmdet":  # a detection / segmentation model: its neck and heads are ignored (and counted)
         report.unexpected = not_backbone_keys(unwrap_state_dict(obj))
-    converted = convert_state_dict(obj)
+    converted = simmim_weights.fit_encoder(convert_state_dict(obj), model, encoder, report)  # its own remap
     check_version(converted, model, report.source)
     if strict:
         check_saved_geometry(unwrap_state_dict(obj), model, report.source)
@@ -286,6 +289,7 @@ def load_trained_model(source: str | os.PathLike | dict, *, ema: bool = False) -
     if not isinstance(source, dict) and is_hf_folder(source):
         return _trained_from_hf(source, ema)
     state = source if isinstance(source, dict) else load_checkpoint(source)
+    simmim_weights.refuse_pretraining(state, where)
     if not holds_trained_model(state):
         raise CheckpointError(
             f"{where} is not a swin-train checkpoint or export (no config, class names and preprocessing); "
@@ -342,12 +346,13 @@ def create_model(
     `create_model(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`;
     `create_model(checkpoint="output/run/best.pth")`: a swin-train checkpoint or export, with its own
     architecture (`load_trained_model`); with a name or fields, `checkpoint` may hold weights of any
-    supported layout, adapted to that architecture (`load_pretrained`).
+    supported layout, adapted to that architecture (`load_pretrained`). A SimMIM file without a name: its
+    encoder (num_classes 0) in the architecture its config records, `overrides` (num_classes=N, ...) over it.
 
     `features_only=True`: the backbone (models/backbone.py) with `out_indices` (None: all) and `frozen_stages`;
     stage norms the weights lack start fresh (the log lists them).
     """
-    trained = None
+    trained, (source, overrides) = None, simmim_weights.source_and_arch(checkpoint, name, overrides)
     if checkpoint is not None and name is None and not overrides:  # a trained model: its architecture
         trained = load_trained_model(checkpoint)
         if not features_only:
@@ -360,7 +365,7 @@ def create_model(
         model = build_model(name, **overrides)
     if checkpoint is not None:
         load_pretrained(
-            model, checkpoint if trained is None else trained.model.state_dict(), name=str(checkpoint)
+            model, source if trained is None else trained.model.state_dict(), name=str(checkpoint)
         )
     return model
 

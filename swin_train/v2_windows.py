@@ -23,6 +23,7 @@ from swin_train.models.convert import saved_pretrained_window, swin_version, unw
 from swin_train.models.hf import CONFIG_FILE, is_hf_folder
 from swin_train.models.hf_layout import arch_from_hf_config
 from swin_train.models.swin import SwinTransformer
+from swin_train.simmim_weights import simmim_encoder
 
 log = logging.getLogger("swin_train")
 
@@ -70,6 +71,8 @@ def trained_windows(source: str | os.PathLike) -> tuple[int | None, list[int] | 
         sd = unwrap_state_dict(state)
     except SwinTrainError:
         return None, None
+    if (encoder := simmim_encoder(sd)) is not None:  # a SimMIM file records its encoder's buffers
+        sd = encoder.weights
     if swin_version(sd) == 1:
         return 1, None
     tables = {int(m[1]): t for k, t in sd.items() if (m := _COORDS_TABLE.match(k))}

@@ -1,4 +1,5 @@
-"""swin-eval: exact top-1/top-5 of a checkpoint on an ImageFolder val/ split (one process or many under torchrun)."""
+"""swin-eval: exact top-1/top-5 of a checkpoint on an ImageFolder val/ split (one process or many under torchrun);
+for a swin-train SimMIM pre-training checkpoint, its masked reconstruction loss on the val images."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from swin_train.device import resolve_amp, resolve_device
     from swin_train.distributed import init_distributed, shutdown
     from swin_train.evaluation import throughput
+    from swin_train.simmim_weights import is_simmim_file
 
     resolve_device(args.device)
     if args.metrics_json and not args.throughput:  # refused before minutes of evaluation, not after
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     env = init_distributed(args.device)
     try:
+        if is_simmim_file(args.checkpoint):
+            return _evaluate_pretraining(args, env)
         model, cfg, expected_classes = load_model_and_config(args)
         _apply_command_line(cfg, args)
         if env.device.type == "cpu":
@@ -91,6 +95,76 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         shutdown()
+
+
+def _pretraining_model_and_config(args):
+    """(SimMIM model with the checkpoint's weights, config) for a swin-train pre-training checkpoint: its stored
+    config (or --config; the architecture stays the checkpoint's), the overrides and --data-path over it. An
+    official SimMIM file holds no config: it gets the one line on how to fine-tune it."""
+    from swin_train.checkpoint import holds_trained_model, load_checkpoint
+    from swin_train.config import config_from_dict, load_config
+    from swin_train.data.build import DATA_SOURCE_KEYS, check_stored_paths, typed_keys
+    from swin_train.errors import ConfigError
+    from swin_train.loading import ARCH_KEYS, load_exact_weights, select_weights
+    from swin_train.models.simmim import simmim_state_dict
+    from swin_train.simmim_weights import pretraining_checkpoint_error
+    from swin_train.tasks import task_of
+
+    state = load_checkpoint(args.checkpoint)
+    stored = state.get("config") if holds_trained_model(state) else None
+    if not isinstance(stored, dict) or stored.get("task") != "simmim":
+        raise pretraining_checkpoint_error(args.checkpoint)
+    if args.model or args.throughput:
+        raise ConfigError(
+            f"{args.checkpoint} is a SimMIM pre-training checkpoint with its own architecture, evaluated by its "
+            "masked reconstruction loss; drop --model / --throughput"
+        )
+    own = config_from_dict(stored).model_kwargs()
+    cfg = load_config(args.config, args.overrides, base=None if args.config else stored)
+    changed = sorted(k for k, v in cfg.model_kwargs().items() if k in ARCH_KEYS and v != own[k])
+    if cfg.task != "simmim" or changed:
+        raise ConfigError(
+            f"{args.checkpoint} is a SimMIM pre-training checkpoint (task simmim, its own architecture); the "
+            f"config or overrides change {', '.join(changed) or 'task'}: drop them"
+        )
+    if args.data_path:
+        cfg.data.data_path = args.data_path
+    if not args.config:  # data sources from the checkpoint's config: plain local paths only
+        typed = typed_keys(args.overrides) | ({"data.data_path"} if args.data_path else set())
+        check_stored_paths(cfg, f"the config stored in {args.checkpoint}", typed, DATA_SOURCE_KEYS)
+    model = task_of(cfg).build_model(cfg, None)
+    weights = select_weights(state, args.ema, f"checkpoint {args.checkpoint}")
+    load_exact_weights(model, simmim_state_dict(weights), args.checkpoint)
+    return model, cfg
+
+
+def _evaluate_pretraining(args, env) -> int:
+    """swin-eval on a SimMIM pre-training checkpoint: the masked reconstruction loss over the val images (the
+    masks fixed per image, as the pre-training's validation computes it)."""
+    from swin_train.data.pretraining import build_pretraining_data
+    from swin_train.device import resolve_amp
+    from swin_train.reconstruction import reconstruction_loss
+
+    model, cfg = _pretraining_model_and_config(args)
+    _apply_command_line(cfg, args)
+    data = build_pretraining_data(cfg, env, device_pipeline=True)
+    amp = resolve_amp(cfg.amp, env.device)
+    m, _ = reconstruction_loss(
+        model.to(env.device),
+        data.val_loader,
+        device=env.device,
+        amp=amp,
+        device_transform=data.device_transform,
+    )
+    if env.is_main:
+        skipped = f"; {m['num_skipped']} unreadable left out" if m["num_skipped"] else ""
+        print(
+            f"masked reconstruction loss {m['loss']:.4f} | {m['num_samples']} images, {env.world_size} "
+            f"process(es){skipped}"
+        )
+        if args.metrics_json:
+            Path(args.metrics_json).write_text(json.dumps(m, indent=2) + "\n")
+    return 0
 
 
 def _apply_command_line(cfg, args) -> None:

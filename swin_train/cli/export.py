@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,9 +117,13 @@ def _load(args) -> Exported:
         unwrap_state_dict,
     )
     from swin_train.models.hf import is_hf_folder
+    from swin_train.simmim_weights import simmim_encoder
 
     hf = is_hf_folder(args.checkpoint)
     state = None if hf else load_checkpoint(args.checkpoint)
+    raw = None if hf else select_weights(state, args.ema, f"checkpoint {args.checkpoint}")
+    if raw is not None and (encoder := simmim_encoder(raw)) is not None:
+        return _simmim_encoder(args, state, encoder)
     if hf or holds_trained_model(state):
         if args.img_size is not None or args.model is not None:
             raise ConfigError(
@@ -133,13 +138,47 @@ def _load(args) -> Exported:
         rates = {key: getattr(trained.config.model, key) for key in _TRAINING_RATES}
         model = trained.model
         return Exported(model, model.state_dict(), trained.class_names, preprocess, metadata, rates)
-    raw = select_weights(state, args.ema, f"checkpoint {args.checkpoint}")
     sd = convert_state_dict(raw)
     model = bare_model(sd, args.img_size, args.model)
     check_version(sd, model, args.checkpoint)  # --model of the other Swin version
     # the export writes the model's buffers: they must be those the weights were trained with
     check_saved_geometry(unwrap_state_dict(raw), model, args.checkpoint)
     return Exported(model, sd)
+
+
+def _simmim_encoder(args, state, encoder) -> Exported:
+    """A SimMIM pre-training checkpoint: its encoder (no head, no mask token, no decoder), in the architecture
+    its config records (an official file's: read off the weights, with --model / --img-size)."""
+    from swin_train.loading import bare_model, load_exact_weights
+    from swin_train.models.convert import check_saved_geometry, convert_state_dict
+    from swin_train.models.swin import SwinTransformer
+    from swin_train.simmim_weights import encoder_arch
+
+    if args.format == "hf":
+        raise ConfigError(
+            f"{args.checkpoint} is a SimMIM pre-training checkpoint: its encoder has no classifier head for "
+            f"transformers' ImageClassification; export it as {', '.join(EXPORT_FORMATS)} or onnx"
+        )
+    sd = convert_state_dict(encoder.weights)
+    arch = encoder_arch(state, args.checkpoint)
+    if arch is not None and (args.img_size is not None or args.model is not None):
+        raise ConfigError(
+            "--img-size and --model are only for bare weights; this checkpoint's config fixes the model"
+        )
+    if arch is None:
+        model = bare_model(sd, args.img_size, args.model, device="cpu")
+        check_saved_geometry(encoder.weights, model, args.checkpoint)
+    else:
+        model = SwinTransformer(**arch | {"grad_checkpointing": False})
+    load_exact_weights(model, sd, args.checkpoint)
+    logging.getLogger("swin_train").info(
+        "%s is a SimMIM pre-training checkpoint: exporting its encoder (no classifier head; %d tensors of "
+        "pre-training left out: mask token, decoder)",
+        args.checkpoint,
+        len(encoder.dropped),
+    )
+    # the config (safetensors metadata) keeps what the weights do not hold: a V2 encoder's windows
+    return Exported(model.eval(), sd, metadata={"config": json.dumps(state["config"])} if arch else {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         count = save_weights(loaded.state_dict, args.format, out, model, loaded.metadata)
         log.info("wrote %d tensors (%s%s) to %s", count, args.format, suffix, out)
         return 0
-    if loaded.rates is None:  # bare weights: a real model to run
+    if loaded.model.patch_embed.proj.weight.is_meta:  # bare weights: a real model to run
         model = bare_model(loaded.state_dict, args.img_size, args.model, device="cpu")
         load_exact_weights(model, loaded.state_dict, args.checkpoint)
     names, preprocess = loaded.class_names, loaded.preprocess
