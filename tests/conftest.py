@@ -21,8 +21,15 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _log_records_reach_caplog():
-    """A CLI run in this process (setup_logging) stops the package logger's propagation; caplog needs it."""
-    logging.getLogger("swin_train").propagate = True
+    """A CLI run in this process (setup_logging) stops the package logger's propagation, which caplog needs,
+    and leaves it a stdout handler, which would write into a later test's captured stdout (a --json report)."""
+    logger = logging.getLogger("swin_train")
+    logger.propagate = True
+    handlers = list(logger.handlers)
+    yield
+    for handler in [h for h in logger.handlers if h not in handlers]:
+        logger.removeHandler(handler)
+    logger.propagate = True
 
 
 @pytest.fixture
