@@ -142,6 +142,16 @@ def test_frozen_stages_freeze_as_the_official_backbone_and_stay_in_eval_mode(fro
             32,
             "frozen_stages -2 is out of range: -1 (none) to 4 for a model of 4 stages",
         ),
+        (
+            dict(frozen_stages=1.5),
+            32,
+            "frozen_stages 1.5 is out of range: -1 (none) to 4 for a model of 4 stages",
+        ),
+        (
+            dict(out_indices=(True, 2)),
+            32,
+            "out_indices [True, 2] are out of range: give stages from 0 to 3 (the model has 4)",
+        ),
     ],
 )
 def test_bad_stage_choices_are_one_line_errors(kwargs, size, message):

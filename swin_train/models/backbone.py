@@ -49,7 +49,7 @@ class SwinBackbone(SwinTransformer):
         self.out_indices = check_out_indices(
             all_stages if out_indices is None else out_indices, self.num_stages
         )
-        if not -1 <= frozen_stages <= self.num_stages:
+        if not _is_stage_number(frozen_stages) or not -1 <= frozen_stages <= self.num_stages:
             raise ConfigError(
                 f"frozen_stages {frozen_stages} is out of range: -1 (none) to {self.num_stages} for a "
                 f"model of {self.num_stages} stages"
@@ -115,7 +115,7 @@ class SwinBackbone(SwinTransformer):
 def check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
     """`out_indices` as a sorted tuple; ConfigError (one line) unless they are distinct stages 0..num_stages-1."""
     indices = tuple(out_indices)
-    if not indices or any(not isinstance(i, int) or not 0 <= i < num_stages for i in indices):
+    if not indices or any(not _is_stage_number(i) or not 0 <= i < num_stages for i in indices):
         raise ConfigError(
             f"out_indices {list(indices)} are out of range: give stages from 0 to {num_stages - 1} "
             f"(the model has {num_stages})"
@@ -123,6 +123,11 @@ def check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int,
     if len(set(indices)) != len(indices):
         raise ConfigError(f"out_indices {list(indices)} name a stage twice; give each once")
     return tuple(sorted(indices))
+
+
+def _is_stage_number(value) -> bool:
+    """An int, not a bool (True would name a module `normTrue`) nor a float (1.5 would freeze as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def build_backbone(name: str | None = None, **overrides) -> SwinBackbone:
