@@ -24,6 +24,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -53,6 +54,9 @@ from swin_train.models.swin import SwinTransformer
 from swin_train.outputs import is_run_config
 
 log = logging.getLogger("swin_train")
+# what SwinTransformer cannot be built without: create_model's overrides lacking one go over a file's own
+_ARGS = signature(SwinTransformer).parameters.values()
+BUILD_FIELDS = {p.name for p in _ARGS if p.kind == p.KEYWORD_ONLY and p.default is p.empty}
 
 
 @dataclass
@@ -344,29 +348,27 @@ def create_model(
 
     `create_model("swin_tiny_patch4_window7_224", num_classes=10, drop_path_rate=0.2)`;
     `create_model(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`;
-    `create_model(checkpoint="output/run/best.pth")`: a swin-train checkpoint or export, with its own
-    architecture (`load_trained_model`); with a name or fields, `checkpoint` may hold weights of any
-    supported layout, adapted to that architecture (`load_pretrained`). A SimMIM file without a name: its
-    encoder (num_classes 0) in the architecture its config records, `overrides` (num_classes=N, ...) over it.
-
-    `features_only=True`: the backbone (models/backbone.py) with `out_indices` (None: all) and `frozen_stages`;
-    stage norms the weights lack start fresh (the log lists them).
+    `create_model(checkpoint="output/run/best.pth", num_classes=3)`: a swin-train checkpoint or export (or a
+    SimMIM pre-training run's encoder, num_classes 0) in its own architecture, `overrides` over it; with a name
+    or every field, `checkpoint` may hold weights of any supported layout, adapted (`load_pretrained`).
+    `features_only=True`: the backbone (models/backbone.py: `out_indices`, `frozen_stages`), fresh stage norms logged.
     """
-    trained, (source, overrides) = None, simmim_weights.source_and_arch(checkpoint, name, overrides)
-    if checkpoint is not None and name is None and not overrides:  # a trained model: its architecture
-        trained = load_trained_model(checkpoint)
-        if not features_only:
-            return trained.model
-        # the backbone's window rule is the detection rule, not the classifier's
-        overrides = {k: v for k, v in trained.config.model_kwargs().items() if k != "always_partition"}
+    if not features_only and (out_indices is not None or frozen_stages != -1):
+        raise ConfigError("out_indices and frozen_stages are the backbone's: pass features_only=True")
+    trained, source = None, checkpoint
+    if checkpoint is not None and name is None and not BUILD_FIELDS <= overrides.keys():  # its architecture
+        source, overrides = simmim_weights.source_and_arch(checkpoint, overrides)
+        if not BUILD_FIELDS <= overrides.keys():  # not SimMIM: a swin-train checkpoint, export or HF folder
+            trained = load_trained_model(checkpoint)
+            if not features_only and not overrides:
+                return trained.model
+            overrides = trained.config.model_kwargs() | overrides  # a backbone keeps the detection rule
     if features_only:
         model = build_backbone(name, out_indices=out_indices, frozen_stages=frozen_stages, **overrides)
     else:
         model = build_model(name, **overrides)
     if checkpoint is not None:
-        load_pretrained(
-            model, source if trained is None else trained.model.state_dict(), name=str(checkpoint)
-        )
+        load_pretrained(model, trained.model.state_dict() if trained else source, name=str(checkpoint))
     return model
 
 

@@ -159,10 +159,11 @@ def refuse_pretraining(state: Mapping, where: str) -> None:
         raise pretraining_checkpoint_error(where)
 
 
-def source_and_arch(checkpoint, name: str | None, overrides: dict) -> tuple:
-    """(what create_model loads, its architecture arguments): for a SimMIM file given without a variant name,
-    the loaded checkpoint and its encoder's architecture under `overrides` (classifier_arch); else as given."""
-    if checkpoint is None or name is not None or not is_simmim_file(checkpoint):
+def source_and_arch(checkpoint: str | os.PathLike, overrides: dict) -> tuple:
+    """(what create_model loads, its architecture arguments) for a file given without a variant name or every
+    field: a SimMIM file's loaded checkpoint and its encoder's architecture under `overrides` (classifier_arch);
+    anything else as given."""
+    if not is_simmim_file(checkpoint):
         return checkpoint, overrides
     state = load_checkpoint(checkpoint)
     return state, classifier_arch(state, str(checkpoint), overrides)

@@ -204,6 +204,24 @@ def test_a_swin_train_checkpoint_gives_its_architecture_and_weights(micro_arch, 
     assert "re-initialised 2 (norm1.weight, norm1.bias)" in caplog.records[-1].getMessage()
 
 
+def test_a_swin_train_checkpoint_takes_overrides_over_its_own_architecture(micro_arch, tmp_path):
+    """A detector fine-tunes a run's backbone with its own drop path (the official configs: 0.2 for Swin-T)."""
+    path, state = _swin_train_checkpoint(tmp_path, micro_arch)
+    backbone = create_model(checkpoint=path, features_only=True, drop_path_rate=0.3)
+    assert backbone.layers[1].blocks[1].drop_path.drop_prob == pytest.approx(0.3)
+    assert backbone.embed_dim == 24 and _stage_weights_equal(backbone, state["model"])
+    classifier = create_model(checkpoint=path, num_classes=3)  # its stages, a fresh head of 3 classes
+    stages = {k: v for k, v in state["model"].items() if not k.startswith("head.")}
+    assert classifier.head.out_features == 3 and _stage_weights_equal(classifier, stages)
+
+
+def test_stage_choices_without_features_only_are_a_one_line_error():
+    for kwargs in (dict(out_indices=(1,)), dict(frozen_stages=1)):
+        with pytest.raises(ConfigError) as error:
+            create_model(**ARCH, **kwargs)  # a classifier would ignore them
+        assert str(error.value) == "out_indices and frozen_stages are the backbone's: pass features_only=True"
+
+
 def test_a_hugging_face_folder_loads_as_a_backbone(micro_arch, tmp_path):
     from swin_train.models.hf import write_hf_folder
 

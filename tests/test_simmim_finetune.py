@@ -237,6 +237,8 @@ def test_create_model_from_a_swin_train_simmim_checkpoint(tmp_path):
     save_checkpoint({"model": simmim_state_dict(encoder, official=True)}, official)
     with pytest.raises(ConfigError, match="official SimMIM checkpoint, which holds no architecture"):
         create_model(checkpoint=official)
+    fields = create_model(checkpoint=official, **FINETUNE, num_classes=10)  # every field instead of a name
+    assert torch.equal(fields.state_dict()[key], classifier.state_dict()[key])
 
 
 def test_a_simmim_checkpoint_gives_a_features_backbone(tmp_path):
