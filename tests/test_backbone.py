@@ -347,6 +347,10 @@ def test_swin_model_features_too_small_is_a_one_line_error(capsys):
     assert swin_model(["--model", "swin_tiny_patch4_window7_224", "--features", "20x800"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "a 20x800 image is 5x200 patches, smaller than one window (7x7)" in err
+    for size in ("800x-5", "-800x5", "800x1333x3"):  # "--features=": argparse takes "-800x5" for an option
+        assert swin_model(["--model", "swin_tiny_patch4_window7_224", f"--features={size}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"swin-model: error: --features takes HxW, e.g. 800x1333, got '{size}'"
 
 
 def test_padding_is_the_official_rule_for_the_patch_embedding():

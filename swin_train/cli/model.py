@@ -149,6 +149,8 @@ def describe_features(title: str, kwargs: dict, size: str, as_json: bool) -> str
 
     try:
         height, width = (int(side) for side in size.lower().split("x"))
+        if height < 0 or width < 0:
+            raise ValueError
     except ValueError:
         raise ConfigError(f"--features takes HxW, e.g. 800x1333, got {size!r}") from None
     with torch.device("meta"):
