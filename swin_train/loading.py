@@ -240,7 +240,7 @@ def load_pretrained(
     else:
         obj = load_checkpoint(source) if is_file else source
         obj = select_weights(obj, use_ema, f"checkpoint {source}" if is_file else "the checkpoint")
-        obj, encoder = simmim_weights.encoder_or_weights(obj, name)  # a SimMIM file: its encoder alone
+        obj, encoder = simmim_weights.encoder_or_weights(obj, name, model)  # a SimMIM file: its encoder
         layout = detect_layout(unwrap_state_dict(obj))
     report = LoadReport(source=name + (" (EMA)" if use_ema else ""), layout=layout)
     if layout == "mmdet":  # a detection / segmentation model: its neck and heads are ignored (and counted)

@@ -89,12 +89,13 @@ def encoder_arch(obj: Mapping, where: str) -> dict | None:
         raise CheckpointError(f"the config stored in {where} is invalid: {e}") from None
 
 
-def describe(encoder: SimMIMEncoder, where: str) -> str:
-    """The log line of a SimMIM checkpoint loaded into a classifier."""
+def describe(encoder: SimMIMEncoder, where: str, model: nn.Module) -> str:
+    """The log line of a SimMIM checkpoint loaded into `model` (a classifier, or a backbone: no head to name)."""
+    head = isinstance(getattr(model, "head", None), nn.Linear)
     return (
         f"{where} is a SimMIM pre-training checkpoint: its encoder is loaded ('{ENCODER_PREFIX}' prefix "
-        f"stripped), its mask token and decoder are left out ({', '.join(encoder.dropped)}), and the "
-        "classifier head starts from its initialisation"
+        f"stripped), its mask token and decoder are left out ({', '.join(encoder.dropped)})"
+        + (", and the classifier head starts from its initialisation" if head else "")
     )
 
 
@@ -134,13 +135,13 @@ def remap_bias_tables(
 # ------------------------------------------------------------- the hooks in loading.py (one line each there)
 
 
-def encoder_or_weights(obj: Mapping, where: str) -> tuple[Mapping, SimMIMEncoder | None]:
-    """(what load_pretrained loads, the SimMIM encoder or None): a SimMIM checkpoint's encoder alone (logged),
-    anything else as it is."""
+def encoder_or_weights(obj: Mapping, where: str, model: nn.Module) -> tuple[Mapping, SimMIMEncoder | None]:
+    """(what load_pretrained loads into `model`, the SimMIM encoder or None): a SimMIM checkpoint's encoder alone
+    (logged), anything else as it is."""
     encoder = simmim_encoder(obj)
     if encoder is None:
         return obj, None
-    log.info(describe(encoder, where))
+    log.info(describe(encoder, where, model))
     return encoder.weights, encoder
 
 

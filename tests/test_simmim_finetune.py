@@ -241,11 +241,13 @@ def test_create_model_from_a_swin_train_simmim_checkpoint(tmp_path):
     assert torch.equal(fields.state_dict()[key], classifier.state_dict()[key])
 
 
-def test_a_simmim_checkpoint_gives_a_features_backbone(tmp_path):
+def test_a_simmim_checkpoint_gives_a_features_backbone(tmp_path, caplog):
     encoder = _pretrained()
     path = tmp_path / "last.pth"
     _swin_train_simmim_checkpoint(path, encoder)
-    backbone = create_model(checkpoint=path, features_only=True).eval()
+    with caplog.at_level(logging.INFO, logger="swin_train"):
+        backbone = create_model(checkpoint=path, features_only=True).eval()
+    assert "its mask token and decoder are left out" in caplog.text and "classifier head" not in caplog.text
     assert torch.equal(backbone.patch_embed.proj.weight, encoder.patch_embed.proj.weight)
     key = f"layers.1.blocks.1.attn.{TABLE}"
     assert torch.equal(backbone.state_dict()[key], encoder.state_dict()[key])
