@@ -6,9 +6,10 @@ test_backbone_official.py."""
 
 import json
 import logging
+import sys
+from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from test_export import _swin_train_checkpoint
@@ -21,6 +22,9 @@ from swin_train.models.backbone import SwinBackbone
 from swin_train.models.convert import save_weights, to_layout
 from swin_train.models.detection_layout import to_detection
 from swin_train.models.swin import SwinTransformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench import detection  # noqa: E402
 
 # Four stages with windows of 4 on 2-pixel patches: 16x16 ... 2x2 tokens at the configured 32 px.
 ARCH = dict(
@@ -68,16 +72,7 @@ def test_features_equal_timms_features_only_with_always_partition_where_their_ru
     """timm pads after the roll (the official code before it) and has no stage norms: at sizes whose every
     stage windows tile, its maps through our norms are ours."""
     arch = {**ARCH, "num_heads": (1, 2, 2, 4)}
-    theirs = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        features_only=True,
-        pretrained=False,
-        always_partition=True,
-        strict_img_size=False,
-        dynamic_img_size=True,
-        **{k: v for k, v in arch.items()},
-    )
-    theirs = randomised(theirs)
+    theirs = randomised(detection.timm_features(arch))
     ours = create_model(**arch, features_only=True).eval()
     sd = {k.replace("layers_", "layers.", 1): v for k, v in theirs.state_dict().items()}
     report = ours.load_state_dict(to_layout(sd, "swin-train"), strict=False)

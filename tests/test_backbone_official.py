@@ -36,15 +36,7 @@ def official():
 def official_backbone(official, ape=False):
     """The official backbone of ARCH, every weight random (norms and biases from N(0, 0.5)), in eval mode."""
     torch.manual_seed(0)
-    model = official.SwinTransformer(
-        pretrain_img_size=ARCH["img_size"],
-        patch_size=ARCH["patch_size"],
-        embed_dim=ARCH["embed_dim"],
-        depths=list(ARCH["depths"]),
-        num_heads=list(ARCH["num_heads"]),
-        window_size=ARCH["window_size"],
-        ape=ape,
-    )
+    model = detection.official_backbone(official, ARCH, ape=ape)
     model.init_weights()
     with torch.no_grad():
         for param in model.parameters():
@@ -102,9 +94,7 @@ def test_the_detection_export_loads_into_the_official_backbone_with_only_its_sta
 
 @pytest.mark.parametrize("frozen_stages", [-1, 0, 1, 2, 4])
 def test_frozen_stages_freeze_what_the_official_backbone_freezes(official, frozen_stages):
-    theirs = official.SwinTransformer(
-        **{k: v for k, v in ARCH.items() if k != "img_size"}, ape=True, frozen_stages=frozen_stages
-    )
+    theirs = detection.official_backbone(official, ARCH, ape=True, frozen_stages=frozen_stages)
     theirs.train()
     ours = create_model(**ARCH, ape=True, features_only=True, frozen_stages=frozen_stages).train()
     assert {n: p.requires_grad for n, p in ours.named_parameters()} == {

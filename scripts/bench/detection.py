@@ -113,31 +113,18 @@ def mmdet_checkpoint(backbone_state: dict[str, torch.Tensor]) -> dict:
     return {"meta": {"epoch": 12}, "state_dict": state}
 
 
-# -------------------------------------------------------------------------------------- the benchmark rows
+def official_backbone(module: types.ModuleType, arch: dict, **kwargs) -> torch.nn.Module:
+    """The official detection backbone (`module`: official_detection_module()) of `arch` (our architecture
+    fields), `kwargs` (ape, drop_path_rate, frozen_stages, ...) in its own names."""
+    return module.SwinTransformer(pretrain_img_size=arch["img_size"], **_shape_fields(arch), **kwargs)
 
 
-def same_weight_backbones(arch: dict, repo: Path = DETECTION_REPO) -> dict[str, torch.nn.Module]:
-    """ours (create_model features_only), official (the snapshot's backbone) and timm (features_only,
-    always_partition), the official backbone's random weights in all three; stage norms applied to timm's
-    maps by the benchmark (timm has none). Train mode, drop path 0 (same work in each)."""
+def timm_features(arch: dict, **kwargs) -> torch.nn.Module:
+    """timm's `features_only` Swin of `arch` (our architecture fields) under the detection rule (every block
+    partitioned, any image size), random weights; `kwargs` in timm's names."""
     import timm
 
-    from swin_train import create_model
-    from swin_train.models.convert import convert_state_dict, to_layout
-
-    official = official_detection_module(repo).SwinTransformer(
-        pretrain_img_size=arch["img_size"],
-        patch_size=arch["patch_size"],
-        embed_dim=arch["embed_dim"],
-        depths=list(arch["depths"]),
-        num_heads=list(arch["num_heads"]),
-        window_size=arch["window_size"],
-        drop_path_rate=0.0,
-    )
-    official.init_weights()
-    ours = create_model(**arch, features_only=True, drop_path_rate=0.0)
-    ours.load_state_dict(convert_state_dict(mmdet_checkpoint(official.state_dict())))
-    timm_model = timm.create_model(
+    return timm.create_model(
         "swin_tiny_patch4_window7_224",
         features_only=True,
         pretrained=False,
@@ -145,13 +132,31 @@ def same_weight_backbones(arch: dict, repo: Path = DETECTION_REPO) -> dict[str, 
         strict_img_size=False,
         dynamic_img_size=True,
         img_size=arch["img_size"],
-        patch_size=arch["patch_size"],
-        embed_dim=arch["embed_dim"],
-        depths=tuple(arch["depths"]),
-        num_heads=tuple(arch["num_heads"]),
-        window_size=arch["window_size"],
-        drop_path_rate=0.0,
+        **_shape_fields(arch),
+        **kwargs,
     )
+
+
+def _shape_fields(arch: dict) -> dict:
+    """The architecture fields the official backbone and timm name as we do."""
+    return {k: arch[k] for k in ("patch_size", "embed_dim", "depths", "num_heads", "window_size")}
+
+
+# -------------------------------------------------------------------------------------- the benchmark rows
+
+
+def same_weight_backbones(arch: dict, repo: Path = DETECTION_REPO) -> dict[str, torch.nn.Module]:
+    """ours (create_model features_only), official (the snapshot's backbone) and timm (features_only,
+    always_partition), the official backbone's random weights in all three; stage norms applied to timm's
+    maps by the benchmark (timm has none). Train mode, drop path 0 (same work in each)."""
+    from swin_train import create_model
+    from swin_train.models.convert import convert_state_dict, to_layout
+
+    official = official_backbone(official_detection_module(repo), arch, drop_path_rate=0.0)
+    official.init_weights()
+    ours = create_model(**arch, features_only=True, drop_path_rate=0.0)
+    ours.load_state_dict(convert_state_dict(mmdet_checkpoint(official.state_dict())))
+    timm_model = timm_features(arch, drop_path_rate=0.0)
     stages = {k: v for k, v in ours.state_dict().items() if not k.startswith("norm")}  # timm has no norm{i}
     # features_only names timm's stages layers_{i}
     timm_model.load_state_dict(
