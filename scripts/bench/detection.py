@@ -215,6 +215,7 @@ def ratios(times: dict[str, list[float]]) -> dict[str, float]:
 def run_features(args, argv) -> dict:
     """The features row: forward+backward of ours, the official detection backbone and timm's features_only
     at --features HxW, same weights; seconds per step and the median pairwise ratio ours / other."""
+    from swin_train.cli.model import parse_size
     from swin_train.models.registry import variant_arch
 
     height, width = parse_size(args.features)
@@ -250,17 +251,6 @@ def run_features(args, argv) -> dict:
         "median_s": {name: statistics.median(t) for name, t in times.items()},
         "ratios": ratios(times),
     }
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'800x1333' -> (800, 1333); ConfigError (one line) otherwise."""
-    try:
-        height, width = (int(side) for side in text.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"--features takes HxW, e.g. 800x1333, got {text!r}") from None
-    if height < 1 or width < 1:
-        raise ConfigError(f"--features takes two positive sides, got {text!r}")
-    return height, width
 
 
 def format_features_table(report: dict) -> str:
