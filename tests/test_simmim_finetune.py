@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from official import official_module, official_source
+from official import official_models_package, official_module
 
 from swin_train import create_model
 from swin_train.checkpoint import save_checkpoint
@@ -276,11 +276,7 @@ def official(tmp_path_factory):
     """The official models package (swin_transformer.py, swin_transformer_v2.py, simmim.py) and
     utils_simmim.py from the snapshot, imported from a temporary folder."""
     root = tmp_path_factory.mktemp("official")
-    package = root / "official_simmim_models"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    for name in ("swin_transformer.py", "swin_transformer_v2.py", "simmim.py"):
-        (package / name).write_text(official_source(f"models/{name}"))
+    official_models_package(root, "official_simmim_models")
     sys.path.insert(0, str(root))
     try:
         models = importlib.import_module("official_simmim_models.simmim")
