@@ -139,7 +139,7 @@ def test_swin_export_refuses_what_an_encoder_cannot_be(files, tmp_path, capsys):
     assert not (tmp_path / "hf").exists() and not (tmp_path / "t.pth").exists()
 
 
-def test_few_labels_keeps_a_stratified_fraction_of_train_and_all_of_val(tmp_path):
+def test_few_labels_keeps_a_stratified_fraction_of_train_and_all_of_val(tmp_path, capsys):
     from pathlib import Path
 
     from helpers import load_module
@@ -158,3 +158,10 @@ def test_few_labels_keeps_a_stratified_fraction_of_train_and_all_of_val(tmp_path
     again = {d.name: sorted(f.name for f in d.iterdir()) for d in (tmp_path / "out2" / "train").iterdir()}
     assert again == kept  # the seed fixes the choice
     assert few.main([str(tmp_path / "root"), str(tmp_path / "out"), "--fraction", "0.1"]) == 2
+    capsys.readouterr()
+    assert few.main([str(tmp_path / "root" / "train"), str(tmp_path / "out3")]) == 2  # no train/ in it
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"few_labels.py: {tmp_path / 'root' / 'train'} is not an ImageFolder root with train/<class>/ and val/\n"
+    )
