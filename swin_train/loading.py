@@ -52,6 +52,7 @@ from swin_train.models.registry import build_model, variant_arch
 from swin_train.models.simmim import MaskedSwinEncoder, SimMIM, simmim_state_dict
 from swin_train.models.swin import SwinTransformer
 from swin_train.outputs import is_run_config
+from swin_train.v2_windows import over_trained_arch
 
 log = logging.getLogger("swin_train")
 # what SwinTransformer cannot be built without: create_model's overrides lacking one go over a file's own
@@ -109,8 +110,7 @@ def resize_relative_position_bias_table(table: torch.Tensor, num_entries: int) -
 
 
 def resize_absolute_pos_embed(embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(1, L, C) on a square patch grid -> (1, H*W, C) on the (H, W) `grid` by bicubic interpolation (as
-    official)."""
+    """(1, L, C) on a square patch grid -> (1, H*W, C) on the (H, W) `grid`, bicubic (as official)."""
     old_side = _square_side(embed.shape[1], "the absolute position embedding")
     C = embed.shape[2]
     pixels = embed.float().reshape(1, old_side, old_side, C).permute(0, 3, 1, 2)
@@ -121,8 +121,7 @@ def resize_absolute_pos_embed(embed: torch.Tensor, grid: tuple[int, int]) -> tor
 def read_class_map(path: str | Path) -> list[int]:
     """One source class index per line (the official map22kto1k.txt format)."""
     try:
-        lines = Path(path).read_text().split()
-        return [int(x) for x in lines]
+        return [int(x) for x in Path(path).read_text().split()]
     except FileNotFoundError:
         raise CheckpointError(
             f"head map file {path} does not exist; give model.head_map a file of indices"
@@ -357,12 +356,13 @@ def create_model(
         raise ConfigError("out_indices and frozen_stages are the backbone's: pass features_only=True")
     trained, source = None, checkpoint
     if checkpoint is not None and name is None and not BUILD_FIELDS <= overrides.keys():  # its architecture
-        source, overrides = simmim_weights.source_and_arch(checkpoint, overrides)
-        if not BUILD_FIELDS <= overrides.keys():  # not SimMIM: a swin-train checkpoint, export or HF folder
+        source, own = simmim_weights.source_and_arch(checkpoint)
+        if own is None:  # not SimMIM: a swin-train checkpoint, export or HF folder
             trained = load_trained_model(checkpoint)
             if not features_only and not overrides:
                 return trained.model
-            overrides = trained.config.model_kwargs() | overrides  # a backbone keeps the detection rule
+            own = trained.config.model_kwargs()
+        overrides = over_trained_arch(own, overrides, always_partition=features_only)
     if features_only:
         model = build_backbone(name, out_indices=out_indices, frozen_stages=frozen_stages, **overrides)
     else:

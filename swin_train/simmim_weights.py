@@ -160,14 +160,14 @@ def refuse_pretraining(state: Mapping, where: str) -> None:
         raise pretraining_checkpoint_error(where)
 
 
-def source_and_arch(checkpoint: str | os.PathLike, overrides: dict) -> tuple:
-    """(what create_model loads, its architecture arguments) for a file given without a variant name or every
-    field: a SimMIM file's loaded checkpoint and its encoder's architecture under `overrides` (classifier_arch);
-    anything else as given."""
+def source_and_arch(checkpoint: str | os.PathLike) -> tuple:
+    """(what create_model loads, its architecture arguments or None) for a file given without a variant name or
+    every field: a SimMIM file's loaded checkpoint and its encoder's architecture (encoder_fields); anything else
+    as given, with None."""
     if not is_simmim_file(checkpoint):
-        return checkpoint, overrides
+        return checkpoint, None
     state = load_checkpoint(checkpoint)
-    return state, classifier_arch(state, str(checkpoint), overrides)
+    return state, encoder_fields(state, str(checkpoint))
 
 
 def pretraining_checkpoint_error(where: str) -> CheckpointError:
@@ -198,9 +198,9 @@ def is_simmim_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def classifier_arch(state: Mapping, where: str, overrides: Mapping) -> dict:
-    """SwinTransformer arguments for `create_model(checkpoint=SimMIM file, **overrides)`: the encoder's own
-    (its config; num_classes 0, a feature extractor) with `overrides` (num_classes, window_size, ...) over them."""
+def encoder_fields(state: Mapping, where: str) -> dict:
+    """SwinTransformer arguments for `create_model(checkpoint=SimMIM file)`: the encoder's own (its config;
+    num_classes 0, a feature extractor); ConfigError for an official file, which records none."""
     arch = encoder_arch(state, where)
     if arch is None:
         raise ConfigError(
@@ -208,4 +208,4 @@ def classifier_arch(state: Mapping, where: str, overrides: Mapping) -> dict:
             "variant name or fields, e.g. create_model('swin_base_patch4_window7_224', checkpoint=..., "
             "num_classes=N)"
         )
-    return arch | dict(overrides)
+    return arch

@@ -210,6 +210,26 @@ def test_a_swin_train_checkpoint_takes_overrides_over_its_own_architecture(micro
     assert classifier.head.out_features == 3 and _stage_weights_equal(classifier, stages)
 
 
+def test_a_swin_v2_runs_backbone_keeps_the_window_a_shrunk_stage_learned_its_offsets_at(tmp_path, caplog):
+    """The classifier ran ARCH's 2x2 last stage as one window of 2; the backbone partitions it by 4 (the
+    detection rule), its position-bias MLP still reading offsets normalised by the window of 2."""
+    from swin_train.config import Config, DataConfig, ModelConfig, config_to_dict
+    from swin_train.data.transforms import Preprocess
+
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in ARCH.items() if k != "img_size"}
+    cfg = Config(model=ModelConfig(**fields, version=2, num_classes=3), data=DataConfig(img_size=32))
+    classifier = randomised(SwinTransformer(**cfg.model_kwargs()))
+    state = dict(format="swin-train/1", model=classifier.state_dict(), config=config_to_dict(cfg))
+    state |= dict(class_names=["a", "b", "c"], preprocess=Preprocess.from_config(cfg).to_dict())
+    save_checkpoint(state, tmp_path / "v2.pth")
+    with caplog.at_level(logging.INFO, logger="swin_train"):
+        backbone = create_model(checkpoint=tmp_path / "v2.pth", features_only=True)
+    assert [layer.blocks[0].attn.pretrained_window for layer in backbone.layers] == [4, 4, 4, 2]
+    assert [layer.blocks[0].window for layer in backbone.layers] == [4, 4, 4, 4]
+    assert "pretrained_window_sizes=[4, 4, 4, 2]: the windows the weights were trained with" in caplog.text
+    assert _stage_weights_equal(backbone, classifier.state_dict())
+
+
 def test_stage_choices_without_features_only_are_a_one_line_error():
     for kwargs in (dict(out_indices=(1,)), dict(frozen_stages=1)):
         with pytest.raises(ConfigError) as error:

@@ -200,6 +200,22 @@ def test_v2_encoder_needs_no_remap_and_takes_its_pretraining_windows(tmp_path, c
     assert all(torch.equal(model.state_dict()[k], v) for k, v in encoder.state_dict().items())
 
 
+def test_create_model_at_another_window_keeps_a_v2_encoders_pretraining_windows(tmp_path):
+    """As model.pretrained does: the offsets stay normalised by the windows the encoder learned them at."""
+    encoder = _pretrained(version=2)
+    path = tmp_path / "last.pth"
+    _swin_train_simmim_checkpoint(path, encoder, version=2)
+    cfg = _micro_config(path, version=2)  # window 7 at 56 px: the fine-tuning's geometry
+    expected = build_classifier(cfg, 10)
+    assert cfg.model.pretrained_window_sizes == [6, 6]
+    for features_only in (False, True):
+        model = create_model(checkpoint=path, window_size=7, img_size=56, features_only=features_only)
+        assert [layer.blocks[0].attn.pretrained_window for layer in model.layers] == [6, 6]
+    model = create_model(checkpoint=path, window_size=7, img_size=56, num_classes=10)
+    x = torch.randn(2, 3, 56, 56)
+    assert torch.equal(_logits(model, x, head_from=expected), _logits(expected, x))
+
+
 def test_a_pickled_config_is_refused_as_for_any_checkpoint(tmp_path):
     """Official training checkpoints also hold their yacs config, a pickled object: the safe load refuses the
     file (nothing of it runs), as it refuses such a classification checkpoint."""
