@@ -403,6 +403,22 @@ def test_swin_export_writes_the_detection_layout_and_refuses_swin_v2_in_one_line
     assert swin_export(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "the official detection and segmentation code has Swin V1 only" in err
+    for fmt in ("detection", "timm"):  # the export itself, a backbone: nothing to export a classifier from
+        args = [
+            "--checkpoint",
+            str(out),
+            "--format",
+            fmt,
+            "--out",
+            str(tmp_path / f"again.{fmt}"),
+            "--img-size",
+            "32",
+        ]
+        assert swin_export(args) == 2
+        assert capsys.readouterr().err == (
+            f"swin-export: error: {out} holds a detection backbone (no final norm or head), not a classifier; "
+            "load it with swin_train.create_model(NAME or fields, features_only=True, checkpoint=...)\n"
+        )
 
 
 def test_flops_count_the_stages_run_and_their_norms_instead_of_the_classifier_end():
