@@ -87,6 +87,14 @@ def test_features_equal_timms_features_only_with_always_partition_where_their_ru
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_stochastic_depth_defaults_to_the_official_detection_backbones():
+    backbone = create_model("swin_tiny_patch4_window7_224", features_only=True)  # the classifier's: 0.1
+    assert backbone.layers[3].blocks[1].drop_path.drop_prob == pytest.approx(0.2)
+    assert create_model(**ARCH, features_only=True, drop_path_rate=0.3).layers[3].blocks[
+        1
+    ].drop_path.drop_prob == (pytest.approx(0.3))
+
+
 def test_out_indices_pick_stages_and_later_stages_do_not_run():
     backbone = create_model(**ARCH, features_only=True, out_indices=(2, 1))
     assert backbone.out_indices == (1, 2) and [i["module"] for i in backbone.feature_info] == [

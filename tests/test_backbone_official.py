@@ -3,6 +3,7 @@ mmdet/models/backbones/swin_transformer.py, read from a fetched snapshot with it
 stand-ins: scripts/bench/detection.py). Skipped without the snapshot; test_backbone.py checks the same maps
 against the classifier's stages and timm's features_only."""
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -90,6 +91,12 @@ def test_the_detection_export_loads_into_the_official_backbone_with_only_its_sta
     with torch.no_grad():
         for a, b in zip(ours(images), theirs(images), strict=True):
             assert (a - b).abs().max() < 1e-4
+
+
+def test_the_default_stochastic_depth_is_the_official_backbones(official):
+    from swin_train.models.backbone import DROP_PATH_RATE
+
+    assert inspect.signature(official.SwinTransformer).parameters["drop_path_rate"].default == DROP_PATH_RATE
 
 
 @pytest.mark.parametrize("frozen_stages", [-1, 0, 1, 2, 4])

@@ -23,6 +23,9 @@ from swin_train.errors import ConfigError
 from .registry import variant_arch
 from .swin import SwinTransformer, stage_sizes
 
+# the official detection backbone's default (and its Swin-T configs'), where the classifier's is 0.1
+DROP_PATH_RATE = 0.2
+
 
 class SwinBackbone(SwinTransformer):
     """Per-stage feature maps of a Swin V1 or V2, each through its own LayerNorm `norm{i}`.
@@ -31,6 +34,7 @@ class SwinBackbone(SwinTransformer):
     `frozen_stages` (the official detection backbone's meaning): -1 nothing frozen; 0 the patch embedding;
     1 also the absolute position embedding; k >= 2 also stages 0 .. k-2. Frozen modules have
     requires_grad=False and stay in eval mode through `.train()` (their dropout and stochastic depth off).
+    `drop_path_rate` defaults to the official detection backbone's 0.2.
     `feature_info`: one dict per returned stage, as timm's: `num_chs`, `reduction` (its stride in pixels) and
     `module` (the norm whose output it is).
     """
@@ -41,10 +45,13 @@ class SwinBackbone(SwinTransformer):
         out_indices: Sequence[int] | None = None,
         frozen_stages: int = -1,
         always_partition: bool = True,
+        drop_path_rate: float = DROP_PATH_RATE,
         **arch,
     ):
         arch.pop("num_classes", None)  # no head: a classifier's architecture fields are welcome as they are
-        super().__init__(**arch, num_classes=0, always_partition=always_partition)
+        super().__init__(
+            **arch, num_classes=0, always_partition=always_partition, drop_path_rate=drop_path_rate
+        )
         all_stages = range(self.num_stages)
         self.out_indices = check_out_indices(
             all_stages if out_indices is None else out_indices, self.num_stages
