@@ -295,8 +295,8 @@ def load_trained_model(source: str | os.PathLike | dict, *, ema: bool = False) -
     simmim_weights.refuse_pretraining(state, where)
     if not holds_trained_model(state):
         raise CheckpointError(
-            f"{where} is not a swin-train checkpoint or export (no config, class names and preprocessing); "
-            "for bare weights of another layout pass --model NAME (swin-eval) or use model.pretrained"
+            f"{where} is not a swin-train checkpoint or export (no config, class names and preprocessing); bare "
+            "weights need their architecture: --model NAME (swin-eval), a name or every field (create_model)"
         )
     absent = [k for k in ("model", *EXPORT_METADATA_KEYS) if k not in state]
     if absent:

@@ -214,6 +214,12 @@ def test_a_swin_train_checkpoint_takes_overrides_over_its_own_architecture(micro
     assert backbone.layers[1].blocks[1].drop_path.drop_prob == pytest.approx(0.3)
     assert backbone.embed_dim == 24 and _stage_weights_equal(backbone, state["model"])
     classifier = create_model(checkpoint=path, num_classes=3)  # its stages, a fresh head of 3 classes
+    bare = tmp_path / "official.pth"
+    save_checkpoint(to_layout(state["model"], "timm"), bare)
+    with pytest.raises(
+        CheckpointError, match=r"bare weights need their architecture: .* every field \(create_model\)"
+    ):
+        create_model(checkpoint=bare, features_only=True, drop_path_rate=0.3)
     stages = {k: v for k, v in state["model"].items() if not k.startswith("head.")}
     assert classifier.head.out_features == 3 and _stage_weights_equal(classifier, stages)
 
