@@ -1,0 +1,55 @@
+"""SimMIM pre-training as a new user meets it: settings that would train on nothing or on NaN, models that
+cannot decode, resumes that change what the loss measures, pictures of files that did not decode, and bad
+paths named by the setting that holds them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swin_train.config import load_config
+from swin_train.errors import ConfigError
+from swin_train.models.simmim import MaskedSwinEncoder, SimMIM, local_statistics
+
+# A micro encoder of stride 32 (patch 8, three stages) at 64 px
+ARCH = dict(patch_size=8, embed_dim=24, depths=[2, 2, 2], num_heads=[2, 2, 4], window_size=4, img_size=64)
+MICRO = [
+    "task=simmim",
+    "model.patch_size=8",
+    "model.depths=[2,2,2]",
+    "model.num_heads=[2,2,4]",
+    "model.window_size=4",
+    "data.img_size=64",
+    "simmim.mask_patch_size=16",
+]
+
+
+def test_a_normalised_target_over_one_pixel_is_refused_rather_than_training_on_nan():
+    # a 1 x 1 window has one pixel: its unbiased variance is 0/0, so every target was NaN and every step skipped
+    with pytest.raises(ConfigError, match=r"simmim.norm_target must be null or odd and >= 3 .*got 1$"):
+        load_config(None, [*MICRO, "simmim.norm_target=1"])
+    with pytest.raises(ValueError, match="norm_target must be None or an odd patch size >= 3, got 1"):
+        SimMIM(MaskedSwinEncoder(**ARCH), norm_target=1)
+    with pytest.raises(ValueError, match="must be odd and >= 3, got 1"):
+        local_statistics(torch.rand(1, 3, 8, 8), 1)
+    mean, var = local_statistics(torch.rand(1, 3, 8, 8), 3)  # the smallest window that has a variance
+    assert torch.isfinite(var).all() and (var > 0).all()
+
+
+def test_simmim_refuses_an_encoder_whose_stride_is_not_the_decoders():
+    # patch 4 and three stages is stride 16: the decoder's pixel shuffle by 32 made images twice the size and
+    # the loss failed only in forward, on a broadcast
+    encoder = MaskedSwinEncoder(**{**ARCH, "patch_size": 4})
+    with pytest.raises(ValueError, match=r"SimMIM decodes from stride 32, but .* is stride 16; use patch 4"):
+        SimMIM(encoder)
+
+
+def test_a_mask_ratio_that_masks_every_patch_is_refused_like_a_ratio_of_one():
+    # 16 mask patches at 64 px: ceil(16 x 0.99) = 16, so 0.99 hid the whole image as 1.0 would
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*MICRO, "simmim.mask_ratio=0.99"])
+    assert "simmim.mask_ratio=0.99 masks all 16 mask patches of a 64 x 64 image" in str(e.value)
+    assert "use at most 0.9375" in str(e.value) and "\n" not in str(e.value)
+    assert load_config(None, [*MICRO, "simmim.mask_ratio=0.9375"]).simmim.mask_ratio == 0.9375  # 15 of 16
+    smaller = load_config(None, [*MICRO, "simmim.mask_ratio=0.98", "simmim.mask_patch_size=8"])  # 63 of 64
+    assert smaller.simmim.mask_ratio == 0.98
