@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import photo_jpegs, run_cli
+from test_train import _records
 
 from swin_train.config import load_config
 from swin_train.errors import ConfigError
@@ -22,6 +24,27 @@ MICRO = [
     "data.img_size=64",
     "simmim.mask_patch_size=16",
 ]
+# MICRO as a run: 8 photographs in batches of 4, one epoch, no pictures
+RUN = [
+    *MICRO,
+    "model.embed_dim=24",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "train.epochs=1",
+    "train.warmup_epochs=0",
+    "train.lr_base_batch=4",
+    "simmim.pictures=0",
+    "amp=none",
+]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """8 photographs (JPEGs, 300-500 px) in one flat folder."""
+    root = tmp_path_factory.mktemp("photos")
+    for i, data in enumerate(photo_jpegs(8, seed=7)):
+        (root / f"{i}.jpg").write_bytes(data)
+    return root
 
 
 def test_a_normalised_target_over_one_pixel_is_refused_rather_than_training_on_nan():
@@ -53,3 +76,19 @@ def test_a_mask_ratio_that_masks_every_patch_is_refused_like_a_ratio_of_one():
     assert load_config(None, [*MICRO, "simmim.mask_ratio=0.9375"]).simmim.mask_ratio == 0.9375  # 15 of 16
     smaller = load_config(None, [*MICRO, "simmim.mask_ratio=0.98", "simmim.mask_patch_size=8"])  # 63 of 64
     assert smaller.simmim.mask_ratio == 0.98
+
+
+def test_a_resume_that_changes_what_the_loss_measures_starts_a_new_best(photos, tmp_path):
+    out = tmp_path / "run"
+    first = run_cli("train", "--data-path", photos, "--output", out, *RUN, "simmim.norm_target=15")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # the normalised target's loss is the lower one here: kept as best, no plain-target epoch would beat it
+    resumed = run_cli("train", "--data-path", photos, "--output", out, *RUN, "train.epochs=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    before, after = _records(out)
+    assert before["val_loss"] < after["val_loss"]  # the two losses are not comparable
+    assert after["best_loss"] == after["val_loss"]
+    assert torch.load(out / "best.pth", weights_only=True)["train_state"]["epoch"] == 2
+    logged = resumed.stdout + resumed.stderr
+    assert "simmim.norm_target 15 -> None since " in logged
+    assert f"so best.pth (loss {before['val_loss']:.4f}, epoch 1) is not compared with it" in logged
