@@ -92,3 +92,28 @@ def test_a_resume_that_changes_what_the_loss_measures_starts_a_new_best(photos, 
     logged = resumed.stdout + resumed.stderr
     assert "simmim.norm_target 15 -> None since " in logged
     assert f"so best.pth (loss {before['val_loss']:.4f}, epoch 1) is not compared with it" in logged
+
+
+def test_a_bad_folder_is_one_line_that_names_the_setting_holding_it_and_writes_nothing(photos, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for args, message in [
+        (
+            ["--data-path", photos / "0.jpg"],
+            f"data path {photos / '0.jpg'} does not exist or is not a folder; ",
+        ),
+        ([], "no data path: pass --data-path DIR (a folder of images at any depth, "),
+        (
+            ["--data-path", photos, f"data.val_path={tmp_path / 'nope'}"],
+            f"data.val_path {tmp_path / 'nope'} does ",
+        ),
+        (
+            ["--data-path", photos, f"data.val_path={tmp_path / 'empty'}"],
+            f"data.val_path {tmp_path / 'empty'} holds ",
+        ),
+    ]:
+        done = run_cli("train", "--output", tmp_path / "run", *args, *RUN)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        (line,) = done.stderr.strip().splitlines()
+        assert message in line
+        assert "train/ and val/" not in line.split(";")[-1]  # a folder of images does for pre-training
+        assert not (tmp_path / "run").exists()

@@ -100,7 +100,9 @@ def folder_sets(cfg: Config, env: DistEnv, train_transform, eval_transform):
     paths = scan_unlabeled_folder(root)
     train = unlabeled_image_folder(root, train_transform, cache_bytes=cache, paths=paths, **common)
     if d.val_path:
-        val = unlabeled_image_folder(Path(d.val_path), eval_transform, evaluation=True, **common)
+        val = unlabeled_image_folder(
+            Path(d.val_path), eval_transform, evaluation=True, setting="data.val_path", **common
+        )
         warn_if_val_is_train(paths, [f for f, _ in val.samples])
         return train, val
     val_paths = paths[:: max(1, len(paths) // FLAT_FOLDER_VAL_IMAGES)][:FLAT_FOLDER_VAL_IMAGES]
