@@ -19,7 +19,7 @@ class SimMIMConfig:
     # null: the decoder reconstructs the normalised image; an odd patch size (official NORM_TARGET.PATCH_SIZE 47,
     # the SwinV2 recipe): each pixel standardised by the mean and variance of the window around it
     norm_target: int | None = None
-    # validation images (of the first val batch) in each epoch's picture: original | masked | reconstruction; 0: none
+    # the first validation images (that decode) in each epoch's picture: original | masked | reconstruction; 0: none
     pictures: int = 4
 
     def check(self, r) -> None:

@@ -335,7 +335,7 @@ def test_validation_loss_is_the_official_loss_over_the_whole_set_in_any_batches(
     numbers, kept = reconstruction_loss(model, batches, device=torch.device("cpu"), amp=amp, keep=3)
     assert numbers["num_samples"] == 5 and numbers["num_skipped"] == 1
     assert numbers["loss"] == pytest.approx(whole, rel=1e-6)
-    assert torch.equal(kept[0], images[:2]) and torch.equal(kept[1], masks[:2])  # the first batch's, up to 3
+    assert torch.equal(kept[0], images[:3]) and torch.equal(kept[1], masks[:3])  # the first 3 counted
 
 
 def test_validation_masks_are_fixed_by_the_image_and_batches_drop_labels():

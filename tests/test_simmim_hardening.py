@@ -117,3 +117,22 @@ def test_a_bad_folder_is_one_line_that_names_the_setting_holding_it_and_writes_n
         assert message in line
         assert "train/ and val/" not in line.split(";")[-1]  # a folder of images does for pre-training
         assert not (tmp_path / "run").exists()
+
+
+def test_the_picture_shows_the_first_images_that_decoded_not_the_black_placeholders_of_those_left_out():
+    from swin_train.data.simmim import MaskGenerator
+    from swin_train.device import resolve_amp
+    from swin_train.reconstruction import reconstruction_loss
+
+    torch.manual_seed(0)
+    model = SimMIM(MaskedSwinEncoder(**ARCH)).eval()
+    images = torch.randn(5, 3, 64, 64)
+    masks = torch.stack([MaskGenerator(64, 16, 8, 0.6)() for _ in range(5)])
+    masks[:2] = 0  # the first two files did not decode (data.skip_bad_images): placeholders, empty masks
+    batches = [(images[:3], masks[:3]), (images[3:], masks[3:])]
+    amp = resolve_amp("none", torch.device("cpu"))
+    numbers, (kept_images, kept_masks) = reconstruction_loss(
+        model, batches, device=torch.device("cpu"), amp=amp, keep=2
+    )
+    assert (numbers["num_samples"], numbers["num_skipped"]) == (3, 2)
+    assert torch.equal(kept_images, images[2:4]) and torch.equal(kept_masks, masks[2:4])  # across batches
