@@ -136,3 +136,16 @@ def test_the_picture_shows_the_first_images_that_decoded_not_the_black_placehold
     )
     assert (numbers["num_samples"], numbers["num_skipped"]) == (3, 2)
     assert torch.equal(kept_images, images[2:4]) and torch.equal(kept_masks, masks[2:4])  # across batches
+
+
+def test_aug_settings_a_pretraining_run_ignores_are_named_in_a_warning(caplog):
+    from swin_train.data.pretraining import warn_if_aug_set
+
+    with caplog.at_level("WARNING", logger="swin_train"):
+        warn_if_aug_set(load_config(None, MICRO))  # aug as it comes: nothing to say
+        assert not caplog.records
+        warn_if_aug_set(load_config(None, [*MICRO, "aug.color_jitter=0.2", "aug.mixup=0"]))
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        "aug.color_jitter=0.2, aug.mixup=0.0 ignored: task simmim uses the "
+    )

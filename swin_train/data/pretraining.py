@@ -9,10 +9,10 @@ over (images, masks) batches (`masked_batch`), normalised on the device as class
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
-from swin_train.config import Config
+from swin_train.config import AugConfig, Config
 from swin_train.data.build import (
     Data,
     build_shard_data,
@@ -53,6 +53,7 @@ def build_pretraining_data(cfg: Config, env: DistEnv, *, device_pipeline: bool =
         eval_transform_for(cfg, env.device, device_pipeline=device_pipeline), masks
     )
     device_transform = DeviceTransform(env.device, d.mean, d.std) if device_pipeline else None
+    warn_if_aug_set(cfg)
     source = data_source(cfg)
     warn_if_skip_bad_images_unused(cfg, source)
     if source == "wds":
@@ -83,6 +84,22 @@ def build_pretraining_data(cfg: Config, env: DistEnv, *, device_pipeline: bool =
     for loader in (train_loader, val_loader):
         loader.collate_fn = masked_batch
     return Data(train_loader, val_loader, train_sampler, [], len(train_set), len(val_set), device_transform)
+
+
+def warn_if_aug_set(cfg: Config) -> None:
+    """aug.* is classification's: a pre-training run that sets it is told that its transform is fixed."""
+    default = AugConfig()
+    ignored = [
+        f"aug.{f.name}={getattr(cfg.aug, f.name)}"
+        for f in fields(AugConfig)
+        if getattr(cfg.aug, f.name) != getattr(default, f.name)
+    ]
+    if ignored:
+        log.warning(
+            "%s ignored: task simmim uses the official SimMIM transform (random-resized crop of 67-100%%, flip), "
+            "whatever aug.* says",
+            ", ".join(ignored),
+        )
 
 
 def folder_sets(cfg: Config, env: DistEnv, train_transform, eval_transform):
