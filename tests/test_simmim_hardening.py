@@ -4,6 +4,8 @@ paths named by the setting that holds them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import photo_jpegs, run_cli
@@ -149,3 +151,20 @@ def test_aug_settings_a_pretraining_run_ignores_are_named_in_a_warning(caplog):
     assert record.getMessage().startswith(
         "aug.color_jitter=0.2, aug.mixup=0.0 ignored: task simmim uses the "
     )
+
+
+def test_the_readme_python_example_of_pretraining_runs_and_gives_the_official_loss():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Pre-train without labels (SimMIM)") :]
+    example = section[section.index("```python\n") + len("```python\n") :]
+    example = example[: example.index("```")]
+    torch.manual_seed(0)
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    model, masks, loss = scope["model"], scope["masks"], scope["loss"]
+    assert masks.mask_count == 30 and masks().shape == (
+        56,
+        56,
+    )  # ceil(0.6 x 7 x 7) patches, at the patch grid
+    assert (model.encoder.window_size, model.encoder.embed_dim) == (7, 128)
+    assert loss.shape == () and 0.5 < loss.item() < 1.5  # an untrained model's L1 on unit-variance noise
