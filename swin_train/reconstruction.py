@@ -64,15 +64,18 @@ def reconstruction_picture(
     amp: Amp,
 ) -> torch.Tensor:
     """(3, H', W') uint8: one row per image, original | masked (grey where masked) | reconstruction (the
-    decoder's pixels where masked, the original elsewhere), in image colours. A normalised target
-    (norm_target) is turned back into pixels with the original's local mean and variance."""
+    decoder's pixels where masked, the original elsewhere), in image colours.
+
+    All three are in the loss's units, what the decoder is asked for: with a normalised target (norm_target)
+    the "original" is the image standardised per window (its edges and textures, contrast evened out). Turning
+    the decoder's output back into pixels would take each window's mean and variance from the original, hidden
+    pixels included, and paint their blur into the holes, as if the model had seen them."""
     model.eval()
     with amp.autocast():
         output = model.reconstruct(images, masks).float()
-    output = model.untarget(images.float(), output)
     mean_ = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     std_ = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    original = (images.float() * std_ + mean_).clamp(0, 1)
+    original = (model.target(images.float()) * std_ + mean_).clamp(0, 1)
     reconstruction = (output * std_ + mean_).clamp(0, 1)
     hidden = model.pixel_mask(masks).float()  # (B, 1, H, W), 1 where masked
     masked = original * (1 - hidden) + 0.5 * hidden

@@ -168,3 +168,29 @@ def test_the_readme_python_example_of_pretraining_runs_and_gives_the_official_lo
     )  # ceil(0.6 x 7 x 7) patches, at the patch grid
     assert (model.encoder.window_size, model.encoder.embed_dim) == (7, 128)
     assert loss.shape == () and 0.5 < loss.item() < 1.5  # an untrained model's L1 on unit-variance noise
+
+
+def test_a_normalised_target_picture_shows_what_the_decoder_output_not_the_hidden_pixels_blur():
+    from swin_train.data.simmim import MaskGenerator
+    from swin_train.device import resolve_amp
+    from swin_train.reconstruction import reconstruction_picture
+
+    torch.manual_seed(0)
+    model = SimMIM(MaskedSwinEncoder(**ARCH), norm_target=15).eval()
+    torch.nn.init.zeros_(model.decoder[0].weight)  # the decoder says 0 everywhere: "the window's mean"
+    torch.nn.init.zeros_(model.decoder[0].bias)
+    images = torch.randn(2, 3, 64, 64).cumsum(-1) / 8  # smooth, so that local means vary across the image
+    masks = torch.stack([MaskGenerator(64, 16, 8, 0.6)() for _ in range(2)])
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
+    picture = reconstruction_picture(
+        model, images, masks, mean, std, resolve_amp("none", torch.device("cpu"))
+    )
+    hidden = model.pixel_mask(masks)[:, 0].bool()  # (B, 64, 64)
+    for row in range(2):
+        y, x = 2 + row * 66, 2 + 2 * 66  # the reconstruction column
+        painted = picture[:, y : y + 64, x : x + 64][:, hidden[row]]  # (3, hidden pixels)
+        # 0 in the target's units is the mean colour: nothing of the hidden pixels shows through
+        expected = torch.tensor([round(255 * m) for m in mean], dtype=torch.uint8)[:, None]
+        assert torch.equal(painted, expected.expand_as(painted))
+        original = picture[:, y : y + 64, 2 : 2 + 64].float()
+        assert original.std() > 20  # the target itself, standardised per window: contrast, not a flat picture
