@@ -194,3 +194,26 @@ def test_a_normalised_target_picture_shows_what_the_decoder_output_not_the_hidde
         assert torch.equal(painted, expected.expand_as(painted))
         original = picture[:, y : y + 64, 2 : 2 + 64].float()
         assert original.std() > 20  # the target itself, standardised per window: contrast, not a flat picture
+
+
+def test_data_val_path_is_the_val_set_of_a_root_with_train_and_val_too(photos, tmp_path):
+    from swin_train.data.pretraining import build_pretraining_data
+    from swin_train.distributed import DistEnv
+
+    root = tmp_path / "root"
+    for split, names in (("train", ["0", "1", "2", "3"]), ("val", ["4", "5"])):
+        (root / split / "cls").mkdir(parents=True)
+        for name in names:
+            (root / split / "cls" / f"{name}.jpg").write_bytes((photos / f"{name}.jpg").read_bytes())
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    for name in ("6", "7"):  # another val set of 3 images
+        (held_out / f"{name}.jpg").write_bytes((photos / f"{name}.jpg").read_bytes())
+    (held_out / "8.jpg").write_bytes((photos / "7.jpg").read_bytes())
+    cfg = load_config(None, [*RUN, f"data.data_path={root}"])
+    data = build_pretraining_data(cfg, DistEnv())
+    assert (data.num_train, data.num_val) == (4, 2)  # root/val
+    cfg = load_config(None, [*RUN, f"data.data_path={root}", f"data.val_path={held_out}"])
+    data = build_pretraining_data(cfg, DistEnv())
+    assert (data.num_train, data.num_val) == (4, 3)  # the val folder given, not root/val
+    assert [p for p, _ in data.val_loader.dataset.samples] == [str(held_out / f"{n}.jpg") for n in "678"]

@@ -38,8 +38,8 @@ FLAT_FOLDER_VAL_IMAGES = 256
 def build_pretraining_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> Data:
     """Train and val loaders of (images, masks) for SimMIM pre-training, with no classes. Sources: an image
     folder root with train/ and val/ (class folders or not: each split read at any depth), a flat folder of
-    images (val: data.val_path, else a fixed spread of its own images), webdataset shards, a Hugging Face
-    dataset, the shapes set. `device_pipeline`: see build_data."""
+    images (val: a fixed spread of its own images), either with data.val_path for validation, webdataset
+    shards, a Hugging Face dataset, the shapes set. `device_pipeline`: see build_data."""
     d, s = cfg.data, cfg.simmim
     train_transform = build_simmim_transform(
         d,
@@ -103,23 +103,21 @@ def warn_if_aug_set(cfg: Config) -> None:
 
 
 def folder_sets(cfg: Config, env: DistEnv, train_transform, eval_transform):
-    """(train, val) image sets of a folder source: root/train and root/val when both exist, else the folder
-    itself with data.val_path (a folder of images) or a fixed spread of its own images for validation."""
+    """(train, val) image sets of a folder source: root/train when root has train/ and val/, else the folder
+    itself; validation on data.val_path (a folder of images) when set, else root/val, else a fixed spread of
+    the folder's own images."""
     d = cfg.data
     root = data_root(cfg, env)
     common = dict(skip_bad_images=d.skip_bad_images)
     cache = d.decoded_cache_mib << 20
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        train = unlabeled_image_folder(root / "train", train_transform, cache_bytes=cache, **common)
-        val = unlabeled_image_folder(root / "val", eval_transform, evaluation=True, **common)
-        warn_if_val_is_train([f for f, _ in train.samples], [f for f, _ in val.samples])
-        return train, val
-    paths = scan_unlabeled_folder(root)
-    train = unlabeled_image_folder(root, train_transform, cache_bytes=cache, paths=paths, **common)
-    if d.val_path:
-        val = unlabeled_image_folder(
-            Path(d.val_path), eval_transform, evaluation=True, setting="data.val_path", **common
-        )
+    split = (root / "train").is_dir() and (root / "val").is_dir()
+    paths = scan_unlabeled_folder(root / "train" if split else root)
+    train = unlabeled_image_folder(
+        root / "train" if split else root, train_transform, cache_bytes=cache, paths=paths, **common
+    )
+    if d.val_path or split:  # the val folder given wins over root/val
+        val_root, setting = (Path(d.val_path), "data.val_path") if d.val_path else (root / "val", "data path")
+        val = unlabeled_image_folder(val_root, eval_transform, evaluation=True, setting=setting, **common)
         warn_if_val_is_train(paths, [f for f, _ in val.samples])
         return train, val
     val_paths = paths[:: max(1, len(paths) // FLAT_FOLDER_VAL_IMAGES)][:FLAT_FOLDER_VAL_IMAGES]
