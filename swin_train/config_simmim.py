@@ -58,6 +58,12 @@ class SimMIMConfig:
                 f"multiple of model.patch_size={m.patch_size}; change one of them",
             )
         patches = (sides[0] // self.mask_patch_size) * (sides[1] // self.mask_patch_size)
+        if patches == 1:
+            r.fail(
+                ("simmim.mask_patch_size", "data.img_size"),
+                f"simmim.mask_patch_size={self.mask_patch_size} makes the {sides[0]} x {sides[1]} image one mask "
+                "patch: every mask hides all of it; use a smaller simmim.mask_patch_size",
+            )
         if math.ceil(patches * self.mask_ratio) >= patches:  # as MaskGenerator counts them
             r.fail(
                 ("simmim.mask_ratio", "simmim.mask_patch_size"),

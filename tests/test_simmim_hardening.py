@@ -76,6 +76,8 @@ def test_a_mask_ratio_that_masks_every_patch_is_refused_like_a_ratio_of_one():
     assert "simmim.mask_ratio=0.99 masks all 16 mask patches of a 64 x 64 image" in str(e.value)
     assert "use at most 0.9375" in str(e.value) and "\n" not in str(e.value)
     assert load_config(None, [*MICRO, "simmim.mask_ratio=0.9375"]).simmim.mask_ratio == 0.9375  # 15 of 16
+    with pytest.raises(ConfigError, match="mask_patch_size=64 makes the 64 x 64 image one mask patch: every"):
+        load_config(None, [*MICRO, "simmim.mask_patch_size=64"])
     smaller = load_config(None, [*MICRO, "simmim.mask_ratio=0.98", "simmim.mask_patch_size=8"])  # 63 of 64
     assert smaller.simmim.mask_ratio == 0.98
 
