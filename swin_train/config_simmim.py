@@ -3,6 +3,7 @@ beside each, and what the task needs of the rest of the config."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from swin_train.models.simmim import ENCODER_STRIDE
@@ -18,7 +19,7 @@ class SimMIMConfig:
     # null: the decoder reconstructs the normalised image; an odd patch size (official NORM_TARGET.PATCH_SIZE 47,
     # the SwinV2 recipe): each pixel standardised by the mean and variance of the window around it
     norm_target: int | None = None
-    # validation images (of the first val batch) in each epoch's picture: original | masked | reconstruction; 0: none
+    # the first validation images (that decode) in each epoch's picture: original | masked | reconstruction; 0: none
     pictures: int = 4
 
     def check(self, r) -> None:
@@ -26,7 +27,10 @@ class SimMIMConfig:
         r.require("simmim.mask_ratio", self.mask_ratio, lambda x: 0 < x < 1, "in (0, 1)")
         if self.norm_target is not None:
             r.require(
-                "simmim.norm_target", self.norm_target, lambda x: x >= 1 and x % 2, "null or odd (e.g. 47)"
+                "simmim.norm_target",
+                self.norm_target,
+                lambda x: x >= 3 and x % 2,
+                "null or odd and >= 3 (e.g. 47; a 1-pixel window has no variance)",
             )
         r.require("simmim.pictures", self.pictures, lambda x: x >= 0, ">= 0 (0: none)")
 
@@ -52,6 +56,20 @@ class SimMIMConfig:
                 ("simmim.mask_patch_size", "data.img_size", "model.patch_size"),
                 f"simmim.mask_patch_size={self.mask_patch_size} must divide data.img_size={d.img_size} and be a "
                 f"multiple of model.patch_size={m.patch_size}; change one of them",
+            )
+        patches = (sides[0] // self.mask_patch_size) * (sides[1] // self.mask_patch_size)
+        if patches == 1:
+            r.fail(
+                ("simmim.mask_patch_size", "data.img_size"),
+                f"simmim.mask_patch_size={self.mask_patch_size} makes the {sides[0]} x {sides[1]} image one mask "
+                "patch: every mask hides all of it; use a smaller simmim.mask_patch_size",
+            )
+        if math.ceil(patches * self.mask_ratio) >= patches:  # as MaskGenerator counts them
+            r.fail(
+                ("simmim.mask_ratio", "simmim.mask_patch_size"),
+                f"simmim.mask_ratio={self.mask_ratio} masks all {patches} mask patches of a {sides[0]} x {sides[1]} image "
+                f"(ceil({patches} x {self.mask_ratio})), leaving the encoder nothing to see; use at most "
+                f"{(patches - 1) / patches:g} or a smaller simmim.mask_patch_size",
             )
         if d.synthetic:
             r.fail(

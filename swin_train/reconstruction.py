@@ -28,7 +28,8 @@ def reconstruction_loss(
     device_transform: DeviceTransform | None = None,
     keep: int = 0,
 ) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
-    """({"loss", "num_samples", "num_skipped"}, the first `keep` (images, masks) of this process or None).
+    """({"loss", "num_samples", "num_skipped"}, the first `keep` (images, masks) of this process or None;
+    images evaluation left out are not kept: they have no pixels to picture).
 
     The loss is the official one over the whole set, summed over processes: the L1 over every masked pixel
     / the masked pixels / the channels (not a mean of per-batch losses, which would weigh a short last batch
@@ -37,17 +38,20 @@ def reconstruction_loss(
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # L1 sum, masked pixels, images, left out
     transform = None if device_transform is None else (lambda images, _: device_transform(images))
-    kept = None
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     for images, masks in prefetch(loader, device, transform):
         with amp.autocast():
             l1_sum, masked = model.loss_sums(images, masks)
         counted = masks.flatten(1).bool().any(1)
         totals += torch.stack([l1_sum, masked, counted.sum(), (~counted).sum()]).to(totals.dtype)
-        if keep and kept is None:
-            kept = images[:keep], masks[:keep]
+        wanted = keep - sum(len(m) for _, m in kept)
+        if wanted > 0 and counted.any():
+            chosen = counted.nonzero().flatten()[:wanted]
+            kept.append((images[chosen], masks[chosen]))
     l1_sum, masked, count, skipped = all_reduce_sum(totals).tolist()
     loss = l1_sum / (masked + 1e-5) / model.in_chans if count else float("nan")
-    return {"loss": loss, "num_samples": int(count), "num_skipped": int(skipped)}, kept
+    pictured = (torch.cat([i for i, _ in kept]), torch.cat([m for _, m in kept])) if kept else None
+    return {"loss": loss, "num_samples": int(count), "num_skipped": int(skipped)}, pictured
 
 
 @torch.no_grad()
@@ -60,15 +64,18 @@ def reconstruction_picture(
     amp: Amp,
 ) -> torch.Tensor:
     """(3, H', W') uint8: one row per image, original | masked (grey where masked) | reconstruction (the
-    decoder's pixels where masked, the original elsewhere), in image colours. A normalised target
-    (norm_target) is turned back into pixels with the original's local mean and variance."""
+    decoder's pixels where masked, the original elsewhere), in image colours.
+
+    All three are in the loss's units, what the decoder is asked for: with a normalised target (norm_target)
+    the "original" is the image standardised per window (its edges and textures, contrast evened out). Turning
+    the decoder's output back into pixels would take each window's mean and variance from the original, hidden
+    pixels included, and paint their blur into the holes, as if the model had seen them."""
     model.eval()
     with amp.autocast():
         output = model.reconstruct(images, masks).float()
-    output = model.untarget(images.float(), output)
     mean_ = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     std_ = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    original = (images.float() * std_ + mean_).clamp(0, 1)
+    original = (model.target(images.float()) * std_ + mean_).clamp(0, 1)
     reconstruction = (output * std_ + mean_).clamp(0, 1)
     hidden = model.pixel_mask(masks).float()  # (B, 1, H, W), 1 where masked
     masked = original * (1 - hidden) + 0.5 * hidden

@@ -252,6 +252,7 @@ class Run:
             self.ema.load_state_dict(state["ema"])
         self.state = TrainState(**state["train_state"])
         self.best = dict(state["best"])
+        self.task.resumed(self, config_from_dict(state["config"]), path)  # may start a new best
         self.last_saved_step = self.state.global_step
         rng = state["rng"]
         streams = getattr(

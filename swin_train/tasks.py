@@ -89,6 +89,9 @@ class Classification:
             result.update({f"ema_{k}": v for k, v in ema.items() if k != "skipped_files"})  # the same files
         return result
 
+    def resumed(self, run, theirs: Config, path) -> None:
+        """Nothing to put right: top-1 means the same under any setting a resume may change."""
+
     def epoch_line(self, r: dict, epochs: int) -> str:
         return epoch_line(r, epochs)
 
@@ -113,6 +116,9 @@ class PreTraining:
     @staticmethod
     def better(value: float, best: float) -> bool:
         return value < best
+
+    # the settings that decide what the masked loss measures (which pixels, against what)
+    loss_settings = ("mask_patch_size", "mask_ratio", "norm_target")
 
     def __init__(self) -> None:
         self.picture: torch.Tensor | None = None  # the epoch's reconstructions (rank 0), until recorded
@@ -154,6 +160,26 @@ class PreTraining:
         if picture is not None:
             save_picture(picture, run.out, run.state.epoch)
             metrics.image("val/reconstruction", picture, run.state.global_step)
+
+    def resumed(self, run, theirs: Config, path) -> None:
+        """A resume that changes a loss setting (`loss_settings`) measures another loss from here on: best.pth's
+        number, measured before, is no longer compared with it, and the next validation writes best.pth."""
+        old, new = theirs.simmim, run.cfg.simmim
+        changed = [
+            f"simmim.{k} {getattr(old, k)} -> {getattr(new, k)}"
+            for k in self.loss_settings
+            if getattr(old, k) != getattr(new, k)
+        ]
+        if changed and run.best["epoch"] >= 0:
+            log.warning(
+                "%s since %s: the masked loss measures something else now, so best.pth (loss %.4f, epoch %d) "
+                "is not compared with it; the next validation writes a new best.pth",
+                ", ".join(changed),
+                path,
+                run.best["loss"],
+                run.best["epoch"] + 1,  # counted from 1, as the log counts epochs
+            )
+            run.best = self.initial_best(run.cfg.train.best_on)
 
     def epoch_line(self, r: dict, epochs: int) -> str:
         return reconstruction_epoch_line(r, epochs)

@@ -198,7 +198,7 @@ def test_bad_input_is_a_one_line_error(tmp_path):
         ValueError, match=r"the mask must be \(B, H/4, W/4\) = \(2, 16, 16\) .*got \(2, 8, 8\)"
     ):
         model(torch.randn(2, 3, 64, 64), torch.zeros(2, 8, 8))
-    with pytest.raises(ValueError, match="norm_target must be None or an odd patch size, got 48"):
+    with pytest.raises(ValueError, match="norm_target must be None or an odd patch size >= 3, got 48"):
         create_simmim(ARCH, norm_target=48)
     micro = ["task=simmim", "data.img_size=64", "model.window_size=4"]
     for overrides, message in [
@@ -209,7 +209,7 @@ def test_bad_input_is_a_one_line_error(tmp_path):
             ["simmim.mask_patch_size=34", "data.img_size=68"],
             "task simmim needs data.img_size a multiple of 32",
         ),
-        (["simmim.norm_target=46"], "simmim.norm_target must be null or odd (e.g. 47), got 46"),
+        (["simmim.norm_target=46"], "simmim.norm_target must be null or odd and >= 3"),
         (
             ["model.depths=[2,2,6]", "model.num_heads=[3,6,12]"],
             "task simmim decodes from stride 32 (official)",
@@ -330,7 +330,7 @@ def test_validation_loss_is_the_official_loss_over_the_whole_set_in_any_batches(
     numbers, kept = reconstruction_loss(model, batches, device=torch.device("cpu"), amp=amp, keep=3)
     assert numbers["num_samples"] == 5 and numbers["num_skipped"] == 1
     assert numbers["loss"] == pytest.approx(whole, rel=1e-6)
-    assert torch.equal(kept[0], images[:2]) and torch.equal(kept[1], masks[:2])  # the first batch's, up to 3
+    assert torch.equal(kept[0], images[:3]) and torch.equal(kept[1], masks[:3])  # the first 3 counted
 
 
 def test_validation_masks_are_fixed_by_the_image_and_batches_drop_labels():

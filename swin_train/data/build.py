@@ -24,6 +24,7 @@ from swin_train.data.samplers import ExactEvalSampler, ResumableTrainSampler
 from swin_train.data.shards import ShardTrainDataset
 from swin_train.data.synthetic import SyntheticDataset
 from swin_train.data.transforms import Preprocess, build_eval_transform, build_train_transform
+from swin_train.data.unlabeled import check_unlabeled_root
 from swin_train.distributed import DistEnv, barrier
 from swin_train.errors import ConfigError, DataError
 from swin_train.models.swin import image_size
@@ -178,9 +179,13 @@ def check_data_path(cfg: Config) -> None:
     if cfg.data.dataset == "shapes":
         return
     if not cfg.data.data_path:
+        folders = (
+            "a folder of images at any depth"
+            if cfg.task == "simmim"
+            else "a folder with train/ and val/ ImageFolders"
+        )
         raise DataError(
-            "no data path: pass --data-path DIR (a folder with train/ and val/ ImageFolders, webdataset shards "
-            "or a Hugging Face dataset)"
+            f"no data path: pass --data-path DIR ({folders}, webdataset shards or a Hugging Face dataset)"
         )
     source = data_source(cfg)
     if source == "wds":
@@ -188,6 +193,8 @@ def check_data_path(cfg: Config) -> None:
     elif source == "hf":
         if not Path(cfg.data.data_path).expanduser().exists():
             raise DataError(f"data path {cfg.data.data_path} does not exist")
+    elif cfg.task == "simmim":  # images without classes: a folder of them does
+        check_unlabeled_root(cfg.data.data_path)
     else:
         check_root(cfg.data.data_path, ())
 

@@ -9,10 +9,10 @@ over (images, masks) batches (`masked_batch`), normalised on the device as class
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
-from swin_train.config import Config
+from swin_train.config import AugConfig, Config
 from swin_train.data.build import (
     Data,
     build_shard_data,
@@ -38,8 +38,8 @@ FLAT_FOLDER_VAL_IMAGES = 256
 def build_pretraining_data(cfg: Config, env: DistEnv, *, device_pipeline: bool = False) -> Data:
     """Train and val loaders of (images, masks) for SimMIM pre-training, with no classes. Sources: an image
     folder root with train/ and val/ (class folders or not: each split read at any depth), a flat folder of
-    images (val: data.val_path, else a fixed spread of its own images), webdataset shards, a Hugging Face
-    dataset, the shapes set. `device_pipeline`: see build_data."""
+    images (val: a fixed spread of its own images), either with data.val_path for validation, webdataset
+    shards, a Hugging Face dataset, the shapes set. `device_pipeline`: see build_data."""
     d, s = cfg.data, cfg.simmim
     train_transform = build_simmim_transform(
         d,
@@ -53,6 +53,7 @@ def build_pretraining_data(cfg: Config, env: DistEnv, *, device_pipeline: bool =
         eval_transform_for(cfg, env.device, device_pipeline=device_pipeline), masks
     )
     device_transform = DeviceTransform(env.device, d.mean, d.std) if device_pipeline else None
+    warn_if_aug_set(cfg)
     source = data_source(cfg)
     warn_if_skip_bad_images_unused(cfg, source)
     if source == "wds":
@@ -85,22 +86,38 @@ def build_pretraining_data(cfg: Config, env: DistEnv, *, device_pipeline: bool =
     return Data(train_loader, val_loader, train_sampler, [], len(train_set), len(val_set), device_transform)
 
 
+def warn_if_aug_set(cfg: Config) -> None:
+    """aug.* is classification's: a pre-training run that sets it is told that its transform is fixed."""
+    default = AugConfig()
+    ignored = [
+        f"aug.{f.name}={getattr(cfg.aug, f.name)}"
+        for f in fields(AugConfig)
+        if getattr(cfg.aug, f.name) != getattr(default, f.name)
+    ]
+    if ignored:
+        log.warning(
+            "%s ignored: task simmim uses the official SimMIM transform (random-resized crop of 67-100%%, flip), "
+            "whatever aug.* says",
+            ", ".join(ignored),
+        )
+
+
 def folder_sets(cfg: Config, env: DistEnv, train_transform, eval_transform):
-    """(train, val) image sets of a folder source: root/train and root/val when both exist, else the folder
-    itself with data.val_path (a folder of images) or a fixed spread of its own images for validation."""
+    """(train, val) image sets of a folder source: root/train when root has train/ and val/, else the folder
+    itself; validation on data.val_path (a folder of images) when set, else root/val, else a fixed spread of
+    the folder's own images."""
     d = cfg.data
     root = data_root(cfg, env)
     common = dict(skip_bad_images=d.skip_bad_images)
     cache = d.decoded_cache_mib << 20
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        train = unlabeled_image_folder(root / "train", train_transform, cache_bytes=cache, **common)
-        val = unlabeled_image_folder(root / "val", eval_transform, evaluation=True, **common)
-        warn_if_val_is_train([f for f, _ in train.samples], [f for f, _ in val.samples])
-        return train, val
-    paths = scan_unlabeled_folder(root)
-    train = unlabeled_image_folder(root, train_transform, cache_bytes=cache, paths=paths, **common)
-    if d.val_path:
-        val = unlabeled_image_folder(Path(d.val_path), eval_transform, evaluation=True, **common)
+    split = (root / "train").is_dir() and (root / "val").is_dir()
+    paths = scan_unlabeled_folder(root / "train" if split else root)
+    train = unlabeled_image_folder(
+        root / "train" if split else root, train_transform, cache_bytes=cache, paths=paths, **common
+    )
+    if d.val_path or split:  # the val folder given wins over root/val
+        val_root, setting = (Path(d.val_path), "data.val_path") if d.val_path else (root / "val", "data path")
+        val = unlabeled_image_folder(val_root, eval_transform, evaluation=True, setting=setting, **common)
         warn_if_val_is_train(paths, [f for f, _ in val.samples])
         return train, val
     val_paths = paths[:: max(1, len(paths) // FLAT_FOLDER_VAL_IMAGES)][:FLAT_FOLDER_VAL_IMAGES]

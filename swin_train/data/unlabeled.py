@@ -24,13 +24,22 @@ log = logging.getLogger("swin_train")
 NO_LABEL = -2
 
 
-def scan_unlabeled_folder(root: str | Path) -> list[str]:
-    """The image files under `root`: its own files in name order, then each sub-folder's the same way, in
-    name order (for class folders, ImageFolder's order). Hidden files and folders are skipped, and directory
-    links that lead back into `root` (a loop or a duplicate) are skipped and reported, as for ImageFolders."""
+def check_unlabeled_root(root: str | Path, setting: str = "data path") -> Path:
+    """`root` as a folder, or a DataError that names the `setting` holding it."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data path {root} does not exist or is not a folder; point it at a folder of images")
+        raise DataError(
+            f"{setting} {root} does not exist or is not a folder; point it at a folder of images (any depth)"
+        )
+    return root
+
+
+def scan_unlabeled_folder(root: str | Path, setting: str = "data path") -> list[str]:
+    """The image files under `root`: its own files in name order, then each sub-folder's the same way, in
+    name order (for class folders, ImageFolder's order). Hidden files and folders are skipped, and directory
+    links that lead back into `root` (a loop or a duplicate) are skipped and reported, as for ImageFolders.
+    `setting`: what holds `root`, for the errors."""
+    root = check_unlabeled_root(root, setting)
     skipped_links: list[str] = []
     paths = _class_images(root, os.path.realpath(root), skipped_links)
     for link in skipped_links:
@@ -38,7 +47,9 @@ def scan_unlabeled_folder(root: str | Path) -> list[str]:
             "skipped directory link %s: it leads back into the data set (a loop or a duplicate)", link
         )
     if not paths:
-        raise DataError(f"{root} holds no images ({', '.join(IMG_EXTENSIONS)}) at any depth; add images")
+        raise DataError(
+            f"{setting} {root} holds no images ({', '.join(IMG_EXTENSIONS)}) at any depth; add images"
+        )
     return paths
 
 
@@ -50,14 +61,18 @@ def unlabeled_image_folder(
     cache_bytes: int = 0,
     evaluation: bool = False,
     paths: list[str] | None = None,
+    setting: str = "data path",
 ) -> ImageFolderDataset:
     """Every image under `root` (scan_unlabeled_folder) as (image, NO_LABEL) samples of an ImageFolderDataset:
     its decoding (undecoded files for a fast-decode transform), per-sample seeds, data.skip_bad_images
     (a bad file is logged and replaced by the next one, counted in num_skipped) and decoded-image cache.
     It has no classes. `evaluation`: a bad file is left out as ImageFolders leave it out of evaluation (a
-    placeholder labelled SKIPPED_LABEL). `paths`: these files of `root` only (a scan's subset)."""
+    placeholder labelled SKIPPED_LABEL). `paths`: these files of `root` only (a scan's subset). `setting`: what
+    holds `root`, for the errors."""
     root = Path(root).expanduser()
-    samples = [(path, NO_LABEL) for path in (scan_unlabeled_folder(root) if paths is None else paths)]
+    samples = [
+        (path, NO_LABEL) for path in (scan_unlabeled_folder(root, setting) if paths is None else paths)
+    ]
     return ImageFolderDataset(
         root,
         transform,

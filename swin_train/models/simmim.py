@@ -34,8 +34,8 @@ _DERIVED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_tab
 def local_statistics(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, unbiased variance) of the patch_size x patch_size window around each pixel, per channel, windows
     cut at the border: each (B, C, H, W), as the official norm_targets computes them."""
-    if patch_size % 2 != 1:
-        raise ValueError(f"the normalised target's patch must be odd, got {patch_size}")
+    if patch_size < 3 or patch_size % 2 != 1:  # a 1-pixel window has no variance: every target would be NaN
+        raise ValueError(f"the normalised target's patch must be odd and >= 3, got {patch_size}")
     pool = dict(kernel_size=patch_size, stride=1, padding=patch_size // 2)
     mean = F.avg_pool2d(images, count_include_pad=False, **pool)
     square_mean = F.avg_pool2d(images**2.0, count_include_pad=False, **pool)
@@ -86,8 +86,14 @@ class SimMIM(nn.Module):
 
     def __init__(self, encoder: MaskedSwinEncoder, norm_target: int | None = None):
         super().__init__()
-        if norm_target is not None and (norm_target < 1 or norm_target % 2 != 1):
-            raise ValueError(f"norm_target must be None or an odd patch size, got {norm_target}")
+        if norm_target is not None and (norm_target < 3 or norm_target % 2 != 1):
+            raise ValueError(f"norm_target must be None or an odd patch size >= 3, got {norm_target}")
+        stride = encoder.patch_size * 2 ** (len(encoder.layers) - 1)
+        if stride != ENCODER_STRIDE:  # the decoder's pixel shuffle would give images of another size
+            raise ValueError(
+                f"SimMIM decodes from stride {ENCODER_STRIDE}, but this encoder's patch {encoder.patch_size} x "
+                f"2^{len(encoder.layers) - 1} merges is stride {stride}; use patch 4 and 4 stages (or patch 8 and 3)"
+            )
         self.encoder, self.norm_target = encoder, norm_target
         self.version = encoder.version
         self.encoder_stride = ENCODER_STRIDE
