@@ -101,6 +101,13 @@ def test_out_indices_pick_stages_and_later_stages_do_not_run():
         "norm1",
         "norm2",
     ]
+    info = backbone.feature_info  # timm's accessors, as code written for its features_only calls them
+    assert (
+        info.channels() == [32, 64]
+        and info.reduction() == [4, 8]
+        and info.module_name() == ["norm1", "norm2"]
+    )
+    assert info.channels(1) == 64 and info.reduction(0) == 4
     assert not any(k.startswith(("norm0.", "norm3.")) for k in backbone.state_dict())
     features = backbone(torch.randn(1, 3, 40, 48))
     assert [tuple(f.shape) for f in features] == [(1, 32, 10, 12), (1, 64, 5, 6)]

@@ -27,6 +27,23 @@ from .swin import SwinTransformer, stage_sizes
 DROP_PATH_RATE = 0.2
 
 
+class FeatureInfo(list):
+    """One dict per returned map (`num_chs`, `reduction`, `module`) with timm's FeatureInfo accessors, so that
+    code written for timm's features_only (`feature_info.channels()`) reads ours."""
+
+    def channels(self, idx: int | None = None):
+        return self._get("num_chs", idx)
+
+    def reduction(self, idx: int | None = None):
+        return self._get("reduction", idx)
+
+    def module_name(self, idx: int | None = None):
+        return self._get("module", idx)
+
+    def _get(self, key: str, idx: int | None):
+        return [info[key] for info in self] if idx is None else self[idx][key]
+
+
 class SwinBackbone(SwinTransformer):
     """Per-stage feature maps of a Swin V1 or V2, each through its own LayerNorm `norm{i}`.
 
@@ -66,10 +83,10 @@ class SwinBackbone(SwinTransformer):
         dims = [self.embed_dim * 2**i for i in range(self.num_stages)]
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
-        self.feature_info = [
+        self.feature_info = FeatureInfo(
             dict(num_chs=dims[i], reduction=self.patch_size * 2**i, module=f"norm{i}")
             for i in self.out_indices
-        ]
+        )
         self._freeze_stages()
 
     def _freeze_stages(self) -> None:
