@@ -45,7 +45,8 @@ def _link(src: Path, dst: Path) -> None:
 def write_few_labels(root: Path, out: Path, fraction: float, seed: int) -> dict[str, int]:
     if not 0 < fraction <= 1:
         raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
-    classes = sorted(d for d in (root / "train").iterdir() if d.is_dir())
+    train = root / "train"
+    classes = sorted(d for d in train.iterdir() if d.is_dir()) if train.is_dir() else []
     if not classes or not (root / "val").is_dir():
         raise ValueError(f"{root} is not an ImageFolder root with train/<class>/ and val/")
     rng = np.random.default_rng(seed)

@@ -24,6 +24,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -51,8 +52,12 @@ from swin_train.models.registry import build_model, variant_arch
 from swin_train.models.simmim import MaskedSwinEncoder, SimMIM, simmim_state_dict
 from swin_train.models.swin import SwinTransformer
 from swin_train.outputs import is_run_config
+from swin_train.v2_windows import over_trained_arch
 
 log = logging.getLogger("swin_train")
+# what SwinTransformer cannot be built without: create_model's overrides lacking one go over a file's own
+_ARGS = signature(SwinTransformer).parameters.values()
+BUILD_FIELDS = {p.name for p in _ARGS if p.kind == p.KEYWORD_ONLY and p.default is p.empty}
 
 
 @dataclass
@@ -105,8 +110,7 @@ def resize_relative_position_bias_table(table: torch.Tensor, num_entries: int) -
 
 
 def resize_absolute_pos_embed(embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(1, L, C) on a square patch grid -> (1, H*W, C) on the (H, W) `grid` by bicubic interpolation (as
-    official)."""
+    """(1, L, C) on a square patch grid -> (1, H*W, C) on the (H, W) `grid`, bicubic (as official)."""
     old_side = _square_side(embed.shape[1], "the absolute position embedding")
     C = embed.shape[2]
     pixels = embed.float().reshape(1, old_side, old_side, C).permute(0, 3, 1, 2)
@@ -117,8 +121,7 @@ def resize_absolute_pos_embed(embed: torch.Tensor, grid: tuple[int, int]) -> tor
 def read_class_map(path: str | Path) -> list[int]:
     """One source class index per line (the official map22kto1k.txt format)."""
     try:
-        lines = Path(path).read_text().split()
-        return [int(x) for x in lines]
+        return [int(x) for x in Path(path).read_text().split()]
     except FileNotFoundError:
         raise CheckpointError(
             f"head map file {path} does not exist; give model.head_map a file of indices"
@@ -236,7 +239,7 @@ def load_pretrained(
     else:
         obj = load_checkpoint(source) if is_file else source
         obj = select_weights(obj, use_ema, f"checkpoint {source}" if is_file else "the checkpoint")
-        obj, encoder = simmim_weights.encoder_or_weights(obj, name)  # a SimMIM file: its encoder alone
+        obj, encoder = simmim_weights.encoder_or_weights(obj, name, model)  # a SimMIM file: its encoder
         layout = detect_layout(unwrap_state_dict(obj))
     report = LoadReport(source=name + (" (EMA)" if use_ema else ""), layout=layout)
     if layout == "mmdet":  # a detection / segmentation model: its neck and heads are ignored (and counted)
@@ -292,8 +295,8 @@ def load_trained_model(source: str | os.PathLike | dict, *, ema: bool = False) -
     simmim_weights.refuse_pretraining(state, where)
     if not holds_trained_model(state):
         raise CheckpointError(
-            f"{where} is not a swin-train checkpoint or export (no config, class names and preprocessing); "
-            "for bare weights of another layout pass --model NAME (swin-eval) or use model.pretrained"
+            f"{where} is not a swin-train checkpoint or export (no config, class names and preprocessing); bare "
+            "weights need their architecture: --model NAME (swin-eval), a name or every field (create_model)"
         )
     absent = [k for k in ("model", *EXPORT_METADATA_KEYS) if k not in state]
     if absent:
@@ -344,29 +347,28 @@ def create_model(
 
     `create_model("swin_tiny_patch4_window7_224", num_classes=10, drop_path_rate=0.2)`;
     `create_model(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=32, patch_size=2, window_size=4)`;
-    `create_model(checkpoint="output/run/best.pth")`: a swin-train checkpoint or export, with its own
-    architecture (`load_trained_model`); with a name or fields, `checkpoint` may hold weights of any
-    supported layout, adapted to that architecture (`load_pretrained`). A SimMIM file without a name: its
-    encoder (num_classes 0) in the architecture its config records, `overrides` (num_classes=N, ...) over it.
-
-    `features_only=True`: the backbone (models/backbone.py) with `out_indices` (None: all) and `frozen_stages`;
-    stage norms the weights lack start fresh (the log lists them).
+    `create_model(checkpoint="output/run/best.pth", num_classes=3)`: a swin-train checkpoint or export (or a
+    SimMIM pre-training run's encoder, num_classes 0) in its own architecture, `overrides` over it; with a name
+    or every field, `checkpoint` may hold weights of any supported layout, adapted (`load_pretrained`).
+    `features_only=True`: the backbone (models/backbone.py: `out_indices`, `frozen_stages`), fresh stage norms logged.
     """
-    trained, (source, overrides) = None, simmim_weights.source_and_arch(checkpoint, name, overrides)
-    if checkpoint is not None and name is None and not overrides:  # a trained model: its architecture
-        trained = load_trained_model(checkpoint)
-        if not features_only:
-            return trained.model
-        # the backbone's window rule is the detection rule, not the classifier's
-        overrides = {k: v for k, v in trained.config.model_kwargs().items() if k != "always_partition"}
+    if not features_only and (out_indices is not None or frozen_stages != -1):
+        raise ConfigError("out_indices and frozen_stages are the backbone's: pass features_only=True")
+    trained, source = None, checkpoint
+    if checkpoint is not None and name is None and not BUILD_FIELDS <= overrides.keys():  # its architecture
+        source, own = simmim_weights.source_and_arch(checkpoint)
+        if own is None:  # not SimMIM: a swin-train checkpoint, export or HF folder
+            trained = load_trained_model(checkpoint)
+            if not features_only and not overrides:
+                return trained.model
+            own = trained.config.model_kwargs()
+        overrides = over_trained_arch(own, overrides, always_partition=features_only)
     if features_only:
         model = build_backbone(name, out_indices=out_indices, frozen_stages=frozen_stages, **overrides)
     else:
         model = build_model(name, **overrides)
     if checkpoint is not None:
-        load_pretrained(
-            model, source if trained is None else trained.model.state_dict(), name=str(checkpoint)
-        )
+        load_pretrained(model, trained.model.state_dict() if trained else source, name=str(checkpoint))
     return model
 
 

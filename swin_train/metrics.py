@@ -111,25 +111,30 @@ def step_line(
 def epoch_line(r: dict, epochs: int) -> str:
     k = r["val_topk"]
     line = (
-        f"epoch {r['epoch'] + 1}/{epochs}: loss {r['train_loss']:.4f}, lr {r['train_lr']:.2e}, "
-        f"{r['train_img_s']:.1f} img/s, {r['train_epoch_time']:.1f}s | val top-1 {100 * r['val_top1']:.2f}%, "
-        f"top-{k} {100 * r['val_top5']:.2f}%, loss {r['val_loss']:.4f}"
+        f"{_training_part(r, epochs)} | val top-1 {100 * r['val_top1']:.2f}%, top-{k} {100 * r['val_top5']:.2f}%, "
+        f"loss {r['val_loss']:.4f}"
     )
     if "ema_top1" in r:
         line += f" | ema top-1 {100 * r['ema_top1']:.2f}%, top-{k} {100 * r['ema_top5']:.2f}%"
-    if r["train_nonfinite_steps"]:
-        line += f" | {r['train_nonfinite_steps']} non-finite steps skipped"
-    return line + f" | best {100 * r['best_top1']:.2f}%"
+    return line + _skipped_part(r) + f" | best {100 * r['best_top1']:.2f}%"
 
 
 def reconstruction_epoch_line(r: dict, epochs: int) -> str:
     """A pre-training epoch's line (task: simmim): the masked reconstruction losses."""
-    line = (
-        f"epoch {r['epoch'] + 1}/{epochs}: loss {r['train_loss']:.4f}, lr {r['train_lr']:.2e}, "
-        f"{r['train_img_s']:.1f} img/s, {r['train_epoch_time']:.1f}s | val masked loss {r['val_loss']:.4f}"
-    )
+    line = f"{_training_part(r, epochs)} | val masked loss {r['val_loss']:.4f}"
     if "ema_loss" in r:
         line += f" | ema masked loss {r['ema_loss']:.4f}"
-    if r["train_nonfinite_steps"]:
-        line += f" | {r['train_nonfinite_steps']} non-finite steps skipped"
-    return line + f" | best {r['best_loss']:.4f}"
+    return line + _skipped_part(r) + f" | best {r['best_loss']:.4f}"
+
+
+def _training_part(r: dict, epochs: int) -> str:
+    """What every task's epoch line starts with: the epoch (from 1) and its training numbers."""
+    return (
+        f"epoch {r['epoch'] + 1}/{epochs}: loss {r['train_loss']:.4f}, lr {r['train_lr']:.2e}, "
+        f"{r['train_img_s']:.1f} img/s, {r['train_epoch_time']:.1f}s"
+    )
+
+
+def _skipped_part(r: dict) -> str:
+    skipped = r["train_nonfinite_steps"]
+    return f" | {skipped} non-finite steps skipped" if skipped else ""

@@ -89,12 +89,13 @@ def encoder_arch(obj: Mapping, where: str) -> dict | None:
         raise CheckpointError(f"the config stored in {where} is invalid: {e}") from None
 
 
-def describe(encoder: SimMIMEncoder, where: str) -> str:
-    """The log line of a SimMIM checkpoint loaded into a classifier."""
+def describe(encoder: SimMIMEncoder, where: str, model: nn.Module) -> str:
+    """The log line of a SimMIM checkpoint loaded into `model` (a classifier, or a backbone: no head to name)."""
+    head = isinstance(getattr(model, "head", None), nn.Linear)
     return (
         f"{where} is a SimMIM pre-training checkpoint: its encoder is loaded ('{ENCODER_PREFIX}' prefix "
-        f"stripped), its mask token and decoder are left out ({', '.join(encoder.dropped)}), and the "
-        "classifier head starts from its initialisation"
+        f"stripped), its mask token and decoder are left out ({', '.join(encoder.dropped)})"
+        + (", and the classifier head starts from its initialisation" if head else "")
     )
 
 
@@ -134,13 +135,13 @@ def remap_bias_tables(
 # ------------------------------------------------------------- the hooks in loading.py (one line each there)
 
 
-def encoder_or_weights(obj: Mapping, where: str) -> tuple[Mapping, SimMIMEncoder | None]:
-    """(what load_pretrained loads, the SimMIM encoder or None): a SimMIM checkpoint's encoder alone (logged),
-    anything else as it is."""
+def encoder_or_weights(obj: Mapping, where: str, model: nn.Module) -> tuple[Mapping, SimMIMEncoder | None]:
+    """(what load_pretrained loads into `model`, the SimMIM encoder or None): a SimMIM checkpoint's encoder alone
+    (logged), anything else as it is."""
     encoder = simmim_encoder(obj)
     if encoder is None:
         return obj, None
-    log.info(describe(encoder, where))
+    log.info(describe(encoder, where, model))
     return encoder.weights, encoder
 
 
@@ -159,13 +160,14 @@ def refuse_pretraining(state: Mapping, where: str) -> None:
         raise pretraining_checkpoint_error(where)
 
 
-def source_and_arch(checkpoint, name: str | None, overrides: dict) -> tuple:
-    """(what create_model loads, its architecture arguments): for a SimMIM file given without a variant name,
-    the loaded checkpoint and its encoder's architecture under `overrides` (classifier_arch); else as given."""
-    if checkpoint is None or name is not None or not is_simmim_file(checkpoint):
-        return checkpoint, overrides
+def source_and_arch(checkpoint: str | os.PathLike) -> tuple:
+    """(what create_model loads, its architecture arguments or None) for a file given without a variant name or
+    every field: a SimMIM file's loaded checkpoint and its encoder's architecture (encoder_fields); anything else
+    as given, with None."""
+    if not is_simmim_file(checkpoint):
+        return checkpoint, None
     state = load_checkpoint(checkpoint)
-    return state, classifier_arch(state, str(checkpoint), overrides)
+    return state, encoder_fields(state, str(checkpoint))
 
 
 def pretraining_checkpoint_error(where: str) -> CheckpointError:
@@ -196,9 +198,9 @@ def is_simmim_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def classifier_arch(state: Mapping, where: str, overrides: Mapping) -> dict:
-    """SwinTransformer arguments for `create_model(checkpoint=SimMIM file, **overrides)`: the encoder's own
-    (its config; num_classes 0, a feature extractor) with `overrides` (num_classes, window_size, ...) over them."""
+def encoder_fields(state: Mapping, where: str) -> dict:
+    """SwinTransformer arguments for `create_model(checkpoint=SimMIM file)`: the encoder's own (its config;
+    num_classes 0, a feature extractor); ConfigError for an official file, which records none."""
     arch = encoder_arch(state, where)
     if arch is None:
         raise ConfigError(
@@ -206,4 +208,4 @@ def classifier_arch(state: Mapping, where: str, overrides: Mapping) -> dict:
             "variant name or fields, e.g. create_model('swin_base_patch4_window7_224', checkpoint=..., "
             "num_classes=N)"
         )
-    return arch | dict(overrides)
+    return arch

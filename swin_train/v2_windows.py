@@ -128,3 +128,22 @@ def fit_pretrained_windows(cfg: Config) -> None:
         m.pretrained,
         ours,
     )
+
+
+def over_trained_arch(own: dict, overrides: dict, always_partition: bool = False) -> dict:
+    """SwinTransformer arguments `own` (a trained file's architecture) with `overrides` over them, as
+    create_model(checkpoint=FILE, window_size=...) builds: a Swin V2 whose windows change (another window, or a
+    backbone's `always_partition` where the classifier shrank a stage) keeps the ones its weights learned their
+    offsets at (fit_pretrained_windows' rule), unless `overrides` set them."""
+    arch = own | overrides
+    if arch.get("version") != 2 or "pretrained_window_sizes" in overrides:
+        return arch
+    theirs, ours = stage_windows(**own), stage_windows(**{"always_partition": always_partition, **arch})
+    if len(theirs) == len(ours) and theirs != ours:
+        arch["pretrained_window_sizes"] = [w if w > 1 else 0 for w in theirs]  # a window of 1: no offsets
+        log.info(
+            "pretrained_window_sizes=%s: the windows the weights were trained with (this model's are %s)",
+            arch["pretrained_window_sizes"],
+            ours,
+        )
+    return arch

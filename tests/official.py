@@ -32,3 +32,17 @@ def official_module(name: str, path: str, tmp_path: Path):
     file = tmp_path / Path(path).name
     file.write_text(official_source(path))
     return load_module(name, file)
+
+
+def official_models_package(root: Path, package: str, *extra: str) -> None:
+    """The snapshot's models/swin_transformer.py, swin_transformer_v2.py and simmim.py (which import each other
+    relatively), with the top-level files `extra`, written as the package `package` under `root` (put root on
+    sys.path to import it)."""
+    folder = root / package
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    for path in (
+        *(f"models/{name}" for name in ("swin_transformer.py", "swin_transformer_v2.py", "simmim.py")),
+        *extra,
+    ):
+        (folder / Path(path).name).write_text(official_source(path))

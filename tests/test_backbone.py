@@ -6,9 +6,10 @@ test_backbone_official.py."""
 
 import json
 import logging
+import sys
+from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from test_export import _swin_train_checkpoint
@@ -21,6 +22,9 @@ from swin_train.models.backbone import SwinBackbone
 from swin_train.models.convert import save_weights, to_layout
 from swin_train.models.detection_layout import to_detection
 from swin_train.models.swin import SwinTransformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench import detection  # noqa: E402
 
 # Four stages with windows of 4 on 2-pixel patches: 16x16 ... 2x2 tokens at the configured 32 px.
 ARCH = dict(
@@ -68,16 +72,7 @@ def test_features_equal_timms_features_only_with_always_partition_where_their_ru
     """timm pads after the roll (the official code before it) and has no stage norms: at sizes whose every
     stage windows tile, its maps through our norms are ours."""
     arch = {**ARCH, "num_heads": (1, 2, 2, 4)}
-    theirs = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        features_only=True,
-        pretrained=False,
-        always_partition=True,
-        strict_img_size=False,
-        dynamic_img_size=True,
-        **{k: v for k, v in arch.items()},
-    )
-    theirs = randomised(theirs)
+    theirs = randomised(detection.timm_features(arch))
     ours = create_model(**arch, features_only=True).eval()
     sd = {k.replace("layers_", "layers.", 1): v for k, v in theirs.state_dict().items()}
     report = ours.load_state_dict(to_layout(sd, "swin-train"), strict=False)
@@ -92,12 +87,27 @@ def test_features_equal_timms_features_only_with_always_partition_where_their_ru
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_stochastic_depth_defaults_to_the_official_detection_backbones():
+    backbone = create_model("swin_tiny_patch4_window7_224", features_only=True)  # the classifier's: 0.1
+    assert backbone.layers[3].blocks[1].drop_path.drop_prob == pytest.approx(0.2)
+    assert create_model(**ARCH, features_only=True, drop_path_rate=0.3).layers[3].blocks[
+        1
+    ].drop_path.drop_prob == (pytest.approx(0.3))
+
+
 def test_out_indices_pick_stages_and_later_stages_do_not_run():
     backbone = create_model(**ARCH, features_only=True, out_indices=(2, 1))
     assert backbone.out_indices == (1, 2) and [i["module"] for i in backbone.feature_info] == [
         "norm1",
         "norm2",
     ]
+    info = backbone.feature_info  # timm's accessors, as code written for its features_only calls them
+    assert (
+        info.channels() == [32, 64]
+        and info.reduction() == [4, 8]
+        and info.module_name() == ["norm1", "norm2"]
+    )
+    assert info.channels(1) == 64 and info.reduction(0) == 4
     assert not any(k.startswith(("norm0.", "norm3.")) for k in backbone.state_dict())
     features = backbone(torch.randn(1, 3, 40, 48))
     assert [tuple(f.shape) for f in features] == [(1, 32, 10, 12), (1, 64, 5, 6)]
@@ -141,6 +151,16 @@ def test_frozen_stages_freeze_as_the_official_backbone_and_stay_in_eval_mode(fro
             dict(frozen_stages=-2),
             32,
             "frozen_stages -2 is out of range: -1 (none) to 4 for a model of 4 stages",
+        ),
+        (
+            dict(frozen_stages=1.5),
+            32,
+            "frozen_stages 1.5 is out of range: -1 (none) to 4 for a model of 4 stages",
+        ),
+        (
+            dict(out_indices=(True, 2)),
+            32,
+            "out_indices [True, 2] are out of range: give stages from 0 to 3 (the model has 4)",
         ),
     ],
 )
@@ -192,6 +212,50 @@ def test_a_swin_train_checkpoint_gives_its_architecture_and_weights(micro_arch, 
     assert [(b.window, b.shift) for b in backbone.layers[1].blocks] == [(4, 0), (4, 2)]  # the detection rule
     assert _stage_weights_equal(backbone, state["model"])
     assert "re-initialised 2 (norm1.weight, norm1.bias)" in caplog.records[-1].getMessage()
+
+
+def test_a_swin_train_checkpoint_takes_overrides_over_its_own_architecture(micro_arch, tmp_path):
+    """A detector fine-tunes a run's backbone with its own drop path (the official configs: 0.2 for Swin-T)."""
+    path, state = _swin_train_checkpoint(tmp_path, micro_arch)
+    backbone = create_model(checkpoint=path, features_only=True, drop_path_rate=0.3)
+    assert backbone.layers[1].blocks[1].drop_path.drop_prob == pytest.approx(0.3)
+    assert backbone.embed_dim == 24 and _stage_weights_equal(backbone, state["model"])
+    classifier = create_model(checkpoint=path, num_classes=3)  # its stages, a fresh head of 3 classes
+    bare = tmp_path / "official.pth"
+    save_checkpoint(to_layout(state["model"], "timm"), bare)
+    with pytest.raises(
+        CheckpointError, match=r"bare weights need their architecture: .* every field \(create_model\)"
+    ):
+        create_model(checkpoint=bare, features_only=True, drop_path_rate=0.3)
+    stages = {k: v for k, v in state["model"].items() if not k.startswith("head.")}
+    assert classifier.head.out_features == 3 and _stage_weights_equal(classifier, stages)
+
+
+def test_a_swin_v2_runs_backbone_keeps_the_window_a_shrunk_stage_learned_its_offsets_at(tmp_path, caplog):
+    """The classifier ran ARCH's 2x2 last stage as one window of 2; the backbone partitions it by 4 (the
+    detection rule), its position-bias MLP still reading offsets normalised by the window of 2."""
+    from swin_train.config import Config, DataConfig, ModelConfig, config_to_dict
+    from swin_train.data.transforms import Preprocess
+
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in ARCH.items() if k != "img_size"}
+    cfg = Config(model=ModelConfig(**fields, version=2, num_classes=3), data=DataConfig(img_size=32))
+    classifier = randomised(SwinTransformer(**cfg.model_kwargs()))
+    state = dict(format="swin-train/1", model=classifier.state_dict(), config=config_to_dict(cfg))
+    state |= dict(class_names=["a", "b", "c"], preprocess=Preprocess.from_config(cfg).to_dict())
+    save_checkpoint(state, tmp_path / "v2.pth")
+    with caplog.at_level(logging.INFO, logger="swin_train"):
+        backbone = create_model(checkpoint=tmp_path / "v2.pth", features_only=True)
+    assert [layer.blocks[0].attn.pretrained_window for layer in backbone.layers] == [4, 4, 4, 2]
+    assert [layer.blocks[0].window for layer in backbone.layers] == [4, 4, 4, 4]
+    assert "pretrained_window_sizes=[4, 4, 4, 2]: the windows the weights were trained with" in caplog.text
+    assert _stage_weights_equal(backbone, classifier.state_dict())
+
+
+def test_stage_choices_without_features_only_are_a_one_line_error():
+    for kwargs in (dict(out_indices=(1,)), dict(frozen_stages=1)):
+        with pytest.raises(ConfigError) as error:
+            create_model(**ARCH, **kwargs)  # a classifier would ignore them
+        assert str(error.value) == "out_indices and frozen_stages are the backbone's: pass features_only=True"
 
 
 def test_a_hugging_face_folder_loads_as_a_backbone(micro_arch, tmp_path):
@@ -319,6 +383,10 @@ def test_swin_model_features_too_small_is_a_one_line_error(capsys):
     assert swin_model(["--model", "swin_tiny_patch4_window7_224", "--features", "20x800"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "a 20x800 image is 5x200 patches, smaller than one window (7x7)" in err
+    for size in ("800x-5", "-800x5", "800x1333x3"):  # "--features=": argparse takes "-800x5" for an option
+        assert swin_model(["--model", "swin_tiny_patch4_window7_224", f"--features={size}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"swin-model: error: --features takes HxW, e.g. 800x1333, got '{size}'"
 
 
 def test_padding_is_the_official_rule_for_the_patch_embedding():
@@ -356,6 +424,22 @@ def test_swin_export_writes_the_detection_layout_and_refuses_swin_v2_in_one_line
     assert swin_export(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "the official detection and segmentation code has Swin V1 only" in err
+    for fmt in ("detection", "timm"):  # the export itself, a backbone: nothing to export a classifier from
+        args = [
+            "--checkpoint",
+            str(out),
+            "--format",
+            fmt,
+            "--out",
+            str(tmp_path / f"again.{fmt}"),
+            "--img-size",
+            "32",
+        ]
+        assert swin_export(args) == 2
+        assert capsys.readouterr().err == (
+            f"swin-export: error: {out} holds a detection backbone (no final norm or head), not a classifier; "
+            "load it with swin_train.create_model(NAME or fields, features_only=True, checkpoint=...)\n"
+        )
 
 
 def test_flops_count_the_stages_run_and_their_norms_instead_of_the_classifier_end():

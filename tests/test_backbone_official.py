@@ -3,6 +3,7 @@ mmdet/models/backbones/swin_transformer.py, read from a fetched snapshot with it
 stand-ins: scripts/bench/detection.py). Skipped without the snapshot; test_backbone.py checks the same maps
 against the classifier's stages and timm's features_only."""
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -36,15 +37,7 @@ def official():
 def official_backbone(official, ape=False):
     """The official backbone of ARCH, every weight random (norms and biases from N(0, 0.5)), in eval mode."""
     torch.manual_seed(0)
-    model = official.SwinTransformer(
-        pretrain_img_size=ARCH["img_size"],
-        patch_size=ARCH["patch_size"],
-        embed_dim=ARCH["embed_dim"],
-        depths=list(ARCH["depths"]),
-        num_heads=list(ARCH["num_heads"]),
-        window_size=ARCH["window_size"],
-        ape=ape,
-    )
+    model = detection.official_backbone(official, ARCH, ape=ape)
     model.init_weights()
     with torch.no_grad():
         for param in model.parameters():
@@ -100,11 +93,15 @@ def test_the_detection_export_loads_into_the_official_backbone_with_only_its_sta
             assert (a - b).abs().max() < 1e-4
 
 
+def test_the_default_stochastic_depth_is_the_official_backbones(official):
+    from swin_train.models.backbone import DROP_PATH_RATE
+
+    assert inspect.signature(official.SwinTransformer).parameters["drop_path_rate"].default == DROP_PATH_RATE
+
+
 @pytest.mark.parametrize("frozen_stages", [-1, 0, 1, 2, 4])
 def test_frozen_stages_freeze_what_the_official_backbone_freezes(official, frozen_stages):
-    theirs = official.SwinTransformer(
-        **{k: v for k, v in ARCH.items() if k != "img_size"}, ape=True, frozen_stages=frozen_stages
-    )
+    theirs = detection.official_backbone(official, ARCH, ape=True, frozen_stages=frozen_stages)
     theirs.train()
     ours = create_model(**ARCH, ape=True, features_only=True, frozen_stages=frozen_stages).train()
     assert {n: p.requires_grad for n, p in ours.named_parameters()} == {

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from official import official_source
+from official import official_models_package, official_source
 
 from swin_train import create_simmim
 from swin_train.config import load_config
@@ -44,12 +44,7 @@ def official(tmp_path_factory):
     """The official models/simmim.py (with the swin_transformer(_v2).py it imports) and optimizer.py, from the
     snapshot, imported as the package `official_simmim`."""
     root = tmp_path_factory.mktemp("official")
-    package = root / "official_simmim"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    for name in ("swin_transformer.py", "swin_transformer_v2.py", "simmim.py"):
-        (package / name).write_text(official_source(f"models/{name}"))
-    (package / "optimizer.py").write_text(official_source("optimizer.py"))
+    official_models_package(root, "official_simmim", "optimizer.py")
     sys.path.insert(0, str(root))
     try:
         yield types.SimpleNamespace(

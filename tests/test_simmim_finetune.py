@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from official import official_module, official_source
+from official import official_models_package, official_module
 
 from swin_train import create_model
 from swin_train.checkpoint import save_checkpoint
@@ -200,6 +200,22 @@ def test_v2_encoder_needs_no_remap_and_takes_its_pretraining_windows(tmp_path, c
     assert all(torch.equal(model.state_dict()[k], v) for k, v in encoder.state_dict().items())
 
 
+def test_create_model_at_another_window_keeps_a_v2_encoders_pretraining_windows(tmp_path):
+    """As model.pretrained does: the offsets stay normalised by the windows the encoder learned them at."""
+    encoder = _pretrained(version=2)
+    path = tmp_path / "last.pth"
+    _swin_train_simmim_checkpoint(path, encoder, version=2)
+    cfg = _micro_config(path, version=2)  # window 7 at 56 px: the fine-tuning's geometry
+    expected = build_classifier(cfg, 10)
+    assert cfg.model.pretrained_window_sizes == [6, 6]
+    for features_only in (False, True):
+        model = create_model(checkpoint=path, window_size=7, img_size=56, features_only=features_only)
+        assert [layer.blocks[0].attn.pretrained_window for layer in model.layers] == [6, 6]
+    model = create_model(checkpoint=path, window_size=7, img_size=56, num_classes=10)
+    x = torch.randn(2, 3, 56, 56)
+    assert torch.equal(_logits(model, x, head_from=expected), _logits(expected, x))
+
+
 def test_a_pickled_config_is_refused_as_for_any_checkpoint(tmp_path):
     """Official training checkpoints also hold their yacs config, a pickled object: the safe load refuses the
     file (nothing of it runs), as it refuses such a classification checkpoint."""
@@ -237,13 +253,17 @@ def test_create_model_from_a_swin_train_simmim_checkpoint(tmp_path):
     save_checkpoint({"model": simmim_state_dict(encoder, official=True)}, official)
     with pytest.raises(ConfigError, match="official SimMIM checkpoint, which holds no architecture"):
         create_model(checkpoint=official)
+    fields = create_model(checkpoint=official, **FINETUNE, num_classes=10)  # every field instead of a name
+    assert torch.equal(fields.state_dict()[key], classifier.state_dict()[key])
 
 
-def test_a_simmim_checkpoint_gives_a_features_backbone(tmp_path):
+def test_a_simmim_checkpoint_gives_a_features_backbone(tmp_path, caplog):
     encoder = _pretrained()
     path = tmp_path / "last.pth"
     _swin_train_simmim_checkpoint(path, encoder)
-    backbone = create_model(checkpoint=path, features_only=True).eval()
+    with caplog.at_level(logging.INFO, logger="swin_train"):
+        backbone = create_model(checkpoint=path, features_only=True).eval()
+    assert "its mask token and decoder are left out" in caplog.text and "classifier head" not in caplog.text
     assert torch.equal(backbone.patch_embed.proj.weight, encoder.patch_embed.proj.weight)
     key = f"layers.1.blocks.1.attn.{TABLE}"
     assert torch.equal(backbone.state_dict()[key], encoder.state_dict()[key])
@@ -272,11 +292,7 @@ def official(tmp_path_factory):
     """The official models package (swin_transformer.py, swin_transformer_v2.py, simmim.py) and
     utils_simmim.py from the snapshot, imported from a temporary folder."""
     root = tmp_path_factory.mktemp("official")
-    package = root / "official_simmim_models"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    for name in ("swin_transformer.py", "swin_transformer_v2.py", "simmim.py"):
-        (package / name).write_text(official_source(f"models/{name}"))
+    official_models_package(root, "official_simmim_models")
     sys.path.insert(0, str(root))
     try:
         models = importlib.import_module("official_simmim_models.simmim")

@@ -15,6 +15,7 @@ from test_simmim_finetune import (
     _swin_train_simmim_checkpoint,
     simmim_state_dict,
 )
+from test_simmim_train import PRETRAIN
 
 from swin_train.checkpoint import load_checkpoint, save_checkpoint
 from swin_train.cli.eval import cli as eval_cli
@@ -54,23 +55,8 @@ def test_swin_eval_says_how_to_fine_tune_a_simmim_file_without_a_pretraining_con
         load_trained_model(path)  # swin-predict's loader
 
 
-# a micro pre-training (task simmim needs stride 32: patches of 8, three stages) on 8 random 64 px images
-PRETRAINING = [
-    "task=simmim",
-    "model.patch_size=8",
-    "model.embed_dim=24",
-    "model.depths=[2,2,2]",
-    "model.num_heads=[2,2,4]",
-    "model.window_size=4",
-    "data.img_size=64",
-    "simmim.mask_patch_size=16",
-    "simmim.pictures=0",
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "train.epochs=1",
-    "train.warmup_epochs=0",
-    "amp=none",
-]
+# test_simmim_train's micro pre-training (stride 32: patches of 8, three stages), one epoch on 8 random 64 px images
+PRETRAINING = [*PRETRAIN, "simmim.pictures=0", "train.epochs=1", "data.num_workers=0"]
 
 
 def test_swin_eval_reports_a_pretraining_runs_reconstruction_loss(tmp_path, capsys):
@@ -153,7 +139,7 @@ def test_swin_export_refuses_what_an_encoder_cannot_be(files, tmp_path, capsys):
     assert not (tmp_path / "hf").exists() and not (tmp_path / "t.pth").exists()
 
 
-def test_few_labels_keeps_a_stratified_fraction_of_train_and_all_of_val(tmp_path):
+def test_few_labels_keeps_a_stratified_fraction_of_train_and_all_of_val(tmp_path, capsys):
     from pathlib import Path
 
     from helpers import load_module
@@ -172,3 +158,10 @@ def test_few_labels_keeps_a_stratified_fraction_of_train_and_all_of_val(tmp_path
     again = {d.name: sorted(f.name for f in d.iterdir()) for d in (tmp_path / "out2" / "train").iterdir()}
     assert again == kept  # the seed fixes the choice
     assert few.main([str(tmp_path / "root"), str(tmp_path / "out"), "--fraction", "0.1"]) == 2
+    capsys.readouterr()
+    assert few.main([str(tmp_path / "root" / "train"), str(tmp_path / "out3")]) == 2  # no train/ in it
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"few_labels.py: {tmp_path / 'root' / 'train'} is not an ImageFolder root with train/<class>/ and val/\n"
+    )

@@ -113,31 +113,18 @@ def mmdet_checkpoint(backbone_state: dict[str, torch.Tensor]) -> dict:
     return {"meta": {"epoch": 12}, "state_dict": state}
 
 
-# -------------------------------------------------------------------------------------- the benchmark rows
+def official_backbone(module: types.ModuleType, arch: dict, **kwargs) -> torch.nn.Module:
+    """The official detection backbone (`module`: official_detection_module()) of `arch` (our architecture
+    fields), `kwargs` (ape, drop_path_rate, frozen_stages, ...) in its own names."""
+    return module.SwinTransformer(pretrain_img_size=arch["img_size"], **_shape_fields(arch), **kwargs)
 
 
-def same_weight_backbones(arch: dict, repo: Path = DETECTION_REPO) -> dict[str, torch.nn.Module]:
-    """ours (create_model features_only), official (the snapshot's backbone) and timm (features_only,
-    always_partition), the official backbone's random weights in all three; stage norms applied to timm's
-    maps by the benchmark (timm has none). Train mode, drop path 0 (same work in each)."""
+def timm_features(arch: dict, **kwargs) -> torch.nn.Module:
+    """timm's `features_only` Swin of `arch` (our architecture fields) under the detection rule (every block
+    partitioned, any image size), random weights; `kwargs` in timm's names."""
     import timm
 
-    from swin_train import create_model
-    from swin_train.models.convert import convert_state_dict, to_layout
-
-    official = official_detection_module(repo).SwinTransformer(
-        pretrain_img_size=arch["img_size"],
-        patch_size=arch["patch_size"],
-        embed_dim=arch["embed_dim"],
-        depths=list(arch["depths"]),
-        num_heads=list(arch["num_heads"]),
-        window_size=arch["window_size"],
-        drop_path_rate=0.0,
-    )
-    official.init_weights()
-    ours = create_model(**arch, features_only=True, drop_path_rate=0.0)
-    ours.load_state_dict(convert_state_dict(mmdet_checkpoint(official.state_dict())))
-    timm_model = timm.create_model(
+    return timm.create_model(
         "swin_tiny_patch4_window7_224",
         features_only=True,
         pretrained=False,
@@ -145,13 +132,31 @@ def same_weight_backbones(arch: dict, repo: Path = DETECTION_REPO) -> dict[str, 
         strict_img_size=False,
         dynamic_img_size=True,
         img_size=arch["img_size"],
-        patch_size=arch["patch_size"],
-        embed_dim=arch["embed_dim"],
-        depths=tuple(arch["depths"]),
-        num_heads=tuple(arch["num_heads"]),
-        window_size=arch["window_size"],
-        drop_path_rate=0.0,
+        **_shape_fields(arch),
+        **kwargs,
     )
+
+
+def _shape_fields(arch: dict) -> dict:
+    """The architecture fields the official backbone and timm name as we do."""
+    return {k: arch[k] for k in ("patch_size", "embed_dim", "depths", "num_heads", "window_size")}
+
+
+# -------------------------------------------------------------------------------------- the benchmark rows
+
+
+def same_weight_backbones(arch: dict, repo: Path = DETECTION_REPO) -> dict[str, torch.nn.Module]:
+    """ours (create_model features_only), official (the snapshot's backbone) and timm (features_only,
+    always_partition), the official backbone's random weights in all three; stage norms applied to timm's
+    maps by the benchmark (timm has none). Train mode, drop path 0 (same work in each)."""
+    from swin_train import create_model
+    from swin_train.models.convert import convert_state_dict, to_layout
+
+    official = official_backbone(official_detection_module(repo), arch, drop_path_rate=0.0)
+    official.init_weights()
+    ours = create_model(**arch, features_only=True, drop_path_rate=0.0)
+    ours.load_state_dict(convert_state_dict(mmdet_checkpoint(official.state_dict())))
+    timm_model = timm_features(arch, drop_path_rate=0.0)
     stages = {k: v for k, v in ours.state_dict().items() if not k.startswith("norm")}  # timm has no norm{i}
     # features_only names timm's stages layers_{i}
     timm_model.load_state_dict(
@@ -210,6 +215,7 @@ def ratios(times: dict[str, list[float]]) -> dict[str, float]:
 def run_features(args, argv) -> dict:
     """The features row: forward+backward of ours, the official detection backbone and timm's features_only
     at --features HxW, same weights; seconds per step and the median pairwise ratio ours / other."""
+    from swin_train.cli.model import parse_size
     from swin_train.models.registry import variant_arch
 
     height, width = parse_size(args.features)
@@ -245,17 +251,6 @@ def run_features(args, argv) -> dict:
         "median_s": {name: statistics.median(t) for name, t in times.items()},
         "ratios": ratios(times),
     }
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'800x1333' -> (800, 1333); ConfigError (one line) otherwise."""
-    try:
-        height, width = (int(side) for side in text.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"--features takes HxW, e.g. 800x1333, got {text!r}") from None
-    if height < 1 or width < 1:
-        raise ConfigError(f"--features takes two positive sides, got {text!r}")
-    return height, width
 
 
 def format_features_table(report: dict) -> str:

@@ -139,6 +139,11 @@ def _load(args) -> Exported:
         model = trained.model
         return Exported(model, model.state_dict(), trained.class_names, preprocess, metadata, rates)
     sd = convert_state_dict(raw)
+    if "norm.weight" not in sd and "head.weight" not in sd:  # a detection export or an mmdet / mmseg model's
+        raise CheckpointError(
+            f"{args.checkpoint} holds a detection backbone (no final norm or head), not a classifier; load it "
+            "with swin_train.create_model(NAME or fields, features_only=True, checkpoint=...)"
+        )
     model = bare_model(sd, args.img_size, args.model)
     check_version(sd, model, args.checkpoint)  # --model of the other Swin version
     # the export writes the model's buffers: they must be those the weights were trained with

@@ -143,14 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'800x1333' -> (800, 1333); ConfigError (one line) for anything but two positive sides."""
+    try:
+        height, width = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        height = width = 0
+    if height < 1 or width < 1:
+        raise ConfigError(f"--features takes HxW, e.g. 800x1333, got {text!r}")
+    return height, width
+
+
 def describe_features(title: str, kwargs: dict, size: str, as_json: bool) -> str:
     """The backbone's maps for an image of `size` ("HxW") as a table or JSON; ConfigError for a bad size."""
     from swin_train.models.backbone import SwinBackbone
 
-    try:
-        height, width = (int(side) for side in size.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"--features takes HxW, e.g. 800x1333, got {size!r}") from None
+    height, width = parse_size(size)
     with torch.device("meta"):
         backbone = SwinBackbone(**{k: v for k, v in kwargs.items() if k != "always_partition"})
         try:

@@ -23,6 +23,26 @@ from swin_train.errors import ConfigError
 from .registry import variant_arch
 from .swin import SwinTransformer, stage_sizes
 
+# the official detection backbone's default (and its Swin-T configs'), where the classifier's is 0.1
+DROP_PATH_RATE = 0.2
+
+
+class FeatureInfo(list):
+    """One dict per returned map (`num_chs`, `reduction`, `module`) with timm's FeatureInfo accessors, so that
+    code written for timm's features_only (`feature_info.channels()`) reads ours."""
+
+    def channels(self, idx: int | None = None):
+        return self._get("num_chs", idx)
+
+    def reduction(self, idx: int | None = None):
+        return self._get("reduction", idx)
+
+    def module_name(self, idx: int | None = None):
+        return self._get("module", idx)
+
+    def _get(self, key: str, idx: int | None):
+        return [info[key] for info in self] if idx is None else self[idx][key]
+
 
 class SwinBackbone(SwinTransformer):
     """Per-stage feature maps of a Swin V1 or V2, each through its own LayerNorm `norm{i}`.
@@ -31,6 +51,7 @@ class SwinBackbone(SwinTransformer):
     `frozen_stages` (the official detection backbone's meaning): -1 nothing frozen; 0 the patch embedding;
     1 also the absolute position embedding; k >= 2 also stages 0 .. k-2. Frozen modules have
     requires_grad=False and stay in eval mode through `.train()` (their dropout and stochastic depth off).
+    `drop_path_rate` defaults to the official detection backbone's 0.2.
     `feature_info`: one dict per returned stage, as timm's: `num_chs`, `reduction` (its stride in pixels) and
     `module` (the norm whose output it is).
     """
@@ -41,15 +62,18 @@ class SwinBackbone(SwinTransformer):
         out_indices: Sequence[int] | None = None,
         frozen_stages: int = -1,
         always_partition: bool = True,
+        drop_path_rate: float = DROP_PATH_RATE,
         **arch,
     ):
         arch.pop("num_classes", None)  # no head: a classifier's architecture fields are welcome as they are
-        super().__init__(**arch, num_classes=0, always_partition=always_partition)
+        super().__init__(
+            **arch, num_classes=0, always_partition=always_partition, drop_path_rate=drop_path_rate
+        )
         all_stages = range(self.num_stages)
         self.out_indices = check_out_indices(
             all_stages if out_indices is None else out_indices, self.num_stages
         )
-        if not -1 <= frozen_stages <= self.num_stages:
+        if not _is_stage_number(frozen_stages) or not -1 <= frozen_stages <= self.num_stages:
             raise ConfigError(
                 f"frozen_stages {frozen_stages} is out of range: -1 (none) to {self.num_stages} for a "
                 f"model of {self.num_stages} stages"
@@ -59,10 +83,10 @@ class SwinBackbone(SwinTransformer):
         dims = [self.embed_dim * 2**i for i in range(self.num_stages)]
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
-        self.feature_info = [
+        self.feature_info = FeatureInfo(
             dict(num_chs=dims[i], reduction=self.patch_size * 2**i, module=f"norm{i}")
             for i in self.out_indices
-        ]
+        )
         self._freeze_stages()
 
     def _freeze_stages(self) -> None:
@@ -115,7 +139,7 @@ class SwinBackbone(SwinTransformer):
 def check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
     """`out_indices` as a sorted tuple; ConfigError (one line) unless they are distinct stages 0..num_stages-1."""
     indices = tuple(out_indices)
-    if not indices or any(not isinstance(i, int) or not 0 <= i < num_stages for i in indices):
+    if not indices or any(not _is_stage_number(i) or not 0 <= i < num_stages for i in indices):
         raise ConfigError(
             f"out_indices {list(indices)} are out of range: give stages from 0 to {num_stages - 1} "
             f"(the model has {num_stages})"
@@ -123,6 +147,11 @@ def check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int,
     if len(set(indices)) != len(indices):
         raise ConfigError(f"out_indices {list(indices)} name a stage twice; give each once")
     return tuple(sorted(indices))
+
+
+def _is_stage_number(value) -> bool:
+    """An int, not a bool (True would name a module `normTrue`) nor a float (1.5 would freeze as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def build_backbone(name: str | None = None, **overrides) -> SwinBackbone:
