@@ -328,6 +328,24 @@ def _stored_step(path: Path) -> int:
     return -1
 
 
+def stored_class_names(path: str | os.PathLike) -> list[str] | None:
+    """The class names a swin-train checkpoint or export stores (None where it stores none or cannot be
+    read), read cheaply: a .pth by mmap (no tensor data), a .safetensors file by its metadata."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                names = json.loads((f.metadata() or {}).get("class_names", "null"))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            names = state.get("class_names") if isinstance(state, dict) else None
+    except Exception:  # a folder, a legacy file or one damaged; the weights' loader has the say on those
+        return None
+    return [str(c) for c in names] if isinstance(names, list | tuple) else None
+
+
 def checkpoint_candidates(output_dir: str | os.PathLike) -> list[Path]:
     """Resume candidates in `output_dir`, newest first.
 

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from swin_train.checkpoint import stored_class_names
 from swin_train.config import Config
 from swin_train.data.build import Data, build_data
 from swin_train.data.folder import few
@@ -32,7 +33,7 @@ from swin_train.v2_windows import fit_pretrained_windows
 log = logging.getLogger("swin_train")
 
 
-def build_classifier(cfg: Config, num_classes: int) -> SwinTransformer:
+def build_classifier(cfg: Config, num_classes: int, class_names: list[str] | None = None) -> SwinTransformer:
     if cfg.model.num_classes != num_classes:
         raise DataError(
             f"the data has {num_classes} classes but model.num_classes is {cfg.model.num_classes}; "
@@ -41,8 +42,24 @@ def build_classifier(cfg: Config, num_classes: int) -> SwinTransformer:
     fit_pretrained_windows(cfg)  # a V2 fine-tune at another window: the windows its weights learned with
     model = SwinTransformer(**cfg.model_kwargs())
     if cfg.model.pretrained:
-        load_pretrained(model, cfg.model.pretrained, head_map=cfg.model.head_map)
+        report = load_pretrained(model, cfg.model.pretrained, head_map=cfg.model.head_map)
+        if class_names is not None and "head.weight" in report.loaded and not report.head_mapped:
+            warn_if_head_classes_differ(cfg.model.pretrained, class_names)
     return model
+
+
+def warn_if_head_classes_differ(pretrained: str, class_names: list[str]) -> None:
+    """A head of the same size is reused by position: right for the same classes in the same order (a
+    resumed fine-tune, another split of one set), silently wrong for other or reordered ones."""
+    stored = stored_class_names(pretrained)
+    if stored is None or stored == list(class_names):
+        return
+    i = next(i for i, (a, b) in enumerate(zip(stored, class_names)) if a != b)
+    log.warning(
+        f"{pretrained}'s head was trained on other classes ('{stored[i]}' where this data has "
+        f"'{class_names[i]}', class {i}); it is reused by position: give model.head_map (one source "
+        "index per class) if the classes match in another order"
+    )
 
 
 class Classification:
@@ -62,7 +79,7 @@ class Classification:
         return build_data(cfg, env, device_pipeline=device_pipeline)
 
     def build_model(self, cfg: Config, data: Data) -> nn.Module:
-        return build_classifier(cfg, data.num_classes)
+        return build_classifier(cfg, data.num_classes, data.class_names)
 
     def loss(self, run, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return run.criterion(model(images), targets)
