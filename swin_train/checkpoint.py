@@ -313,12 +313,18 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 _UNREADABLE = 1 << 62  # sort key of a file that cannot even be opened as a checkpoint: try it first
 
 
+def object_tree(path: str | os.PathLike) -> object:
+    """A torch checkpoint's objects with its tensors memory-mapped, not read: mmap=True unpickles only the
+    small object tree (weights only, as load_checkpoint), so a look at a file's counters, class names or keys
+    never costs a full load. Raises what torch.load raises (a legacy, non-zip file cannot be mapped)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def _stored_step(path: Path) -> int:
-    """`global_step` stored in a checkpoint; -1 if it has none, _UNREADABLE if the file cannot be read.
-    mmap=True unpickles only the small object tree and reads no tensor data, so ordering never costs a
-    full load."""
+    """`global_step` stored in a checkpoint (`object_tree`); -1 if it has none, _UNREADABLE if the file cannot
+    be read."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = object_tree(path)
     except Exception:  # damaged in any way (see load_checkpoint)
         return _UNREADABLE
     # top level, or in the trainer's `train_state` counters
@@ -330,7 +336,7 @@ def _stored_step(path: Path) -> int:
 
 def stored_class_names(path: str | os.PathLike) -> list[str] | None:
     """The class names a swin-train checkpoint or export stores (None where it stores none or cannot be
-    read), read cheaply: a .pth by mmap (no tensor data), a .safetensors file by its metadata."""
+    read), read cheaply: a .pth's `object_tree`, a .safetensors file's metadata."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -339,7 +345,7 @@ def stored_class_names(path: str | os.PathLike) -> list[str] | None:
             with safe_open(str(path), framework="pt") as f:
                 names = json.loads((f.metadata() or {}).get("class_names", "null"))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = object_tree(path)
             names = state.get("class_names") if isinstance(state, dict) else None
     except Exception:  # a folder, a legacy file or one damaged; the weights' loader has the say on those
         return None

@@ -12,7 +12,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from swin_train.checkpoint import BEST, LAST, is_training_checkpoint
+from swin_train.checkpoint import BEST, LAST, is_training_checkpoint, object_tree
 from swin_train.errors import ConfigError
 from swin_train.runlock import LOCK_FILE_NAME
 
@@ -44,13 +44,11 @@ def is_run_config(path: str | os.PathLike) -> bool:
 
 def holds_training_checkpoint(path: Path) -> bool:
     """Whether an existing file is a swin-train training checkpoint, whatever its name. torch files are zip
-    archives: anything else is not one, and mmap reads the object tree without the tensor data."""
+    archives: anything else is not one; a zip's `object_tree` is read without the tensor data."""
     if not path.is_file() or not zipfile.is_zipfile(path):
         return False
-    import torch
-
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = object_tree(path)
     except Exception:  # a damaged or foreign zip: not a checkpoint we could lose
         return False
     return is_training_checkpoint(state)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from swin_train.checkpoint import load_checkpoint
+from swin_train.checkpoint import load_checkpoint, object_tree
 from swin_train.config import config_from_dict
 from swin_train.errors import CheckpointError, ConfigError, SwinTrainError
 from swin_train.models.convert import table_window, unwrap_state_dict
@@ -180,7 +180,7 @@ def pretraining_checkpoint_error(where: str) -> CheckpointError:
 
 
 def is_simmim_file(path: str | os.PathLike) -> bool:
-    """Whether the file `path` holds a SimMIM model, read without its tensor data (mmap; safetensors' keys);
+    """Whether the file `path` holds a SimMIM model, read without its tensor data (`object_tree`; safetensors' keys);
     False for anything this cannot read (folders, legacy torch files): their own loader says what they are."""
     path = Path(path)
     try:
@@ -190,7 +190,7 @@ def is_simmim_file(path: str | os.PathLike) -> bool:
             with safe_open(path, "pt") as f:
                 return is_simmim_state_dict(dict.fromkeys(f.keys()))
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = object_tree(path)
         except RuntimeError:  # a legacy (not zip) torch file cannot be mapped: read it whole
             state = torch.load(path, map_location="cpu", weights_only=True)
         return is_simmim_state_dict(unwrap_state_dict(state))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from swin_train.checkpoint import object_tree
 from swin_train.config import Config, config_from_dict
 from swin_train.errors import SwinTrainError
 from swin_train.models.convert import saved_pretrained_window, swin_version, unwrap_state_dict
@@ -58,8 +59,7 @@ def trained_windows(source: str | os.PathLike) -> tuple[int | None, list[int] | 
             if stored is not None:
                 return _from_config(config_from_dict(json.loads(stored)))
             return (2 if swin_version(dict.fromkeys(keys)) == 2 else 1), None
-        # mmap: the object tree without the tensor data (the weights are read once, by load_pretrained)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = object_tree(path)  # no tensor data: the weights are read once, by load_pretrained
     except (OSError, ValueError, SwinTrainError, RuntimeError, KeyError, TypeError):
         return None, None
     if isinstance(state, dict) and isinstance(state.get("config"), dict):
