@@ -144,7 +144,6 @@ def test_loss_is_the_l1_over_masked_pixels_divided_by_the_channels():
         expected = ((images - pixels).abs() * hidden).sum() / (hidden.sum() + 1e-5) / 3
         assert torch.allclose(model(images, masks), expected, rtol=1e-6)
         assert hidden.sum() == 2 * 3 * 32 * 32  # ceil(4 x 0.6) = 3 of the 4 mask patches, all channels
-        assert torch.equal(model.untarget(images, model.target(images)), images)
 
 
 def test_normalised_target_standardises_each_pixel_by_its_window():
@@ -158,8 +157,6 @@ def test_normalised_target_standardises_each_pixel_by_its_window():
     got_mean, got_var = local_statistics(images, p)
     assert torch.allclose(got_mean, mean) and torch.allclose(got_var, var)
     assert torch.allclose(norm_targets(images, p), (images - mean) / (var + 1e-6).sqrt())
-    model = SimMIM(MaskedSwinEncoder(**ARCH), norm_target=5)
-    assert torch.allclose(model.untarget(images, model.target(images)), images)
 
 
 def test_state_dict_round_trip_and_official_buffers_are_dropped(tmp_path):

@@ -117,13 +117,6 @@ class SimMIM(nn.Module):
         """What the decoder learns to output: the image, or its per-window standardisation (norm_target)."""
         return x if self.norm_target is None else norm_targets(x, self.norm_target)
 
-    def untarget(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """The decoder's `output` for images `x` in the images' units: `target`'s inverse."""
-        if self.norm_target is None:
-            return output
-        mean, var = local_statistics(x, self.norm_target)
-        return output * (var + 1.0e-6) ** 0.5 + mean
-
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The official loss: L1 over the masked pixels / (masked pixels + 1e-5) / in_chans (a scalar)."""
         l1_sum, masked = self.loss_sums(x, mask)
