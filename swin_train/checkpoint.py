@@ -523,6 +523,13 @@ def holds_trained_model(state: object) -> bool:
     )
 
 
+def stored_task(state: object) -> str | None:
+    """What the run that wrote a swin-train checkpoint or export trained for (`task` of its config; files from
+    before pre-training existed are classification), None for anything else."""
+    config = state.get("config") if holds_trained_model(state) else None
+    return config.get("task", "classification") if isinstance(config, dict) else None
+
+
 def training_checkpoint(
     *,
     model: dict,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swin_train import simmim_weights
-from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, load_checkpoint
+from swin_train.checkpoint import EXPORT_METADATA_KEYS, holds_trained_model, load_checkpoint, stored_task
 from swin_train.config import ARCH_FIELDS, Config, config_from_dict, config_to_dict, load_config
 from swin_train.data.transforms import Preprocess
 from swin_train.errors import CheckpointError, ConfigError, SwinTrainError
@@ -386,7 +386,7 @@ def create_simmim(
     checkpoint alone (no name or fields) brings its own architecture and norm_target."""
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     if name_or_fields is None:
-        if state is None or not holds_trained_model(state) or state["config"].get("task") != "simmim":
+        if state is None or stored_task(state) != "simmim":
             raise ConfigError(
                 "create_simmim needs a variant name or architecture fields, or a swin-train pre-training "
                 "checkpoint (task: simmim) that carries its own"

@@ -293,7 +293,7 @@ class Run:
     def _check_same_task(self, state: dict, path: Path) -> None:
         """CheckpointError when the checkpoint's run trained for another task (a classifier resumed as
         pre-training, or the reverse): its weights, optimizer and best.pth mean something else here."""
-        theirs = state["config"].get("task", "classification")
+        theirs = ckpt.stored_task(state)
         if theirs == self.cfg.task:
             return
         fix = (

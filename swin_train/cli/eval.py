@@ -101,7 +101,7 @@ def _pretraining_model_and_config(args):
     """(SimMIM model with the checkpoint's weights, config) for a swin-train pre-training checkpoint: its stored
     config (or --config; the architecture stays the checkpoint's), the overrides and --data-path over it. An
     official SimMIM file holds no config: it gets the one line on how to fine-tune it."""
-    from swin_train.checkpoint import holds_trained_model, load_checkpoint
+    from swin_train.checkpoint import load_checkpoint, stored_task
     from swin_train.config import config_from_dict, load_config
     from swin_train.data.build import DATA_SOURCE_KEYS, check_stored_paths, typed_keys
     from swin_train.errors import ConfigError
@@ -111,9 +111,9 @@ def _pretraining_model_and_config(args):
     from swin_train.tasks import task_of
 
     state = load_checkpoint(args.checkpoint)
-    stored = state.get("config") if holds_trained_model(state) else None
-    if not isinstance(stored, dict) or stored.get("task") != "simmim":
+    if stored_task(state) != "simmim":
         raise pretraining_checkpoint_error(args.checkpoint)
+    stored = state["config"]
     if args.model or args.throughput:
         raise ConfigError(
             f"{args.checkpoint} is a SimMIM pre-training checkpoint with its own architecture, evaluated by its "
